@@ -1,0 +1,185 @@
+"""Read and write fast-reid-layout checkpoints, safely.
+
+Files are read with ``torch.load(weights_only=True)``: a checkpoint that tries to run code is
+refused. fast-reid's layout is a dict with ``model`` (state dict) plus ``optimizer``,
+``scheduler``, ``epoch``/``iteration``; ours adds ``cfg`` (the YAML text of the config) and
+``data_config`` so that a checkpoint alone rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import CfgNode, load_config, load_config_text
+from .data_config import DataConfig, data_config_from_cfg
+from .errors import ReidExportError
+from .fileio import atomic_write_bytes, check_input_file
+
+CLASSIFIER_KEY = "heads.weight"
+_LEGACY_RENAMES = (
+    (re.compile(r"^heads\.bnneck\."), "heads.bottleneck.0."),
+    (re.compile(r"^heads\.classifier\.weight$"), "heads.weight"),
+)
+_STRAY_KEYS = ("pixel_mean", "pixel_std")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint object, loaded without executing any pickled code."""
+    path = check_input_file(path, "checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text or "Unsupported class" in text:
+            raise ReidExportError(
+                f"{path}: refused to load: the file contains pickled code or objects other than tensors "
+                "(loading is weights_only); re-save it as a plain state dict: "
+                "torch.save({'model': model.state_dict()}, 'clean.pth')"
+            ) from None
+        raise ReidExportError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError,
+            AttributeError, IndexError, KeyError, TypeError, MemoryError, OverflowError) as exc:
+        del exc
+        raise ReidExportError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from None
+    if not isinstance(obj, dict):
+        raise ReidExportError(f"{path}: expected a dict (a state dict or {{'model': state_dict, ...}}), "
+                              f"got {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint object, keys normalised to the current fast-reid names."""
+    if isinstance(obj.get("model"), dict):
+        state = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+    else:
+        state = obj
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ReidExportError(f"{source}: holds no weights (no 'model' state dict with tensors)")
+    return normalize_keys(tensors)
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        for pattern, repl in _LEGACY_RENAMES:
+            key = pattern.sub(repl, key)
+        if key in _STRAY_KEYS:
+            continue  # older fast-reid registered mean/std as persistent buffers
+        out[key] = value
+    return out
+
+
+def _hints(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    keys = missing + unexpected + mismatched
+    hints = []
+    if any(".NL_" in k or k.startswith("backbone.NL_") for k in keys):
+        hints.append("MODEL.BACKBONE.WITH_NL")
+    if any(".IN." in k or ".BN." in k for k in keys):
+        hints.append("MODEL.BACKBONE.WITH_IBN")
+    if any(re.search(r"layer\d\.\d+\.(conv3|bn3)", k) for k in keys) or any(
+            re.match(r"backbone\.layer\d\.\d+\.", k) for k in missing + unexpected):
+        hints.append("MODEL.BACKBONE.DEPTH")
+    if any("pool_layer" in k for k in keys):
+        hints.append("MODEL.HEADS.POOL_LAYER")
+    if any(k.startswith("heads.bottleneck") for k in keys):
+        hints.append("MODEL.HEADS.EMBEDDING_DIM / MODEL.HEADS.WITH_BNNECK")
+    if any(k.startswith("backbone.layer4.0.downsample") for k in keys):
+        hints.append("MODEL.BACKBONE.LAST_STRIDE")
+    return list(dict.fromkeys(hints))
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                 allow_partial: bool = False) -> dict:
+    """Load ``state`` into ``model`` strictly, except for the classifier (unused at inference).
+
+    Returns a small report: which keys were skipped. Any other missing/unexpected key or shape
+    mismatch raises one error that lists them and names the config option that probably differs.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k != CLASSIFIER_KEY]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and k != CLASSIFIER_KEY and state[k].shape != own[k].shape]
+    if (missing or unexpected or mismatched) and not allow_partial:
+        parts = []
+        if missing:
+            parts.append(f"missing: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected: {_short(unexpected)}")
+        if mismatched:
+            shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
+            parts.append(f"shape mismatch (checkpoint vs config): {_short(shapes, 3)}")
+        hints = _hints(missing, unexpected, mismatched)
+        hint = f"; the config probably differs in {', '.join(hints)}" if hints else ""
+        raise ReidExportError(
+            f"{source}: checkpoint does not match the config ({'; '.join(parts)}){hint}; "
+            "pass the config it was trained with (or --allow-partial to load what matches)"
+        )
+    to_load = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    classifier_skipped = CLASSIFIER_KEY not in to_load
+    model.load_state_dict(to_load, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched,
+            "classifier_skipped": classifier_skipped}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data_config: DataConfig,
+                    **extra) -> Path:
+    """A fast-reid-layout checkpoint with our embedded config, written atomically."""
+    obj = {
+        "model": model.state_dict(),
+        "cfg": cfg.dump(),
+        "data_config": data_config.to_dict(),
+        "reid_export_version": __version__,
+    }
+    obj.update(extra)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
+                               allow_partial: bool = False):
+    """(model in eval mode, cfg, data config) from a checkpoint plus its config.
+
+    The config comes from ``config`` when given, else from the checkpoint itself (ours embed it).
+    """
+    from .modeling import build_model
+
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if config is not None:
+        cfg = load_config(config, opts)
+    elif isinstance(obj.get("cfg"), str):
+        cfg = load_config_text(obj["cfg"], opts, source=f"{path} (embedded config)")
+    else:
+        raise ReidExportError(
+            f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)"
+        )
+    state = extract_state_dict(obj, str(path))
+    model = build_model(cfg)
+    load_weights(model, state, str(path), allow_partial=allow_partial)
+    model.eval()
+    name = Path(config).stem if config is not None else path.stem
+    data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=name)
+    if config is None and not list(opts) and isinstance(obj.get("data_config"), dict):
+        stored = DataConfig.from_dict(obj["data_config"], f"{path} (embedded data config)")
+        if stored.input_size != data_config.input_size:
+            raise ReidExportError(f"{path}: embedded data config size {stored.input_size} disagrees with its "
+                                  f"config INPUT.SIZE_TEST {data_config.input_size}; re-save the checkpoint")
+        data_config = stored
+    return model, cfg, data_config

@@ -1,0 +1,77 @@
+"""``reid-export extract``: embeddings of image files with any model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .. import __version__
+from ..errors import ReidExportError
+from ..fileio import atomic_write_bytes, atomic_write_text, check_output_path
+from ..runtime import expand_image_paths, open_encoder
+from .common import OptsCommand, get_opts, positive_int
+from .main import cli
+
+
+def l2_normalize(feats: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats / np.maximum(norms, 1e-12)
+
+
+@cli.command(cls=OptsCommand)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Feature matrix to write (.npy, float32 [N, D]); a .json with the file list goes beside it.")
+@click.option("--config", type=click.Path(path_type=Path), help="fast-reid YAML config (for checkpoints without one).")
+@click.option("--flip-test", is_flag=True, help="Average the features of each image and its mirror (fast-reid).")
+@click.option("--normalize", is_flag=True, help="L2-normalise each feature.")
+@click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--allow-partial", is_flag=True, help="Load a checkpoint whose keys only partly match the config.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def extract(model, images, output, config, flip_test, normalize, batch_size, device, allow_partial, progress):
+    """Write the embeddings of IMAGES (files or folders) computed by MODEL.
+
+    Folders expand to their images sorted by name; rows follow the order given.
+
+    \b
+    Example:
+      reid-export extract model_final.pth crops/ -o feats.npy --flip-test
+    """
+    output = check_output_path(output)
+    if output.suffix != ".npy":
+        raise ReidExportError(f"{output}: the output must end in .npy", exit_code=2)
+    sidecar = check_output_path(output.with_suffix(".json"))
+    paths = expand_image_paths(images)
+    encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
+    with encoder:
+        feats = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
+                                     desc="extract")
+    if normalize:
+        feats = l2_normalize(feats)
+    feats = feats.astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, feats)
+    meta = {
+        "tool": f"reid-export {__version__}",
+        "model": str(model),
+        "backend": encoder.backend,
+        "precision": encoder.precision,
+        "flip_test": flip_test,
+        "normalized": normalize,
+        "shape": list(feats.shape),
+        "data_config": encoder.data_config.to_dict(),
+        "files": [str(p) for p in paths],
+    }
+    atomic_write_bytes(output, buffer.getvalue())
+    try:
+        atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+    click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)

@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Every problem a user can fix (a wrong path, a bad file, a config that does not match a
+checkpoint) is raised as :class:`ReidExportError` with one line that names the file or option
+and says what to do.  The CLI prints that line to stderr and exits with ``exit_code`` (1 for a
+failed operation, 2 for a usage error); a traceback is only shown with ``--debug``.
+"""
+
+
+class ReidExportError(Exception):
+    """An error with a one-line, actionable message for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(ReidExportError):
+    """Bad option values or combinations (exit code 2)."""
+
+    exit_code = 2

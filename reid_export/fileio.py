@@ -1,0 +1,109 @@
+"""Atomic output files: write to a temporary file beside the target, then rename.
+
+A killed process, a full disk or an exception never leaves a half-written model, engine,
+feature matrix or report under the requested name; an existing file stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import ReidExportError
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail early, with the fix, when ``path`` cannot be written."""
+    path = Path(path).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ReidExportError(f"{path}: is a directory; give a file name for the output")
+    if not parent.exists():
+        raise ReidExportError(f"{path}: output folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise ReidExportError(f"{path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ReidExportError(f"{path}: output folder {parent} is not writable; choose another -o path")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete or not at all."""
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise ReidExportError(f"{path}: no space left on the device; free space and run again") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ReidExportError(f"{path}: permission denied; choose another -o path") from None
+        raise ReidExportError(f"{path}: could not be written ({exc.strerror or exc})") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_input_file(path: str | Path, what: str = "file") -> Path:
+    """A readable, non-empty regular file, or one clear error."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ReidExportError(f"{path}: {what} not found; check the path")
+    if path.is_dir():
+        raise ReidExportError(f"{path}: is a directory, expected a {what}")
+    if path.stat().st_size == 0:
+        raise ReidExportError(f"{path}: {what} is empty (0 bytes); re-create or re-download it")
+    if not os.access(path, os.R_OK):
+        raise ReidExportError(f"{path}: {what} is not readable; check its permissions")
+    return path

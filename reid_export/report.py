@@ -1,0 +1,36 @@
+"""Reports are data: a plain-text table for people, JSON for machines."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".4g",
+                 align_right_numbers: bool = True) -> str:
+    """A fixed-width text table (GitHub-markdown compatible)."""
+    cells = [[_cell(v, floatfmt) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, value in enumerate(row):
+            widths[i] = max(widths[i], len(value))
+
+    def is_num(row_idx: int, col: int) -> bool:
+        value = rows[row_idx][col]
+        return align_right_numbers and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for r, row in enumerate(cells):
+        parts = [v.rjust(w) if is_num(r, c) else v.ljust(w) for c, (v, w) in enumerate(zip(row, widths))]
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""One Encoder interface over every backend, chosen from the model file's suffix.
+
+``open_encoder(path, ...)`` returns an :class:`Encoder`: ``encoder.data_config`` says how to
+preprocess, ``encoder(batch)`` maps a float32 [N, 3, H, W] batch to float32 [N, D] features, and
+``encoder.encode_files(paths)`` does decode + preprocess + batching + optional flip test.
+Backends register themselves by suffix (``.pth/.pt`` torch, ``.onnx`` ONNX Runtime,
+``.engine/.plan`` TensorRT) and are imported only when a file of theirs is opened.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data_config import DataConfig
+from ..errors import ReidExportError
+from .preprocess import ImageLike, preprocess
+
+
+class Encoder(ABC):
+    """A model that turns preprocessed image batches into embeddings."""
+
+    backend: str = "?"
+    precision: str = "fp32"
+    path: Path
+    data_config: DataConfig
+    device: str = "cpu"
+
+    @abstractmethod
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> float32 [N, D]; N within what the backend accepts."""
+
+    @property
+    def max_batch(self) -> int | None:
+        """Largest batch the backend takes in one call (None: any)."""
+        return None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        expected = (3, *self.data_config.input_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ReidExportError(
+                f"{self.path}: input batch has shape {tuple(batch.shape)}, the model expects [N, {', '.join(map(str, expected))}]"
+            )
+        if batch.shape[0] == 0:
+            raise ReidExportError(f"{self.path}: empty batch")
+        limit = self.max_batch
+        if limit is None or batch.shape[0] <= limit:
+            return np.asarray(self.forward(batch), dtype=np.float32)
+        return np.concatenate([np.asarray(self.forward(batch[i:i + limit]), dtype=np.float32)
+                               for i in range(0, batch.shape[0], limit)])
+
+    def encode_batch(self, batch: np.ndarray, flip_test: bool = False) -> np.ndarray:
+        """Features of a preprocessed batch; with ``flip_test`` the mean of it and its mirror (fast-reid)."""
+        feats = self(batch)
+        if flip_test:
+            feats = (feats + self(batch[..., ::-1])) / 2.0
+        return feats
+
+    def encode_files(self, images: Sequence[ImageLike], batch_size: int = 32, flip_test: bool = False,
+                     progress: bool = True, desc: str | None = None) -> np.ndarray:
+        """Decode, preprocess and encode ``images`` in order; float32 [len(images), D]."""
+        if batch_size < 1:
+            raise ReidExportError(f"batch size must be >= 1, got {batch_size}", exit_code=2)
+        if len(images) == 0:
+            raise ReidExportError("no images to encode")
+        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        out = []
+        bar = tqdm(total=len(images), desc=desc or f"encode ({self.backend})", unit="img",
+                   disable=not progress, leave=False)
+        # Decode the next batch on a worker thread while the model runs on this one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(preprocess, chunks[0], self.data_config)
+            for i in range(len(chunks)):
+                batch = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(preprocess, chunks[i + 1], self.data_config)
+                out.append(self.encode_batch(batch, flip_test))
+                bar.update(len(batch))
+        bar.close()
+        return np.concatenate(out)
+
+    def describe(self) -> dict:
+        return {"model": str(self.path), "backend": self.backend, "precision": self.precision,
+                "device": self.device, "data_config": self.data_config.to_dict()}
+
+    def close(self) -> None:
+        """Release backend resources (sessions, engines)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# suffix -> "module:function" of a factory(path, **options) -> Encoder
+_REGISTRY: dict[str, str] = {}
+
+
+def register_backend(suffixes: Sequence[str], factory: str) -> None:
+    for suffix in suffixes:
+        _REGISTRY[suffix.lower()] = factory
+
+
+register_backend([".pth", ".pt", ".pkl"], "reid_export.runtime.torch_backend:open_torch")
+register_backend([".onnx"], "reid_export.runtime.onnx_backend:open_onnx")
+register_backend([".engine", ".plan"], "reid_export.runtime.trt_backend:open_tensorrt")
+
+
+def backend_for(path: str | Path) -> Callable[..., Encoder]:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _REGISTRY:
+        raise ReidExportError(
+            f"{path}: unknown model type {suffix or '(no suffix)'}; expected one of {', '.join(sorted(_REGISTRY))}"
+        )
+    module_name, func = _REGISTRY[suffix].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("reid_export"):
+            raise ReidExportError(f"{path}: the {suffix} backend is not available in this version") from None
+        raise
+    return getattr(module, func)
+
+
+def open_encoder(path: str | Path, config: str | Path | None = None, opts: Sequence[str] = (),
+                 device: str = "cpu", **options) -> Encoder:
+    """Open any model file as an :class:`Encoder` (backend chosen from the suffix)."""
+    return backend_for(path)(Path(path), config=config, opts=opts, device=device, **options)

@@ -1,0 +1,113 @@
+"""The one preprocessing function: image file -> float32 NCHW batch, per the model's data config.
+
+fast-reid's convention (its demo predictor): OpenCV decode (BGR uint8) -> RGB -> resize the
+uint8 image to (H, W) with bicubic interpolation -> float32 0..255, mean/std inside the model.
+Extraction, calibration, evaluation and benchmarks all call :func:`preprocess`; nothing else
+turns pixels into model input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import cv2
+import numpy as np
+
+from ..data_config import DataConfig
+from ..errors import ReidExportError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_CV2_INTERP = {
+    "cubic": cv2.INTER_CUBIC,
+    "linear": cv2.INTER_LINEAR,
+    "nearest": cv2.INTER_NEAREST,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to their images sorted by name (not recursive)."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted((p for p in path.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+            if not found:
+                raise ReidExportError(
+                    f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}); point at a folder of image crops"
+                )
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ReidExportError(f"{path}: image or folder not found; check the path")
+    if not out:
+        raise ReidExportError("no images given; pass image files or folders")
+    return out
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 HxWx3. Grayscale, RGBA and 16-bit images are converted; a bad file is an error."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReidExportError(f"{path}: is a directory, expected an image file")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)  # works for any file name, unlike cv2.imread
+    except OSError as exc:
+        raise ReidExportError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ReidExportError(f"{path}: not a decodable image (corrupt or not an image); remove it from the input")
+    return to_rgb_uint8(image, source=str(path))
+
+
+def to_rgb_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """An OpenCV-decoded array (BGR/BGRA/gray, 8 or 16 bit) as RGB uint8."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ReidExportError(f"{source}: unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ReidExportError(f"{source}: unsupported image shape {image.shape}")
+
+
+def preprocess_image(image: ImageLike, data_config: DataConfig) -> np.ndarray:
+    """One image (a path, or an RGB uint8 HxWx3 array) -> float32 [3, H, W]."""
+    rgb = read_image(image) if not isinstance(image, np.ndarray) else image
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ReidExportError(f"arrays given to preprocess must be RGB uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
+    height, width = data_config.input_size
+    if rgb.shape[:2] != (height, width):
+        rgb = cv2.resize(rgb, (width, height), interpolation=_CV2_INTERP[data_config.interpolation])
+    if data_config.channel_order == "bgr":
+        rgb = rgb[:, :, ::-1]
+    x = rgb.astype(np.float32)
+    if data_config.pixel_scale != 255.0:
+        x *= np.float32(data_config.pixel_scale / 255.0)
+    if not data_config.normalized_inside:
+        x -= np.asarray(data_config.mean, dtype=np.float32)
+        x /= np.asarray(data_config.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(images: Sequence[ImageLike], data_config: DataConfig) -> np.ndarray:
+    """A batch of images -> float32 [N, 3, H, W] for a model with this data config."""
+    if len(images) == 0:
+        raise ReidExportError("preprocess got no images")
+    return np.stack([preprocess_image(image, data_config) for image in images])

@@ -1,0 +1,106 @@
+"""Shared fixtures: real data location, generated images, in-process CLI runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_dir(name: str) -> Path:
+    """A folder of the shared real data, or skip the test with the reason."""
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"real data {path} not present (set REID_DATA to the folder holding {name}/)")
+    return path
+
+
+@pytest.fixture
+def parity_images() -> list[Path]:
+    folder = data_dir("parity-images")
+    return sorted(folder.glob("*.jpg"))
+
+
+def write_image(path: Path, seed: int = 0, size=(160, 64)) -> Path:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = cv2.GaussianBlur(img, (5, 5), 0)  # something a JPEG encoder keeps
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    for i in range(4):
+        write_image(folder / f"{i:04d}_c1s1_000000_00.jpg", seed=i)
+    return folder
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0, size=(256, 128)) -> torch.nn.Module:
+    """Make a random-weight model behave like a trained one numerically: non-trivial affine norm
+    parameters and running statistics measured on a random batch (so activations stay in range
+    and outputs differ between images)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) and m.affine:
+                m.weight.copy_(0.5 + 0.5 * torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batch
+        for name, m in model.named_modules():
+            if ".NL_" in name and name.endswith(".W.1"):
+                m.weight.mul_(0.2)  # trained non-local blocks add a small residual
+        model.train()
+        x = (torch.rand(4, 3, *size, generator=gen) * 255 - model.pixel_mean) / model.pixel_std
+        model.heads.bottleneck(model.heads.pool_layer(model.backbone(x)))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.1
+    return model.eval()
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, err={self.err!r})"
+
+
+def run_cli(*args) -> CliResult:
+    """Run ``reid-export ARGS`` in-process; exit code, stdout and stderr."""
+    from reid_export.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def assert_clean_error(result: CliResult, *needles: str) -> None:
+    """Non-zero exit, exactly one line on stderr, no traceback, mentioning every needle."""
+    assert result.code != 0, result
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -1,0 +1,151 @@
+import pickle
+
+import pytest
+import torch
+
+from conftest import CONFIGS, randomize_bn
+from reid_export.checkpoint import (extract_state_dict, load_model_from_checkpoint, load_weights,
+                                    read_checkpoint, save_checkpoint)
+from reid_export.config import load_config
+from reid_export.data_config import data_config_from_cfg
+from reid_export.errors import ReidExportError
+from reid_export.modeling import build_model
+
+R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
+
+
+def _r18(*opts):
+    cfg = load_config(R18, list(opts))
+    torch.manual_seed(0)
+    return randomize_bn(build_model(cfg)), cfg
+
+
+def _features(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_fastreid_layout_roundtrip(tmp_path):
+    model, cfg = _r18("MODEL.HEADS.NUM_CLASSES", "11")
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 119}, path)
+    loaded, _, dc = load_model_from_checkpoint(path, R18)
+    x = torch.rand(3, 3, 256, 128) * 255
+    assert torch.equal(_features(model, x), _features(loaded, x))
+    assert dc.feat_dim == 512 and dc.input_size == (256, 128) and dc.normalized_inside
+
+
+def test_legacy_keys_module_prefix_and_stray_mean(tmp_path):
+    model, _ = _r18()
+    legacy = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("heads.bottleneck.0.", "heads.bnneck.")
+        key = key.replace("heads.weight", "heads.classifier.weight")
+        legacy["module." + key] = value
+    legacy["module.pixel_mean"] = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    legacy["pixel_std"] = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": legacy, "iteration": 5}, path)
+    loaded, _, _ = load_model_from_checkpoint(path, R18)
+    x = torch.rand(2, 3, 256, 128) * 255
+    assert torch.equal(_features(model, x), _features(loaded, x))
+
+
+def test_classifier_absent_or_other_size_is_fine(tmp_path):
+    model, _ = _r18("MODEL.HEADS.NUM_CLASSES", "751")
+    sd = model.state_dict()
+    other, _ = _r18("MODEL.HEADS.NUM_CLASSES", "3")
+    report = load_weights(other, sd)
+    assert report["classifier_skipped"]
+    del sd["heads.weight"]
+    assert load_weights(other, sd)["classifier_skipped"]
+
+
+@pytest.mark.parametrize("trained,loaded_as,hint", [
+    ("Market1501/bagtricks_R50.yml", "Market1501/bagtricks_R50-ibn.yml", "MODEL.BACKBONE.WITH_IBN"),
+    ("Market1501/AGW_R50.yml", "Market1501/bagtricks_R50.yml", "MODEL.BACKBONE.WITH_NL"),
+    ("Market1501/bagtricks_R18.yml", "Market1501/bagtricks_R50.yml", "MODEL.BACKBONE.DEPTH"),
+])
+def test_checkpoint_of_another_config_lists_keys_and_option(tmp_path, trained, loaded_as, hint):
+    cfg = load_config(CONFIGS / trained)
+    path = tmp_path / "other.pth"
+    torch.save({"model": build_model(cfg).state_dict(), "epoch": 1}, path)
+    with pytest.raises(ReidExportError) as info:
+        load_model_from_checkpoint(path, CONFIGS / loaded_as)
+    message = str(info.value)
+    assert "does not match the config" in message and hint in message
+    assert "backbone." in message  # the keys themselves are listed
+    assert "\n" not in message
+
+
+def test_allow_partial_loads_what_matches(tmp_path):
+    cfg = load_config(CONFIGS / "Market1501/bagtricks_R50.yml")
+    path = tmp_path / "r50.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    model, _, _ = load_model_from_checkpoint(path, CONFIGS / "Market1501/bagtricks_R50-ibn.yml", allow_partial=True)
+    assert model is not None
+
+
+def test_our_checkpoint_embeds_config(tmp_path):
+    model, cfg = _r18()
+    path = tmp_path / "ours.pth"
+    save_checkpoint(path, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"), epoch=3)
+    obj = read_checkpoint(path)
+    assert {"model", "cfg", "data_config", "epoch"} <= set(obj)
+    loaded, cfg2, dc = load_model_from_checkpoint(path)  # no --config needed
+    assert cfg2 == cfg and dc.model_name == "r18"
+    x = torch.rand(1, 3, 256, 128) * 255
+    assert torch.equal(_features(model, x), _features(loaded, x))
+
+
+def test_checkpoint_without_config_asks_for_one(tmp_path):
+    model, _ = _r18()
+    path = tmp_path / "bare.pth"
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.raises(ReidExportError, match="pass --config"):
+        load_model_from_checkpoint(path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickle_with_code_is_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Exploit()}, path)
+    with pytest.raises(ReidExportError, match="refused to load"):
+        read_checkpoint(path)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(ReidExportError):
+        read_checkpoint(raw)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ReidExportError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(ReidExportError, match="is a directory"):
+        read_checkpoint(tmp_path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ReidExportError, match="empty"):
+        read_checkpoint(tmp_path / "empty.pth")
+    model, _ = _r18()
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReidExportError, match="corrupt or truncated"):
+        read_checkpoint(tmp_path / "truncated.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(ReidExportError, match="corrupt or truncated"):
+        read_checkpoint(tmp_path / "text.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ReidExportError, match="expected a dict"):
+        read_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(ReidExportError, match="holds no weights"):
+        extract_state_dict({"epoch": 3})
