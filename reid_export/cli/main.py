@@ -20,8 +20,20 @@ def cli(debug: bool) -> None:
     """
 
 
+# Command modules, each registering its commands on ``cli`` when imported. A module that does not
+# exist yet is skipped; ``stubs`` comes last and fills in "not yet available" for the rest.
+COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "stubs")
+
+
 def _register() -> None:
-    from . import doctor, extract, stubs  # noqa: F401  (commands register themselves on import)
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{name}":
+                raise
 
 
 _register()
