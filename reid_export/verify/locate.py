@@ -1,0 +1,105 @@
+"""Find where a reduced-precision ONNX graph departs from its FP32 original.
+
+Both graphs are run by ONNX Runtime with every intermediate tensor marked as an output. Tensors
+are matched by name (the FP16 converter and the Q/DQ quantizer keep the original tensor names
+and only insert Cast / QuantizeLinear / DequantizeLinear nodes around them), then compared in
+the FP32 graph's topological order. A node whose output error is much larger than the error of
+its inputs is where precision is lost: a candidate for ``quantize --exclude``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ReidExportError
+
+_SKIP_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Concat", "Cast", "QuantizeLinear", "DequantizeLinear"}
+
+
+@dataclass
+class LayerError:
+    node: str
+    op_type: str
+    tensor: str
+    rel_error: float
+    input_rel_error: float
+    growth: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _run_all(path: Path, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    values = session.run(outputs, {input_name: batch})
+    return {n: v for n, v in zip(outputs, values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+
+def locate(fp32_path: str | Path, candidate_path: str | Path, batch: np.ndarray, top: int = 10,
+           threshold: float = 1e-2) -> dict:
+    """Per-layer relative error of ``candidate`` against ``fp32`` on one preprocessed batch.
+
+    Returns ``{"layers": [...all compared...], "first_over_threshold": [...], "largest_growth": [...]}``.
+    """
+    import onnx
+
+    fp32_path, candidate_path = Path(fp32_path), Path(candidate_path)
+    ref_model = onnx.load(str(fp32_path), load_external_data=False)
+    cand_model = onnx.load(str(candidate_path), load_external_data=False)
+    cand_tensors = {o for n in cand_model.graph.node for o in n.output}
+    nodes = [n for n in ref_model.graph.node if n.op_type not in _SKIP_OPS]
+    names = [o for n in nodes for o in n.output if o in cand_tensors]
+    if not names:
+        raise ReidExportError(
+            f"{candidate_path}: shares no tensor names with {fp32_path}; --locate needs a variant made from that FP32 ONNX"
+        )
+    ref_vals = _run_all(fp32_path, batch, names)
+    cand_vals = _run_all(candidate_path, batch, names)
+    rel: dict[str, float] = {}
+    for name in names:
+        if name in ref_vals and name in cand_vals and ref_vals[name].shape == cand_vals[name].shape:
+            r = ref_vals[name].astype(np.float64)
+            c = cand_vals[name].astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                rel[name] = float(np.linalg.norm(c - r) / max(np.linalg.norm(r), 1e-12))
+    layers = []
+    for node in nodes:
+        out = next((o for o in node.output if o in rel), None)
+        if out is None:
+            continue
+        in_errs = [rel[i] for i in node.input if i in rel]
+        in_err = max(in_errs) if in_errs else 0.0
+        err = rel[out]
+        growth = err / max(in_err, 1e-7) if np.isfinite(err) else float("inf")
+        layers.append(LayerError(node.name or out, node.op_type, out, err, in_err, growth))
+    if not layers:
+        raise ReidExportError(f"{candidate_path}: no comparable intermediate tensors with {fp32_path}")
+    over = [l for l in layers if not (l.rel_error <= threshold)]
+    first = over[:top]
+    growth = sorted((l for l in layers if l.rel_error > 1e-6), key=lambda l: -l.growth)[:top]
+    return {
+        "fp32": str(fp32_path),
+        "candidate": str(candidate_path),
+        "threshold": threshold,
+        "compared": len(layers),
+        "final_rel_error": layers[-1].rel_error,
+        "first_over_threshold": [l.to_dict() for l in first],
+        "largest_growth": [l.to_dict() for l in growth],
+        "layers": [l.to_dict() for l in layers],
+    }

@@ -1,0 +1,154 @@
+"""Embedding-level parity: does a candidate model compute the reference's features?
+
+Per candidate: cosine similarity (min/mean), relative L2 error (max/mean), max abs error,
+elementwise tolerance failures with Polygraphy's semantics (an element fails when it exceeds
+both ``atol`` and ``rtol * |reference|``), NaN/Inf count, and retrieval agreement: whether each
+image's nearest neighbours among the other images are the same under both models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# Default gates by candidate precision. FP32 is held to elementwise agreement; FP16 and INT8
+# are judged on the embedding (direction and length), which is what retrieval uses.
+DEFAULT_TOLERANCES = {
+    "fp32": {"min_cosine": 0.99999, "max_rel_l2": 1e-4, "atol": 1e-4, "rtol": 1e-3},
+    "fp16": {"min_cosine": 0.999, "max_rel_l2": 0.05, "atol": None, "rtol": None},
+    "int8": {"min_cosine": 0.98, "max_rel_l2": 0.2, "atol": None, "rtol": None},
+}
+
+
+@dataclass
+class Tolerances:
+    min_cosine: float | None = None
+    max_rel_l2: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    min_top1_agreement: float | None = None
+
+    @classmethod
+    def for_precision(cls, precision: str, **overrides) -> "Tolerances":
+        base = dict(DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["int8"]))
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+@dataclass
+class ParityResult:
+    candidate: str
+    backend: str
+    precision: str
+    num_images: int
+    min_cosine: float
+    mean_cosine: float
+    max_rel_l2: float
+    mean_rel_l2: float
+    max_abs_error: float
+    elementwise_failures: int | None
+    nonfinite: int
+    top1_agreement: float
+    top5_agreement: float
+    tolerances: dict
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x.astype(np.float64), axis=1)
+
+
+def neighbour_agreement(ref: np.ndarray, cand: np.ndarray, k: int = 5) -> tuple[float, float]:
+    """(top-1 agreement, mean top-k overlap) of each image's nearest other images, by cosine."""
+    n = ref.shape[0]
+    if n < 2:
+        return 1.0, 1.0
+    k = min(k, n - 1)
+
+    def ranks(x):
+        x = x.astype(np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+    if not (np.isfinite(ref).all() and np.isfinite(cand).all()):
+        return 0.0, 0.0
+    r, c = ranks(ref), ranks(cand)
+    top1 = float(np.mean(r[:, 0] == c[:, 0]))
+    topk = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(r, c)]))
+    return top1, topk
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, tol: Tolerances, name: str = "candidate",
+            backend: str = "?", precision: str = "fp32") -> ParityResult:
+    """Compare two [N, D] feature matrices of the same images."""
+    if reference.shape != candidate.shape:
+        return ParityResult(name, backend, precision, reference.shape[0], float("nan"), float("nan"),
+                            float("inf"), float("inf"), float("inf"), None, 0, 0.0, 0.0, asdict(tol),
+                            failures=[f"output shape {candidate.shape} differs from the reference's {reference.shape}"])
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    nonfinite = int((~np.isfinite(candidate)).sum())
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        diff = cand - ref
+        ref_norm = _row_norms(ref)
+        rel_l2 = np.linalg.norm(diff, axis=1) / np.maximum(ref_norm, 1e-12)
+        cosine = np.sum(ref * cand, axis=1) / np.maximum(ref_norm * _row_norms(cand), 1e-12)
+        absdiff = np.abs(diff)
+        elementwise = None
+        if tol.atol is not None and tol.rtol is not None:
+            reldiff = absdiff / np.abs(ref)
+            elementwise = int(np.sum((absdiff > tol.atol) & (reldiff > tol.rtol) | ~np.isfinite(absdiff)))
+    top1, top5 = neighbour_agreement(reference, candidate)
+
+    def stat(fn, values):
+        values = values[np.isfinite(values)]
+        return float(fn(values)) if values.size else float("nan")
+
+    finite_rows = np.isfinite(rel_l2) & np.isfinite(cosine)
+    min_cos = float(np.min(cosine)) if finite_rows.all() else float("nan")
+    max_rel = float(np.max(rel_l2)) if finite_rows.all() else float("inf")
+    result = ParityResult(
+        candidate=name, backend=backend, precision=precision, num_images=int(ref.shape[0]),
+        min_cosine=min_cos, mean_cosine=stat(np.mean, cosine),
+        max_rel_l2=max_rel, mean_rel_l2=stat(np.mean, rel_l2),
+        max_abs_error=float(np.max(absdiff)) if np.isfinite(absdiff).all() else float("inf"),
+        elementwise_failures=elementwise, nonfinite=nonfinite, top1_agreement=top1, top5_agreement=top5,
+        tolerances=asdict(tol),
+    )
+    f = result.failures
+    if nonfinite:
+        f.append(f"{nonfinite} NaN/Inf values in the output")
+    if tol.min_cosine is not None and not (min_cos >= tol.min_cosine):
+        f.append(f"min cosine {min_cos:.6g} < {tol.min_cosine:g}")
+    if tol.max_rel_l2 is not None and not (max_rel <= tol.max_rel_l2):
+        f.append(f"max relative L2 {max_rel:.3g} > {tol.max_rel_l2:g}")
+    if elementwise:
+        f.append(f"{elementwise} of {absdiff.size} elements exceed atol={tol.atol:g} and rtol={tol.rtol:g}")
+    if tol.min_top1_agreement is not None and top1 < tol.min_top1_agreement:
+        f.append(f"top-1 neighbour agreement {top1:.0%} < {tol.min_top1_agreement:.0%}")
+    return result
+
+
+def data_config_differences(ref_dc, cand_dc) -> list[str]:
+    """Human-readable differences between two data configs (a likely cause of a parity failure)."""
+    out = []
+    a, b = ref_dc.to_dict(), cand_dc.to_dict()
+    for key in ("height", "width", "channel_order", "pixel_scale", "mean", "std", "interpolation",
+                "normalized_inside"):
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: reference {a.get(key)} vs candidate {b.get(key)}")
+    return out

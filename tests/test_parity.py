@@ -1,0 +1,94 @@
+"""reid-export parity: passes a faithful candidate, fails broken ones and says why."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, assert_clean_error, randomize_bn, run_cli
+from reid_export.checkpoint import save_checkpoint
+from reid_export.config import load_config
+from reid_export.data_config import data_config_from_cfg
+from reid_export.modeling import build_model
+from reid_export.verify.parity import Tolerances, compare, neighbour_agreement
+
+R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
+
+
+def _ckpt(path, seed=0, size=(128, 64)):
+    cfg = load_config(R18, ["INPUT.SIZE_TEST", str(list(size))])
+    torch.manual_seed(seed)
+    model = randomize_bn(build_model(cfg), seed=seed, size=size)
+    save_checkpoint(path, model, cfg, data_config_from_cfg(cfg, model.feat_dim, f"r18-seed{seed}"))
+    return path
+
+
+def test_compare_metrics_on_known_vectors():
+    ref = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], np.float32)
+    same = compare(ref, ref.copy(), Tolerances.for_precision("fp32"))
+    assert same.passed and same.min_cosine == pytest.approx(1.0) and same.max_rel_l2 == 0.0
+    scaled = compare(ref, ref * 1.1, Tolerances.for_precision("fp16"))
+    # same direction, 10% longer: cosine 1, relative L2 exactly 0.1
+    assert scaled.min_cosine == pytest.approx(1.0) and scaled.max_rel_l2 == pytest.approx(0.1, rel=1e-6)
+    assert not scaled.passed and "max relative L2 0.1 > 0.05" in scaled.failures[0]
+    rotated = ref.copy()
+    rotated[0] = [0.0, 1.0]  # 90 degrees: cosine 0
+    res = compare(ref, rotated, Tolerances.for_precision("int8"))
+    assert res.min_cosine == pytest.approx(0.0, abs=1e-9) and not res.passed
+    # elementwise (Polygraphy): fails only where BOTH abs and rel tolerances are exceeded
+    near = ref + np.array([[1e-3, 0], [0, 0], [0, 0]], np.float32)
+    # [0,0]: abs 1e-3 > 1e-4 but rel 1e-3 <= 1e-2 -> passes
+    assert compare(ref, near, Tolerances(atol=1e-4, rtol=1e-2)).elementwise_failures == 0
+    # with rtol 1e-4 both are exceeded -> one failure
+    assert compare(ref, near, Tolerances(atol=1e-4, rtol=1e-4)).elementwise_failures == 1
+    # a reference zero: rel error is infinite, so only atol decides
+    near0 = ref + np.array([[0, 1e-3], [0, 0], [0, 0]], np.float32)
+    assert compare(ref, near0, Tolerances(atol=1e-4, rtol=1.0)).elementwise_failures == 1
+    assert compare(ref, near0, Tolerances(atol=1e-2, rtol=1e-9)).elementwise_failures == 0
+
+
+def test_nan_candidate_fails_with_count():
+    ref = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    bad = ref.copy()
+    bad[1, 3] = np.nan
+    bad[2, 0] = np.inf
+    res = compare(ref, bad, Tolerances.for_precision("fp32"))
+    assert not res.passed and res.nonfinite == 2
+    assert "2 NaN/Inf values" in res.failures[0]
+    assert json.loads(json.dumps(res.to_dict()))["passed"] is False  # valid JSON, no NaN literals
+
+
+def test_neighbour_agreement():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(6, 16))
+    assert neighbour_agreement(ref, ref + 1e-6) == (1.0, 1.0)
+    top1, top5 = neighbour_agreement(ref, rng.normal(size=(6, 16)))
+    assert top1 < 1.0
+
+
+def test_parity_cli_passes_same_model_and_fails_other_checkpoint(tmp_path, image_dir):
+    a = _ckpt(tmp_path / "a.pth", seed=0)
+    a_copy = tmp_path / "a_copy.pth"
+    a_copy.write_bytes(a.read_bytes())
+    other = _ckpt(tmp_path / "other.pth", seed=1)
+    report = tmp_path / "parity.json"
+    ok = run_cli("parity", a, a_copy, "--images", image_dir, "--report", report, "--no-progress")
+    assert ok.code == 0, ok
+    doc = json.loads(report.read_text())
+    assert doc["passed"] and doc["candidates"][0]["max_rel_l2"] == 0.0
+    bad = run_cli("parity", a, a_copy, other, "--images", image_dir, "--report", report, "--no-progress")
+    assert bad.code == 1
+    assert "FAIL" in bad.out and "other.pth" in bad.out and "min cosine" in bad.out
+    doc = json.loads(report.read_text())
+    assert [c["passed"] for c in doc["candidates"]] == [True, False]
+
+
+def test_parity_cli_bad_inputs(tmp_path, image_dir):
+    a = _ckpt(tmp_path / "a.pth")
+    assert_clean_error(run_cli("parity", a, tmp_path / "missing.onnx", "--images", image_dir, "--no-progress"),
+                       "missing.onnx")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_cli("parity", a, a, "--images", empty), "holds no images")
+    assert_clean_error(run_cli("parity", a, a, "--images", image_dir, "--atol", "1e-3"), "--atol and --rtol")
