@@ -229,11 +229,11 @@ def _write_plots(folder: Path, results: list[dict], dataset) -> None:
     from ..verify.plots import rank_list_image, rank_list_rows, roc_plot, write_png
 
     curves = {}
-    for res in results:
+    for i, res in enumerate(results):
         if "error" in res:
             continue
         q, g = res["_query"], res["_gallery"]
-        curves[f"{Path(res['model']).name} ({res['precision']})"] = metrics.roc_curve(
+        curves[f"{i + 1}. {Path(res['model']).name} ({res['backend']}, {res['precision']})"] = metrics.roc_curve(
             res["_distmat"], q.pids, g.pids, q.camids, g.camids)
     roc_plot(curves, folder / "roc.png", title=f"ROC on {Path(dataset.root).name}")
     base = results[0]

@@ -63,15 +63,9 @@ def score(distmat: np.ndarray, query: SplitArrays, gallery: SplitArrays) -> dict
 
 def per_query_ap(distmat: np.ndarray, query: SplitArrays, gallery: SplitArrays) -> np.ndarray:
     """AP of each query (NaN where the query has no valid match), for choosing rank lists to show."""
+    res = metrics.evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
     out = np.full(distmat.shape[0], np.nan)
-    valid = []
-    for i in range(distmat.shape[0]):
-        keep = ~((gallery.pids == query.pids[i]) & (gallery.camids == query.camids[i]))
-        if np.any((gallery.pids == query.pids[i]) & keep):
-            valid.append(i)
-    if valid:
-        res = metrics.evaluate_rank(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
-        out[np.array(valid)] = res["all_AP"]
+    out[res["valid_queries"]] = res["all_AP"]
     return out
 
 

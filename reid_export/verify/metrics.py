@@ -273,6 +273,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         "all_AP": ap,
         "all_INP": inp,
         "num_valid_queries": int(valid.size),
+        "valid_queries": np.sort(valid),  # query indices that all_AP / all_INP refer to
     }
 
 
