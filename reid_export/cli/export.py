@@ -1,0 +1,183 @@
+"""``reid-export onnx | annotate | quantize``: FP32 ONNX from a checkpoint, a data config for a
+foreign ONNX, and FP16 / INT8 (Q/DQ) variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..data_config import INTERPOLATIONS, DataConfig
+from ..errors import UsageError
+from .common import OptsCommand, get_opts, positive_int
+from .main import cli
+
+
+def _log(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _size(megabytes: float) -> str:
+    return f"{megabytes:.1f} MB" if megabytes >= 1 else f"{megabytes * 1000:.0f} kB"
+
+
+def _parse_batch(ctx, param, value):
+    if value is None or str(value).lower() == "dynamic":
+        return None
+    try:
+        batch = int(value)
+    except ValueError:
+        raise click.BadParameter(f"must be 'dynamic' or a positive integer, got {value!r}") from None
+    if batch < 1:
+        raise click.BadParameter(f"must be 'dynamic' or a positive integer, got {value!r}")
+    return batch
+
+
+def _parse_triple(ctx, param, value):
+    if value is None:
+        return None
+    parts = [p for p in value.replace(" ", "").split(",") if p]
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expects three numbers like 0.485,0.456,0.406, got {value!r}") from None
+    if len(numbers) != 3:
+        raise click.BadParameter(f"expects three comma-separated numbers, got {len(numbers)}")
+    return numbers
+
+
+@cli.command(name="onnx", cls=OptsCommand)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--config", type=click.Path(path_type=Path), help="fast-reid YAML config (for checkpoints without one).")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (13 or newer).")
+@click.option("--batch", default="dynamic", show_default=True, callback=_parse_batch,
+              help="'dynamic' or a fixed batch size N.")
+@click.option("--simplify/--no-simplify", default=True, show_default=True,
+              help="Simplify with onnxslim (re-verified against torch).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.export-based exporter (needs onnxscript) or the legacy TorchScript one.")
+@click.option("--parity-images", multiple=True, type=click.Path(path_type=Path),
+              help="Real crops (files or folders) for the self-check; default: generated images.")
+@click.option("--allow-partial", is_flag=True, help="Load a checkpoint whose keys only partly match the config.")
+def onnx_command(model, output, config, opset, batch, simplify, exporter, parity_images, allow_partial):
+    """Export a checkpoint to ONNX: float32 [batch, 3, H, W] 0..255 RGB in, [batch, D] features out.
+
+    The data config, the checkpoint's sha256 and the tool version go into the model's metadata.
+    The export is checked (onnx.checker, shape inference) and run through ONNX Runtime against
+    torch at two batch sizes; it fails when the max relative L2 exceeds 1e-4.
+
+    \b
+    Example:
+      reid-export onnx model_final.pth --config configs/Market1501/bagtricks_R50.yml -o model.onnx
+    """
+    from ..export.onnx_export import export_checkpoint
+    from ..runtime import expand_image_paths
+
+    images = expand_image_paths(parity_images) if parity_images else None
+    report = export_checkpoint(model, output, config=config, opts=get_opts(), opset=opset, batch=batch,
+                               simplify=simplify, exporter=exporter, parity_images=images,
+                               allow_partial=allow_partial, log=_log)
+    _log(f"wrote {report.output} (opset {report.opset}, batch {report.batch}, {report.nodes} nodes, "
+         f"{_size(report.size_mb)}{', simplified' if report.simplified else ''}) in {report.seconds:.0f} s")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Annotated ONNX file to write.")
+@click.option("--input-size", nargs=2, type=int, default=None,
+              help="Input height and width (default: the model's, when fixed).")
+@click.option("--mean", callback=_parse_triple, required=True, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", callback=_parse_triple, required=True, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--pixel-scale", type=click.Choice(["255", "1"]), required=True,
+              help="Value of a white pixel at the input: 255 (0..255) or 1 (0..1).")
+@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), required=True)
+@click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), required=True,
+              help="Resize interpolation the model was trained with (torchreid: linear, fast-reid: cubic).")
+@click.option("--normalized-inside", is_flag=True,
+              help="The model subtracts mean / divides by std itself (fast-reid exports).")
+@click.option("--model-name", default="", help="Name recorded in the data config (default: the file name).")
+def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, interpolation, normalized_inside,
+             model_name):
+    """Write a data config into an ONNX model that came from elsewhere.
+
+    \b
+    Example (a torchreid export, input (pixels/255 - mean) / std):
+      reid-export annotate osnet.onnx -o osnet.reid.onnx --input-size 256 128 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --pixel-scale 1 \\
+          --channel-order rgb --interpolation linear
+    """
+    from ..export.annotate import annotate_file
+    from ..export.metadata import input_info, load_onnx
+
+    if input_size is None:
+        _, shape, _ = input_info(load_onnx(model))
+        if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
+            input_size = (shape[2], shape[3])
+        else:
+            raise UsageError(f"{model}: the model input {shape} has no fixed height/width; pass --input-size H W")
+    if input_size[0] < 1 or input_size[1] < 1:
+        raise UsageError(f"--input-size must be two positive integers, got {input_size[0]} {input_size[1]}")
+    config = DataConfig(height=input_size[0], width=input_size[1], channel_order=channel_order,
+                        pixel_scale=float(pixel_scale), mean=mean, std=std, interpolation=interpolation,
+                        normalized_inside=normalized_inside, model_name=model_name)
+    report = annotate_file(model, output, config, log=_log)
+    c = report.data_config
+    _log(f"wrote {report.output}: input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
+         f"mean {list(c.mean)}, std {list(c.std)} ({'inside the model' if c.normalized_inside else 'applied before it'}), "
+         f"{c.interpolation} resize, {c.feat_dim}-d features ({report.precision})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True)
+@click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
+              help="int8: tensorrt = S8S8 symmetric, float bias, ReLUs kept; cpu = U8S8 for ONNX Runtime's CPU provider.")
+@click.option("--calib-dir", multiple=True, type=click.Path(path_type=Path),
+              help="Folder (or image files) of real crops to calibrate on; repeatable.")
+@click.option("--calib-size", default=512, show_default=True, type=int, callback=positive_int,
+              help="Images drawn from the calibration folders (all of them when fewer).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="entropy",
+              show_default=True, help="How activation ranges are chosen from the calibration statistics.")
+@click.option("--percentile", type=float, default=None, help="For --method percentile (default 99.99).")
+@click.option("--exclude", multiple=True, help="Node name or op type to keep in float; repeatable.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed that draws the calibration images.")
+@click.option("--num-bins", default=2048, show_default=True, type=int, help="Histogram bins (entropy/percentile).")
+@click.option("--calib-batch", default=8, show_default=True, type=int, callback=positive_int,
+              help="Calibration batch size (a static-batch model uses its own).")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="int8 cpu: 7-bit weights (default on): x86 CPUs without VNNI saturate U8S8 products of full "
+                   "8-bit weights; --no-reduce-range only when every CPU that runs the model has VNNI.")
+@click.option("--threads", type=int, default=None, callback=positive_int, help="ONNX Runtime intra-op threads.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def quantize(model, output, precision, target, calib_dir, calib_size, method, percentile, exclude, seed, num_bins,
+             calib_batch, reduce_range, threads, progress):
+    """Make an FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model.
+
+    \b
+    Examples:
+      reid-export quantize model.onnx -o model.fp16.onnx --precision fp16
+      reid-export quantize model.onnx -o model.int8.onnx --precision int8 \\
+          --calib-dir data/market1501/bounding_box_train --method entropy
+      reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
+    """
+    from ..export.quantize import quantize_file
+
+    ctx = click.get_current_context()
+    if precision == "fp16":
+        ignored = [f"--{name.replace('_', '-')}" for name in ("target", "method", "percentile", "calib_size",
+                                                              "num_bins", "reduce_range", "seed")
+                   if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if ignored:
+            _log(f"note: ignored for fp16 (int8 options): {', '.join(ignored)}")
+    report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
+                           method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
+                           batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
+                           log=_log)
+    if report.qdq is not None:
+        _log(report.qdq.summary())
+    what = precision if precision == "fp16" else (f"int8 {report.target}, {report.method} calibration on "
+                                                  f"{report.calibration_images} images")
+    _log(f"wrote {report.output} ({what}; kept in float: {len(report.kept_float)} nodes; "
+         f"{_size(report.size_mb)}) in {report.seconds:.0f} s")

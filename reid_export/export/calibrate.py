@@ -1,0 +1,238 @@
+"""Activation statistics for static INT8 calibration, collected batch by batch.
+
+ONNX Runtime's ``quantize_static`` builds its calibrator without a ``num_bins``, so its Entropy
+method histograms every tensor into 128 bins and lands on (nearly) the min/max range; its
+histogram calibrators also hold every intermediate output of the whole calibration set in memory
+and search the KL threshold with Python loops. So the statistics are collected here: one ONNX
+Runtime session over the model with every tensor to calibrate added as an output, fed one batch
+at a time; per tensor the min, the max and a histogram of the nonzero ``|x|`` with ``num_bins`` bins
+(2048 by default, as TensorRT's entropy calibrator; exact zeros, half of every ReLU output, are
+left out as pytorch-quantization's ``skip_zeros`` does, or their spike drags the KL search to tiny
+thresholds). The ranges computed from them go to ONNX Runtime's
+``QDQQuantizer`` as ``TensorsData``.
+
+Methods:
+- ``minmax``: the observed [min, max].
+- ``entropy``: the threshold T that minimises KL(P || Q) between the clipped histogram and its
+  8-bit quantisation (TensorRT's legacy entropy calibration), range [-T, T] clipped to [min, max].
+- ``percentile``: T = the P-th percentile of ``|x|``, range as above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from ..errors import ReidExportError
+
+METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_NUM_BINS = 2048
+DEFAULT_PERCENTILE = 99.99
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def tensors_to_calibrate(model: onnx.ModelProto, op_types: Iterable[str], exclude_nodes: Iterable[str] = ()) -> list[str]:
+    """Float activations (not weights) read or written by the nodes that will be quantized.
+
+    ``model`` must carry inferred shapes/types (``onnx.shape_inference.infer_shapes``).
+    """
+    op_types = set(op_types)
+    excluded = set(exclude_nodes)
+    types = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    initializers = {init.name for init in model.graph.initializer}
+    names: list[str] = []
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in op_types or node.name in excluded:
+            continue
+        for name in list(node.input) + list(node.output):
+            if name and name not in seen and name not in initializers and types.get(name) in _FLOAT_TYPES:
+                seen.add(name)
+                names.append(name)
+    return names
+
+
+@dataclass
+class TensorStats:
+    """min/max and a histogram of the nonzero |x| over [0, width * bins), doubling its width when outgrown."""
+
+    num_bins: int
+    histogram: bool = True
+    lo: float = math.inf
+    hi: float = -math.inf
+    width: float | None = None
+    hist: np.ndarray | None = None
+    count: int = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float32).ravel()
+        if values.size == 0:
+            return
+        finite = values[np.isfinite(values)] if not np.isfinite(values).all() else values
+        if finite.size == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.count += finite.size
+        if not self.histogram:
+            return
+        # Exact zeros (half of every ReLU output) are left out: any symmetric grid holds them
+        # exactly, and their spike in the first bin drags the KL search to tiny thresholds.
+        finite = finite[finite != 0]
+        if finite.size == 0:
+            return
+        amax = max(-lo, hi)
+        if self.width is None:
+            self.width = amax / self.num_bins
+            self.hist = np.zeros(self.num_bins, dtype=np.int64)
+        while amax > self.width * self.num_bins:
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            self.hist = np.zeros(self.num_bins, dtype=np.int64)
+            self.hist[: merged.size] = merged
+            self.width *= 2.0
+        counts, _ = np.histogram(np.abs(finite), bins=self.num_bins, range=(0.0, self.width * self.num_bins))
+        self.hist += counts
+
+    @property
+    def amax(self) -> float:
+        return max(-self.lo, self.hi, 0.0) if self.count else 0.0
+
+
+def entropy_threshold(hist: np.ndarray, width: float, num_quantized_bins: int = 128,
+                      max_candidates: int = 512) -> float:
+    """The |x| threshold minimising KL(P || Q) (TensorRT/MXNet entropy calibration), vectorised."""
+    hist = np.asarray(hist, dtype=np.float64)
+    nonzero_bins = np.nonzero(hist)[0]
+    if nonzero_bins.size == 0:
+        return 0.0
+    last = int(nonzero_bins[-1]) + 1
+    nq = num_quantized_bins
+    if last <= nq:
+        return last * width
+    stride = max(1, (last - nq) // max_candidates)
+    candidates = list(range(nq, last + 1, stride))
+    if candidates[-1] != last:
+        candidates.append(last)
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # suffix[i] = sum(hist[i:])
+    best_kl, best_i = math.inf, last
+    for i in candidates:
+        p = hist[:i].copy()
+        p[i - 1] += suffix[i]
+        nonzero = p != 0
+        edges = (np.arange(nq + 1) * i) // nq
+        sums = np.add.reduceat(hist[:i], edges[:-1])
+        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
+        average = np.where(counts > 0, sums / np.maximum(counts, 1.0), 0.0)
+        q = np.where(nonzero, np.repeat(average, np.diff(edges)), 0.0)
+        p_total, q_total = p.sum(), q.sum()
+        if p_total <= 0 or q_total <= 0:
+            continue
+        p /= p_total
+        q /= q_total
+        mask = p > 0
+        # Where P has mass and Q none (the outliers' bin), smooth Q as MXNet/TensorRT do.
+        q_masked = np.maximum(q[mask], 1e-10)
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * width
+
+
+def percentile_threshold(hist: np.ndarray, width: float, percentile: float) -> float:
+    """The |x| value below which ``percentile`` % of the values lie (upper edge of its bin)."""
+    total = hist.sum()
+    if total <= 0:
+        return 0.0
+    cdf = np.cumsum(hist) / total
+    index = int(np.searchsorted(cdf, percentile / 100.0))
+    return (min(index, hist.size - 1) + 1) * width
+
+
+def threshold_to_range(stats: TensorStats, threshold: float) -> tuple[float, float]:
+    lo = max(stats.lo, -threshold)
+    hi = min(stats.hi, threshold)
+    if stats.lo >= 0:
+        lo = 0.0 if stats.lo <= threshold else stats.lo
+    return lo, max(hi, lo)
+
+
+@dataclass
+class Calibration:
+    """Per-tensor statistics and the ranges one method derives from them."""
+
+    stats: dict[str, TensorStats] = field(default_factory=dict)
+    images: int = 0
+
+    def ranges(self, method: str, percentile: float = DEFAULT_PERCENTILE,
+               unsigned_activations: bool = False) -> dict[str, tuple[float, float]]:
+        if method not in METHODS:
+            raise ReidExportError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+        out = {}
+        for name, stats in self.stats.items():
+            if stats.count == 0:
+                continue
+            if method == "minmax" or stats.hist is None:
+                out[name] = (stats.lo, stats.hi)
+                continue
+            if method == "entropy":
+                # 8 bits cover [0, T] of a non-negative tensor in uint8 (256 levels), else 128 per side.
+                levels = 256 if unsigned_activations and stats.lo >= 0 else 128
+                threshold = entropy_threshold(stats.hist, stats.width, levels)
+            else:
+                threshold = percentile_threshold(stats.hist, stats.width, percentile)
+            out[name] = threshold_to_range(stats, min(threshold, stats.amax))
+        return out
+
+    def tensors_data(self, method: str, percentile: float = DEFAULT_PERCENTILE, unsigned_activations: bool = False):
+        """ONNX Runtime's ``TensorsData`` (what its quantizers read) for one method."""
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+        ranges = self.ranges(method, percentile, unsigned_activations)
+        return TensorsData(CalibrationMethod.MinMax,
+                           {name: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
+                            for name, (lo, hi) in ranges.items()})
+
+
+def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs also include ``tensors``."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {out.name for out in augmented.graph.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in augmented.graph.value_info}
+    for name in tensors:
+        if name not in existing:
+            augmented.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return augmented
+
+
+def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[tuple[np.ndarray, int]],
+            histograms: bool, num_bins: int = DEFAULT_NUM_BINS, threads: int | None = None,
+            progress=None) -> Calibration:
+    """Run ``batches`` ((input, number of real images) pairs) and collect statistics of ``tensors``."""
+    from ..runtime.onnx_backend import make_session
+
+    if num_bins < 128 or num_bins % 2:
+        raise ReidExportError(f"--num-bins must be an even number >= 128, got {num_bins}")
+    session = make_session(augmented_model(model, tensors).SerializeToString(), threads=threads,
+                           optimization="basic")
+    input_name = session.get_inputs()[0].name
+    wanted = [name for name in tensors]
+    result = Calibration({name: TensorStats(num_bins, histograms) for name in wanted})
+    for batch, valid in batches:
+        outputs = session.run(wanted, {input_name: batch})
+        for name, value in zip(wanted, outputs):
+            if value.ndim >= 1 and value.shape[0] == batch.shape[0] and valid < batch.shape[0]:
+                value = value[:valid]  # drop the padding of a static-batch model's last batch
+            result.stats[name].update(value)
+        result.images += valid
+        if progress is not None:
+            progress.update(valid)
+    return result

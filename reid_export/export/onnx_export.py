@@ -1,0 +1,311 @@
+"""Checkpoint -> ONNX: input ``images`` float32 [batch, 3, H, W] 0..255 RGB, output ``features`` [batch, D].
+
+Normalisation stays inside the graph; the data config, the tool version and the checkpoint's
+sha256 go into ``metadata_props``. Every export is checked (``onnx.checker`` with full shape
+inference, the output shape) and proven against torch with ONNX Runtime at two batch sizes; an
+optional onnxslim pass is proven the same way, and a simplification that fails either check is
+dropped (the verified unsimplified graph is written, with a warning).
+
+The exporter is torch's ``torch.export``-based one (``dynamo=True``, needs onnxscript) by default:
+it is the maintained path since PyTorch 2.9 (the TorchScript exporter is deprecated), and with a
+symbolic batch dimension it refuses, at export time, any code that would bake the batch size into
+the graph (fast-reid's ``view(batch, ...)`` pitfall) instead of silently tracing a constant.
+``exporter="torchscript"`` stays available for older setups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import onnx
+import torch
+
+from .. import __version__
+from ..data_config import DataConfig
+from ..errors import ReidExportError, UsageError
+from ..fileio import check_output_path, sha256_file
+from ..runtime.preprocess import ImageLike, preprocess
+from .metadata import (KEY_EXPORT, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, output_info, save_onnx,
+                       set_metadata)
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_OPSET = 18
+MIN_OPSET = 13
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+PARITY_TOLERANCE = 1e-4
+
+
+def max_opset() -> int:
+    return int(onnx.defs.onnx_opset_version())
+
+
+def generated_images(count: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """Smooth random RGB uint8 images (upsampled noise) of roughly person-crop proportions.
+
+    Smoothness matters: uniform per-pixel noise drives a CNN far from the statistics it was
+    trained on and exaggerates rounding differences between frameworks.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = size
+    images = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3), dtype=np.uint8)
+        big = cv2.resize(small, (width + width // 4, height + height // 4), interpolation=cv2.INTER_CUBIC)
+        images.append(np.ascontiguousarray(big))
+    return images
+
+
+def relative_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-row ||candidate - reference|| / ||reference||."""
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    norms = np.maximum(np.linalg.norm(reference, axis=1), 1e-12)
+    return np.linalg.norm(candidate - reference, axis=1) / norms
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """Silence the exporter's progress prints, deprecation warnings and 'torchvision not installed' logs."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export",
+                                                      "torch.fx.experimental.symbolic_shapes",
+                                                      "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _strip_value_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node/per-value annotations (stack traces with local paths, fx names)."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        del value.metadata_props[:]
+    for init in model.graph.initializer:
+        del init.metadata_props[:]
+
+
+def export_module(model: torch.nn.Module, input_size: tuple[int, int], batch: int | None = None,
+                  opset: int = DEFAULT_OPSET, exporter: str = "dynamo") -> onnx.ModelProto:
+    """Export an eval-mode module taking [N, 3, H, W] to an ONNX ModelProto (``batch=None``: dynamic)."""
+    if exporter not in EXPORTERS:
+        raise UsageError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if not MIN_OPSET <= opset <= max_opset():
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
+                         f"got {opset}")
+    model = model.eval()
+    height, width = input_size
+    # A dynamic export traces with batch 2: torch.export specialises sizes 0 and 1.
+    example = torch.rand(batch or 2, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
+    try:
+        with _quiet_torch_export(), torch.no_grad():
+            if exporter == "dynamo":
+                try:
+                    import onnxscript  # noqa: F401
+                except ImportError:
+                    raise ReidExportError("the dynamo exporter needs onnxscript: pip install onnxscript "
+                                          "(or use --exporter torchscript)") from None
+                dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch is None else None
+                program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                            output_names=[OUTPUT_NAME], opset_version=opset,
+                                            dynamic_shapes=dynamic, optimize=True, external_data=False,
+                                            verbose=False, report=False)
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if batch is None else None
+                torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=opset, dynamic_axes=axes,
+                                  do_constant_folding=True)
+                proto = onnx.load_from_string(buffer.getvalue())
+    except ReidExportError:
+        raise
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ReidExportError(f"ONNX export ({exporter}) failed: {first[:300]} "
+                              "(rerun with --debug for the details)") from exc
+    _strip_value_metadata(proto)
+    return proto
+
+
+def check_model(model: onnx.ModelProto, batch: int | None, feat_dim: int | None,
+                input_size: tuple[int, int]) -> None:
+    """onnx.checker with full (strict) shape inference, and the input/output signature."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ReidExportError(f"the exported graph fails onnx.checker: {first[:300]}") from exc
+    inp = model.graph.input[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inp.shape.dim]
+    expected_batch = batch if batch is not None else None
+    if len(dims) != 4 or list(dims[1:]) != [3, *input_size] or inp.elem_type != onnx.TensorProto.FLOAT:
+        raise ReidExportError(f"the exported input has shape {dims}; expected [batch, 3, {input_size[0]}, "
+                              f"{input_size[1]}] float32")
+    if (expected_batch is None) != isinstance(dims[0], str):
+        raise ReidExportError(f"the exported input batch dimension is {dims[0]!r}; expected "
+                              f"{expected_batch or 'a symbolic (dynamic) batch'}")
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    _, out_shape, out_type = output_info(inferred)
+    if out_type != onnx.TensorProto.FLOAT or len(out_shape) != 2:
+        raise ReidExportError(f"the exported output has shape {out_shape}; expected [batch, D] float32")
+    if feat_dim is not None and isinstance(out_shape[1], int) and out_shape[1] != feat_dim:
+        raise ReidExportError(f"the exported output has {out_shape[1]} features; the model has {feat_dim}")
+
+
+@dataclass
+class ParityCheck:
+    name: str
+    batch_sizes: tuple[int, ...]
+    num_images: int
+    max_rel_l2: float
+    per_batch: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        sizes = " and ".join(map(str, self.batch_sizes))
+        return (f"parity {self.name}: ONNX Runtime vs torch on {self.num_images} images at batch {sizes}: "
+                f"max relative L2 {self.max_rel_l2:.2e}")
+
+
+def parity_batch_sizes(batch: int | None) -> tuple[int, int]:
+    return (1, 3) if batch is None else (batch, batch + 1)
+
+
+def onnx_vs_torch(model_bytes: bytes, reference: np.ndarray, inputs: np.ndarray, data_config: DataConfig,
+                  batch_sizes: Sequence[int], name: str = "") -> ParityCheck:
+    """Run ``inputs`` through ONNX Runtime (CPU) at each batch size; compare with ``reference``."""
+    from ..runtime.onnx_backend import OnnxEncoder, make_session
+
+    encoder = OnnxEncoder(make_session(model_bytes), data_config, name or "model.onnx")
+    worst = 0.0
+    per_batch = {}
+    for bs in batch_sizes:
+        out = np.concatenate([encoder(inputs[i:i + bs]) for i in range(0, len(inputs), bs)])
+        if out.shape != reference.shape:
+            raise ReidExportError(f"ONNX Runtime gives features of shape {out.shape}, torch {reference.shape}")
+        if not np.isfinite(out).all():
+            raise ReidExportError(f"ONNX Runtime gives non-finite features at batch {bs}")
+        rel = float(relative_l2(out, reference).max())
+        per_batch[bs] = rel
+        worst = max(worst, rel)
+    encoder.close()
+    return ParityCheck(name, tuple(batch_sizes), len(inputs), worst, per_batch)
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    opset: int
+    batch: str
+    exporter: str
+    simplified: bool
+    nodes: int
+    size_mb: float
+    checks: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    with _quiet_torch_export():
+        return onnxslim.slim(model)
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | Path | None = None,
+                      opts: Sequence[str] = (), opset: int = DEFAULT_OPSET, batch: int | None = None,
+                      simplify: bool = True, exporter: str = "dynamo",
+                      parity_images: Sequence[ImageLike] | None = None, tolerance: float = PARITY_TOLERANCE,
+                      allow_partial: bool = False, log: Callable[[str], None] = print) -> ExportReport:
+    """Export a checkpoint to ``output`` (written only when every check passes)."""
+    from ..checkpoint import load_model_from_checkpoint
+
+    start = time.time()
+    output = check_output_path(output)
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got {batch}")
+    if not MIN_OPSET <= opset <= max_opset():
+        raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
+                         f"got {opset}")
+    model, _, data_config = load_model_from_checkpoint(checkpoint, config, opts, allow_partial=allow_partial)
+    if not data_config.model_name:
+        data_config.model_name = Path(checkpoint).stem
+    log(f"exporting {checkpoint} ({data_config.model_name}, input {data_config.height}x{data_config.width}, "
+        f"{model.feat_dim}-d features) with the {exporter} exporter at opset {opset}, "
+        f"batch {'dynamic' if batch is None else batch}")
+    proto = export_module(model, data_config.input_size, batch, opset, exporter)
+    check_model(proto, batch, model.feat_dim, data_config.input_size)
+
+    # Inputs for the self-check: the given crops, else generated ones; torch computes the reference once.
+    sizes = parity_batch_sizes(batch)
+    images = list(parity_images) if parity_images else generated_images(max(4, max(sizes)), data_config.input_size)
+    source = f"{len(images)} {'given' if parity_images else 'generated'} images"
+    inputs = preprocess(images, data_config)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(inputs)).numpy()
+
+    metadata = base_metadata(data_config, "fp32")
+    metadata.update({KEY_SOURCE: Path(checkpoint).name, KEY_SOURCE_SHA256: sha256_file(checkpoint)})
+    report = ExportReport(output=output, opset=opset, batch="dynamic" if batch is None else str(batch),
+                          exporter=exporter, simplified=False, nodes=len(proto.graph.node), size_mb=0.0)
+    check = onnx_vs_torch(proto.SerializeToString(), reference, inputs, data_config, sizes, "export")
+    report.checks.append(check)
+    log(check.line() + f" ({source})")
+    if check.max_rel_l2 > tolerance:
+        raise ReidExportError(f"{output}: the exported graph disagrees with torch (max relative L2 "
+                              f"{check.max_rel_l2:.2e} > {tolerance:.0e}); not written")
+
+    final = proto
+    if simplify:
+        try:
+            slim = _simplify(proto)
+            check_model(slim, batch, model.feat_dim, data_config.input_size)
+            slim_check = onnx_vs_torch(slim.SerializeToString(), reference, inputs, data_config, sizes, "simplified")
+        except ReidExportError as exc:
+            report.notes.append(f"warning: the simplified graph failed its checks ({exc}); "
+                                "writing the unsimplified graph")
+        except Exception as exc:  # onnxslim can fail in many ways on unusual graphs
+            report.notes.append(f"warning: onnxslim failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "writing the unsimplified graph")
+        else:
+            report.checks.append(slim_check)
+            log(slim_check.line() + f" ({len(proto.graph.node)} -> {len(slim.graph.node)} nodes)")
+            if slim_check.max_rel_l2 > tolerance:
+                report.notes.append(f"warning: the simplified graph disagrees with torch (max relative L2 "
+                                    f"{slim_check.max_rel_l2:.2e}); writing the unsimplified graph")
+            else:
+                final = slim
+                report.simplified = True
+        for note in report.notes:
+            log(note)
+
+    final.graph.name = data_config.model_name or "reid"
+    final.doc_string = f"reid-export {__version__}: {Path(checkpoint).name} -> ONNX (fp32)"
+    metadata[KEY_EXPORT] = {
+        "exporter": exporter, "opset": opset, "batch": report.batch, "simplified": report.simplified,
+        "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+        "parity_max_rel_l2": max(c.max_rel_l2 for c in report.checks), "parity_images": source,
+    }
+    set_metadata(final, metadata)
+    save_onnx(final, output)
+    report.nodes = len(final.graph.node)
+    report.size_mb = output.stat().st_size / 1e6
+    report.seconds = time.time() - start
+    return report
