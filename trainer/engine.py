@@ -1,0 +1,428 @@
+"""The training loop: data, model, optimizer, schedule, checkpoints, resume, evaluation, logs.
+
+Output folder (OUTPUT_DIR, or ``--output-dir``):
+
+* ``config.yaml``: the full config of the run (NUM_CLASSES filled in from the data);
+* ``log.txt``: everything printed, appended across resumed runs;
+* ``model_{epoch:04d}.pth`` every CHECKPOINT_PERIOD epochs (0-based epoch, as fast-reid names
+  them), ``model_final.pth`` at the end, ``model_best.pth`` at the best ``(Rank-1 + mAP) / 2``;
+  each is fast-reid's layout (``model``, ``optimizer``, ``scheduler``, ``epoch``, ``iteration``)
+  plus the embedded config and data config, the seed and sampler position, the torch RNG state and
+  the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
+* ``metrics_{epoch:04d}.json`` per evaluation (``metrics_eval.json`` for ``--eval-only``).
+
+Resuming loads the newest checkpoint and continues with the next epoch: the batches and the
+augmentation of an epoch depend only on (seed, epoch), the lr only on (iteration, epoch), so the
+result equals an uninterrupted run; a kill loses at most the epochs since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reid_export.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
+from reid_export.config import CfgNode, load_config_text
+from reid_export.data_config import data_config_from_cfg
+from reid_export.errors import ReidExportError
+from reid_export.fileio import atomic_write_json, atomic_write_text
+from reid_export.modeling import build_model
+
+from .datasets import TrainSet, collate, load_train_items, worker_init
+from .evaluator import evaluate, format_results
+from .losses import check_loss_names, compute_losses
+from .pretrain import load_pretrained_backbone
+from .sampler import build_batch_sampler
+from .solver import LRSchedule, build_optimizer
+from .transforms import TrainTransform
+
+log = logging.getLogger("reid-train")
+_CKPT_RE = re.compile(r"^model_(\d{4,})\.pth$")
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break training
+            self.handleError(record)
+
+
+def setup_logging(output_dir: Path) -> logging.Logger:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(output_dir / "log.txt", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("[reid-train] %(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    return log
+
+
+def close_logging() -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def pick_device(cfg) -> str:
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return device
+        log.warning("MODEL.DEVICE is %s but CUDA is not available here; training on the CPU "
+                    "(set MODEL.DEVICE cpu to silence this)", device)
+        return "cpu"
+    if device != "cpu":
+        raise ReidExportError(f"MODEL.DEVICE must be cpu or cuda[:N], got {device!r}")
+    return "cpu"
+
+
+def find_last_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint named in ``last_checkpoint``, else model_final.pth, else the highest model_NNNN.pth."""
+    marker = output_dir / "last_checkpoint"
+    if marker.is_file():
+        candidate = output_dir / marker.read_text(encoding="utf-8").strip()
+        if candidate.is_file():
+            return candidate
+    if (output_dir / "model_final.pth").is_file():
+        return output_dir / "model_final.pth"
+    numbered = sorted((int(m.group(1)), p) for p in output_dir.glob("model_*.pth") if (m := _CKPT_RE.match(p.name)))
+    return numbered[-1][1] if numbered else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class LayerFreezer:
+    """MODEL.FREEZE_LAYERS for the first SOLVER.FREEZE_ITERS iterations (fast-reid's LayerFreeze):
+    their norm layers in eval mode and their parameters not updated."""
+
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.iters = int(cfg.SOLVER.FREEZE_ITERS)
+        self.names = list(cfg.MODEL.FREEZE_LAYERS) if self.iters > 0 else []
+        children = dict(model.named_children())
+        for name in self.names:
+            if name not in children:
+                log.warning("MODEL.FREEZE_LAYERS: %r is not a part of the model (%s); it is not frozen",
+                            name, ", ".join(children))
+        self.modules = [children[n] for n in self.names if n in children]
+        self.params = [p for g in optimizer.param_groups if g.get("freeze") for p in g["params"]]
+        self.frozen = False
+
+    def update(self, iteration: int) -> None:
+        want = bool(self.names) and iteration < self.iters
+        if want and not self.frozen:
+            for p in self.params:
+                p.requires_grad_(False)
+            self.frozen = True
+            log.info("freezing %s for the first %d iterations", ", ".join(self.names), self.iters)
+        elif not want and self.frozen:
+            for p in self.params:
+                p.requires_grad_(True)
+            self.frozen = False
+            log.info("unfreezing %s at iteration %d", ", ".join(self.names), iteration)
+        self.apply_mode()
+
+    def apply_mode(self) -> None:
+        if self.frozen:
+            for m in self.modules:
+                m.eval()
+
+
+def _init_weights(cfg, model) -> str:
+    """MODEL.WEIGHTS (fine-tuning), else the ImageNet backbone of PRETRAIN_PATH, else from scratch."""
+    if cfg.MODEL.WEIGHTS:
+        state = extract_state_dict(read_checkpoint(cfg.MODEL.WEIGHTS), cfg.MODEL.WEIGHTS)
+        load_weights(model, state, cfg.MODEL.WEIGHTS)
+        log.info("initialised from MODEL.WEIGHTS %s", cfg.MODEL.WEIGHTS)
+        return f"weights:{cfg.MODEL.WEIGHTS}"
+    bb = cfg.MODEL.BACKBONE
+    if bb.PRETRAIN and bb.PRETRAIN_PATH:
+        load_pretrained_backbone(model.backbone, bb.PRETRAIN_PATH)
+        return f"imagenet:{bb.PRETRAIN_PATH}"
+    if bb.PRETRAIN:
+        log.warning("MODEL.BACKBONE.PRETRAIN is True but PRETRAIN_PATH is empty and nothing can be downloaded "
+                    "here: training starts FROM SCRATCH (random weights). Set MODEL.BACKBONE.PRETRAIN_PATH to a "
+                    "local ImageNet ResNet file (torchvision or IBN-Net layout) for the usual accuracy")
+    elif bb.PRETRAIN_PATH:
+        log.warning("MODEL.BACKBONE.PRETRAIN_PATH is set but PRETRAIN is False: not loaded; training from scratch")
+    else:
+        log.info("training from scratch (MODEL.BACKBONE.PRETRAIN False)")
+    return "scratch"
+
+
+def _warn_unsupported(cfg) -> None:
+    if cfg.TEST.PRECISE_BN.ENABLED:
+        log.warning("TEST.PRECISE_BN is not implemented by reid-train; ignored")
+    if cfg.KD.MODEL_CONFIG or cfg.KD.EMA.ENABLED:
+        log.warning("KD settings are not implemented by reid-train; ignored")
+
+
+def run(cfg: CfgNode, *, resume: bool = False, eval_only: bool = False, progress: bool = True,
+        model_name: str = "", on_epoch_end: Callable[[int], None] | None = None) -> dict:
+    """Train (or only evaluate) as the config says; returns a summary dict."""
+    output_dir = Path(cfg.OUTPUT_DIR).expanduser()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(output_dir)
+    try:
+        return _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
+    finally:
+        close_logging()
+
+
+def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end) -> dict:
+    log.info("reid-train: %s", " ".join(sys.argv[1:]) or "(library call)")
+    device = pick_device(cfg)
+    check_loss_names(cfg)
+    _warn_unsupported(cfg)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+
+    state = None
+    ckpt_path = find_last_checkpoint(output_dir) if resume else None
+    if resume and ckpt_path is None:
+        log.warning("--resume: no checkpoint in %s; starting from the beginning", output_dir)
+    if ckpt_path is not None:
+        state = read_checkpoint(ckpt_path)
+        if not isinstance(state.get("epoch"), int):
+            raise ReidExportError(f"{ckpt_path}: not a reid-train checkpoint (no epoch); cannot resume from it")
+        log.info("resuming from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
+
+    if state is not None and isinstance(state.get("seed"), int):
+        seed = state["seed"]
+        if int(cfg.SEED) >= 0 and int(cfg.SEED) != seed:
+            log.warning("SEED %d differs from the checkpoint's %d; keeping the checkpoint's", cfg.SEED, seed)
+    else:
+        seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else secrets.randbelow(2**31)
+    cfg.SEED = seed
+    log.info("seed %d, device %s, output %s", seed, device, output_dir)
+
+    if eval_only:
+        return _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name)
+
+    items, sources = load_train_items(cfg)
+    num_classes = 1 + max(it.pid for it in items)
+    cfg.MODEL.HEADS.NUM_CLASSES = num_classes
+    log.info("training set: %d images, %d identities from %s", len(items), num_classes, ", ".join(sources))
+    if state is not None and isinstance(state.get("cfg"), str):
+        old = _flatten(load_config_text(state["cfg"]).to_dict())
+        new = _flatten(cfg.to_dict())
+        differs = sorted(k for k in new if k in old and old[k] != new[k] and k != "SEED")
+        if differs:
+            log.warning("the config differs from the checkpoint's in: %s", ", ".join(differs))
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    init = _init_weights(cfg, model) if state is None else "resumed"
+    model.to(device)
+    optimizer = build_optimizer(cfg, model)
+    transform = TrainTransform(cfg)
+    sampler = build_batch_sampler(cfg, [it.pid for it in items], seed, log)
+    iters_per_epoch = len(sampler)
+    schedule = LRSchedule(cfg, iters_per_epoch)
+    amp = bool(cfg.SOLVER.AMP.ENABLED) and device.startswith("cuda")
+    if cfg.SOLVER.AMP.ENABLED and not amp:
+        log.info("SOLVER.AMP.ENABLED: mixed precision needs CUDA; training in FP32 on the CPU")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp) if amp else None
+    max_epoch = int(cfg.SOLVER.MAX_EPOCH)
+    start_epoch, iteration, best = 0, 0, None
+    if state is not None:
+        load_weights(model, extract_state_dict(state, str(ckpt_path)), str(ckpt_path))
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        iteration = int(state.get("iteration", start_epoch * iters_per_epoch))
+        best = state.get("best_metric")
+        saved_ipe = (state.get("scheduler") or {}).get("iters_per_epoch")
+        if saved_ipe not in (None, iters_per_epoch):
+            log.warning("iterations per epoch changed (%s -> %d): the training data or batch size differ from "
+                        "the checkpoint's; the run will not match an uninterrupted one", saved_ipe, iters_per_epoch)
+        rng = state.get("rng") or {}
+        if isinstance(rng.get("torch"), torch.Tensor):
+            torch.set_rng_state(rng["torch"])
+        if scaler is not None and isinstance(state.get("grad_scaler"), dict):
+            scaler.load_state_dict(state["grad_scaler"])
+    freezer = LayerFreezer(cfg, model, optimizer)
+
+    data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
+    atomic_write_text(output_dir / "config.yaml", cfg.dump())
+    num_workers = int(cfg.DATALOADER.NUM_WORKERS)
+    loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
+                        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
+    log.info("model %s-%s, %d iterations/epoch of %d images, epochs %d..%d, init %s, AMP %s",
+             cfg.MODEL.BACKBONE.DEPTH, "IBN" if cfg.MODEL.BACKBONE.WITH_IBN else "BN", iters_per_epoch,
+             cfg.SOLVER.IMS_PER_BATCH, start_epoch + 1, max_epoch, init, "on" if amp else "off")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    eval_period = int(cfg.TEST.EVAL_PERIOD)
+    ckpt_period = max(int(cfg.SOLVER.CHECKPOINT_PERIOD), 1)
+    last_results, history = None, []
+
+    def save(name: str, epoch: int, mark_last: bool = True) -> Path:
+        path = save_checkpoint(
+            output_dir / f"{name}.pth", model, cfg, data_config,
+            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(iteration, epoch + 1),
+            epoch=epoch, iteration=iteration, seed=seed,
+            sampler={"name": cfg.DATALOADER.SAMPLER_TRAIN, "seed": seed, "next_epoch": epoch + 1},
+            rng={"torch": torch.get_rng_state()}, best_metric=best,
+            grad_scaler=scaler.state_dict() if scaler is not None else None,
+        )
+        if mark_last:
+            atomic_write_text(output_dir / "last_checkpoint", f"{name}.pth")
+        return path
+
+    if start_epoch >= max_epoch:
+        log.info("nothing to do: the checkpoint already finished all %d epochs (raise SOLVER.MAX_EPOCH to go on)",
+                 max_epoch)
+    try:
+        for epoch in range(start_epoch, max_epoch):
+            sampler.epoch = epoch
+            model.train()
+            freezer.apply_mode()
+            sums: dict[str, float] = {}
+            images_seen, t_start, t_compute = 0, time.time(), 0.0
+            bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{max_epoch}", unit="it",
+                       disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
+            window = []
+            for images, pids, _ in loader:
+                t0 = time.time()
+                freezer.update(iteration)
+                lr = schedule.apply(optimizer, iteration, epoch)
+                images = images.to(device, non_blocking=True)
+                pids = pids.to(device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+                    outputs = model(images, pids)
+                losses = compute_losses(cfg, outputs, pids)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise ReidExportError(
+                        f"the loss became {float(loss)} at epoch {epoch + 1}, iteration {iteration}; lower "
+                        "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, and resume from the last checkpoint"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if clip.ENABLED:
+                        scaler.unscale_(optimizer)
+                        _clip(model, clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if clip.ENABLED:
+                        _clip(model, clip)
+                    optimizer.step()
+                iteration += 1
+                n = images.shape[0]
+                images_seen += n
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().item() * n
+                sums["loss"] = sums.get("loss", 0.0) + loss.detach().item() * n
+                now = time.time()
+                t_compute += now - t0
+                window = (window + [(now, n)])[-20:]
+                rate = (sum(k for _, k in window[1:]) / (window[-1][0] - window[0][0])
+                        if len(window) > 1 else n / max(now - t_start, 1e-9))
+                bar.set_postfix_str(f"loss={loss.detach().item():.3f} lr={lr:.2e} {rate:.1f} img/s", refresh=False)
+                bar.update(1)
+            bar.close()
+            seconds = time.time() - t_start
+            stats = {k: v / max(images_seen, 1) for k, v in sums.items()}
+            stats.update({"epoch": epoch, "iteration": iteration, "lr": lr, "images": images_seen,
+                          "seconds": round(seconds, 2), "img_per_s": images_seen / max(seconds, 1e-9),
+                          "compute_img_per_s": images_seen / max(t_compute, 1e-9)})
+            history.append(stats)
+            terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
+            log.info("epoch %d/%d: %s lr=%.2e %.1f img/s (%.1f s)", epoch + 1, max_epoch, terms, lr,
+                     stats["img_per_s"], seconds)
+
+            final = epoch == max_epoch - 1
+            improved = False
+            if final or (eval_period > 0 and (epoch + 1) % eval_period == 0):
+                results = evaluate(model, cfg, data_config, device, progress)
+                freezer.apply_mode()
+                last_results = results
+                log.info("evaluation after epoch %d:\n%s", epoch + 1, format_results(results))
+                score = next(iter(results.values()))["metric"] if results else None
+                improved = score is not None and (best is None or score > best)
+                if improved:
+                    best = score
+                atomic_write_json(output_dir / f"metrics_{epoch:04d}.json",
+                                  {"epoch": epoch, "iteration": iteration, "train": stats, "results": results,
+                                   "best_metric": best})
+            if final:
+                path = save("model_final", epoch)
+                log.info("saved %s", path)
+            elif (epoch + 1) % ckpt_period == 0:
+                path = save(f"model_{epoch:04d}", epoch)
+                log.info("saved %s", path)
+            if improved:
+                save("model_best", epoch, mark_last=False)
+                log.info("saved model_best.pth ((Rank-1 + mAP) / 2 = %.2f)", best)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    except KeyboardInterrupt:
+        last = find_last_checkpoint(output_dir)
+        log.warning("interrupted; the last checkpoint is %s: continue with --resume",
+                    last.name if last else "(none yet)")
+        raise
+    return {"output_dir": str(output_dir), "history": history, "results": last_results, "best_metric": best,
+            "seed": seed, "iterations_per_epoch": iters_per_epoch}
+
+
+def _clip(model, clip) -> None:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip.CLIP_TYPE == "norm":
+        torch.nn.utils.clip_grad_norm_(params, float(clip.CLIP_VALUE), float(clip.NORM_TYPE))
+    elif clip.CLIP_TYPE == "value":
+        torch.nn.utils.clip_grad_value_(params, float(clip.CLIP_VALUE))
+    else:
+        raise ReidExportError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r} is not supported; use norm or value")
+
+
+def _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name) -> dict:
+    """Evaluate MODEL.WEIGHTS, else (with --resume) the last checkpoint, else the freshly initialised model."""
+    torch.manual_seed(seed)
+    if cfg.MODEL.WEIGHTS:
+        source = cfg.MODEL.WEIGHTS
+        obj = read_checkpoint(source)
+        if isinstance(obj.get("cfg"), str) and int(cfg.MODEL.HEADS.NUM_CLASSES) == 0:
+            cfg.MODEL.HEADS.NUM_CLASSES = int(load_config_text(obj["cfg"]).MODEL.HEADS.NUM_CLASSES)
+        model = build_model(cfg)
+        load_weights(model, extract_state_dict(obj, source), source)
+    elif state is not None:
+        source = str(ckpt_path)
+        model = build_model(cfg)
+        load_weights(model, extract_state_dict(state, source), source)
+    else:
+        model = build_model(cfg)
+        source = "untrained:" + _init_weights(cfg, model)
+        log.warning("--eval-only without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)
+    model.to(device)
+    data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
+    results = evaluate(model, cfg, data_config, device, progress)
+    log.info("evaluation of %s:\n%s", source, format_results(results))
+    atomic_write_json(output_dir / "metrics_eval.json", {"model": source, "seed": seed, "results": results})
+    return {"output_dir": str(output_dir), "results": results, "model": source, "seed": seed}

@@ -1,0 +1,120 @@
+"""The BoT losses, with fast-reid's (v1.x) exact semantics.
+
+* ``cross_entropy_loss``: label smoothing as fast-reid writes it: the target class gets
+  ``1 - eps`` and every other class ``eps / (K - 1)`` (not the ``(1 - eps) * onehot + eps / K``
+  of the Inception paper; the two differ by ``eps / K`` on the target). ``eps < 0`` selects
+  fast-reid's adaptive smoothing ``eps = ALPHA * p_target``. The sum over the batch is divided by
+  the number of non-zero per-sample losses, as fast-reid does.
+* ``triplet_loss``: batch-hard (or softmax-weighted) mining on Euclidean distances
+  (``sqrt(clamp(|x|^2 + |y|^2 - 2 x.y, 1e-12))``), features L2-normalised first when NORM_FEAT;
+  ``margin_ranking_loss`` with MARGIN, or the soft margin ``softplus(d_ap - d_an)`` when MARGIN is 0.
+* Each loss is multiplied by its SCALE; the total is their sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reid_export.errors import ReidExportError
+
+SUPPORTED_LOSSES = ("CrossEntropyLoss", "TripletLoss")
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float, alpha: float = 0.2) -> torch.Tensor:
+    num_classes = logits.shape[1]
+    log_probs = F.log_softmax(logits, dim=1)
+    with torch.no_grad():
+        if eps >= 0:
+            smooth = torch.full((logits.shape[0], 1), float(eps), dtype=log_probs.dtype, device=logits.device)
+        else:  # adaptive label smoothing
+            probs = F.softmax(logits, dim=1)
+            smooth = alpha * probs.gather(1, targets.view(-1, 1))
+        soft = smooth.expand(-1, num_classes) / max(num_classes - 1, 1)
+        soft = soft.scatter(1, targets.view(-1, 1), 1 - smooth)
+    loss = (-soft * log_probs).sum(dim=1)
+    with torch.no_grad():
+        count = max(int((loss != 0).sum()), 1)
+    return loss.sum() / count
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """fast-reid's ``normalize``: ``x / (|x| + 1e-12)``."""
+    return x / (x.norm(p=2, dim=-1, keepdim=True) + 1e-12)
+
+
+def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    xx = x.pow(2).sum(1, keepdim=True)
+    yy = y.pow(2).sum(1, keepdim=True).t()
+    dist = xx + yy - 2 * (x @ y.t())
+    return dist.clamp(min=1e-12).sqrt()
+
+
+def hard_example_mining(dist: torch.Tensor, is_pos: torch.Tensor, is_neg: torch.Tensor):
+    """Per anchor: the farthest positive and the closest negative."""
+    dist_ap = torch.where(is_pos, dist, torch.full_like(dist, float("-inf"))).max(dim=1).values
+    dist_an = torch.where(is_neg, dist, torch.full_like(dist, float("inf"))).min(dim=1).values
+    return dist_ap, dist_an
+
+
+def _softmax_weights(dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    max_v = (dist * mask).max(dim=1, keepdim=True).values
+    diff = dist - max_v
+    z = (diff.exp() * mask).sum(dim=1, keepdim=True) + 1e-6
+    return diff.exp() * mask / z
+
+
+def weighted_example_mining(dist: torch.Tensor, is_pos: torch.Tensor, is_neg: torch.Tensor):
+    """fast-reid's soft mining (HARD_MINING False): softmax-weighted positive/negative distances."""
+    is_pos, is_neg = is_pos.float(), is_neg.float()
+    dist_ap, dist_an = dist * is_pos, dist * is_neg
+    dist_ap = (dist_ap * _softmax_weights(dist_ap, is_pos)).sum(dim=1)
+    dist_an = (dist_an * _softmax_weights(-dist_an, is_neg)).sum(dim=1)
+    return dist_ap, dist_an
+
+
+def triplet_loss(embedding: torch.Tensor, targets: torch.Tensor, margin: float, norm_feat: bool,
+                 hard_mining: bool) -> torch.Tensor:
+    if norm_feat:
+        embedding = normalize(embedding)
+    dist = euclidean_dist(embedding, embedding)
+    same = targets.view(-1, 1) == targets.view(1, -1)
+    if bool(same.all()):
+        return embedding.sum() * 0.0  # one identity in the batch: no negatives, nothing to rank
+    mine = hard_example_mining if hard_mining else weighted_example_mining
+    dist_ap, dist_an = mine(dist, same, ~same)
+    y = torch.ones_like(dist_an)
+    if margin > 0:
+        return F.margin_ranking_loss(dist_an, dist_ap, y, margin=margin)
+    loss = F.soft_margin_loss(dist_an - dist_ap, y)
+    if torch.isinf(loss):
+        loss = F.margin_ranking_loss(dist_an, dist_ap, y, margin=0.3)
+    return loss
+
+
+def check_loss_names(cfg) -> tuple[str, ...]:
+    names = tuple(cfg.MODEL.LOSSES.NAME)
+    unknown = [n for n in names if n not in SUPPORTED_LOSSES]
+    if unknown:
+        raise ReidExportError(
+            f"MODEL.LOSSES.NAME: {', '.join(map(repr, unknown))} not supported by reid-train; "
+            f"use {' and/or '.join(SUPPORTED_LOSSES)} (CircleSoftmax/ArcSoftmax/CosSoftmax are "
+            "MODEL.HEADS.CLS_LAYER choices)"
+        )
+    if not names:
+        raise ReidExportError("MODEL.LOSSES.NAME is empty; use (\"CrossEntropyLoss\", \"TripletLoss\")")
+    return names
+
+
+def compute_losses(cfg, outputs: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fast-reid's ``Baseline.losses``: ``loss_cls`` and/or ``loss_triplet``, each times its SCALE."""
+    names = check_loss_names(cfg)
+    losses = {}
+    L = cfg.MODEL.LOSSES
+    if "CrossEntropyLoss" in names:
+        losses["loss_cls"] = cross_entropy_loss(outputs["logits"].float(), targets, L.CE.EPSILON,
+                                                L.CE.ALPHA) * L.CE.SCALE
+    if "TripletLoss" in names:
+        losses["loss_triplet"] = triplet_loss(outputs["features"].float(), targets, L.TRI.MARGIN,
+                                              bool(L.TRI.NORM_FEAT), bool(L.TRI.HARD_MINING)) * L.TRI.SCALE
+    return losses
