@@ -80,6 +80,10 @@ class Subject:
     model: str = ""
     timer: Any = field(default_factory=CpuTimer)
     info: dict = field(default_factory=dict)
+    batch_sizes: Sequence[int] | None = None  # run only these (None: every batch size of the run)
+
+    def runs_at(self, batch_size: int) -> bool:
+        return self.batch_sizes is None or batch_size in self.batch_sizes
 
 
 @dataclass
@@ -165,12 +169,12 @@ def run_benchmark(subjects: Sequence[Subject], settings: BenchSettings, progress
     can_reset_rss = measure_memory and reset_peak_rss()
     gpu = GpuMemory(measure_memory and any(s.device.startswith("cuda") for s in subjects))
     results: list[dict] = []
-    total_steps = len(settings.batch_sizes) * len(subjects) * (rounds + 1)
+    total_steps = sum(s.runs_at(b) for b in settings.batch_sizes for s in subjects) * (rounds + 1)
     bar = tqdm(total=total_steps, desc="bench", unit="slice", disable=not progress, leave=False)
     try:
         for batch_size in settings.batch_sizes:
             cells = []
-            for subject in subjects:
+            for subject in (s for s in subjects if s.runs_at(batch_size)):
                 cell = {"subject": subject, "latencies": [], "error": None, "rss_peak_mb": None,
                         "gpu_peak_mb": None, "gpu_used_mb": None, "warmup_iterations": 0, "warmup_ms": 0.0}
                 bar.set_postfix_str(f"batch {batch_size} warmup {subject.name}")

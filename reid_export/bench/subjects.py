@@ -82,9 +82,9 @@ def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int
             encoder = _open(path, config, device, threads, half)
             encoders.append(encoder)
             after = rss_mb()
-            subjects.append(_subject(encoder, label, inputs, images if include_preprocess else None,
-                                     CudaEventTimer() if use_cuda_timer else CpuTimer(),
-                                     None if before is None or after is None else after - before))
+            subjects.append(encoder_subject(encoder, label, inputs, images if include_preprocess else None,
+                                            CudaEventTimer() if use_cuda_timer else CpuTimer(),
+                                            None if before is None or after is None else after - before))
     except BaseException:
         for encoder in encoders:
             encoder.close()
@@ -105,8 +105,9 @@ def _open(path: Path, config, device: str, threads: int | None, half: bool) -> E
         raise ReidExportError(f"{path}: cannot be opened as a model ({type(exc).__name__}: {first[:300]})") from None
 
 
-def _subject(encoder: Encoder, label: str, inputs: InputCache, images: Sequence[Path] | None, timer,
-             rss_open: float | None) -> Subject:
+def encoder_subject(encoder: Encoder, label: str, inputs: InputCache, images: Sequence[Path] | None, timer,
+                    rss_open: float | None = None) -> Subject:
+    """A subject that times ``encoder(batch)`` (host arrays in and out), or decode + encode with ``images``."""
     data_config = encoder.data_config
     info = {"rss_open_mb": rss_open, "input": "files (decode + resize timed)" if images else "preprocessed tensor",
             "input_size": list(data_config.input_size)}
