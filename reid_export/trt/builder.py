@@ -49,13 +49,13 @@ def _parser_errors(parser) -> list[str]:
     return messages
 
 
-def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: Path) -> Path:
+def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: Path, log=print) -> Path:
     """The ONNX file to build from: the input, or its FP16 / Q/DQ INT8 conversion in ``workdir``."""
     from ..export import quantize as q
 
     if plan["convert"] == "fp16":
         out = workdir / (onnx_path.stem + ".fp16.onnx")
-        q.quantize_file(onnx_path, out, precision="fp16")
+        q.quantize_file(onnx_path, out, precision="fp16", log=log)
         return out
     if plan["convert"] == "int8":
         if not options.calib_dirs:
@@ -65,7 +65,7 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
                 exit_code=2)
         out = workdir / (onnx_path.stem + ".int8.onnx")
         q.quantize_file(onnx_path, out, precision="int8", target="tensorrt", calib_dirs=options.calib_dirs,
-                        calib_size=options.calib_size)
+                        calib_size=options.calib_size, log=log)
         return out
     return onnx_path
 
@@ -73,7 +73,7 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
 def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions, log=print) -> dict:
     """Build ``output`` (engine) and ``output.json`` (sidecar) from ``onnx_path``; returns the sidecar."""
     from ..export.metadata import graph_precision, input_info, load_onnx, output_info, require_data_config
-    from ..export.qdq_check import check_qdq_for_tensorrt
+    from ..export.qdq_check import check_tensorrt_qdq
 
     onnx_path, output = Path(onnx_path), check_output_path(output)
     check_output_path(sidecar_path(output))
@@ -93,9 +93,9 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
         f"{'strongly typed' if plan['strongly_typed'] else 'weakly typed, flags ' + '+'.join(plan['flags'])}")
 
     with tempfile.TemporaryDirectory(prefix="reid-trt-") as tmp:
-        graph_path = prepare_graph(onnx_path, plan, options, Path(tmp))
+        graph_path = prepare_graph(onnx_path, plan, options, Path(tmp), log)
         if plan["precision"] == "int8":
-            problems = check_qdq_for_tensorrt(load_onnx(graph_path))
+            problems = check_tensorrt_qdq(load_onnx(graph_path)).problems
             if problems:
                 raise ReidExportError(f"{graph_path.name}: Q/DQ graph TensorRT would reject: {problems[0]}"
                                       + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
