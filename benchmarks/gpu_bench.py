@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU throughput of BoT-R50 (256x128) on the routes torch offers, side by side, in one short run.
 
-    python benchmarks/gpu_bench.py --out bench-gpu/          # or: bash benchmarks/gpu_bench.sh
+    python benchmarks/gpu_bench.py --out work/bench-gpu/     # or: bash benchmarks/gpu_bench.sh
 
 Routes (each skipped with its reason where it cannot run):
 
@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=270.0,
                         help="Seconds after which the compile phase is skipped (the run must fit in 5 minutes).")
     parser.add_argument("--device", default="cuda", help="cuda[:N], or cpu to check the script itself.")
-    parser.add_argument("--out", type=Path, default=Path("bench-gpu"), help="Folder for the JSON and the table.")
+    parser.add_argument("--out", type=Path, default=REPO / "work" / "bench-gpu",
+                        help="Folder for the JSON and the table (work/ is git-ignored).")
     args = parser.parse_args(argv)
     args.batch_sizes = _int_list(parser, "--batch-sizes", args.batch_sizes)
     args.compile_batches = _int_list(parser, "--compile-batches", args.compile_batches)
@@ -391,7 +392,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            print(f"gpu_bench: --device {args.device} but torch {torch.__version__} sees no CUDA device", file=sys.stderr)
+            print(f"gpu_bench: --device {args.device} but torch {torch.__version__} sees no CUDA device",
+                  file=sys.stderr)
             return 2
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True

@@ -3,14 +3,14 @@
 # torch FP32 / FP16 / FP16 + channels_last (+ CUDA graph, + BN folding), torch.compile
 # (reduce-overhead) at batch 256, ONNX Runtime CUDA where onnxruntime has that provider.
 #
-#   bash benchmarks/gpu_bench.sh                 # writes bench-gpu/ (or $OUT when set)
+#   bash benchmarks/gpu_bench.sh                 # writes work/bench-gpu/ (or $OUT when set)
 #   bash benchmarks/gpu_bench.sh --checkpoint logs/.../model_best.pth --routes fp16-cl-graph,compile
 #
 # Everything the run prints (torch.compile's logs too) goes to $OUT/gpu_bench.log; the short
 # table ($OUT/gpu_table.md) is printed last. Extra arguments go to benchmarks/gpu_bench.py.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench-gpu}
+OUT=${OUT:-work/bench-gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_bench.log"
 PY=${PYTHON:-python3}

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""The CPU figures of benchmarks/RESULTS.md with one command: BoT-R50 256x128 in torch eager FP32,
+ONNX Runtime FP32, FP16, INT8 (TensorRT flavour) and INT8 (CPU flavour), batch 1 and 16.
+
+    python benchmarks/cpu_bench.py                      # everything under work/bench-cpu/
+    python benchmarks/cpu_bench.py --accuracy-checkpoint logs/exp/r18_64x32/model_best.pth
+
+Every step is a ``reid-export`` command, printed before it runs, so each figure can be redone by
+hand; models already made in --work are reused (--force remakes them):
+
+1. a BoT-R50 checkpoint: --checkpoint, or random weights with BatchNorm statistics measured on
+   64 real crops (speed does not depend on the weight values; accuracy does, see 6.)
+2. reid-export onnx, then quantize to fp16, int8 --target tensorrt and int8 --target cpu,
+   calibrated on --calib-dir (CUHK03 bounding_box_train by default)
+3. reid-export bench of the five, side by side (alternating rounds, same thread count)
+4. with --accuracy-checkpoint (a trained model): the same exports of it and reid-export eval of
+   the checkpoint, FP32 and FP16 ONNX and both INT8 flavours on --dataset-root
+5. a summary (work/bench-cpu/cpu_table.md): the table, the ratios the issue asks for, the load average
+
+The machine should be quiet: the summary records the load average before and after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
+CUHK03 = DATA / "cuhk03-labeled" / "Market-1501-v15.09.15"
+ORDER = [("torch eager fp32", ".pth"), ("ORT fp32", ".onnx"), ("ORT fp16", ".fp16.onnx"),
+         ("ORT int8 (tensorrt)", ".int8-trt.onnx"), ("ORT int8 (cpu)", ".int8-cpu.onnx")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=REPO / "work" / "bench-cpu",
+                        help="Folder for models and reports (work/ is git-ignored).")
+    parser.add_argument("--checkpoint", type=Path, help="BoT-R50 checkpoint to time (default: random weights).")
+    parser.add_argument("--config", type=Path, default=REPO / "configs/Market1501/bagtricks_R50.yml")
+    parser.add_argument("--calib-dir", type=Path, default=CUHK03 / "bounding_box_train")
+    parser.add_argument("--calib-size", type=int, default=512)
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--accuracy-checkpoint", type=Path, help="A trained checkpoint for the INT8 accuracy rows.")
+    parser.add_argument("--dataset-root", type=Path, default=CUHK03, help="Market-1501-layout data for eval.")
+    parser.add_argument("--force", action="store_true", help="Remake models that exist in --work.")
+    parser.add_argument("--dry-run", action="store_true", help="Print the commands without running them.")
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def reid_export(args, *cli_args, output: Path | None = None, ok_codes=(0,)) -> None:
+    """Run one ``reid-export`` command (skipped when ``output`` exists and --force is not given)."""
+    shown = "reid-export " + " ".join(shlex.quote(str(a)) for a in cli_args)
+    if output is not None and output.exists() and not args.force:
+        say(f"# exists, reused: {output}  ({shown})")
+        return
+    say(f"$ {shown}")
+    if args.dry_run:
+        return
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "reid_export", *map(str, cli_args)], cwd=REPO)
+    if done.returncode not in ok_codes:
+        raise SystemExit(f"cpu_bench: the command above failed with exit code {done.returncode}")
+    say(f"# {time.monotonic() - start:.0f} s")
+
+
+def make_random_checkpoint(config: Path, output: Path, calib_dir: Path) -> Path:
+    """BoT weights drawn at random, BatchNorm running statistics measured on 64 real crops."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import torch
+
+    from reid_export.checkpoint import save_checkpoint
+    from reid_export.config import load_config
+    from reid_export.data_config import data_config_from_cfg
+    from reid_export.modeling import build_model
+    from reid_export.runtime import expand_image_paths, preprocess
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    data_config = data_config_from_cfg(cfg, model.feat_dim, "bot-r50-random")
+    if calib_dir.exists():
+        images = expand_image_paths([calib_dir])[:64]
+        source = f"{len(images)} crops of {calib_dir}"
+    else:
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (*data_config.input_size, 3), dtype=np.uint8) for _ in range(64)]
+        source = "64 random images (no real crops found)"
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():  # the eval path up to the BNNeck, in train mode (the classifier needs no classes)
+        for i in range(0, len(images), 16):
+            x = (torch.from_numpy(preprocess(images[i:i + 16], data_config)) - model.pixel_mean) / model.pixel_std
+            model.heads.bottleneck(model.heads.pool_layer(model.backbone(x)))
+    model.eval()
+    save_checkpoint(output, model, cfg, data_config, note=f"random weights, BN statistics from {source}")
+    say(f"# wrote {output}: random weights, BatchNorm statistics from {source}")
+    return output
+
+
+def export_variants(args, checkpoint: Path, stem: Path) -> dict[str, Path]:
+    """ONNX FP32, FP16, INT8 (tensorrt) and INT8 (cpu) of ``checkpoint``, named ``stem`` + suffix."""
+    paths = {label: Path(str(stem) + suffix) for label, suffix in ORDER}
+    paths["torch eager fp32"] = checkpoint
+    fp32 = paths["ORT fp32"]
+    reid_export(args, "onnx", checkpoint, "-o", fp32, output=fp32)
+    reid_export(args, "quantize", fp32, "-o", paths["ORT fp16"], "--precision", "fp16", output=paths["ORT fp16"])
+    for label, target in (("ORT int8 (tensorrt)", "tensorrt"), ("ORT int8 (cpu)", "cpu")):
+        reid_export(args, "quantize", fp32, "-o", paths[label], "--precision", "int8", "--target", target,
+                    "--calib-dir", args.calib_dir, "--calib-size", args.calib_size, "--threads", args.threads,
+                    "--no-progress", output=paths[label])
+    return paths
+
+
+def summarize(args, bench: dict, accuracy: dict | None, paths: dict[str, Path]) -> str:
+    sys.path.insert(0, str(REPO))
+    from reid_export.report import format_table
+
+    label_of = {str(p): label for label, p in paths.items()}
+    results = bench["results"]
+    by = {(label_of.get(r["model"], r["name"]), r["batch_size"]): r for r in results}
+    env = bench["environment"]
+    rows = []
+    for res in sorted(results, key=lambda r: r["batch_size"]):
+        label = label_of.get(res["model"], res["name"])
+        if res.get("error"):
+            rows.append([label, res["batch_size"], "ERROR", "-", "-", "-", "-"])
+            continue
+        rows.append([label, res["batch_size"], res["throughput_ips"], res["median_ms"], res["p90_ms"],
+                     res["p99_ms"], f"{res['speedup_vs_first']:.2f}x" if res.get("speedup_vs_first") else "-"])
+    lines = [f"CPU {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2/AVX-512/VNNI flags'}), {env['cpu_count']} "
+             f"cores, {env['threads']} threads; torch {env['versions']['torch']}, onnxruntime "
+             f"{env['versions']['onnxruntime']}; {bench['date']}",
+             f"load average (1/5/15 min) before {_load(env.get('load_average_before'))}, after "
+             f"{_load(env.get('load_average_after'))}",
+             f"command: {bench['settings'].get('command', '')}".rstrip(": "), "",
+             format_table(["model", "batch", "img/s", "median ms", "p90 ms", "p99 ms", "vs torch"], rows,
+                          floatfmt=".4g"), ""]
+
+    def ratio(a, b, batch):
+        ra, rb = by.get((a, batch)), by.get((b, batch))
+        if not ra or not rb or ra.get("error") or rb.get("error"):
+            return None
+        return ra["throughput_ips"] / rb["throughput_ips"]
+
+    for batch in bench["settings"]["batch_sizes"]:
+        r = ratio("ORT fp32", "torch eager fp32", batch)
+        if r is not None:
+            lines.append(f"batch {batch}: ORT FP32 / torch eager = {r:.2f}x (target >= 1.5x: "
+                         f"{'met' if r >= 1.5 else 'missed'})")
+        r = ratio("ORT int8 (cpu)", "ORT fp32", batch)
+        if r is not None:
+            lines.append(f"batch {batch}: INT8-cpu / ORT FP32 = {r:.2f}x"
+                         + (f" (target >= 3.5x at batch 16: {'met' if r >= 3.5 else 'missed'})" if batch == 16 else ""))
+    if accuracy:
+        lines += ["", f"accuracy ({accuracy['model_note']}) on {accuracy['dataset']}:",
+                  format_table(["model", "Rank-1", "mAP", "mINP", "d mAP"],
+                               [[Path(m["model"]).name, m.get("Rank-1"), m.get("mAP"), m.get("mINP"),
+                                 m.get("delta_mAP")] for m in accuracy["models"]], floatfmt=".2f")]
+    return "\n".join(lines) + "\n"
+
+
+def _load(values) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "?"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    say(f"# load average before: {_load(os.getloadavg())}")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = args.work / "bot-r50.pth"
+        if not checkpoint.exists() or args.force:
+            say(f"$ python benchmarks/cpu_bench.py  # makes {checkpoint}")
+            if not args.dry_run:
+                make_random_checkpoint(args.config, checkpoint, args.calib_dir)
+    paths = export_variants(args, checkpoint, args.work / "bot-r50")
+    report = args.work / "cpu_bench.json"
+    bench_cmd = ["bench", *[paths[label] for label, _ in ORDER], "--batch-sizes", args.batch_sizes,
+                 "--threads", args.threads, "--warmup", args.warmup, "--duration", args.duration,
+                 "--rounds", args.rounds, "--report", report, "--csv", args.work / "cpu_bench.csv",
+                 "--plot", args.work / "cpu_bench.png", "--no-progress"]
+    reid_export(args, *bench_cmd, ok_codes=(0, 1))  # 1: a model failed at some batch size; still summarised
+    accuracy = None
+    if args.accuracy_checkpoint:
+        acc = export_variants(args, args.accuracy_checkpoint, args.work / (args.accuracy_checkpoint.stem + "-acc"))
+        acc_report = args.work / "cpu_accuracy.json"
+        reid_export(args, "eval", acc["torch eager fp32"], acc["ORT fp32"], acc["ORT fp16"],
+                    acc["ORT int8 (tensorrt)"], acc["ORT int8 (cpu)"], "--dataset-root", args.dataset_root,
+                    "--report", acc_report, "--no-progress")
+        if not args.dry_run:
+            accuracy = json.loads(acc_report.read_text())
+            accuracy["model_note"] = f"trained checkpoint {args.accuracy_checkpoint}"
+    if args.dry_run:
+        return 0
+    bench = json.loads(report.read_text())
+    bench["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in bench_cmd)
+    text = summarize(args, bench, accuracy, paths)
+    from reid_export.fileio import atomic_write_text
+
+    atomic_write_text(args.work / "cpu_table.md", text)
+    say(f"# load average after: {_load(os.getloadavg())}")
+    say("")
+    say(text.rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
