@@ -256,8 +256,11 @@ def sample_cameras(rng: np.random.Generator, n: int) -> list[Camera]:
             wb = np.array(_WB_CASTS[wb_order[i]]) * rng.uniform(0.95, 1.05, 3)
         else:
             wb = rng.uniform(0.75, 1.25, 3)
-        wb = wb / wb[1]  # green fixed: the cast, not the brightness
+        wb = wb / (0.299 * wb[0] + 0.587 * wb[1] + 0.114 * wb[2])  # the cast, not the brightness
         gain = rng.uniform(0.65, 1.35) if i else rng.uniform(0.9, 1.1)
+        gamma = rng.uniform(0.7, 1.45)
+        if gain > 1.0 and gamma > 1.15:  # both brighten: keep some of the highlights unclipped
+            gain = 1.0 + (gain - 1.0) * 0.4
         bias = _VIEW_BIASES[i % len(_VIEW_BIASES)] if i < 2 * len(_VIEW_BIASES) else tuple(rng.dirichlet([2, 2, 2, 2]))
         cams.append(Camera(
             index=i,
@@ -268,7 +271,7 @@ def sample_cameras(rng: np.random.Generator, n: int) -> list[Camera]:
             texture=float(np.round(rng.uniform(6, 22), 3)),
             clutter=int(rng.integers(2, 9)),
             gain=float(np.round(gain, 4)),
-            gamma=float(np.round(rng.uniform(0.7, 1.45), 4)),
+            gamma=float(np.round(gamma, 4)),
             white_balance=tuple(float(np.round(v, 4)) for v in wb),
             saturation=float(np.round(rng.uniform(0.55, 1.2), 4)),
             blur=float(np.round(rng.uniform(0.0, 1.1), 4)),
