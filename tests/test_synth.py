@@ -120,8 +120,10 @@ def test_metrics_run_and_difficulty(default_set):
 
     naive = _eval(ds, mean_rgb)
     assert naive["num_valid_queries"] == len(ds.query)
-    # Seed 0: naive mAP 1.8%, Rank-1 0.0% (chance is about 2%): camera casts, gain/gamma and the
-    # backgrounds shared by a camera's images beat a colour-only matcher.
+    # Seed 0: naive mAP 1.5%, Rank-1 0.0% (about chance): camera casts, gain/gamma and the
+    # backgrounds shared by a camera's images beat a colour-only matcher.  (For scale: a 4-block
+    # CNN trained from scratch on the 471 train images, 64x32 input, 30 epochs: 55% mAP, 64% Rank-1;
+    # the same net untrained: 1.7%.)
     assert naive["mAP"] < 60.0, naive
 
     people = {d["pid"]: d for d in meta["identities"]}
