@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -50,6 +51,10 @@ def train_command(config_file, resume, eval_only, output_dir, progress, debug):
 
 
 def main(args=None) -> None:
+    # OpenMP threads that spin while waiting lose most of their time when the cores are shared (a
+    # DataLoader worker, other jobs): on a busy 2-core machine passive waiting trained ~4x faster.
+    # Effective only before torch is imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run_cli(train_command, args, prog_name=PROG)
 
 

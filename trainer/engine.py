@@ -9,7 +9,8 @@ Output folder (OUTPUT_DIR, or ``--output-dir``):
   each is fast-reid's layout (``model``, ``optimizer``, ``scheduler``, ``epoch``, ``iteration``)
   plus the embedded config and data config, the seed and sampler position, the torch RNG state and
   the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
-* ``metrics_{epoch:04d}.json`` per evaluation (``metrics_eval.json`` for ``--eval-only``).
+* ``metrics_{epoch:04d}.json`` per evaluation (``metrics_eval.json`` for ``--eval-only``);
+* ``history.jsonl``: one line of training statistics per epoch (losses, lr, img/s, seconds).
 
 Resuming loads the newest checkpoint and continues with the next epoch: the batches and the
 augmentation of an epoch depend only on (seed, epoch), the lr only on (iteration, epoch), so the
@@ -18,6 +19,7 @@ result equals an uninterrupted run; a kill loses at most the epochs since the la
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -354,6 +356,8 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
                           "seconds": round(seconds, 2), "img_per_s": images_seen / max(seconds, 1e-9),
                           "compute_img_per_s": images_seen / max(t_compute, 1e-9)})
             history.append(stats)
+            with open(output_dir / "history.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(stats) + "\n")
             terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
             log.info("epoch %d/%d: %s lr=%.2e %.1f img/s (%.1f s)", epoch + 1, max_epoch, terms, lr,
                      stats["img_per_s"], seconds)
