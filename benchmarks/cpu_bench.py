@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accuracy-checkpoint", type=Path, help="A trained checkpoint for the INT8 accuracy rows.")
     parser.add_argument("--dataset-root", type=Path, default=CUHK03, help="Market-1501-layout data for eval.")
+    parser.add_argument("--part", choices=("all", "speed", "accuracy"), default="all",
+                        help="speed: steps 1-3 and 5; accuracy: step 4 (with --accuracy-checkpoint).")
     parser.add_argument("--force", action="store_true", help="Remake models that exist in --work.")
     parser.add_argument("--dry-run", action="store_true", help="Print the commands without running them.")
     return parser.parse_args(argv)
@@ -62,10 +64,11 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def reid_export(args, *cli_args, output: Path | None = None, ok_codes=(0,)) -> None:
-    """Run one ``reid-export`` command (skipped when ``output`` exists and --force is not given)."""
+def reid_export(args, *cli_args, output: Path | None = None, source: Path | None = None, ok_codes=(0,)) -> None:
+    """Run one ``reid-export`` command (skipped when ``output`` exists, is newer than ``source``, and
+    --force is not given)."""
     shown = "reid-export " + " ".join(shlex.quote(str(a)) for a in cli_args)
-    if output is not None and output.exists() and not args.force:
+    if output is not None and _fresh(output, source) and not args.force:
         say(f"# exists, reused: {output}  ({shown})")
         return
     say(f"$ {shown}")
@@ -76,6 +79,12 @@ def reid_export(args, *cli_args, output: Path | None = None, ok_codes=(0,)) -> N
     if done.returncode not in ok_codes:
         raise SystemExit(f"cpu_bench: the command above failed with exit code {done.returncode}")
     say(f"# {time.monotonic() - start:.0f} s")
+
+
+def _fresh(output: Path, source: Path | None) -> bool:
+    if not output.exists():
+        return False
+    return source is None or not source.exists() or output.stat().st_mtime >= source.stat().st_mtime
 
 
 def make_random_checkpoint(config: Path, output: Path, calib_dir: Path) -> Path:
@@ -121,17 +130,33 @@ def export_variants(args, checkpoint: Path, stem: Path) -> dict[str, Path]:
     paths = {label: Path(str(stem) + suffix) for label, suffix in ORDER}
     paths["torch eager fp32"] = checkpoint
     fp32 = paths["ORT fp32"]
-    reid_export(args, "onnx", checkpoint, "-o", fp32, output=fp32)
-    reid_export(args, "quantize", fp32, "-o", paths["ORT fp16"], "--precision", "fp16", output=paths["ORT fp16"])
+    reid_export(args, "onnx", checkpoint, "-o", fp32, output=fp32, source=checkpoint)
+    reid_export(args, "quantize", fp32, "-o", paths["ORT fp16"], "--precision", "fp16", output=paths["ORT fp16"],
+                source=fp32)
     for label, target in (("ORT int8 (tensorrt)", "tensorrt"), ("ORT int8 (cpu)", "cpu")):
         reid_export(args, "quantize", fp32, "-o", paths[label], "--precision", "int8", "--target", target,
                     "--calib-dir", args.calib_dir, "--calib-size", args.calib_size, "--threads", args.threads,
-                    "--no-progress", output=paths[label])
+                    "--no-progress", output=paths[label], source=fp32)
     return paths
 
 
-def summarize(args, bench: dict, accuracy: dict | None, paths: dict[str, Path]) -> str:
+def summarize(args, bench: dict | None, accuracy: dict | None, paths: dict[str, Path] | None) -> str:
     sys.path.insert(0, str(REPO))
+    from reid_export.report import format_table
+
+    lines: list[str] = []
+    if bench:
+        lines += _speed_lines(bench, paths)
+    if accuracy:
+        lines += ["", f"accuracy ({accuracy['model_note']}) on {accuracy['dataset']}:",
+                  format_table(["model", "backend", "prec", "Rank-1", "mAP", "mINP", "d mAP"],
+                               [[Path(m["model"]).name, m.get("backend"), m.get("precision"), m.get("Rank-1"),
+                                 m.get("mAP"), m.get("mINP"), m.get("delta_mAP")] for m in accuracy["models"]],
+                               floatfmt=".2f")]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _speed_lines(bench: dict, paths: dict[str, Path]) -> list[str]:
     from reid_export.report import format_table
 
     label_of = {str(p): label for label, p in paths.items()}
@@ -170,12 +195,7 @@ def summarize(args, bench: dict, accuracy: dict | None, paths: dict[str, Path]) 
         if r is not None:
             lines.append(f"batch {batch}: INT8-cpu / ORT FP32 = {r:.2f}x"
                          + (f" (target >= 3.5x at batch 16: {'met' if r >= 3.5 else 'missed'})" if batch == 16 else ""))
-    if accuracy:
-        lines += ["", f"accuracy ({accuracy['model_note']}) on {accuracy['dataset']}:",
-                  format_table(["model", "Rank-1", "mAP", "mINP", "d mAP"],
-                               [[Path(m["model"]).name, m.get("Rank-1"), m.get("mAP"), m.get("mINP"),
-                                 m.get("delta_mAP")] for m in accuracy["models"]], floatfmt=".2f")]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _load(values) -> str:
@@ -184,24 +204,31 @@ def _load(values) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.part == "accuracy" and not args.accuracy_checkpoint:
+        raise SystemExit("cpu_bench: --part accuracy needs --accuracy-checkpoint (a trained model)")
     args.work.mkdir(parents=True, exist_ok=True)
     say(f"# load average before: {_load(os.getloadavg())}")
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = args.work / "bot-r50.pth"
-        if not checkpoint.exists() or args.force:
-            say(f"$ python benchmarks/cpu_bench.py  # makes {checkpoint}")
-            if not args.dry_run:
-                make_random_checkpoint(args.config, checkpoint, args.calib_dir)
-    paths = export_variants(args, checkpoint, args.work / "bot-r50")
-    report = args.work / "cpu_bench.json"
-    bench_cmd = ["bench", *[paths[label] for label, _ in ORDER], "--batch-sizes", args.batch_sizes,
-                 "--threads", args.threads, "--warmup", args.warmup, "--duration", args.duration,
-                 "--rounds", args.rounds, "--report", report, "--csv", args.work / "cpu_bench.csv",
-                 "--plot", args.work / "cpu_bench.png", "--no-progress"]
-    reid_export(args, *bench_cmd, ok_codes=(0, 1))  # 1: a model failed at some batch size; still summarised
+    bench = paths = None
+    if args.part in ("all", "speed"):
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = args.work / "bot-r50.pth"
+            if not checkpoint.exists() or args.force:
+                say(f"$ python benchmarks/cpu_bench.py  # makes {checkpoint}")
+                if not args.dry_run:
+                    make_random_checkpoint(args.config, checkpoint, args.calib_dir)
+        paths = export_variants(args, checkpoint, args.work / "bot-r50")
+        report = args.work / "cpu_bench.json"
+        bench_cmd = ["bench", *[paths[label] for label, _ in ORDER], "--batch-sizes", args.batch_sizes,
+                     "--threads", args.threads, "--warmup", args.warmup, "--duration", args.duration,
+                     "--rounds", args.rounds, "--report", report, "--csv", args.work / "cpu_bench.csv",
+                     "--plot", args.work / "cpu_bench.png", "--no-progress"]
+        reid_export(args, *bench_cmd, ok_codes=(0, 1))  # 1: a model failed at some batch size; still summarised
+        if not args.dry_run:
+            bench = json.loads(report.read_text())
+            bench["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in bench_cmd)
     accuracy = None
-    if args.accuracy_checkpoint:
+    if args.accuracy_checkpoint and args.part in ("all", "accuracy"):
         acc = export_variants(args, args.accuracy_checkpoint, args.work / (args.accuracy_checkpoint.stem + "-acc"))
         acc_report = args.work / "cpu_accuracy.json"
         reid_export(args, "eval", acc["torch eager fp32"], acc["ORT fp32"], acc["ORT fp16"],
@@ -212,12 +239,10 @@ def main(argv=None) -> int:
             accuracy["model_note"] = f"trained checkpoint {args.accuracy_checkpoint}"
     if args.dry_run:
         return 0
-    bench = json.loads(report.read_text())
-    bench["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in bench_cmd)
     text = summarize(args, bench, accuracy, paths)
     from reid_export.fileio import atomic_write_text
 
-    atomic_write_text(args.work / "cpu_table.md", text)
+    atomic_write_text(args.work / ("cpu_table.md" if bench else "cpu_accuracy.md"), text)
     say(f"# load average after: {_load(os.getloadavg())}")
     say("")
     say(text.rstrip())

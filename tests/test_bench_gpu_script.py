@@ -68,6 +68,7 @@ def test_short_table_and_verdict(gpu_bench):
     assert "fp16 cl graph" in lines[3] and "26000" in lines[3] and "211" in lines[3]  # 26k img/s x 8.1 GFLOP
     assert "ERROR" in lines[5]
     assert "meets" in gpu_bench.verdict(results) and "fp16 cl graph" in gpu_bench.verdict(results)
+    assert "about 98148 img/s at 8.10 GFLOP/img" in gpu_bench.verdict(results, gflop=8.1)
     assert "misses" in gpu_bench.verdict([_fake("fp32", 256, 9000.0)])
     assert "no route" in gpu_bench.verdict([_fake("fp32", 1, 400.0)])
 
