@@ -1,0 +1,122 @@
+"""parity with ONNX candidates: the FP32 export passes; a foreign checkpoint, wrong mean/std in the
+data config and NaN outputs each fail and say why; --locate names layers; the report is JSON."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from conftest import CONFIGS, randomize_bn, run_cli
+from reid_export.checkpoint import save_checkpoint
+from reid_export.config import load_config
+from reid_export.data_config import DataConfig, data_config_from_cfg
+from reid_export.export.annotate import annotate_file
+from reid_export.export.metadata import save_onnx
+from reid_export.export.onnx_export import export_module
+from reid_export.modeling import build_model
+
+R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"  # a shipped config, at its own 256x128
+
+
+def _trained_like(seed):
+    cfg = load_config(R18)
+    torch.manual_seed(seed)
+    return randomize_bn(build_model(cfg), seed=seed), cfg
+
+
+class _NoNormalization(torch.nn.Module):
+    """The same network without its internal mean/std: input must be normalised outside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone, self.heads = model.backbone, model.heads
+
+    def forward(self, x):
+        return self.heads(self.backbone(x))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity_onnx")
+    model, cfg = _trained_like(0)
+    dc = data_config_from_cfg(cfg, model.feat_dim, "r18")
+    save_checkpoint(d / "ref.pth", model, cfg, dc)
+    other, _ = _trained_like(1)
+    save_checkpoint(d / "other.pth", other, cfg, dc)
+    for name in ("ref", "other"):
+        res = run_cli("onnx", d / f"{name}.pth", "-o", d / f"{name}.onnx")
+        assert res.code == 0, res
+    # External normalisation (torchreid style): correct and wrong mean/std in the data config
+    bare = d / "bare.onnx"
+    save_onnx(export_module(_NoNormalization(model).eval(), (256, 128)), bare)
+    ext = dict(height=256, width=128, pixel_scale=255.0, normalized_inside=False, feat_dim=512)
+    annotate_file(bare, d / "external_ok.onnx", DataConfig(mean=dc.mean, std=dc.std, **ext), log=lambda m: None)
+    # a classic slip: the BGR-ordered mean/std given to an RGB model
+    annotate_file(bare, d / "external_wrong.onnx", DataConfig(mean=dc.mean[::-1], std=dc.std[::-1], **ext),
+                  log=lambda m: None)
+    # NaN output: the features multiplied by a constant holding NaN in two places
+    proto = onnx.load(str(d / "ref.onnx"))
+    out = proto.graph.output[0].name
+    scale = np.ones((1, 512), np.float32)
+    scale[0, [3, 100]] = np.nan
+    proto.graph.initializer.append(numpy_helper.from_array(scale, "nan_scale"))
+    for node in proto.graph.node:
+        node.output[:] = [o if o != out else "pre_nan" for o in node.output]
+    proto.graph.node.append(helper.make_node("Mul", ["pre_nan", "nan_scale"], [out], name="inject_nan"))
+    save_onnx(proto, d / "nan.onnx")
+    return d
+
+
+def test_fp32_onnx_passes_and_report_is_json(models, parity_images, tmp_path):
+    report = tmp_path / "parity.json"
+    res = run_cli("parity", models / "ref.pth", models / "ref.onnx", models / "external_ok.onnx",
+                  "--images", parity_images[0].parent, "--report", report, "--no-progress")
+    assert res.code == 0, res.out
+    doc = json.loads(report.read_text())
+    assert doc["passed"] and len(doc["candidates"]) == 2
+    for cand in doc["candidates"]:
+        assert cand["backend"] == "onnxruntime" and cand["precision"] == "fp32"
+        assert cand["max_rel_l2"] < 1e-4 and cand["min_cosine"] > 0.99999 and cand["elementwise_failures"] == 0
+
+
+@pytest.mark.parametrize("candidate,why", [
+    ("other.onnx", "min cosine"),
+    ("external_wrong.onnx", "data config differs: mean"),
+    ("nan.onnx", "2 NaN/Inf values"),  # 2 per image x 5 images would be 10: count is per output element
+])
+def test_broken_candidates_fail_and_say_why(models, parity_images, tmp_path, candidate, why):
+    report = tmp_path / "parity.json"
+    res = run_cli("parity", models / "ref.pth", models / candidate, "--images", parity_images[0].parent,
+                  "--report", report, "--no-progress")
+    assert res.code == 1, res.out
+    assert f"FAIL {models / candidate}" in res.out
+    if why.startswith("2 NaN"):
+        assert "10 NaN/Inf values in the output" in res.out
+    else:
+        assert why in res.out
+    doc = json.loads(report.read_text())  # valid JSON even with NaN in the outputs
+    assert doc["passed"] is False and doc["candidates"][0]["passed"] is False
+
+
+def test_locate_lists_layers_for_fp16_and_int8(models, parity_images, tmp_path):
+    fp32 = models / "ref.onnx"
+    fp16, int8 = tmp_path / "ref.fp16.onnx", tmp_path / "ref.int8.onnx"
+    assert run_cli("quantize", fp32, "-o", fp16, "--precision", "fp16").code == 0
+    res = run_cli("quantize", fp32, "-o", int8, "--precision", "int8", "--calib-dir", parity_images[0].parent,
+                  "--calib-size", "5")
+    assert res.code == 0, res
+    report = tmp_path / "parity.json"
+    res = run_cli("parity", fp32, fp16, int8, "--images", parity_images[0].parent, "--locate",
+                  "--report", report, "--no-progress", "--min-cosine", "0", "--max-rel-l2", "10")
+    assert res.code == 0, res.out
+    assert "locate ref.fp16.onnx" in res.out and "locate ref.int8.onnx" in res.out
+    doc = json.loads(report.read_text())
+    for cand in (str(fp16), str(int8)):
+        loc = doc["locate"][cand]
+        assert loc["compared"] > 10 and loc["largest_growth"]
+        assert all(layer["rel_error"] >= 0 for layer in loc["layers"])
+    # INT8 loses more than FP16, and the error is visible at the output
+    assert doc["locate"][str(int8)]["final_rel_error"] > doc["locate"][str(fp16)]["final_rel_error"]
