@@ -49,9 +49,17 @@ def table_rows(results: Sequence[dict], gpu: bool = False) -> tuple[list[str], l
                    res["min_ms"], res["mean_ms"], res["median_ms"], res["p90_ms"], res["p95_ms"], res["p99_ms"],
                    res["max_ms"], res["throughput_ips"], _ratio(res.get("speedup_vs_first")), res.get("rss_peak_mb")]
         if gpu:
-            row.append(res.get("gpu_peak_mb"))
+            row.append(_gpu_memory(res))
         rows.append(row)
     return headers, rows
+
+
+def _gpu_memory(res: dict):
+    """torch's allocator peak for torch models; other runtimes allocate outside it, so for them the
+    device's used memory (every process) is shown, marked as such."""
+    if res.get("backend") == "torch" or res.get("gpu_used_mb") is None:
+        return res.get("gpu_peak_mb")
+    return f"{res['gpu_used_mb']:.0f} (device)"
 
 
 def _ratio(value):
