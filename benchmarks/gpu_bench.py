@@ -398,9 +398,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True  # FP32 routes: what a user gets with the usual setting
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fastest convolution algorithms for each shape, chosen in warm-up
     model, cfg, data_config, checkpoint = load_model(args)
     gflop = gflop_per_image(model, data_config.input_size)
     log(f"model {data_config.model_name} {data_config.height}x{data_config.width}: "
@@ -410,7 +408,10 @@ def main(argv=None) -> int:
     settings = BenchSettings(batch_sizes=args.batch_sizes, warmup_s=args.warmup, duration_s=args.duration,
                              rounds=args.rounds)
     env = environment(torch.get_num_threads(), str(device))
-    env.update({"cudnn_benchmark": torch.backends.cudnn.benchmark, "tf32": device.type == "cuda"})
+    env.update({"cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32})
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        notes.append("fp32 routes: convolutions run in TF32 on the tensor cores (PyTorch's cuDNN default)")
     doc = {"tool": "benchmarks/gpu_bench.py", "argv": sys.argv[1:] if argv is None else list(argv),
            "environment": env, "settings": settings.describe(), "notes": notes,
            "model": {"name": data_config.model_name, "input_size": list(data_config.input_size),
