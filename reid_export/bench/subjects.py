@@ -55,7 +55,8 @@ def _label(path: Path, half: bool) -> str:
 
 def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int | None = None,
                   config: str | Path | None = None, images: Sequence[Path] | None = None,
-                  include_preprocess: bool = False, inputs: InputCache | None = None) -> tuple[list[Subject], list[Encoder]]:
+                  include_preprocess: bool = False,
+                  inputs: InputCache | None = None) -> tuple[list[Subject], list[Encoder]]:
     """Open every model first (so a bad one fails before any timing), one subject each."""
     if include_preprocess and not images:
         raise ReidExportError("--include-preprocess times decoding real files: give them with --images", exit_code=2)
