@@ -4,7 +4,9 @@ Exports a checkpoint to ONNX (FP32), makes the FP16 variant and the INT8 variant
 targets (TensorRT S8S8 and the ONNX Runtime CPU U8S8) with each calibration method asked for,
 calibrating on the dataset's ``bounding_box_train`` crops, and evaluates every model on its
 query/gallery split (Market-1501 protocol, cosine distance) with ONNX Runtime on the CPU.
-Prints a table (Rank-1, mAP, mINP and the drops against FP32) and writes the JSON report.
+Prints a table (Rank-1, mAP, mINP, the drops against the FP32 ONNX model, the lowest cosine between a
+variant's embedding and FP32's, and how often a query's nearest gallery image stays the same) and
+writes the JSON report.
 
     python benchmarks/int8_accuracy.py logs/cuhk03/bagtricks_R18_cpu/model_best.pth \\
         ../shared/data/cuhk03-labeled -o benchmarks/int8_cuhk03 --methods entropy,percentile,minmax
@@ -42,9 +44,19 @@ def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_si
     pids = np.array([it.pid for it in items])
     cams = np.array([it.camid for it in items])
     nq = len(dataset.query)
-    metrics = rank_metrics(compute_distance(q, g, "cosine"), pids[:nq], pids[nq:], cams[:nq], cams[nq:])
+    dist = compute_distance(q, g, "cosine")
+    metrics = rank_metrics(dist, pids[:nq], pids[nq:], cams[:nq], cams[nq:])
     metrics["seconds"] = round(time.time() - start, 1)
+    metrics["_feats"], metrics["_top1"] = feats, dist.argmin(axis=1)
     return metrics
+
+
+def agreement(metrics: dict, base: dict) -> dict:
+    """How close a variant's embeddings and rankings are to the FP32 ONNX model's."""
+    a, b = metrics["_feats"], base["_feats"]
+    cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "top1_agreement": float(np.mean(metrics["_top1"] == base["_top1"]) * 100.0)}
 
 
 def main(argv=None) -> int:
@@ -85,24 +97,25 @@ def main(argv=None) -> int:
             log(f"{out.name}: quantized in {time.time() - start:.0f} s")
             variants.append(("onnx", "int8", target, method, out))
 
-    rows, results = [], []
-    base = None
+    rows, results, evaluated = [], [], []
     for backend, precision, target, method, path in variants:
         kwargs = {"config": args.config, "opts": args.opts} if backend == "torch" else {}
         metrics = evaluate(path, dataset, **kwargs)
-        if backend == "onnx" and precision == "fp32":
-            base = metrics
+        evaluated.append(metrics)
         entry = {"model": path.name, "backend": backend, "precision": precision, "target": target, "method": method,
                  **{k: metrics[k] for k in ("Rank-1", "Rank-5", "mAP", "mINP", "num_valid_queries", "seconds")}}
         results.append(entry)
         log(f"{path.name}: Rank-1 {metrics['Rank-1']:.2f} mAP {metrics['mAP']:.2f} ({metrics['seconds']} s)")
-    for entry in results:
+    base = evaluated[1]  # the FP32 ONNX model
+    for entry, metrics in zip(results, evaluated):
         entry["dRank-1"] = entry["Rank-1"] - base["Rank-1"]
         entry["dmAP"] = entry["mAP"] - base["mAP"]
+        entry.update(agreement(metrics, base))
         rows.append([entry["backend"], entry["precision"], entry["target"] or "-", entry["method"] or "-",
-                     entry["Rank-1"], entry["mAP"], entry["mINP"], entry["dRank-1"], entry["dmAP"]])
+                     entry["Rank-1"], entry["mAP"], entry["mINP"], entry["dRank-1"], entry["dmAP"],
+                     f"{entry['min_cosine']:.4f}", entry["top1_agreement"]])
     table = format_table(["backend", "precision", "target", "calibration", "Rank-1", "mAP", "mINP",
-                          "dRank-1", "dmAP"], rows, floatfmt=".2f")
+                          "dRank-1", "dmAP", "min cos", "top-1 same %"], rows, floatfmt=".2f")
     print(table)
     report = {
         "tool": f"reid-export {__version__}", "date": datetime.datetime.now().isoformat(timespec="seconds"),

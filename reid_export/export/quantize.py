@@ -375,8 +375,9 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     report = QuantizeReport(output=output, precision=precision)
 
     calib_paths: list[Path] = []
-    if calib_dirs:
-        calib_paths = select_calibration_images(calib_dirs, calib_size if precision == "int8" else 16, seed, log)
+    if calib_dirs:  # fp16 needs no calibration: its images only measure the agreement with FP32
+        calib_paths = select_calibration_images(calib_dirs, calib_size if precision == "int8" else 16, seed,
+                                                log if precision == "int8" else (lambda line: None))
 
     if precision == "fp16":
         converted, keep = convert_fp16(model, exclude, log)
@@ -406,7 +407,8 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     # How far the variant is from the FP32 model, on real images when there are some.
     if calib_paths:
         sample = calib_paths[:: max(1, len(calib_paths) // 16)][:16]
-        inputs, what = preprocess(sample, data_config), "calibration images"
+        inputs = preprocess(sample, data_config)
+        what = "calibration images" if precision == "int8" else "images from --calib-dir"
     else:
         inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
     converted_bytes = converted.SerializeToString()
