@@ -48,10 +48,15 @@ def test_extract_equals_fastreid_computation(bot_r50, parity_images, tmp_path):
     assert meta["data_config"]["height"] == 256 and meta["backend"] == "torch"
 
 
+@pytest.fixture(scope="module")
+def bot_r18(tmp_path_factory):
+    return _fastreid_checkpoint(tmp_path_factory.mktemp("bot18"), "Market1501/bagtricks_R18.yml")
+
+
 @pytest.mark.parametrize("flip", [False, True])
-def test_batch_size_does_not_change_features(bot_r50, parity_images, tmp_path, flip):
-    ckpt, model, _ = bot_r50
-    cfg_path = CONFIGS / "Market1501/bagtricks_R50.yml"
+def test_batch_size_does_not_change_features(bot_r18, parity_images, tmp_path, flip):
+    ckpt, model, _ = bot_r18
+    cfg_path = CONFIGS / "Market1501/bagtricks_R18.yml"
     outs = []
     for bs in (1, 5):
         out = tmp_path / f"f{bs}.npy"
