@@ -30,6 +30,17 @@ def check_output_path(path: str | Path) -> Path:
         raise ReidExportError(f"{path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise ReidExportError(f"{path}: output folder {parent} is not writable; choose another -o path")
+    # os.access trusts the mode bits, which do not stop root, and knows nothing of read-only mounts
+    # of some file systems, ACLs or quotas: create (and remove) a file to be sure, before any work.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ReidExportError(f"{path}: output folder {parent} is not writable "
+                                  f"({exc.strerror}); choose another -o path") from None
+        raise _write_error(path, exc) from None
+    os.close(fd)
+    _remove(probe)
     return path
 
 
@@ -37,8 +48,9 @@ def check_output_path(path: str | Path) -> Path:
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete or not at all."""
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -46,19 +58,53 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise ReidExportError(f"{path}: no space left on the device; free space and run again") from None
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise ReidExportError(f"{path}: permission denied; choose another -o path") from None
-        raise ReidExportError(f"{path}: could not be written ({exc.strerror or exc})") from None
+        raise _write_error(path, exc) from None
     except BaseException:
         _remove(tmp)
         raise
 
 
-def _remove(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+def _write_error(path: Path, exc: OSError) -> ReidExportError:
+    if exc.errno == errno.ENOSPC:
+        return ReidExportError(f"{path}: no space left on the device; free space and run again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ReidExportError(f"{path}: permission denied; choose another -o path")
+    return ReidExportError(f"{path}: could not be written ({exc.strerror or exc})")
+
+
+def atomic_write_files(files: dict[str | Path, bytes]) -> list[Path]:
+    """Write several files that belong together (features and their file list): every one is
+    written and synced to a temporary file first, and only then are they renamed into place, so
+    a full disk or an error leaves all the old files as they were."""
+    pending: list[tuple[str, Path]] = []
+    try:
+        for target, data in files.items():
+            path = check_output_path(target)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                pending.append((tmp, path))
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+        for tmp, path in pending:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _write_error(path, exc) from None
+    except BaseException:
+        for tmp, _ in pending:
+            _remove(tmp)
+        raise
+    return [path for _, path in pending]
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
