@@ -11,9 +11,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import ReidExportError
-from ..fileio import atomic_write_bytes, atomic_write_text, check_output_path
+from ..fileio import atomic_write_files, check_output_path
 from ..runtime import expand_image_paths, open_encoder
-from .common import OptsCommand, get_opts, positive_int
+from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
 from .main import cli
 
 
@@ -34,10 +34,13 @@ def l2_normalize(feats: np.ndarray) -> np.ndarray:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--allow-partial", is_flag=True, help="Load a checkpoint whose keys only partly match the config.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def extract(model, images, output, config, flip_test, normalize, batch_size, device, allow_partial, progress):
+@skip_bad_images_option
+def extract(model, images, output, config, flip_test, normalize, batch_size, device, allow_partial, progress,
+            skip_bad_images):
     """Write the embeddings of IMAGES (files or folders) computed by MODEL.
 
-    Folders expand to their images sorted by name; rows follow the order given.
+    Folders expand to their images sorted by name; rows follow the order given (with
+    --skip-bad-images, of the images that could be read; the .json lists them).
 
     \b
     Example:
@@ -50,8 +53,16 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
     paths = expand_image_paths(images)
     encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
     with encoder:
-        feats = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
-                                     desc="extract")
+        encoded = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
+                                       desc="extract", on_error="skip" if skip_bad_images else "raise")
+    skipped = []
+    if skip_bad_images:
+        feats, skipped = encoded.features, encoded.skipped
+        paths = [paths[i] for i in encoded.kept]
+        if skipped:
+            click.echo(encoded.summary(), err=True)
+    else:
+        feats = encoded
     if normalize:
         feats = l2_normalize(feats)
     feats = feats.astype(np.float32)
@@ -68,10 +79,8 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         "data_config": encoder.data_config.to_dict(),
         "files": [str(p) for p in paths],
     }
-    atomic_write_bytes(output, buffer.getvalue())
-    try:
-        atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        output.unlink(missing_ok=True)
-        raise
+    if skip_bad_images:
+        meta["skipped"] = [{"file": str(e.path), "reason": e.reason} for e in skipped]
+    # Both files or neither: the features without their file list would be unusable.
+    atomic_write_files({output: buffer.getvalue(), sidecar: (json.dumps(meta, indent=2) + "\n").encode("utf-8")})
     click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)

@@ -15,8 +15,8 @@ from .. import __version__
 from ..errors import ReidExportError
 from ..fileio import atomic_write_json, check_output_path
 from ..report import format_table
-from ..runtime import expand_image_paths, open_encoder, preprocess, read_image
-from .common import positive_int
+from ..runtime import expand_image_paths, open_encoder, preprocess, read_images, skipped_summary
+from .common import positive_int, skip_bad_images_option
 from .main import cli
 
 
@@ -54,8 +54,9 @@ def _check_outputs(*paths):
 @click.option("--report", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
+@skip_bad_images_option
 def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, max_rel_l2, atol, rtol,
-           min_top1_agreement, locate, report, device, progress):
+           min_top1_agreement, locate, report, device, progress, skip_bad_images):
     """Compare the embeddings of CANDIDATES against REFERENCE on the same images.
 
     Each model preprocesses the same decoded images with its own data config. Default
@@ -73,7 +74,13 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
         raise ReidExportError("--atol and --rtol go together; give both", exit_code=2)
     _check_outputs(report)
     paths = expand_image_paths(image_inputs)
-    images = [read_image(p) for p in paths]  # decoded once, preprocessed per model
+    # decoded once, preprocessed per model
+    images, kept, skipped = read_images(paths, "skip" if skip_bad_images else "raise")
+    if skipped:
+        if not images:
+            raise ReidExportError(f"none of the {len(paths)} images could be read; {skipped_summary(skipped)}")
+        click.echo(skipped_summary(skipped), err=True)
+        paths = [paths[i] for i in kept]
     ref_enc = open_encoder(reference, config=config, device=device)
     ref_feats = ref_enc.encode_files(images, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
     results, locates, encoders = [], {}, []
@@ -121,7 +128,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     if report:
         doc = _report_header("parity")
         doc.update({"reference": {"model": str(reference), "backend": ref_enc.backend, "precision": ref_enc.precision},
-                    "images": [str(p) for p in paths], "candidates": [r.to_dict() for r in results],
+                    "images": [str(p) for p in paths], "skipped_images": [str(e.path) for e in skipped],
+                    "candidates": [r.to_dict() for r in results],
                     "locate": locates, "passed": all(r.passed for r in results)})
         atomic_write_json(report, doc)
     for enc in [ref_enc, *encoders]:
@@ -150,8 +158,9 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
+@skip_bad_images_option
 def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_value, aqe, metric, max_map_drop,
-             max_r1_drop, report, plots, batch_size, device, progress):
+             max_r1_drop, report, plots, batch_size, device, progress, skip_bad_images):
     """Rank-1/5/10, mAP, mINP and TPR@FPR of MODELS on a Market-1501-layout dataset.
 
     The Market-1501 protocol: junk (-1) dropped, distractors (0000) kept in the gallery, gallery
@@ -164,21 +173,25 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
           --max-map-drop 0.5 --report eval.json --plots plots/
     """
     from ..data.market import MarketDataset
-    from ..verify.evaluate import METRIC_KEYS, EvalOptions, evaluate_encoder
+    from ..verify.evaluate import METRIC_KEYS, EvalOptions, check_queries_have_matches, evaluate_encoder
 
     _check_outputs(report)
+    dataset = MarketDataset(dataset_root)
+    check_queries_have_matches(dataset)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-    dataset = MarketDataset(dataset_root)
     opts = EvalOptions(flip_test=flip_test, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                        aqe=aqe, batch_size=batch_size)
-    results = []
+    results, skip_notes = [], []
     for model in models:
         enc = open_encoder(model, config=config, device=device)
         with enc:
-            res = evaluate_encoder(enc, dataset, opts, progress)
+            res = evaluate_encoder(enc, dataset, opts, progress, on_error="skip" if skip_bad_images else "raise")
         res.update({"model": str(model), "backend": enc.backend, "precision": enc.precision})
         results.append(res)
+        if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
+            skip_notes.append(res["skipped"])
+            click.echo(res["skipped"], err=True)
     base = results[0]
     failed = []
     for res in results:
@@ -198,8 +211,8 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
     rows = []
     for res in results:
         if "error" in res:
-            rows.append([Path(res["model"]).name, res["backend"], res["precision"]] + ["-"] * (len(METRIC_KEYS) + 2)
-                        + ["ERROR"])
+            rows.append([Path(res["model"]).name, res["backend"], res["precision"]]
+                        + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 1) + ["ERROR"])
             continue
         rows.append([Path(res["model"]).name, res["backend"], res["precision"]]
                     + [res[k] for k in METRIC_KEYS]

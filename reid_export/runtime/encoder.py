@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +21,20 @@ from tqdm import tqdm
 
 from ..data_config import DataConfig
 from ..errors import ReidExportError
-from .preprocess import ImageLike, preprocess
+from .preprocess import ON_ERROR, ImageLike, UnreadableImage, preprocess, read_images, skipped_summary
+
+
+@dataclass
+class EncodedFiles:
+    """What ``encode_files(..., on_error="skip")`` returns: features of the images that were read."""
+
+    features: np.ndarray
+    kept: list[int]  # indices, in the order given, of the images whose rows ``features`` holds
+    skipped: list[UnreadableImage] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the user, empty when nothing was skipped."""
+        return skipped_summary(self.skipped) if self.skipped else ""
 
 
 class Encoder(ABC):
@@ -64,27 +78,49 @@ class Encoder(ABC):
         return feats
 
     def encode_files(self, images: Sequence[ImageLike], batch_size: int = 32, flip_test: bool = False,
-                     progress: bool = True, desc: str | None = None) -> np.ndarray:
-        """Decode, preprocess and encode ``images`` in order; float32 [len(images), D]."""
+                     progress: bool = True, desc: str | None = None, on_error: str = "raise"):
+        """Decode, preprocess and encode ``images`` in order; float32 [len(images), D].
+
+        With ``on_error="skip"`` an image that cannot be read is left out instead of stopping the
+        run, and the result is an :class:`EncodedFiles`: the features of the images kept, their
+        indices in ``images`` and why the others were skipped (``.summary()`` says it in one line).
+        """
         if batch_size < 1:
             raise ReidExportError(f"batch size must be >= 1, got {batch_size}", exit_code=2)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if len(images) == 0:
             raise ReidExportError("no images to encode")
-        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-        out = []
+        starts = range(0, len(images), batch_size)
+        out, kept, skipped = [], [], []
         bar = tqdm(total=len(images), desc=desc or f"encode ({self.backend})", unit="img",
                    disable=not progress, leave=False)
+
+        def prepare(start: int):
+            arrays, chunk_kept, errors = read_images(images[start:start + batch_size], on_error)
+            batch = preprocess(arrays, self.data_config) if arrays else None
+            return batch, [start + i for i in chunk_kept], errors
+
         # Decode the next batch on a worker thread while the model runs on this one.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(preprocess, chunks[0], self.data_config)
-            for i in range(len(chunks)):
-                batch = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(preprocess, chunks[i + 1], self.data_config)
-                out.append(self.encode_batch(batch, flip_test))
-                bar.update(len(batch))
+            pending = pool.submit(prepare, starts[0])
+            for i in range(len(starts)):
+                batch, chunk_kept, errors = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(prepare, starts[i + 1])
+                if batch is not None:
+                    out.append(self.encode_batch(batch, flip_test))
+                kept.extend(chunk_kept)
+                skipped.extend(errors)
+                bar.update(len(chunk_kept) + len(errors))
         bar.close()
-        return np.concatenate(out)
+        if not out:
+            raise ReidExportError(f"none of the {len(images)} images could be read; "
+                                  f"{skipped_summary(skipped)}")
+        features = np.concatenate(out)
+        if on_error == "raise":
+            return features
+        return EncodedFiles(features, kept, skipped)
 
     def describe(self) -> dict:
         return {"model": str(self.path), "backend": self.backend, "precision": self.precision,

@@ -28,6 +28,7 @@ _CV2_INTERP = {
 }
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
+ON_ERROR = ("raise", "skip")
 
 
 def is_image_file(path: Path) -> bool:
@@ -55,19 +56,68 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path for messages: bytes that are not UTF-8 (a name from another system) shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+class UnreadableImage(ReidExportError):
+    """An image file that cannot be read or decoded; ``path`` and ``reason`` feed the skip report."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str = "remove it from the input"):
+        self.path, self.reason, self.fix = path, reason, fix
+        super().__init__(f"{display_path(path)}: {reason}; {fix}")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 HxWx3. Grayscale, RGBA and 16-bit images are converted; a bad file is an error."""
     path = Path(path)
     if path.is_dir():
-        raise ReidExportError(f"{path}: is a directory, expected an image file")
+        raise UnreadableImage(path, "is a directory, expected an image file", "give image files or folders of them")
     try:
         data = np.fromfile(str(path), dtype=np.uint8)  # works for any file name, unlike cv2.imread
     except OSError as exc:
-        raise ReidExportError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+        raise UnreadableImage(path, f"cannot read image ({exc.strerror or exc})", "check the file") from None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise ReidExportError(f"{path}: not a decodable image (corrupt or not an image); remove it from the input")
-    return to_rgb_uint8(image, source=str(path))
+        raise UnreadableImage(path, "not a decodable image (corrupt or not an image)")
+    try:
+        return to_rgb_uint8(image, source=display_path(path))
+    except ReidExportError as exc:
+        raise UnreadableImage(path, str(exc).split(": ", 1)[-1]) from None
+
+
+def read_images(images: Sequence[ImageLike], on_error: str = "raise"
+                ) -> tuple[list[np.ndarray], list[int], list[UnreadableImage]]:
+    """Decode ``images`` (paths or RGB arrays): (arrays, indices of the images kept, errors).
+
+    ``on_error="raise"`` stops at the first unreadable image; ``"skip"`` leaves it out and
+    records why (the one mechanism behind every command's ``--skip-bad-images``).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    arrays, kept, errors = [], [], []
+    for index, image in enumerate(images):
+        if isinstance(image, np.ndarray):
+            arrays.append(image)
+            kept.append(index)
+            continue
+        try:
+            arrays.append(read_image(image))
+        except UnreadableImage as exc:
+            if on_error == "raise":
+                raise
+            errors.append(exc)
+            continue
+        kept.append(index)
+    return arrays, kept, errors
+
+
+def skipped_summary(errors: Sequence[UnreadableImage]) -> str:
+    """``skipped 2 unreadable images: first crops/bad.jpg (not a decodable image ...)``."""
+    first = errors[0]
+    noun = "image" if len(errors) == 1 else "images"
+    return f"skipped {len(errors)} unreadable {noun}: first {display_path(first.path)} ({first.reason})"
 
 
 def to_rgb_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:

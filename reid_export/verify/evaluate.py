@@ -8,6 +8,7 @@ import numpy as np
 
 from ..data.market import MarketDataset, ReidItem
 from ..errors import ReidExportError
+from ..runtime.preprocess import skipped_summary
 from . import metrics
 from .rerank import average_query_expansion, k_reciprocal_rerank
 
@@ -35,6 +36,9 @@ class SplitArrays:
     paths: list[str]
     pids: np.ndarray
     camids: np.ndarray
+
+    def subset(self, indices: list[int]) -> "SplitArrays":
+        return SplitArrays([self.paths[i] for i in indices], self.pids[indices], self.camids[indices])
 
     @classmethod
     def of(cls, items: list[ReidItem]) -> "SplitArrays":
@@ -69,17 +73,44 @@ def per_query_ap(distmat: np.ndarray, query: SplitArrays, gallery: SplitArrays) 
     return out
 
 
-def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progress: bool = True) -> dict:
-    """Encode query and gallery with ``encoder`` and score them; returns metrics plus the raw arrays."""
+def check_queries_have_matches(dataset: MarketDataset) -> None:
+    """Fail before any model runs when no query has a valid match (same person, another camera)."""
+    gallery = {(it.pid, it.camid) for it in dataset.gallery}
+    cams_by_pid: dict[int, set[int]] = {}
+    for pid, camid in gallery:
+        cams_by_pid.setdefault(pid, set()).add(camid)
+    if not any(cams_by_pid.get(q.pid, set()) - {q.camid} for q in dataset.query):
+        raise ReidExportError(
+            f"{dataset.root}: none of the {len(dataset.query)} queries has a gallery image of the same person "
+            "from another camera (the Market-1501 protocol ignores same-camera matches); check the pids and "
+            "camera ids in the file names (PPPP_cC...)")
+
+
+def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progress: bool = True,
+                     on_error: str = "raise") -> dict:
+    """Encode query and gallery with ``encoder`` and score them; returns metrics plus the raw arrays.
+
+    With ``on_error="skip"`` unreadable images are left out of their split (``result["skipped"]``
+    says how many) and the rest is scored.
+    """
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
-    qf = encoder.encode_files(query.paths, opts.batch_size, opts.flip_test, progress, desc=f"query ({encoder.backend})")
+    qf = encoder.encode_files(query.paths, opts.batch_size, opts.flip_test, progress,
+                              desc=f"query ({encoder.backend})", on_error=on_error)
     gf = encoder.encode_files(gallery.paths, opts.batch_size, opts.flip_test, progress,
-                              desc=f"gallery ({encoder.backend})")
+                              desc=f"gallery ({encoder.backend})", on_error=on_error)
+    skipped = []
+    if on_error == "skip":
+        query, gallery = query.subset(qf.kept), gallery.subset(gf.kept)
+        skipped = qf.skipped + gf.skipped
+        qf, gf = qf.features, gf.features
     nonfinite = int((~np.isfinite(qf)).sum() + (~np.isfinite(gf)).sum())
     if nonfinite:
         return {"error": f"{nonfinite} NaN/Inf values in the features", "nonfinite": nonfinite}
     distmat = distances(qf, gf, opts)
     result = score(distmat, query, gallery)
+    if skipped:
+        result["skipped"] = skipped_summary(skipped)
+        result["skipped_images"] = [str(e.path) for e in skipped]
     result["_distmat"] = distmat
     result["_query"] = query
     result["_gallery"] = gallery
