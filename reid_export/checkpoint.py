@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint object, loaded without executing any pickled code."""
     path = check_input_file(path, "checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles would be lines beside ours
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "GLOBAL" in text or "Unsupported class" in text:

@@ -52,7 +52,9 @@ def make_session(model: str | Path | bytes, device: str = "cpu", threads: int | 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no provider warnings on every run
+    # fatal only: the errors come back as exceptions, which the caller turns into one line; at
+    # level 3 ONNX Runtime would also print them on stderr itself
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = int(threads)
     options.graph_optimization_level = {
@@ -106,7 +108,12 @@ class OnnxEncoder(Encoder):
             pad = np.repeat(batch[-1:], self.static_batch - n, axis=0)
             batch = np.concatenate([batch, pad])
         feed = {self.input_name: batch.astype(self.input_dtype, copy=False)}
-        out = self.session.run([self.output_name], feed)[0]
+        try:
+            out = self.session.run([self.output_name], feed)[0]
+        except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...): the graph cannot run
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ReidExportError(f"{self.path}: ONNX Runtime cannot run the model on a {list(batch.shape)} "
+                                  f"batch ({first[:300]})") from None
         return np.asarray(out[:n], dtype=np.float32).reshape(n, -1)
 
     def describe(self) -> dict:
@@ -145,8 +152,12 @@ def open_onnx(path: Path, config=None, opts=(), device: str = "cpu", threads: in
     except ReidExportError:
         load_onnx(path)  # says "not an ONNX model" when that is the reason
         raise
-    props = dict(session.get_modelmeta().custom_metadata_map)
-    if data_config is None:
-        data_config = require_data_config(props, path, list(session.get_inputs()[0].shape))
-    precision = props.get(KEY_PRECISION) or model_precision(load_onnx(path))
-    return OnnxEncoder(session, data_config, path, device=device, precision=precision)
+    try:  # names and metadata are UTF-8 strings in a valid model; a damaged file may hold other bytes
+        props = dict(session.get_modelmeta().custom_metadata_map)
+        if data_config is None:
+            data_config = require_data_config(props, path, list(session.get_inputs()[0].shape))
+        precision = props.get(KEY_PRECISION) or model_precision(load_onnx(path))
+        return OnnxEncoder(session, data_config, path, device=device, precision=precision)
+    except UnicodeDecodeError:
+        raise ReidExportError(f"{path}: names or metadata in the model are not valid UTF-8 (a damaged file?); "
+                              "re-export or re-download it") from None
