@@ -176,7 +176,7 @@ def test_train_transform_shapes_and_determinism(tmp_path):
 
     path = tmp_path / "0001_c1s1_000000_00.jpg"
     cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (100, 40, 3), dtype=np.uint8))
-    cfg = _cfg("INPUT.CJ.ENABLED", "True", "INPUT.CJ.PROB", "1.0", "INPUT.REA.PROB", "1.0")
+    cfg = _cfg("INPUT.SIZE_TRAIN", "[128, 64]", "INPUT.CJ.ENABLED", "True", "INPUT.CJ.PROB", "1.0", "INPUT.REA.PROB", "1.0")
     t = TrainTransform(cfg)
     a = t(path, np.random.default_rng([1, 2, 3]))
     b = t(path, np.random.default_rng([1, 2, 3]))
