@@ -100,6 +100,8 @@ class TrainTransform:
 
     def __init__(self, cfg):
         inp = cfg.INPUT
+        if len(inp.SIZE_TRAIN) != 2:
+            raise ReidExportError(f"INPUT.SIZE_TRAIN must be [height, width], got {list(inp.SIZE_TRAIN)}")
         height, width = (int(v) for v in inp.SIZE_TRAIN)
         self.data_config = dataclasses.replace(data_config_from_cfg(cfg), height=height, width=width)
         if not self.data_config.normalized_inside or self.data_config.pixel_scale != 255.0:
