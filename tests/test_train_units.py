@@ -232,3 +232,34 @@ def test_dataset_names_map_to_folders(tmp_path):
     assert resolve_dataset(str(tmp_path / "mine"), tmp_path / "elsewhere") == tmp_path / "mine"
     with pytest.raises(ReidExportError, match="DATASETS.ROOT"):
         resolve_dataset("Market1501", tmp_path)
+
+
+def test_freeze_layers_keeps_the_backbone_fixed_then_releases_it():
+    from trainer.engine import LayerFreezer
+
+    cfg = _cfg("MODEL.HEADS.NUM_CLASSES", "4", "MODEL.FREEZE_LAYERS", "['backbone']", "SOLVER.FREEZE_ITERS", "1",
+               "SOLVER.BASE_LR", "0.01")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    opt = build_optimizer(cfg, model)
+    freezer = LayerFreezer(cfg, model, opt)
+    x, y = torch.rand(8, 3, 32, 16) * 255, torch.arange(8) // 2
+
+    def step(iteration):
+        freezer.update(iteration)
+        out = model(x, y)
+        loss = losses.compute_losses(cfg, out, y)
+        opt.zero_grad(set_to_none=True)
+        sum(loss.values()).backward()
+        opt.step()
+
+    conv, head = model.backbone.conv1.weight.detach().clone(), model.heads.weight.detach().clone()
+    bn_mean = model.backbone.bn1.running_mean.clone()
+    step(0)
+    assert not model.backbone.training and model.heads.training
+    torch.testing.assert_close(model.backbone.conv1.weight, conv, rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.bn1.running_mean, bn_mean, rtol=0, atol=0)
+    assert not torch.equal(model.heads.weight, head)
+    model.train()
+    step(1)
+    assert model.backbone.conv1.weight.requires_grad and not torch.equal(model.backbone.conv1.weight, conv)
