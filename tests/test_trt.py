@@ -162,3 +162,24 @@ def test_build_and_run_engine_matches_onnxruntime(tmp_path):  # pragma: no cover
     ref = open_encoder(onnx_path)(x)
     got = open_encoder(engine, device="cuda")(x)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
+
+
+def test_onnxruntime_tensorrt_provider_caches_engines(monkeypatch, tmp_path):
+    """ONNX Runtime's TensorRT execution provider as a second route: options only (no GPU here)."""
+    import onnxruntime as ort
+
+    from reid_export.runtime.onnx_backend import providers_for, trt_cache_dir_for
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    cache = trt_cache_dir_for(tmp_path / "model.onnx", "tensorrt:1")
+    assert cache == tmp_path / "model.trt-cache"
+    providers = providers_for("tensorrt:1", cache)
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider" and options["device_id"] == 1
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(cache)
+    assert providers[1] == ("CUDAExecutionProvider", {"device_id": 1}) and providers[-1] == "CPUExecutionProvider"
+    assert trt_cache_dir_for(tmp_path / "model.onnx", "cuda") is None
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ReidExportError, match="no TensorrtExecutionProvider.*reid-export\\[gpu\\]"):
+        providers_for("tensorrt")

@@ -21,8 +21,12 @@ from .encoder import Encoder
 _ORT_TYPES = {1: np.float32, 10: np.float16}
 
 
-def providers_for(device: str) -> list:
-    """ONNX Runtime providers (with options) for ``--device``; an unavailable one is an error."""
+def providers_for(device: str, trt_cache_dir: str | Path | None = None) -> list:
+    """ONNX Runtime providers (with options) for ``--device``; an unavailable one is an error.
+
+    With the TensorRT execution provider, engines (and timing data) are cached in
+    ``trt_cache_dir`` so that only the first session of a model pays for the engine build.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -43,7 +47,23 @@ def providers_for(device: str) -> list:
             f"--device {device}: onnxruntime {ort.__version__} here has no {wanted[0]} "
             f"(available: {', '.join(available)}); install onnxruntime-gpu (pip install 'reid-export[gpu]') "
             "or use --device cpu", exit_code=2)
-    return [(name, {"device_id": device_id}) for name in wanted if name in available] + ["CPUExecutionProvider"]
+    providers = []
+    for name in wanted:
+        if name not in available:
+            continue
+        options = {"device_id": device_id}
+        if name == "TensorrtExecutionProvider" and trt_cache_dir is not None:
+            options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir),
+                            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(trt_cache_dir)})
+        providers.append((name, options))
+    return providers + ["CPUExecutionProvider"]
+
+
+def trt_cache_dir_for(model: str | Path | bytes, device: str) -> Path | None:
+    """``MODEL.trt-cache/`` beside a model file run with the TensorRT provider (None otherwise)."""
+    if isinstance(model, bytes) or device.partition(":")[0] not in ("tensorrt", "trt"):
+        return None
+    return Path(model).with_suffix(".trt-cache")
 
 
 def make_session(model: str | Path | bytes, device: str = "cpu", threads: int | None = None,
@@ -64,7 +84,11 @@ def make_session(model: str | Path | bytes, device: str = "cpu", threads: int | 
     }[optimization]
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers_for(device))
+        cache = trt_cache_dir_for(model, device)
+        providers = providers_for(device, cache)
+        if cache is not None:
+            cache.mkdir(exist_ok=True)
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
     except ReidExportError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
