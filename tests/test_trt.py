@@ -151,14 +151,27 @@ def test_trt_option_errors(tmp_path):
 
 @needs_trt
 def test_build_and_run_engine_matches_onnxruntime(tmp_path):  # pragma: no cover - needs TensorRT + GPU
-    pytest.importorskip("torch").cuda.is_available() or pytest.skip("no CUDA GPU")
-    from test_onnx_export import tiny_onnx  # noqa: F401  (exported in the ONNX tests)
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT is installed but there is no CUDA GPU")
+    from conftest import CONFIGS, randomize_bn
+    from reid_export.checkpoint import save_checkpoint
+    from reid_export.config import load_config
+    from reid_export.data_config import data_config_from_cfg
+    from reid_export.modeling import build_model
     from reid_export.runtime import open_encoder
 
-    onnx_path = tiny_onnx(tmp_path)
-    engine = tmp_path / "tiny.engine"
-    assert run_cli("trt", onnx_path, "-o", engine, "--max-batch", "8").code == 0
-    x = (np.random.default_rng(0).random((3, 3, 128, 64)) * 255).astype(np.float32)
+    cfg = load_config(CONFIGS / "Market1501/bagtricks_R18.yml", ["INPUT.SIZE_TEST", "[128, 64]"])
+    model = randomize_bn(build_model(cfg), size=(128, 64))
+    save_checkpoint(tmp_path / "r18.pth", model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
+    onnx_path, engine = tmp_path / "r18.onnx", tmp_path / "r18.engine"
+    assert run_cli("onnx", tmp_path / "r18.pth", "-o", onnx_path).code == 0
+    res = run_cli("trt", onnx_path, "-o", engine, "--min-batch", "2", "--max-batch", "8")
+    assert res.code == 0, res
+    info = json.loads((tmp_path / "r18.engine.json").read_text())
+    assert info["profiles"][0]["max"][0] == 8 and info["data_config"]["height"] == 128
+    x = (np.random.default_rng(0).random((11, 3, 128, 64)) * 255).astype(np.float32)  # split and padded
     ref = open_encoder(onnx_path)(x)
     got = open_encoder(engine, device="cuda")(x)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-3
