@@ -210,6 +210,12 @@ CASES: list[Case] = [
          "names the folder", _args(TINY, "-o", "{out}/x.int8.onnx", "--precision", "int8", "--calib-dir",
                                    "{a.empty_dir}", "--no-progress"),
          words=("empty_dir", "holds no images")),
+    Case("corrupt-calibration-image", "quantize", "a corrupt image is among the INT8 calibration images",
+         "names the file; writes nothing (calibration has no `--skip-bad-images` yet)",
+         _args(TINY, "-o", "{out}/x.int8.onnx", "--precision", "int8", "--calib-dir", "{a.mixed}", "--no-progress"),
+         words=("0002_c1s1_000000_01.jpg", "not a decodable image"),
+         xfail="the progress line 'calibration: ... images in DIR' comes first, so stderr has two lines "
+               "(the fix belongs in reid_export/export/quantize.py)"),
     Case("calib-batch-0", "quantize", "the calibration batch size is 0", "usage error naming the option",
          _args(TINY, "-o", "{out}/x.int8.onnx", "--precision", "int8", "--calib-dir", IMG, "--calib-batch", "0"),
          code=2, words=("--calib-batch", ">= 1")),
@@ -314,7 +320,7 @@ def render() -> str:
     lines = ["| When ... | Command | Exit | What happens |", "|---|---|---|---|"]
     for case in CASES:
         exit_text = case.exit_text or str(case.code)
-        note = f" ({case.xfail}: not yet)" if case.xfail else ""
+        note = f". Known gap (xfail): {case.xfail}" if case.xfail else ""
         lines.append(f"| {case.when} | `{case.program}` | {exit_text} | {case.what}{note} |")
     return "\n".join(lines)
 
