@@ -196,7 +196,8 @@ def _training(ctx: ReportContext) -> list[str]:
             f"`reid-train` with `{ctx.demo.preset.config}`: ResNet-{str(cfg.MODEL.BACKBONE.DEPTH).rstrip('x')} "
             f"(last stride {cfg.MODEL.BACKBONE.LAST_STRIDE}, from scratch), BNNeck, input "
             f"{cfg.INPUT.SIZE_TRAIN[0]}x{cfg.INPUT.SIZE_TRAIN[1]}, {s.OPT} lr {s.BASE_LR:g} (warmup "
-            f"{s.WARMUP_ITERS} iterations, x{s.GAMMA:g} at epoch {list(s.STEPS)}), batch {s.IMS_PER_BATCH} "
+            f"{s.WARMUP_ITERS} iterations, x{s.GAMMA:g} from epoch {', '.join(map(str, s.STEPS))}), "
+            f"{s.MAX_EPOCH} epochs, batch {s.IMS_PER_BATCH} "
             f"({s.IMS_PER_BATCH // cfg.DATALOADER.NUM_INSTANCE} identities x {cfg.DATALOADER.NUM_INSTANCE}), "
             f"cross-entropy (label smoothing {cfg.MODEL.LOSSES.CE.EPSILON:g}) + triplet (margin "
             f"{cfg.MODEL.LOSSES.TRI.MARGIN:g}).")
@@ -232,7 +233,8 @@ def _models(ctx: ReportContext) -> list[str]:
     onnx = ctx.result("onnx")
     ckpt = ctx.demo.path(VARIANTS[0][2])
     if ckpt.is_file():
-        rows.append([VARIANTS[0][1], f"`{VARIANTS[0][2]}`", _num(ckpt.stat().st_size / 1e6, ".1f"), "-", "-", "-"])
+        rows.append([VARIANTS[0][1], f"`{VARIANTS[0][2]}`", _num(ckpt.stat().st_size / 1e6, ".1f"),
+                     "reid-train checkpoint (weights, optimizer state, config, data config)", "-", "-"])
     if onnx:
         rows.append([VARIANTS[1][1], f"`{VARIANTS[1][2]}`", _num(onnx["size_mb"], ".1f"),
                      f"opset {onnx['opset']}, batch {onnx['batch']}, {onnx['nodes']} nodes",
@@ -325,8 +327,10 @@ def _speed(ctx: ReportContext) -> list[str]:
                  f"{s.get('device', 'cpu')}; models take turns "
                  f"({s.get('rounds')} rounds), {s.get('duration_s', s.get('duration'))} s timed per model and batch "
                  f"size; inputs generated once, untimed. Load average before {_load_avg(env.get('load_average_before'))}"
-                 f", after {_load_avg(env.get('load_average_after'))}: a short run on a shared machine, so read the "
-                 f"ratios, not the absolute figures. Reports: {ctx.link('bench.json')}, {ctx.link('bench.csv')}.")
+                 f", after {_load_avg(env.get('load_average_after'))} on {env.get('cpu_count', '?')} cores: a short run, "
+                 "and where the load exceeds the core count other processes distort even the ratios; for figures "
+                 "to quote, rerun the bench on a quiet machine (the command is under Reproduce). Reports: "
+                 f"{ctx.link('bench.json')}, {ctx.link('bench.csv')}.")
     rows = []
     for r in sorted(doc.get("results", []), key=lambda r: r["batch_size"]):
         if r.get("error"):
