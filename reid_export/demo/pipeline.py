@@ -296,6 +296,10 @@ class Demo:
             r.log(f"trainer log: {shown(out / 'log.txt', self.workdir)}")
             model_name = Path(self.preset.config).stem
             train(cfg, resume=resume, progress=self.progress, model_name=model_name)
+            # The periodic checkpoints only serve an interrupted run's --resume (about 135 MB each
+            # with the optimizer state); the demo goes on from model_final.pth.
+            for periodic in out.glob("model_[0-9][0-9][0-9][0-9]*.pth"):
+                periodic.unlink()
             return train_summary(out, resumed=resume)
 
         def summary(res):
