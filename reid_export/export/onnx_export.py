@@ -16,6 +16,7 @@ the graph (fast-reid's ``view(batch, ...)`` pitfall) instead of silently tracing
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import time
@@ -116,11 +117,9 @@ def export_module(model: torch.nn.Module, input_size: tuple[int, int], batch: in
     try:
         with _quiet_torch_export(), torch.no_grad():
             if exporter == "dynamo":
-                try:
-                    import onnxscript  # noqa: F401
-                except ImportError:
+                if importlib.util.find_spec("onnxscript") is None:
                     raise ReidExportError("the dynamo exporter needs onnxscript: pip install onnxscript "
-                                          "(or use --exporter torchscript)") from None
+                                          "(or use --exporter torchscript)")
                 dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch is None else None
                 program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
                                             output_names=[OUTPUT_NAME], opset_version=opset,
@@ -146,22 +145,21 @@ def export_module(model: torch.nn.Module, input_size: tuple[int, int], batch: in
 
 def check_model(model: onnx.ModelProto, batch: int | None, feat_dim: int | None,
                 input_size: tuple[int, int]) -> None:
-    """onnx.checker with full (strict) shape inference, and the input/output signature."""
+    """onnx.checker, strict shape inference with type checks, and the input/output signature."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ReidExportError(f"the exported graph fails onnx.checker: {first[:300]}") from exc
+        raise ReidExportError(f"the exported graph fails onnx.checker / shape inference: {first[:300]}") from exc
     inp = model.graph.input[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in inp.shape.dim]
-    expected_batch = batch if batch is not None else None
     if len(dims) != 4 or list(dims[1:]) != [3, *input_size] or inp.elem_type != onnx.TensorProto.FLOAT:
         raise ReidExportError(f"the exported input has shape {dims}; expected [batch, 3, {input_size[0]}, "
                               f"{input_size[1]}] float32")
-    if (expected_batch is None) != isinstance(dims[0], str):
+    if (batch is None) != isinstance(dims[0], str) or (batch is not None and dims[0] != batch):
         raise ReidExportError(f"the exported input batch dimension is {dims[0]!r}; expected "
-                              f"{expected_batch or 'a symbolic (dynamic) batch'}")
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+                              f"{batch or 'a symbolic (dynamic) batch'}")
     _, out_shape, out_type = output_info(inferred)
     if out_type != onnx.TensorProto.FLOAT or len(out_shape) != 2:
         raise ReidExportError(f"the exported output has shape {out_shape}; expected [batch, D] float32")
@@ -255,7 +253,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
 
     # Inputs for the self-check: the given crops, else generated ones; torch computes the reference once.
     sizes = parity_batch_sizes(batch)
-    images = list(parity_images) if parity_images else generated_images(max(4, max(sizes)), data_config.input_size)
+    images = list(parity_images) if parity_images else generated_images(max(sizes), data_config.input_size)
     source = f"{len(images)} {'given' if parity_images else 'generated'} images"
     inputs = preprocess(images, data_config)
     with torch.no_grad():
