@@ -309,7 +309,7 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, calib_paths: 
     _, shape, _ = input_info(model)
     static = isinstance(shape[0], int) and shape[0] > 0
     batch = shape[0] if static else batch_size
-    bar = tqdm(total=len(calib_paths), desc=f"calibrate ({len(tensors)} tensors)", unit="img",
+    bar = tqdm(total=len(calib_paths), desc=f"calibrate {len(calib_paths)} images ({len(tensors)} tensors)", unit="img",
                disable=not progress, leave=False)
     try:
         calibration = collect(model, tensors, _calibration_batches(calib_paths, data_config, batch, static),
@@ -373,20 +373,24 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     resolve_excludes(model, exclude)  # an unknown --exclude fails before any work is done
     source_bytes = model.SerializeToString()
     report = QuantizeReport(output=output, precision=precision)
+    # Notes (images used, opset upgrade, FP16 weight range) are printed once the model is written:
+    # a run that fails (a corrupt calibration image, say) prints its one error line and nothing else.
+    notes: list[str] = []
+    note = notes.append
 
     calib_paths: list[Path] = []
     if calib_dirs:  # fp16 needs no calibration: its images only measure the agreement with FP32
         calib_paths = select_calibration_images(calib_dirs, calib_size if precision == "int8" else 16, seed,
-                                                log if precision == "int8" else (lambda line: None))
+                                                note if precision == "int8" else (lambda line: None))
 
     if precision == "fp16":
-        converted, keep = convert_fp16(model, exclude, log)
+        converted, keep = convert_fp16(model, exclude, note)
         report.kept_float = keep
         extra_meta = {KEY_FP16: {"kept_fp32": keep, "converter": _converter_version(), "io": "float32"}}
     else:
         converted, info = quantize_int8(model, data_config, calib_paths, target, method,
                                         percentile if percentile is not None else DEFAULT_PERCENTILE, exclude,
-                                        num_bins, batch_size, reduce_range, threads, progress, log)
+                                        num_bins, batch_size, reduce_range, threads, progress, note)
         report.target, report.method = target, method
         report.calibration_images = len(calib_paths)
         report.kept_float = info["kept_float"]
@@ -418,7 +422,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     if not report.parity["finite"]:
         raise ReidExportError(f"{output}: the {precision} model gives non-finite features; not written "
                               "(exclude the overflowing nodes with --exclude)")
-    log(_parity_line(precision, report.parity, what))
+    note(_parity_line(precision, report.parity, what))
 
     metadata = base_metadata(data_config, precision)
     props = get_metadata(model)
@@ -428,6 +432,8 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     converted.doc_string = f"reid-export {__version__}: {Path(model_path).name} -> {precision}"
     set_metadata(converted, metadata)
     save_onnx(converted, output)
+    for line in notes:
+        log(line)
     report.size_mb = output.stat().st_size / 1e6
     report.seconds = time.time() - start
     return report
