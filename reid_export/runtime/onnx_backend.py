@@ -18,8 +18,6 @@ from ..data_config import DataConfig
 from ..errors import ReidExportError
 from .encoder import Encoder
 
-_ORT_TYPES = {1: np.float32, 10: np.float16}
-
 
 def providers_for(device: str, trt_cache_dir: str | Path | None = None) -> list:
     """ONNX Runtime providers (with options) for ``--device``; an unavailable one is an error.
