@@ -333,6 +333,9 @@ def parse_opts(opts: Iterable[str]) -> list[tuple[str, Any]]:
         raise UsageError(f"--opts takes KEY VALUE pairs, got an odd count: {' '.join(opts)}")
     pairs = []
     for key, raw in zip(opts[0::2], opts[1::2]):
+        if not isinstance(raw, str):  # the Python API may pass values, not command-line text
+            pairs.append((str(key), raw))
+            continue
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -31,7 +31,8 @@ def l2_normalize(feats: np.ndarray) -> np.ndarray:
 @click.option("--flip-test", is_flag=True, help="Average the features of each image and its mirror (fast-reid).")
 @click.option("--normalize", is_flag=True, help="L2-normalise each feature.")
 @click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda[:N]; ONNX models also tensorrt[:N] (ONNX Runtime's TensorRT provider).")
 @click.option("--allow-partial", is_flag=True, help="Load a checkpoint whose keys only partly match the config.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @skip_bad_images_option
