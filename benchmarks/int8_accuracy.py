@@ -32,30 +32,24 @@ from reid_export.export.quantize import quantize_file  # noqa: E402
 from reid_export.fileio import atomic_write_json, sha256_file  # noqa: E402
 from reid_export.report import format_table  # noqa: E402
 from reid_export.runtime import open_encoder  # noqa: E402
-from reid_export.verify.metrics import compute_distance, rank_metrics  # noqa: E402
+from reid_export.verify.evaluate import EvalOptions, evaluate_encoder  # noqa: E402
+from reid_export.verify.parity import Tolerances, compare  # noqa: E402
 
 
 def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_size: int = 64) -> dict:
-    items = dataset.query + dataset.gallery
+    """The verifier's evaluation (cosine, no flip/AQE/re-ranking), plus what agreement() needs."""
     start = time.time()
     with open_encoder(model, config=config, opts=opts) as encoder:
-        feats = encoder.encode_files([it.path for it in items], batch_size=batch_size, progress=False)
-    q, g = feats[: len(dataset.query)], feats[len(dataset.query):]
-    pids = np.array([it.pid for it in items])
-    cams = np.array([it.camid for it in items])
-    nq = len(dataset.query)
-    dist = compute_distance(q, g, "cosine")
-    metrics = rank_metrics(dist, pids[:nq], pids[nq:], cams[:nq], cams[nq:])
+        metrics = evaluate_encoder(encoder, dataset, EvalOptions(batch_size=batch_size), progress=False)
     metrics["seconds"] = round(time.time() - start, 1)
-    metrics["_feats"], metrics["_top1"] = feats, dist.argmin(axis=1)
+    metrics["_top1"] = metrics["_distmat"].argmin(axis=1)
     return metrics
 
 
 def agreement(metrics: dict, base: dict) -> dict:
     """How close a variant's embeddings and rankings are to the FP32 ONNX model's."""
-    a, b = metrics["_feats"], base["_feats"]
-    cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+    result = compare(base["_features"], metrics["_features"], Tolerances())
+    return {"min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
             "top1_agreement": float(np.mean(metrics["_top1"] == base["_top1"]) * 100.0)}
 
 

@@ -18,7 +18,8 @@ from reid_export.config import load_config
 from reid_export.data_config import DataConfig, data_config_from_cfg
 from reid_export.errors import ReidExportError
 from reid_export.export.metadata import KEY_DATA_CONFIG, KEY_SOURCE_SHA256, KEY_VERSION, get_metadata
-from reid_export.export.onnx_export import export_checkpoint, export_module, generated_images, relative_l2
+from reid_export.export.onnx_export import export_checkpoint, export_module, generated_images
+from reid_export.verify.parity import relative_l2
 from reid_export.fileio import sha256_file
 from reid_export.modeling import build_model
 from reid_export.modeling.resnet import BasicBlock

@@ -35,6 +35,7 @@ from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
 from ..runtime.preprocess import ImageLike, preprocess
+from ..verify.parity import relative_l2
 from .metadata import (KEY_EXPORT, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, output_info, save_onnx,
                        set_metadata)
 
@@ -64,14 +65,6 @@ def generated_images(count: int, size: tuple[int, int], seed: int = 0) -> list[n
         big = cv2.resize(small, (width + width // 4, height + height // 4), interpolation=cv2.INTER_CUBIC)
         images.append(np.ascontiguousarray(big))
     return images
-
-
-def relative_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per-row ||candidate - reference|| / ||reference||."""
-    candidate = np.asarray(candidate, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(reference, axis=1), 1e-12)
-    return np.linalg.norm(candidate - reference, axis=1) / norms
 
 
 @contextlib.contextmanager

@@ -126,14 +126,12 @@ def _features(model_bytes: bytes, inputs: np.ndarray, data_config: DataConfig, n
 
 
 def compare_features(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    from .onnx_export import relative_l2
+    """The verifier's embedding comparison, without gates (quantize reports; ``verify parity`` judges)."""
+    from ..verify.parity import Tolerances, compare
 
-    ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    cand = candidate / np.maximum(np.linalg.norm(candidate, axis=1, keepdims=True), 1e-12)
-    cosine = np.sum(ref * cand, axis=1)
-    return {"images": int(len(reference)), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean()),
-            "max_rel_l2": float(relative_l2(candidate, reference).max()),
-            "finite": bool(np.isfinite(candidate).all())}
+    result = compare(reference, candidate, Tolerances())
+    return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
+            "max_rel_l2": result.max_rel_l2, "finite": result.nonfinite == 0}
 
 
 def _parity_line(precision: str, parity: dict, source: str) -> str:

@@ -70,6 +70,13 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
     return np.linalg.norm(x.astype(np.float64), axis=1)
 
 
+def relative_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-row ||candidate - reference|| / ||reference||, in float64."""
+    candidate = np.asarray(candidate, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    return np.linalg.norm(candidate - reference, axis=1) / np.maximum(_row_norms(reference), 1e-12)
+
+
 def neighbour_agreement(ref: np.ndarray, cand: np.ndarray, k: int = 5) -> tuple[float, float]:
     """(top-1 agreement, mean top-k overlap) of each image's nearest other images, by cosine."""
     n = ref.shape[0]
@@ -105,7 +112,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, tol: Tolerances, name:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         diff = cand - ref
         ref_norm = _row_norms(ref)
-        rel_l2 = np.linalg.norm(diff, axis=1) / np.maximum(ref_norm, 1e-12)
+        rel_l2 = relative_l2(cand, ref)
         cosine = np.sum(ref * cand, axis=1) / np.maximum(ref_norm * _row_norms(cand), 1e-12)
         absdiff = np.abs(diff)
         elementwise = None
