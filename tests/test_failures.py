@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import random
 import signal
@@ -28,7 +27,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import CONFIGS, REPO, CliResult, randomize_bn, run_cli, write_image
+from conftest import CONFIGS, REPO, CliResult, randomize_bn, run_cli, run_main, write_image
 from failure_table import CASES, README, Case, readme_section, render
 
 R18_CFG = CONFIGS / "Market1501" / "bagtricks_R18.yml"
@@ -212,15 +211,9 @@ def run_train(*args) -> CliResult:
     """``reid-train ARGS`` in-process; its log lines ([reid-train] ...) are progress, not errors."""
     from trainer.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    lines = [line for line in err.getvalue().splitlines() if not line.startswith("[reid-train]")]
-    return CliResult(code, out.getvalue(), "\n".join(lines))
+    result = run_main(main, args)
+    lines = [line for line in result.err.splitlines() if not line.startswith("[reid-train]")]
+    return CliResult(result.code, result.out, "\n".join(lines))
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -437,8 +430,8 @@ main(sys.argv[3:])
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the file being written in /proc/self/fd")
 def test_kill_9_while_writing_a_checkpoint(artifacts, tmp_path):
     """reid-train killed (SIGKILL) while model_0001.pth is half written: the half is a hidden temp
-    file, last_checkpoint still names model_0000.pth, and --resume from there reaches the same final
-    state as an uninterrupted run (tests/test_train.py covers a kill at a random point)."""
+    file, last_checkpoint still names model_0000.pth, and --resume from there removes the partial file and
+    reaches the same final state as an uninterrupted run (tests/test_train.py covers a kill at a random point)."""
     from test_train import CPU_CONFIG, _assert_same_run, resume_opts
 
     # same thread count in every run (the killed one runs with OMP_NUM_THREADS=1): bit-comparable sums
@@ -477,6 +470,9 @@ def _kill_while_saving_then_resume(artifacts, tmp_path, CPU_CONFIG, _assert_same
                        "--opts", *resume_opts(artifacts.datasets, 3))
     assert result.code == 0, result.err
     log = (run / "log.txt").read_text()
-    assert f"resuming from {run / 'model_0000.pth'}" in log and partial.name not in log
+    assert f"resuming from {run / 'model_0000.pth'}" in log
+    # the partial file was never loaded, and --resume cleaned it up
+    assert f"removed {partial.name}, a partial checkpoint" in log and not partial.exists()
+    assert not list(run.glob(".*.tmp"))
     _assert_same_run(torch.load(reference / "model_final.pth", weights_only=True),
                      torch.load(run / "model_final.pth", weights_only=True))

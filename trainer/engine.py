@@ -107,6 +107,22 @@ def find_last_checkpoint(output_dir: Path) -> Path | None:
     return numbered[-1][1] if numbered else None
 
 
+def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete the hidden ``.NAME.pth.XXXX.tmp`` files a run killed during a checkpoint write left behind.
+
+    They are never loaded (checkpoints are renamed into place only when complete); this only frees the
+    disk space. Called on ``--resume``, when no other run should be writing into ``output_dir``.
+    """
+    removed = []
+    for tmp in sorted(output_dir.glob(".*.pth.*.tmp")):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -204,6 +220,9 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
 
     state = None
     ckpt_path = find_last_checkpoint(output_dir) if resume else None
+    if resume:
+        for tmp in remove_partial_checkpoints(output_dir):
+            log.info("removed %s, a partial checkpoint from an interrupted write", tmp.name)
     if resume and ckpt_path is None:
         log.warning("--resume: no checkpoint in %s; starting from the beginning", output_dir)
     if ckpt_path is not None:
