@@ -20,20 +20,15 @@ def cli(debug: bool) -> None:
     """
 
 
-# Command modules, each registering its commands on ``cli`` when imported. A module that does not
-# exist yet is skipped; ``stubs`` comes last and fills in "not yet available" for the rest.
-COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "stubs")
+# Command modules, each registering its commands on ``cli`` when imported.
+COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo")
 
 
 def _register() -> None:
     import importlib
 
     for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
+        importlib.import_module(f"{__package__}.{name}")
 
 
 _register()
@@ -44,4 +39,8 @@ def main(args=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m reid_export.cli.main``: this file runs as __main__, but the command modules register
+    # on the ``cli`` of the imported reid_export.cli.main, so run that one.
+    from reid_export.cli.main import main as _main
+
+    _main()
