@@ -27,8 +27,6 @@ logs go to stderr: run it with ``> log 2>&1`` (gpu_bench.sh does) to keep them o
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -38,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from reid_export.bench.core import BenchSettings, CpuTimer, CudaEventTimer, Subject, run_benchmark  # noqa: E402

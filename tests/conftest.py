@@ -82,10 +82,8 @@ class CliResult:
         return f"CliResult(code={self.code}, err={self.err!r})"
 
 
-def run_cli(*args) -> CliResult:
-    """Run ``reid-export ARGS`` in-process; exit code, stdout and stderr."""
-    from reid_export.cli.main import main
-
+def run_main(main, args) -> CliResult:
+    """Call a click ``main(argv)`` in-process; exit code, stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -94,6 +92,24 @@ def run_cli(*args) -> CliResult:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_cli(*args) -> CliResult:
+    """Run ``reid-export ARGS`` in-process; exit code, stdout and stderr."""
+    from reid_export.cli.main import main
+
+    return run_main(main, args)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models run faster so on a busy 2-core machine, and runs with the same thread count are
+    bit-comparable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def assert_clean_error(result: CliResult, *needles: str) -> None:

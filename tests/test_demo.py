@@ -21,6 +21,8 @@ from reid_export.demo import PRESETS, Preset, run_demo
 from reid_export.demo.stages import Stage, StageFailed, StageRunner
 from reid_export.errors import ReidExportError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STAGES = ["data", "train", "untrained", "onnx", "fp16", "int8-tensorrt", "int8-cpu", "parity", "eval", "bench"]
 
 # Seconds, not minutes: 4 train + 4 test identities, 2 cameras, 64x32 images, 32x16 input, one
@@ -33,15 +35,6 @@ TINY = Preset(
     identities=8, cameras=2, images_per_id_per_camera=2, synth_size=(64, 32), distractors=2, junk=1,
     calib_size=16, bench_batch_sizes=(1, 2), bench_warmup=0.02, bench_duration=0.1, bench_rounds=1,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32x16 ResNet-18 runs faster on one thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

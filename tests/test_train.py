@@ -1,8 +1,6 @@
 """reid-train end to end on generated "people" (coloured rectangles in a Market-1501 layout):
 the loss falls, the checkpoint extracts without --config, resume == uninterrupted, errors are one line."""
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -16,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, assert_clean_error, data_dir, run_cli
+from conftest import CONFIGS, REPO, assert_clean_error, data_dir, run_cli, run_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU_CONFIG = CONFIGS / "CUHK03" / "bagtricks_R18_cpu.yml"
 
@@ -66,23 +66,8 @@ def reid_train(*args) -> tuple[int, str]:
     """Run ``reid-train ARGS`` in-process; (exit code, stderr)."""
     from trainer.cli import main
 
-    err = io.StringIO()
-    code = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, err.getvalue()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny runs are faster on one thread, and same-thread-count runs are bit-comparable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    result = run_main(main, args)
+    return result.code, result.err
 
 
 @pytest.fixture(scope="module")
