@@ -3,7 +3,7 @@
 ONNX Runtime FP32, FP16, INT8 (TensorRT flavour) and INT8 (CPU flavour), batch 1 and 16.
 
     python benchmarks/cpu_bench.py                      # everything under work/bench-cpu/
-    python benchmarks/cpu_bench.py --accuracy-checkpoint logs/exp/r18_64x32/model_best.pth
+    python benchmarks/cpu_bench.py --accuracy-checkpoint logs/cuhk03/bagtricks_R18_cpu/model_best.pth
 
 Every step is a ``reid-export`` command, printed before it runs, so each figure can be redone by
 hand; models already made in --work are reused (--force remakes them):
@@ -12,9 +12,14 @@ hand; models already made in --work are reused (--force remakes them):
    64 real crops (speed does not depend on the weight values; accuracy does, see 6.)
 2. reid-export onnx, then quantize to fp16, int8 --target tensorrt and int8 --target cpu,
    calibrated on --calib-dir (CUHK03 bounding_box_train by default)
-3. reid-export bench of the five, side by side (alternating rounds, same thread count)
-4. with --accuracy-checkpoint (a trained model): the same exports of it and reid-export eval of
-   the checkpoint, FP32 and FP16 ONNX and both INT8 flavours on --dataset-root
+3. reid-export bench of the five, side by side (alternating rounds, same thread count); with a
+   trained --checkpoint, then reid-export parity of the four ONNX models against it on the real
+   parity crops (after the timing, so it cannot disturb it). With random weights it is skipped:
+   an untrained R50's features are noise-like, and INT8 moves them far (min cosine about 0.7 on
+   the parity crops, measured), which says nothing about a trained model
+4. with --accuracy-checkpoint (a trained model): the same exports of it, reid-export eval of the
+   checkpoint, FP32 and FP16 ONNX and both INT8 flavours on --dataset-root, and reid-export parity
+   of the four ONNX models against the checkpoint on --parity-images
 5. a summary (work/bench-cpu/cpu_table.md): the table, the ratios the issue asks for, the load average
 
 The machine should be quiet: the summary records the load average before and after the run.
@@ -34,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
 CUHK03 = DATA / "cuhk03-labeled" / "Market-1501-v15.09.15"
+PARITY_IMAGES = DATA / "parity-images"
 ORDER = [("torch eager fp32", ".pth"), ("ORT fp32", ".onnx"), ("ORT fp16", ".fp16.onnx"),
          ("ORT int8 (tensorrt)", ".int8-trt.onnx"), ("ORT int8 (cpu)", ".int8-cpu.onnx")]
 
@@ -53,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accuracy-checkpoint", type=Path, help="A trained checkpoint for the INT8 accuracy rows.")
     parser.add_argument("--dataset-root", type=Path, default=CUHK03, help="Market-1501-layout data for eval.")
+    parser.add_argument("--parity-images", type=Path, default=PARITY_IMAGES,
+                        help="Images for the parity check of the timed models.")
     parser.add_argument("--part", choices=("all", "speed", "accuracy"), default="all",
                         help="speed: steps 1-3 and 5; accuracy: step 4 (with --accuracy-checkpoint).")
     parser.add_argument("--force", action="store_true", help="Remake models that exist in --work.")
@@ -140,6 +148,14 @@ def export_variants(args, checkpoint: Path, stem: Path) -> dict[str, Path]:
     return paths
 
 
+def run_parity(args, paths: dict[str, Path], report: Path) -> dict | None:
+    """reid-export parity of the four ONNX variants against the checkpoint on --parity-images."""
+    reid_export(args, "parity", paths["torch eager fp32"], *[paths[label] for label, _ in ORDER[1:]],
+                "--images", args.parity_images, "--report", report,
+                "--no-progress", ok_codes=(0, 1))  # 1: a candidate failed its gate; the summary says which
+    return None if args.dry_run else json.loads(report.read_text())
+
+
 def summarize(args, bench: dict | None, accuracy: dict | None, paths: dict[str, Path] | None) -> str:
     sys.path.insert(0, str(REPO))
     from reid_export.report import format_table
@@ -153,6 +169,8 @@ def summarize(args, bench: dict | None, accuracy: dict | None, paths: dict[str, 
                                [[Path(m["model"]).name, m.get("backend"), m.get("precision"), m.get("Rank-1"),
                                  m.get("mAP"), m.get("mINP"), m.get("delta_mAP")] for m in accuracy["models"]],
                                floatfmt=".2f")]
+        if accuracy.get("parity"):
+            lines += _parity_lines(accuracy["parity"], {})
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -195,7 +213,21 @@ def _speed_lines(bench: dict, paths: dict[str, Path]) -> list[str]:
         if r is not None:
             lines.append(f"batch {batch}: INT8-cpu / ORT FP32 = {r:.2f}x"
                          + (f" (target >= 3.5x at batch 16: {'met' if r >= 3.5 else 'missed'})" if batch == 16 else ""))
+    if bench.get("parity"):
+        lines += _parity_lines(bench["parity"], label_of)
     return lines
+
+
+def _parity_lines(parity: dict, label_of: dict[str, str]) -> list[str]:
+    from reid_export.report import format_table
+
+    images = parity["images"]
+    return ["", f"parity vs the checkpoint (torch FP32) on {len(images)} images in "
+                f"{Path(images[0]).parent if images else '?'}:",
+            format_table(["model", "precision", "min cos", "max rel L2", "top-1 agree", "gate"],
+                         [[label_of.get(c["candidate"], Path(c["candidate"]).name), c["precision"], c["min_cosine"],
+                           c["max_rel_l2"], c["top1_agreement"], "pass" if c["passed"] else "FAIL"]
+                          for c in parity["candidates"]], floatfmt=".4g")]
 
 
 def _load(values) -> str:
@@ -227,22 +259,33 @@ def main(argv=None) -> int:
         if not args.dry_run:
             bench = json.loads(report.read_text())
             bench["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in bench_cmd)
+        if args.checkpoint is None:
+            say("# parity of the timed models skipped: random weights say nothing about precision loss "
+                "(give --checkpoint, a trained BoT-R50)")
+        else:
+            parity = run_parity(args, paths, args.work / "cpu_parity.json")
+            if bench is not None:
+                bench["parity"] = parity
     accuracy = None
     if args.accuracy_checkpoint and args.part in ("all", "accuracy"):
-        acc = export_variants(args, args.accuracy_checkpoint, args.work / (args.accuracy_checkpoint.stem + "-acc"))
-        acc_report = args.work / "cpu_accuracy.json"
+        # named after the run folder too: logs/cuhk03/<run>/model_best.pth of two runs must not collide
+        tag = f"{args.accuracy_checkpoint.parent.name}-{args.accuracy_checkpoint.stem}"
+        acc = export_variants(args, args.accuracy_checkpoint, args.work / f"{tag}-acc")
+        acc_report = args.work / f"cpu_accuracy-{tag}.json"
         reid_export(args, "eval", acc["torch eager fp32"], acc["ORT fp32"], acc["ORT fp16"],
                     acc["ORT int8 (tensorrt)"], acc["ORT int8 (cpu)"], "--dataset-root", args.dataset_root,
                     "--report", acc_report, "--no-progress")
+        parity = run_parity(args, acc, args.work / f"cpu_parity-{tag}.json")
         if not args.dry_run:
             accuracy = json.loads(acc_report.read_text())
             accuracy["model_note"] = f"trained checkpoint {args.accuracy_checkpoint}"
+            accuracy["parity"] = parity
     if args.dry_run:
         return 0
     text = summarize(args, bench, accuracy, paths)
     from reid_export.fileio import atomic_write_text
 
-    atomic_write_text(args.work / ("cpu_table.md" if bench else "cpu_accuracy.md"), text)
+    atomic_write_text(args.work / ("cpu_table.md" if bench else acc_report.with_suffix(".md").name), text)
     say(f"# load average after: {_load(os.getloadavg())}")
     say("")
     say(text.rstrip())

@@ -32,8 +32,21 @@ def test_dry_run_prints_every_command(cpu_bench, tmp_path, capsys):
     order = [str(ckpt)] + [f"{tmp_path}/bot-r50{s}" for s in (".onnx", ".fp16.onnx", ".int8-trt.onnx",
                                                                ".int8-cpu.onnx")]
     assert bench.split()[2:7] == order
-    assert commands[-1].startswith("reid-export eval ") and "trained-acc.int8-cpu.onnx" in commands[-1]
+    # a trained --checkpoint: the timed models are compared with it on real crops, after the timing
+    parity = next(c for c in commands if c.startswith("reid-export parity "))
+    assert commands.index(parity) == commands.index(bench) + 1 and parity.split()[2:7] == order
+    evaluate = next(c for c in commands if c.startswith("reid-export eval "))
+    assert f"{tmp_path.name}-trained-acc.int8-cpu.onnx" in evaluate  # named after the run folder too
+    assert commands[-1].startswith("reid-export parity ") and f"{tmp_path.name}-trained-acc.int8-cpu.onnx" in \
+        commands[-1]
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_dry_run_with_random_weights_skips_parity(cpu_bench, tmp_path, capsys):
+    assert cpu_bench.main(["--dry-run", "--work", str(tmp_path), "--part", "speed"]) == 0
+    out = capsys.readouterr().out
+    assert not any(line.startswith("$ reid-export parity") for line in out.splitlines())
+    assert "parity of the timed models skipped: random weights" in out
 
 
 def _res(path, batch, ips, first_ips):
@@ -56,7 +69,15 @@ def test_summary_ratios_and_targets(cpu_bench, tmp_path):
                 "models": [{"model": "a.pth", "Rank-1": 50.0, "mAP": 40.0, "mINP": 20.0, "delta_mAP": 0.0},
                            {"model": "a.int8-cpu.onnx", "Rank-1": 49.0, "mAP": 39.5, "mINP": 19.0,
                             "delta_mAP": -0.5}]}
+    bench["parity"] = {"images": ["/data/parity/a.jpg", "/data/parity/b.jpg"], "candidates": [
+        {"candidate": str(paths["ORT fp32"]), "precision": "fp32", "min_cosine": 1.0, "max_rel_l2": 1e-6,
+         "top1_agreement": 1.0, "passed": True},
+        {"candidate": str(paths["ORT int8 (cpu)"]), "precision": "int8", "min_cosine": 0.9, "max_rel_l2": 0.4,
+         "top1_agreement": 0.5, "passed": False}]}
     text = cpu_bench.summarize(None, bench, accuracy, paths)
+    assert "parity vs the checkpoint (torch FP32) on 2 images in /data/parity:" in text
+    assert [line.split("|")[-2].strip() for line in text.splitlines() if line.startswith("| ORT")][-2:] == \
+        ["pass", "FAIL"]
     assert "batch 1: ORT FP32 / torch eager = 1.60x (target >= 1.5x: met)" in text
     assert "batch 16: ORT FP32 / torch eager = 1.25x (target >= 1.5x: missed)" in text
     assert "batch 16: INT8-cpu / ORT FP32 = 3.60x (target >= 3.5x at batch 16: met)" in text

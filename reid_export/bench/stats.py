@@ -59,3 +59,19 @@ def summarize(latencies_ms: Sequence[float], batch_size: int) -> dict:
         "throughput_ips": (n * batch_size) / (total_ms / 1000.0) if total_ms > 0 else float("inf"),
     }
     return out
+
+
+# Below this many timed calls p99 is an interpolation between the slowest two or three calls.
+MIN_TAIL_SAMPLES = 100
+
+
+def few_samples_note(results: Sequence[dict], minimum: int = MIN_TAIL_SAMPLES) -> str | None:
+    """One line naming the results whose tail percentiles rest on fewer than ``minimum`` calls."""
+    thin = [r for r in results if not r.get("error") and r.get("iterations", minimum) < minimum]
+    if not thin:
+        return None
+    fewest = min(thin, key=lambda r: r["iterations"])
+    return (f"note: {len(thin)} of {len(results)} results have fewer than {minimum} timed calls (fewest: "
+            f"{fewest['iterations']}, {fewest.get('name', '?')} at batch {fewest.get('batch_size', '?')}); their "
+            f"p95/p99 are interpolated between the slowest few calls. For tail latency give a longer --duration "
+            f"or --iterations {minimum}")

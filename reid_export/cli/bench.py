@@ -66,8 +66,9 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
     timed region (unless --include-preprocess). Models take turns in --rounds slices (A B A B
     ...) with the same thread count, so drift of the machine is shared. Append @fp16 to a
     checkpoint to run it in torch half precision (CUDA). On CUDA each call is timed with
-    events after synchronisation. Percentiles: linear interpolation (numpy's default).
-    Exit 1 when a model fails at some batch size (the others are still reported).
+    events after synchronisation. Percentiles: linear interpolation (numpy's default); a
+    note says when a result has under 100 timed calls (its p95/p99 then rest on the slowest
+    few). Exit 1 when a model fails at some batch size (the others are still reported).
 
     \b
     Example:
@@ -79,6 +80,7 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
     from ..bench.core import BenchSettings, run_benchmark
     from ..bench.report import add_speedups, environment, render_table, write_csv, write_plot
     from ..bench.subjects import open_subjects
+    from ..bench.stats import few_samples_note
 
     if duration is not None and iterations is not None:
         raise ReidExportError("--duration and --iterations exclude each other; give one", exit_code=2)
@@ -121,6 +123,9 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
     click.echo(render_table(results, gpu=device.startswith("cuda")))
     click.echo("img/s = images / timed seconds; vs 1st = throughput over the first model's at the same batch; "
                "RSS MB = process peak RSS during that model's slices")
+    thin = few_samples_note(results)
+    if thin:
+        click.echo(thin, err=True)
     if report:
         doc = _report_header("bench")
         doc.update({"settings": {**settings.describe(), "device": device, "threads": threads,
@@ -131,7 +136,7 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
                     "environment": env,
                     "models": [{"name": s.name, "model": s.model, "backend": s.backend, "precision": s.precision,
                                 "device": s.device, **s.info} for s in subjects],
-                    "results": results,
+                    "results": results, "notes": [thin] if thin else [],
                     "passed": not any(r.get("error") for r in results)})
         atomic_write_json(report, doc)
     if csv_path:
