@@ -9,7 +9,7 @@ Every step is a ``reid-export`` command, printed before it runs, so each figure 
 hand; models already made in --work are reused (--force remakes them):
 
 1. a BoT-R50 checkpoint: --checkpoint, or random weights with BatchNorm statistics measured on
-   64 real crops (speed does not depend on the weight values; accuracy does, see 6.)
+   64 real crops (speed does not depend on the weight values; accuracy does, see 4.)
 2. reid-export onnx, then quantize to fp16, int8 --target tensorrt and int8 --target cpu,
    calibrated on --calib-dir (CUHK03 bounding_box_train by default)
 3. reid-export bench of the five, side by side (alternating rounds, same thread count); with a
@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--duration", type=float, default=30.0,
+                        help="Timed seconds per model and batch size (30 gives >= 18 calls of torch at batch 16).")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accuracy-checkpoint", type=Path, help="A trained checkpoint for the INT8 accuracy rows.")
     parser.add_argument("--dataset-root", type=Path, default=CUHK03, help="Market-1501-layout data for eval.")
