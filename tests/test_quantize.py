@@ -15,7 +15,7 @@ from reid_export.data_config import DataConfig
 from reid_export.export.calibrate import (Calibration, TensorStats, collect, entropy_threshold, percentile_threshold,
                                           tensors_to_calibrate)
 from reid_export.export.metadata import KEY_PRECISION, base_metadata, get_metadata, save_onnx, set_metadata
-from reid_export.export.qdq_check import check_tensorrt_qdq
+from reid_export.export.qdq_check import check_ort_cpu_fusion, check_tensorrt_qdq
 from reid_export.export.quantize import QDQ_OP_TYPES, _calibration_batches
 from reid_export.runtime import expand_image_paths, open_encoder
 from test_onnx_export import make_checkpoint
@@ -159,6 +159,26 @@ def test_int8_cpu_is_u8s8(int8_models, fp32, parity_images):
     assert json.loads(get_metadata(model)["reid_export.quantization"])["activations"].startswith("uint8")
     cos = _cosines(_features(fp32, parity_images), _features(out, parity_images))
     assert cos.min() > 0.98, cos
+
+
+def test_int8_cpu_fuses_fully_in_onnx_runtime(int8_models):
+    """Every quantized Conv of the CPU target becomes a QLinearConv in ONNX Runtime's CPU graph; the
+    TensorRT flavour (float Conv outputs, ReLUs kept) does not, and the check says so."""
+    out, result = int8_models["cpu"]
+    model = onnx.load(str(out))
+    fusion = check_ort_cpu_fusion(model)
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    assert fusion.ok and fusion.quantized_convs == convs == fusion.qlinear_convs > 0, fusion
+    assert fusion.optimized_ops.get("Conv", 0) == 0 and fusion.optimized_ops.get("QLinearAdd", 0) > 0
+    assert f"ONNX Runtime CPU fusion: {convs} of {convs} quantized convolutions run as QLinearConv" in result.err
+    recorded = json.loads(get_metadata(model)["reid_export.quantization"])["ort_cpu_fusion"]
+    assert recorded["qlinear_convs"] == recorded["quantized_convs"] == convs
+
+    trt_model = onnx.load(str(int8_models["tensorrt"][0]))
+    trt_fusion = check_ort_cpu_fusion(trt_model)
+    assert trt_fusion.quantized_convs == convs and not trt_fusion.ok, trt_fusion
+    assert "slower than FP32" in trt_fusion.summary()
+    assert "ONNX Runtime CPU fusion" not in int8_models["tensorrt"][1].err  # checked for the cpu target only
 
 
 def test_exclude_node_and_op_type(fp32, tmp_path, parity_images):

@@ -177,6 +177,8 @@ def quantize(model, output, precision, target, calib_dir, calib_size, method, pe
                            log=_log)
     if report.qdq is not None:
         _log(report.qdq.summary())
+    if report.fusion is not None:
+        _log(report.fusion.summary())
     what = precision if precision == "fp16" else (f"int8 {report.target}, {report.method} calibration on "
                                                   f"{report.calibration_images} images")
     _log(f"wrote {report.output} ({what}; kept in float: {len(report.kept_float)} nodes; "

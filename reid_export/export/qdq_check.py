@@ -6,11 +6,19 @@ per-tensor scales for activations, per-tensor or per-channel scales for weights 
 the output channels, and biases left in float (no DequantizeLinear of an INT32 bias). ONNX
 Runtime's CPU-oriented defaults (uint8 activations with a zero point, quantized bias) break
 these rules, so every ``--target tensorrt`` model is checked before it is written.
+
+The ``--target cpu`` counterpart, :func:`check_ort_cpu_fusion`, asks ONNX Runtime itself: it
+optimizes the graph the way the CPU provider does and counts how many of the quantized
+convolutions became QLinearConv. A DequantizeLinear -> Conv pair that is left unfused runs in
+float after a dequantization, slower than the FP32 model.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -145,3 +153,46 @@ def check_tensorrt_qdq(model: onnx.ModelProto) -> QDQReport:
         if scale.size > 1:
             report.problems.append(f"{where}: per-channel scales on an activation; TensorRT needs per-tensor")
     return report
+
+
+@dataclass
+class FusionReport:
+    """What ONNX Runtime's CPU provider makes of a Q/DQ graph."""
+    quantized_convs: int              # Conv nodes whose data input comes through a DequantizeLinear
+    qlinear_convs: int                # QLinearConv nodes in the optimized graph
+    optimized_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.qlinear_convs >= self.quantized_convs
+
+    def summary(self) -> str:
+        ops = self.optimized_ops
+        head = (f"ONNX Runtime CPU fusion: {self.qlinear_convs} of {self.quantized_convs} quantized convolutions run "
+                f"as QLinearConv")
+        extra = ", ".join(f"{ops[op]} {op}" for op in ("QLinearAdd", "QLinearGlobalAveragePool", "QLinearMatMul")
+                          if ops.get(op))
+        left = ops.get("DequantizeLinear", 0)
+        return (head + (f", {extra}" if extra else "") + f"; {left} DequantizeLinear left"
+                + ("" if self.ok else f"; the other {self.quantized_convs - self.qlinear_convs} dequantize and run "
+                   "in float, slower than FP32 on ONNX Runtime's CPU provider"))
+
+
+def check_ort_cpu_fusion(model: onnx.ModelProto | bytes, threads: int = 1) -> FusionReport:
+    """Optimize ``model`` as ONNX Runtime's CPU provider does (ORT_ENABLE_ALL) and count the fusion."""
+    import onnxruntime as ort
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    quantized = sum(1 for n in proto.graph.node if n.op_type == "Conv" and n.input
+                    and made_by.get(n.input[0]) is not None and made_by[n.input[0]].op_type == "DequantizeLinear")
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # "the optimized model may be hardware specific": it is only read here
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    ops = Counter(node.op_type for node in optimized.graph.node)
+    return FusionReport(quantized, ops.get("QLinearConv", 0), dict(ops.most_common()))

@@ -44,7 +44,7 @@ from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS, collect, t
 from .graph import ensure_node_names, head_nodes, input_prefix_nodes, opset_of, resolve_excludes, upgrade_opset
 from .metadata import (KEY_FP16, KEY_QUANTIZATION, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, get_metadata,
                        input_info, load_onnx, model_precision, require_data_config, save_onnx, set_metadata)
-from .qdq_check import QDQReport, check_tensorrt_qdq
+from .qdq_check import FusionReport, QDQReport, check_ort_cpu_fusion, check_tensorrt_qdq
 
 PRECISIONS = ("fp16", "int8")
 TARGETS = ("tensorrt", "cpu")
@@ -69,6 +69,7 @@ class QuantizeReport:
     kept_float: list[str] = field(default_factory=list)
     parity: dict = field(default_factory=dict)
     qdq: QDQReport | None = None
+    fusion: FusionReport | None = None
     size_mb: float = 0.0
     seconds: float = 0.0
 
@@ -405,6 +406,13 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     except Exception as exc:
         raise ReidExportError(f"{output}: the {precision} graph fails onnx.checker "
                               f"({str(exc).splitlines()[0][:200]}); not written") from None
+    if precision == "int8" and target == "cpu":
+        import onnxruntime
+
+        report.fusion = check_ort_cpu_fusion(converted, threads or 1)
+        extra_meta[KEY_QUANTIZATION]["ort_cpu_fusion"] = {
+            "quantized_convs": report.fusion.quantized_convs, "qlinear_convs": report.fusion.qlinear_convs,
+            "onnxruntime": onnxruntime.__version__}
 
     # How far the variant is from the FP32 model, on real images when there are some.
     if calib_paths:
