@@ -120,3 +120,32 @@ def test_locate_lists_layers_for_fp16_and_int8(models, parity_images, tmp_path):
         assert all(layer["rel_error"] >= 0 for layer in loc["layers"])
     # INT8 loses more than FP16, and the error is visible at the output
     assert doc["locate"][str(int8)]["final_rel_error"] > doc["locate"][str(fp16)]["final_rel_error"]
+
+
+def test_locate_compares_what_follows_a_folded_relu(models, parity_images, tmp_path):
+    """--target cpu folds each ReLU into a uint8 range and its Conv takes over the ReLU's output name
+    (holding the value before the ReLU). locate compares the clamped DequantizeLinear output there;
+    comparing by name alone put every ReLU at the top with a relative error near 1."""
+    import onnx as onnx_lib
+
+    from reid_export.export.metadata import read_data_config
+    from reid_export.runtime.preprocess import preprocess
+    from reid_export.verify.locate import locate
+
+    fp32, int8 = models / "ref.onnx", tmp_path / "ref.int8-cpu.onnx"
+    res = run_cli("quantize", fp32, "-o", int8, "--precision", "int8", "--target", "cpu", "--calib-dir",
+                  parity_images[0].parent, "--calib-size", "5", "--no-progress")
+    assert res.code == 0, res
+    cand = onnx_lib.load(str(int8))
+    producers = {o: n.op_type for n in cand.graph.node for o in n.output}
+    relus = [n.output[0] for n in onnx_lib.load(str(fp32)).graph.node if n.op_type == "Relu"]
+    assert relus and all(producers.get(r) != "Relu" for r in relus)  # every ReLU was folded away
+    batch = preprocess(parity_images[:4], read_data_config(onnx_lib.load(str(fp32))))
+    loc = locate(fp32, int8, batch)
+    by_tensor = {layer["tensor"]: layer for layer in loc["layers"]}
+    compared = [by_tensor[r] for r in relus if r in by_tensor]
+    assert len(compared) == len(relus)
+    assert max(layer["rel_error"] for layer in compared) < 0.2, compared  # not the pre-ReLU values
+    assert loc["final_rel_error"] < 0.2
+    # no ReLU looks like the origin of the error because its Conv input (renamed away) was not compared
+    assert all(layer["input_rel_error"] > 0 for layer in compared[1:])

@@ -5,6 +5,13 @@ are matched by name (the FP16 converter and the Q/DQ quantizer keep the original
 and only insert Cast / QuantizeLinear / DequantizeLinear nodes around them), then compared in
 the FP32 graph's topological order. A node whose output error is much larger than the error of
 its inputs is where precision is lost: a candidate for ``quantize --exclude``.
+
+One exception to "same name, same value": for ``--target cpu`` the quantizer removes a ReLU
+(uint8 ranges start at 0) and its convolution takes over the ReLU's output name, so that tensor
+is the value *before* the ReLU. There the comparison uses what the next layer consumes, the
+tensor's QuantizeLinear -> DequantizeLinear output, which the uint8 range clamps at 0. A node
+whose inputs were not compared takes the error of its nearest compared ancestors as its input
+error, so a folded ReLU does not make its consumer look like the place where the error began.
 """
 
 from __future__ import annotations
@@ -51,6 +58,31 @@ def _run_all(path: Path, batch: np.ndarray, names: list[str]) -> dict[str, np.nd
     return {n: v for n, v in zip(outputs, values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
 
 
+def _match_tensors(ref_model, cand_model, nodes) -> dict[str, str]:
+    """Reference tensor name -> the candidate tensor that holds the same value."""
+    cand_producer = {o: n for n in cand_model.graph.node for o in n.output}
+    cand_users: dict[str, list] = {}
+    for n in cand_model.graph.node:
+        for i in n.input:
+            cand_users.setdefault(i, []).append(n)
+    matches = {}
+    for node in nodes:
+        for name in node.output:
+            producer = cand_producer.get(name)
+            if producer is None:
+                continue
+            if producer.op_type == node.op_type:
+                matches[name] = name
+                continue
+            # the quantizer folded this node (a ReLU) into the activation range: compare what the next
+            # layer consumes, the clamped QuantizeLinear -> DequantizeLinear value
+            dq = next((d.output[0] for q in cand_users.get(name, []) if q.op_type == "QuantizeLinear"
+                       for d in cand_users.get(q.output[0], []) if d.op_type == "DequantizeLinear"), None)
+            if dq is not None:
+                matches[name] = dq
+    return matches
+
+
 def locate(fp32_path: str | Path, candidate_path: str | Path, batch: np.ndarray, top: int = 10,
            threshold: float = 1e-2) -> dict:
     """Per-layer relative error of ``candidate`` against ``fp32`` on one preprocessed batch.
@@ -62,29 +94,33 @@ def locate(fp32_path: str | Path, candidate_path: str | Path, batch: np.ndarray,
     fp32_path, candidate_path = Path(fp32_path), Path(candidate_path)
     ref_model = onnx.load(str(fp32_path), load_external_data=False)
     cand_model = onnx.load(str(candidate_path), load_external_data=False)
-    cand_tensors = {o for n in cand_model.graph.node for o in n.output}
     nodes = [n for n in ref_model.graph.node if n.op_type not in _SKIP_OPS]
-    names = [o for n in nodes for o in n.output if o in cand_tensors]
-    if not names:
+    matches = _match_tensors(ref_model, cand_model, nodes)
+    if not matches:
         raise ReidExportError(
             f"{candidate_path}: shares no tensor names with {fp32_path}; --locate needs a variant made from that FP32 ONNX"
         )
-    ref_vals = _run_all(fp32_path, batch, names)
-    cand_vals = _run_all(candidate_path, batch, names)
+    ref_vals = _run_all(fp32_path, batch, list(matches))
+    cand_vals = _run_all(candidate_path, batch, list(dict.fromkeys(matches.values())))
     rel: dict[str, float] = {}
-    for name in names:
-        if name in ref_vals and name in cand_vals and ref_vals[name].shape == cand_vals[name].shape:
+    for name, cand_name in matches.items():
+        if name in ref_vals and cand_name in cand_vals and ref_vals[name].shape == cand_vals[cand_name].shape:
             r = ref_vals[name].astype(np.float64)
-            c = cand_vals[name].astype(np.float64)
+            c = cand_vals[cand_name].astype(np.float64)
             with np.errstate(invalid="ignore", over="ignore"):
                 rel[name] = float(np.linalg.norm(c - r) / max(np.linalg.norm(r), 1e-12))
     layers = []
-    for node in nodes:
+    known: dict[str, float] = {}  # every reference tensor's error, compared or inherited from its inputs
+    for node in ref_model.graph.node:
+        in_errs = [known[i] for i in node.input if i in known]
+        in_err = max(in_errs) if in_errs else 0.0
+        for o in node.output:
+            known[o] = rel.get(o, in_err)
+        if node.op_type in _SKIP_OPS:
+            continue
         out = next((o for o in node.output if o in rel), None)
         if out is None:
             continue
-        in_errs = [rel[i] for i in node.input if i in rel]
-        in_err = max(in_errs) if in_errs else 0.0
         err = rel[out]
         growth = err / max(in_err, 1e-7) if np.isfinite(err) else float("inf")
         layers.append(LayerError(node.name or out, node.op_type, out, err, in_err, growth))
