@@ -48,7 +48,7 @@ def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_si
 
 def agreement(metrics: dict, base: dict) -> dict:
     """How close a variant's embeddings and rankings are to the FP32 ONNX model's."""
-    result = compare(base["_features"], metrics["_features"], Tolerances())
+    result = compare(np.concatenate(base["_features"]), np.concatenate(metrics["_features"]), Tolerances())
     return {"min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
             "top1_agreement": float(np.mean(metrics["_top1"] == base["_top1"]) * 100.0)}
 

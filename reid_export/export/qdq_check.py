@@ -178,13 +178,15 @@ class FusionReport:
                    "in float, slower than FP32 on ONNX Runtime's CPU provider"))
 
 
-def check_ort_cpu_fusion(model: onnx.ModelProto | bytes, threads: int = 1) -> FusionReport:
-    """Optimize ``model`` as ONNX Runtime's CPU provider does (ORT_ENABLE_ALL) and count the fusion."""
+def check_ort_cpu_fusion(model: onnx.ModelProto, threads: int = 1, serialized: bytes | None = None) -> FusionReport:
+    """Optimize ``model`` as ONNX Runtime's CPU provider does (ORT_ENABLE_ALL) and count the fusion.
+
+    ``serialized``: the model's bytes when the caller has them already (saves serialising it again).
+    """
     import onnxruntime as ort
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model)
-    made_by = {o: n for n in proto.graph.node for o in n.output}
-    quantized = sum(1 for n in proto.graph.node if n.op_type == "Conv" and n.input
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    quantized = sum(1 for n in model.graph.node if n.op_type == "Conv" and n.input
                     and made_by.get(n.input[0]) is not None and made_by[n.input[0]].op_type == "DequantizeLinear")
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
@@ -192,7 +194,8 @@ def check_ort_cpu_fusion(model: onnx.ModelProto | bytes, threads: int = 1) -> Fu
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # "the optimized model may be hardware specific": it is only read here
-        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(serialized if serialized is not None else model.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     ops = Counter(node.op_type for node in optimized.graph.node)
     return FusionReport(quantized, ops.get("QLinearConv", 0), dict(ops.most_common()))

@@ -406,10 +406,11 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     except Exception as exc:
         raise ReidExportError(f"{output}: the {precision} graph fails onnx.checker "
                               f"({str(exc).splitlines()[0][:200]}); not written") from None
+    converted_bytes = converted.SerializeToString()  # serialised once: fusion check and parity both run it
     if precision == "int8" and target == "cpu":
         import onnxruntime
 
-        report.fusion = check_ort_cpu_fusion(converted, threads or 1)
+        report.fusion = check_ort_cpu_fusion(converted, threads or 1, serialized=converted_bytes)
         extra_meta[KEY_QUANTIZATION]["ort_cpu_fusion"] = {
             "quantized_convs": report.fusion.quantized_convs, "qlinear_convs": report.fusion.qlinear_convs,
             "onnxruntime": onnxruntime.__version__}
@@ -421,7 +422,6 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
         what = "calibration images" if precision == "int8" else "images from --calib-dir"
     else:
         inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
-    converted_bytes = converted.SerializeToString()
     reference = _features(source_bytes, inputs, data_config, str(model_path))
     candidate = _features(converted_bytes, inputs, data_config, str(output))
     report.parity = compare_features(reference, candidate)

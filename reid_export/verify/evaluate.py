@@ -112,7 +112,7 @@ def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progres
         result["skipped"] = skipped_summary(skipped)
         result["skipped_images"] = [str(e.path) for e in skipped]
     result["_distmat"] = distmat
-    result["_features"] = np.concatenate([qf, gf])
+    result["_features"] = (qf, gf)  # query and gallery features, not copied
     result["_query"] = query
     result["_gallery"] = gallery
     return result
