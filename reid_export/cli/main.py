@@ -21,7 +21,7 @@ def cli(debug: bool) -> None:
 
 
 # Command modules, each registering its commands on ``cli`` when imported.
-COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo")
+COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "serve")
 
 
 def _register() -> None:

@@ -35,6 +35,20 @@ def _check_outputs(*paths):
             check_output_path(path)
 
 
+def _deployment_names():
+    from ..serve.deploy_preprocess import DEPLOYMENTS
+
+    return list(DEPLOYMENTS)
+
+
+def _use_deployment(encoder, name):
+    """Run ``encoder`` through deployment ``name``'s preprocessing (reid_export.serve.deploy_preprocess)."""
+    from ..serve.deploy_preprocess import get_deployment
+
+    encoder.preprocessing = get_deployment(name).preprocess
+    return encoder
+
+
 # --------------------------------------------------------------------------- parity
 
 @cli.command()
@@ -50,12 +64,15 @@ def _check_outputs(*paths):
 @click.option("--rtol", type=float, help="Elementwise relative tolerance (with --atol).")
 @click.option("--min-top1-agreement", type=float, help="Fail when fewer images keep their nearest neighbour (0..1).")
 @click.option("--locate", is_flag=True, help="For ONNX FP16/INT8 candidates: list the layers where the error grows.")
+@click.option("--deployment", type=click.Choice(_deployment_names()),
+              help="Feed the candidates a deployment's preprocessing (deepstream: keepAspc letterbox + NVIDIA's "
+                   "scalar normalisation; deepstream-folded; deepstream-stretch; bilinear); the reference keeps its own.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 @skip_bad_images_option
 def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, max_rel_l2, atol, rtol,
-           min_top1_agreement, locate, report, device, progress, skip_bad_images):
+           min_top1_agreement, locate, deployment, report, device, progress, skip_bad_images):
     """Compare the embeddings of CANDIDATES against REFERENCE on the same images.
 
     Each model preprocesses the same decoded images with its own data config. Default
@@ -86,10 +103,13 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     for cand_path in candidates:
         enc = open_encoder(cand_path, config=config, device=device)
         encoders.append(enc)
+        if deployment:
+            _use_deployment(enc, deployment)
         feats = enc.encode_files(images, batch_size, progress=progress, desc=f"{cand_path.name} ({enc.backend})")
         tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2, atol=atol,
                                        rtol=rtol, min_top1_agreement=min_top1_agreement)
-        res = compare(ref_feats, feats, tol, str(cand_path), enc.backend, enc.precision)
+        res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
+                      enc.backend, enc.precision)
         if not res.passed:
             res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
         results.append(res)
@@ -110,7 +130,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     rows = [[Path(r.candidate).name, r.backend, r.precision, r.min_cosine, r.max_rel_l2, r.max_abs_error,
              r.elementwise_failures, r.nonfinite, f"{r.top1_agreement:.0%}", f"{r.top5_agreement:.0%}",
              "PASS" if r.passed else "FAIL"] for r in results]
-    click.echo(f"reference: {reference} ({ref_enc.backend}, {ref_enc.precision}); {len(paths)} images")
+    click.echo(f"reference: {reference} ({ref_enc.backend}, {ref_enc.precision}); {len(paths)} images"
+               + (f"; candidates through the {deployment} deployment's preprocessing" if deployment else ""))
     click.echo(format_table(["candidate", "backend", "prec", "min cos", "max rel L2", "max abs", "elem fail",
                              "NaN/Inf", "top-1", "top-5", "result"], rows, floatfmt=".6g"))
     for r in results:
@@ -128,6 +149,7 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
         doc = _report_header("parity")
         doc.update({"reference": {"model": str(reference), "backend": ref_enc.backend, "precision": ref_enc.precision},
                     "images": [str(p) for p in paths], "skipped_images": [str(e.path) for e in skipped],
+                    "deployment": deployment,
                     "candidates": [r.to_dict() for r in results],
                     "locate": locates, "passed": all(r.passed for r in results)})
         atomic_write_json(report, doc)
@@ -152,6 +174,14 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--max-map-drop", type=float, help="Fail when a model's mAP is this many points below the first model's.")
 @click.option("--max-r1-drop", type=float, help="Fail when a model's Rank-1 is this many points below the first's.")
+@click.option("--deployment", "deployments", multiple=True, type=click.Choice(_deployment_names()),
+              help="Also run each model through a deployment's preprocessing (repeatable): deepstream (keepAspc "
+                   "letterbox + NVIDIA's scalar normalisation), deepstream-folded (letterbox, exact), "
+                   "deepstream-stretch, bilinear; its cost is against the model's own preprocessing.")
+@click.option("--max-deployment-map-drop", default=1.0, show_default=True, type=float,
+              help="With --deployment: fail when a deployment costs a model more mAP points than this.")
+@click.option("--max-deployment-r1-drop", default=2.0, show_default=True, type=float,
+              help="With --deployment: fail when a deployment costs a model more Rank-1 points than this.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Folder for ROC and rank-list PNGs.")
 @click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
@@ -159,7 +189,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @click.option("--progress/--no-progress", default=True)
 @skip_bad_images_option
 def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_value, aqe, metric, max_map_drop,
-             max_r1_drop, report, plots, batch_size, device, progress, skip_bad_images):
+             max_r1_drop, deployments, max_deployment_map_drop, max_deployment_r1_drop, report, plots, batch_size,
+             device, progress, skip_bad_images):
     """Rank-1/5/10, mAP, mINP and TPR@FPR of MODELS on a Market-1501-layout dataset.
 
     The Market-1501 protocol: junk (-1) dropped, distractors (0000) kept in the gallery, gallery
@@ -184,15 +215,34 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
     results, skip_notes = [], []
     for model in models:
         enc = open_encoder(model, config=config, device=device)
+        own = None
         with enc:
-            res = evaluate_encoder(enc, dataset, opts, progress, on_error="skip" if skip_bad_images else "raise")
-        res.update({"model": str(model), "backend": enc.backend, "precision": enc.precision})
-        results.append(res)
-        if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
-            skip_notes.append(res["skipped"])
-            click.echo(res["skipped"], err=True)
+            for deployment in (None, *dict.fromkeys(deployments)):
+                if deployment:
+                    _use_deployment(enc, deployment)
+                res = evaluate_encoder(enc, dataset, opts, progress, on_error="skip" if skip_bad_images else "raise")
+                res.update({"model": str(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
+                            "precision": enc.precision, "deployment": deployment})
+                if deployment is None:
+                    own = res
+                elif "error" not in res and "error" not in own:
+                    res["cost_mAP"] = own["mAP"] - res["mAP"]
+                    res["cost_Rank-1"] = own["Rank-1"] - res["Rank-1"]
+                results.append(res)
+                if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
+                    skip_notes.append(res["skipped"])
+                    click.echo(res["skipped"], err=True)
     base = results[0]
     failed = []
+    for res in results:
+        if res.get("deployment") and "cost_mAP" in res:
+            own_name = res["model"].rpartition("@")[0]
+            if res["cost_mAP"] > max_deployment_map_drop:
+                failed.append(f"{res['model']}: the {res['deployment']} preprocessing costs {res['cost_mAP']:.2f} mAP "
+                              f"points against {Path(own_name).name}'s own (gate {max_deployment_map_drop})")
+            if res["cost_Rank-1"] > max_deployment_r1_drop:
+                failed.append(f"{res['model']}: the {res['deployment']} preprocessing costs {res['cost_Rank-1']:.2f} "
+                              f"Rank-1 points against {Path(own_name).name}'s own (gate {max_deployment_r1_drop})")
     for res in results:
         if "error" in res:
             failed.append(f"{res['model']}: {res['error']}")
@@ -221,6 +271,15 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
                f"metric {metric}{', flip' if flip_test else ''}{', AQE' if aqe else ''}{', re-rank' if rerank else ''}")
     click.echo(format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "status"], rows,
                             floatfmt=".2f"))
+    if deployments:
+        click.echo("\ncost of each deployment's preprocessing against the model's own (points; gates mAP "
+                   f"{max_deployment_map_drop:g}, Rank-1 {max_deployment_r1_drop:g}):")
+        click.echo(format_table(["model", "deployment", "Rank-1", "mAP", "cost Rank-1", "cost mAP", "result"],
+                                [[Path(r["model"]).name.rpartition("@")[0], r["deployment"], r["Rank-1"], r["mAP"],
+                                  r["cost_Rank-1"], r["cost_mAP"],
+                                  "FAIL" if (r["cost_mAP"] > max_deployment_map_drop
+                                             or r["cost_Rank-1"] > max_deployment_r1_drop) else "PASS"]
+                                 for r in results if r.get("deployment") and "cost_mAP" in r], floatfmt=".2f"))
     for line in failed:
         click.echo(f"FAIL {line}")
     if plots is not None and "error" not in base:
@@ -228,7 +287,11 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
     if report:
         doc = _report_header("eval")
         doc.update({"dataset": str(dataset.root), "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
-                    "options": opts.__dict__, "gates": {"max_map_drop": max_map_drop, "max_r1_drop": max_r1_drop},
+                    "options": opts.__dict__, "gates": {"max_map_drop": max_map_drop, "max_r1_drop": max_r1_drop,
+                                                        **({"max_deployment_map_drop": max_deployment_map_drop,
+                                                            "max_deployment_r1_drop": max_deployment_r1_drop}
+                                                           if deployments else {})},
+                    "deployments": list(dict.fromkeys(deployments)),
                     "models": [{k: _finite(v) for k, v in r.items() if not k.startswith("_")} for r in results],
                     "failures": failed, "passed": not failed})
         atomic_write_json(report, doc)

@@ -45,6 +45,9 @@ class Encoder(ABC):
     path: Path
     data_config: DataConfig
     device: str = "cpu"
+    # A deployment's preprocessing (reid_export.serve.deploy_preprocess), same signature as
+    # ``preprocess``; None: the model's own. ``encode_files`` uses it for every batch.
+    preprocessing: Callable[[Sequence[ImageLike], DataConfig], np.ndarray] | None = None
 
     @abstractmethod
     def forward(self, batch: np.ndarray) -> np.ndarray:
@@ -98,7 +101,7 @@ class Encoder(ABC):
 
         def prepare(start: int):
             arrays, chunk_kept, errors = read_images(images[start:start + batch_size], on_error)
-            batch = preprocess(arrays, self.data_config) if arrays else None
+            batch = (self.preprocessing or preprocess)(arrays, self.data_config) if arrays else None
             return batch, [start + i for i in chunk_kept], errors
 
         # Decode the next batch on a worker thread while the model runs on this one.

@@ -1,0 +1,143 @@
+"""``reid-export triton`` and ``deepstream``: hand a verified model to a server or a tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ReidExportError
+from ..report import format_table
+from .common import positive_int
+from .main import cli
+
+
+def _int_list(ctx, param, value):
+    if not value:
+        return ()
+    try:
+        out = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(v < 0 for v in out):
+        raise click.BadParameter(f"must be >= 0, got {value!r}")
+    return out
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "repo", required=True, type=click.Path(path_type=Path),
+              help="Model repository folder (created; other models in it are kept).")
+@click.option("--name", "names", multiple=True, help="Model name in the repository, once per model (default: file stem).")
+@click.option("--max-batch-size", type=int, help="Triton max_batch_size (default 32 for ONNX, the engine profile's "
+                                                 "maximum for plans; 0: no batching).")
+@click.option("--preferred-batch-size", "preferred", callback=_int_list,
+              help="dynamic_batching preferred sizes, comma-separated (default: none for ONNX, the profile's opt for plans).")
+@click.option("--max-queue-delay-us", default=100, show_default=True, type=int,
+              help="dynamic_batching max_queue_delay_microseconds.")
+@click.option("--instances", default=1, show_default=True, type=int, callback=positive_int,
+              help="instance_group count.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="instance_group kind for ONNX models (plans always run on a GPU).")
+@click.option("--gpus", callback=_int_list, help="GPU ids for the instance group, comma-separated (default: all).")
+@click.option("--tensorrt-accelerator", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="ONNX on GPU: run it through ONNX Runtime's TensorRT accelerator at this precision.")
+@click.option("--force", is_flag=True, help="Replace model folders that already exist.")
+def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, instances, kind, gpus,
+           tensorrt_accelerator, force):
+    """Write a Triton Inference Server model repository for MODELS (.onnx, .engine/.plan).
+
+    Each model gets REPO/NAME/config.pbtxt (max_batch_size, input/output dims, dynamic batching,
+    instance group, optionally ONNX Runtime's TensorRT accelerator), its file in REPO/NAME/1/, its
+    data config and a README that tells a client how to preprocess. TensorRT plans built from one
+    ONNX for several GPU architectures become one model with cc_model_filenames. Every config is
+    checked with Triton's ModelConfig protobuf where tritonclient is installed (the triton extra).
+
+    \b
+    Examples:
+      reid-export triton model.onnx model.fp16.onnx -o repo/ --tensorrt-accelerator fp16
+      reid-export triton model.sm86.engine model.sm90.engine -o repo/ --name reid_trt
+    """
+    from ..serve.triton import RepoOptions, collect, write_repository
+
+    if max_batch_size is not None and max_batch_size < 0:
+        raise ReidExportError("--max-batch-size must be >= 0", exit_code=2)
+    if max_queue_delay_us < 0:
+        raise ReidExportError("--max-queue-delay-us must be >= 0", exit_code=2)
+    opts = RepoOptions(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
+                       max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, gpus=gpus,
+                       tensorrt_accelerator=tensorrt_accelerator, force=force)
+    entries = collect(models, names)
+    try:
+        import tritonclient.grpc.model_config_pb2  # noqa: F401
+        validate = True
+    except ImportError:
+        validate = False
+    written = write_repository(entries, repo, opts, validate=validate)
+    rows = [[e.name, e.platform, e.precision, e.max_batch_size, ", ".join(sorted(e.sources)),
+             ", ".join(e.cc_model_filenames) or "-"] for e in entries]
+    click.echo(format_table(["model", "platform", "precision", "max batch", "files", "GPU archs"], rows))
+    for e in entries:
+        for note in e.notes:
+            click.echo(f"note: {note}")
+    if validate:
+        click.echo(f"{len(written)} config.pbtxt checked with Triton's ModelConfig protobuf; repository {repo}")
+    else:
+        click.echo(f"repository {repo} written; configs NOT checked (pip install 'reid-export[triton]' for "
+                   "Triton's protobuf)")
+    return 0
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for NAME.deepstream.onnx and NAME.tracker-reid.yml (created).")
+@click.option("--images", "image_inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Crops for the self-check (default: 8 generated images of varied aspect ratios).")
+@click.option("--color-format", type=click.Choice(["rgb", "bgr"]),
+              help="The order the tracker feeds (colorFormat; default: the model's own order).")
+@click.option("--network-mode", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="TensorRT precision DeepStream builds (default: the ONNX's precision).")
+@click.option("--reid-type", type=click.Choice(["deepsort", "reassoc", "both"]), default="deepsort",
+              show_default=True, help="reidType: NvDeepSORT association (1), re-association (2), both (3).")
+@click.option("--batch-size", default=100, show_default=True, type=int, callback=positive_int)
+@click.option("--workspace-mb", default=1000, show_default=True, type=int, callback=positive_int)
+@click.option("--history-size", default=100, show_default=True, type=int, callback=positive_int,
+              help="reidHistorySize: features kept per target.")
+@click.option("--keep-aspect/--stretch", default=True, show_default=True,
+              help="keepAspc 1 (letterbox) or 0; measure its cost with eval --deployment deepstream-folded.")
+@click.option("--name", help="Output file stem (default: the model's).")
+@click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
+@click.option("--progress/--no-progress", default=False)
+def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_type, batch_size, workspace_mb,
+               history_size, keep_aspect, name, max_rel_l2, progress):
+    """An ONNX for DeepStream's tracker ReID and the nvtracker ReID: section for it.
+
+    The model's exact per-channel normalisation (and pixel scale, and a channel swap for
+    --color-format) is folded into the graph, so offsets [0, 0, 0] and netScaleFactor 1.0 are exact
+    instead of NVIDIA's one-scalar approximation. A self-check runs the original on its own
+    preprocessing and the folded model on DeepStream-style input (0..255, the tracker's colour
+    order) and writes nothing unless they agree (exit 1).
+
+    \b
+    Example:
+      reid-export deepstream model.onnx -o deepstream/ --network-mode fp16
+      reid-export eval model.onnx --dataset-root Market-1501 --deployment deepstream --deployment deepstream-folded
+    """
+    from ..serve.deepstream import build
+    from ..serve.deploy_preprocess import net_scale_factor
+
+    res = build(model, out_dir, images=image_inputs, color_order=color_format, network_mode=network_mode,
+                reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb, history_size=history_size,
+                keep_aspect=keep_aspect, name=name, progress=progress, max_rel_l2=max_rel_l2)
+    p, s = res.parity, res.scalar_parity
+    click.echo(f"self-check on {res.num_images} images (same resize, DeepStream-style input for the folded model):")
+    click.echo(format_table(
+        ["candidate", "min cos", "max rel L2", "top-1", "result"],
+        [["folded ONNX, offsets 0, netScaleFactor 1", p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}", "PASS"],
+         [f"NVIDIA scalar {net_scale_factor(res.folded.data_config):.8f} (not used)", s.min_cosine, s.max_rel_l2,
+          f"{s.top1_agreement:.0%}", "-"]], floatfmt=".6g"))
+    click.echo(f"wrote {res.onnx_path} and {res.yaml_path} (ReID: reidFeatureSize {res.section['reidFeatureSize']}, "
+               f"inferDims {res.section['inferDims']}, colorFormat {res.section['colorFormat']}, keepAspc "
+               f"{res.section['keepAspc']})")
+    return 0

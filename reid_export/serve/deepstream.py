@@ -1,0 +1,294 @@
+"""DeepStream hand-off: an ONNX that takes what the tracker feeds, and its nvtracker ``ReID:`` section.
+
+DeepStream's tracker (NvDCF / NvDeepSORT) crops each object, scales it to ``inferDims`` and
+normalises with one scalar for all channels: ``y = netScaleFactor * (x - offsets)`` on 0..255
+pixels in ``colorFormat`` order. fast-reid and torchreid models normalise per channel, so NVIDIA's
+sample configs approximate the three stds by their mean (0.01735207 = 1/57.63). Here the model's
+exact per-channel normalisation (and pixel scale, and a channel swap where the tracker's colour
+order differs) is folded into the graph as a Mul and an Add before its first layer, so the config
+says ``offsets: [0, 0, 0]`` and ``netScaleFactor: 1.0`` and nothing is approximated.
+
+Before anything is written, :func:`build` runs the original model on its own preprocessing and
+the folded one on DeepStream-style input (0..255, the tracker's colour order, same resize) and
+requires the two embeddings to agree at the FP32 parity tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import __version__
+from ..data_config import DataConfig
+from ..errors import ReidExportError
+from ..fileio import atomic_write_files, check_output_path, sha256_file
+from ..runtime.preprocess import ImageLike, expand_image_paths, read_images
+from .deploy_preprocess import Deployment, net_scale_factor
+
+COLOR_FORMAT = {"rgb": 0, "bgr": 1}  # ReID colorFormat
+NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # ReID networkMode
+REID_TYPE = {"deepsort": 1, "reassoc": 2, "both": 3}  # 0 is the dummy ReID (no features)
+KEY_DEEPSTREAM = "reid_export.deepstream"
+
+
+@dataclass
+class FoldedModel:
+    model: onnx.ModelProto
+    data_config: DataConfig  # of the folded model: 0..255 in the tracker's colour order, normalised inside
+    scale: list[float]  # per channel of the tracker's input, what the folded Mul multiplies by
+    bias: list[float]
+    swapped_channels: bool
+
+
+def fold_normalisation(model: onnx.ModelProto, data_config: DataConfig, color_order: str) -> FoldedModel:
+    """A copy of ``model`` whose input is 0..255 pixels in ``color_order`` with the model's own
+    preprocessing after the resize (channel order, pixel scale, per-channel mean/std) inside."""
+    from ..export.metadata import input_info
+
+    if color_order not in COLOR_FORMAT:
+        raise ReidExportError(f"colour order must be rgb or bgr, got {color_order!r}", exit_code=2)
+    name, shape, elem_type = input_info(model)
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise ReidExportError(f"the ONNX input {name} is not float32; DeepStream feeds float32 "
+                              "(FP16 and INT8 ONNX from reid-export keep float32 inputs)")
+    if len(shape) != 4:
+        raise ReidExportError(f"the ONNX input {name} has shape {shape}; expected [N, 3, H, W]")
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    k = data_config.pixel_scale / 255.0
+    if data_config.normalized_inside:
+        scale, bias = [k] * 3, [0.0] * 3
+    else:
+        scale = [k / s for s in data_config.std]
+        bias = [-m / s for m, s in zip(data_config.mean, data_config.std)]
+    swap = color_order != data_config.channel_order
+    identity = not swap and all(abs(a - 1.0) < 1e-12 for a in scale) and not any(bias)
+    if not identity:
+        inner = _unique(graph, f"{name}__model_input")
+        for node in graph.node:
+            for i, value in enumerate(node.input):
+                if value == name:
+                    node.input[i] = inner
+        for out in graph.output:
+            if out.name == name:
+                raise ReidExportError(f"the ONNX input {name} is also an output; cannot fold a normalisation into it")
+        nodes, current = [], name
+        if swap:
+            idx = _unique(graph, f"{name}__channel_swap")
+            graph.initializer.append(numpy_helper.from_array(np.array([2, 1, 0], dtype=np.int64), idx))
+            swapped = _unique(graph, f"{name}__swapped")
+            nodes.append(helper.make_node("Gather", [current, idx], [swapped], axis=1,
+                                          name=_unique(graph, "deepstream_channel_swap")))
+            current = swapped
+        s_name, b_name = _unique(graph, f"{name}__scale"), _unique(graph, f"{name}__offset")
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32).reshape(1, 3, 1, 1), s_name))
+        graph.initializer.append(numpy_helper.from_array(np.array(bias, np.float32).reshape(1, 3, 1, 1), b_name))
+        scaled = _unique(graph, f"{name}__scaled")
+        nodes.append(helper.make_node("Mul", [current, s_name], [scaled], name=_unique(graph, "deepstream_scale")))
+        nodes.append(helper.make_node("Add", [scaled, b_name], [inner], name=_unique(graph, "deepstream_offset")))
+        old = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes + old)
+    # the folded model's data config: 0..255 in the tracker's colour order, normalisation inside
+    # (mean/std recorded in pixel units and that order, for reference)
+    to_px = 255.0 / data_config.pixel_scale
+    mean = [m * to_px for m in data_config.mean]
+    std = [s * to_px for s in data_config.std]
+    if swap:
+        mean, std = mean[::-1], std[::-1]
+    new_dc = replace(data_config, channel_order=color_order, pixel_scale=255.0, mean=tuple(mean), std=tuple(std),
+                     normalized_inside=True, extra=dict(data_config.extra, deepstream_folded=True))
+    # what the tracker's channel c becomes at the model input (after the optional swap)
+    if swap:
+        scale, bias = scale[::-1], bias[::-1]
+    return FoldedModel(folded, new_dc, [float(v) for v in scale], [float(v) for v in bias], swap)
+
+
+def _unique(graph: onnx.GraphProto, base: str) -> str:
+    taken = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def reid_section(data_config: DataConfig, feature_size: int, onnx_file: str, network_mode: str = "fp32",
+                 reid_type: str = "deepsort", batch_size: int = 100, workspace_mb: int = 1000,
+                 history_size: int = 100, keep_aspect: bool = True) -> dict:
+    """The nvtracker ``ReID:`` keys for a folded model (offsets 0, netScaleFactor 1: exact)."""
+    engine = f"{onnx_file}_b{batch_size}_gpu0_{network_mode}.engine"  # the name DeepStream gives the engine it builds
+    return {
+        "reidType": REID_TYPE[reid_type],
+        "batchSize": batch_size,
+        "workspaceSize": workspace_mb,
+        "reidFeatureSize": int(feature_size),
+        "reidHistorySize": history_size,
+        "inferDims": [3, data_config.height, data_config.width],
+        "inputOrder": 0,
+        "colorFormat": COLOR_FORMAT[data_config.channel_order],
+        "networkMode": NETWORK_MODE[network_mode],
+        "offsets": [0.0, 0.0, 0.0],
+        "netScaleFactor": 1.0,
+        "keepAspc": 1 if keep_aspect else 0,
+        "addFeatureNormalization": 1,
+        "onnxFile": onnx_file,
+        "modelEngineFile": engine,
+    }
+
+
+_COMMENTS = {
+    "reidType": "1 NvDeepSORT association, 2 re-association, 3 both",
+    "workspaceSize": "MB for the TensorRT engine build",
+    "reidFeatureSize": "the model's embedding size",
+    "inferDims": "C, H, W of the model input",
+    "inputOrder": "0 NCHW",
+    "colorFormat": "0 RGB, 1 BGR: the order the folded ONNX takes",
+    "networkMode": "0 FP32, 1 INT8, 2 FP16",
+    "offsets": "exact: the model's mean is inside the ONNX",
+    "netScaleFactor": "exact: the model's per-channel std is inside the ONNX",
+    "keepAspc": "1: letterbox (aspect kept, padded); 0: stretch",
+    "addFeatureNormalization": "L2-normalise the features (the model outputs them unnormalised)",
+    "onnxFile": "relative to this file",
+    "modelEngineFile": "DeepStream builds it from onnxFile on first run",
+}
+
+
+def format_reid_yaml(section: dict, header: Sequence[str] = ()) -> str:
+    """The ``ReID:`` section as YAML (lists in flow style, one comment per key)."""
+    lines = [f"# {h}" if h else "#" for h in header]
+    lines.append("ReID:")
+    for key, value in section.items():
+        if isinstance(value, list):
+            text = "[" + ", ".join(_scalar(v) for v in value) + "]"
+        else:
+            text = _scalar(value)
+        comment = _COMMENTS.get(key)
+        lines.append(f"  {key}: {text}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sample_images(count: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """Crops for the self-check when no images are given: smooth random RGB of several aspect ratios."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = int(rng.integers(48, 320)), int(rng.integers(24, 160))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out.append(cv2.GaussianBlur(img, (7, 7), 0))
+    return out
+
+
+@dataclass
+class DeepStreamResult:
+    onnx_path: Path
+    yaml_path: Path
+    section: dict
+    folded: FoldedModel
+    parity: object  # verify.parity.ParityResult, folded vs original
+    scalar_parity: object  # NVIDIA's scalar approximation vs the model's own normalisation
+    num_images: int
+    notes: list[str] = field(default_factory=list)
+
+
+def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Path] = (), color_order: str | None = None,
+          network_mode: str | None = None, reid_type: str = "deepsort", batch_size: int = 100,
+          workspace_mb: int = 1000, history_size: int = 100, keep_aspect: bool = True,
+          name: str | None = None, progress: bool = False, max_rel_l2: float | None = None) -> DeepStreamResult:
+    """Fold, self-check and write ``OUT_DIR/NAME.deepstream.onnx`` and ``NAME.tracker-reid.yml``.
+
+    Nothing is written when the self-check fails (the error says by how much).
+    """
+    from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, load_onnx, model_precision,
+                                   require_data_config, set_metadata)
+    from ..runtime import open_encoder
+    from ..runtime.onnx_backend import OnnxEncoder, make_session
+    from ..verify.parity import Tolerances, compare
+
+    model_path = Path(model_path)
+    if model_path.suffix.lower() != ".onnx":
+        raise ReidExportError(f"{model_path}: deepstream takes an ONNX model; export a checkpoint first with "
+                              f"`reid-export onnx {model_path} -o model.onnx`", exit_code=2)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReidExportError(f"{out_dir}: is a file; give a folder for -o")
+    model = load_onnx(model_path)
+    data_config = require_data_config(model, model_path)
+    precision = model_precision(model)
+    network_mode = network_mode or ("fp32" if precision == "fp32" else precision)
+    if network_mode not in NETWORK_MODE:
+        raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
+    if reid_type not in REID_TYPE:
+        raise ReidExportError(f"--reid-type must be one of {', '.join(REID_TYPE)}", exit_code=2)
+    color_order = color_order or data_config.channel_order
+    stem = name or model_path.stem
+    onnx_out = out_dir / f"{stem}.deepstream.onnx"
+    yaml_out = out_dir / f"{stem}.tracker-reid.yml"
+
+    folded = fold_normalisation(model, data_config, color_order)
+    inputs: list[ImageLike]
+    if images:
+        paths = expand_image_paths(images)
+        inputs, _, _ = read_images(paths)
+    else:
+        inputs = sample_images()
+    original = open_encoder(model_path)
+    ref = original.encode_files(inputs, batch_size=8, progress=progress, desc="original (own preprocessing)")
+    # NVIDIA's sample normalisation on the same resized images: what folding avoids
+    scalar = Deployment("scalar", "", letterbox=False, resize=data_config.interpolation, scalar_normalisation=True)
+    original.preprocessing = scalar.preprocess
+    approx = original.encode_files(inputs, batch_size=8, progress=progress, desc="NVIDIA scalar normalisation")
+    original.close()
+    session = make_session(folded.model.SerializeToString())
+    ds = OnnxEncoder(session, folded.data_config, onnx_out, precision=precision)
+    got = ds.encode_files(inputs, batch_size=8, progress=progress, desc="folded (DeepStream input)")
+    ds.close()
+    tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
+    parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
+    scalar_parity = compare(ref, approx, Tolerances(), "NVIDIA scalar", "onnxruntime", precision)
+    if not parity.passed:
+        raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on DeepStream-style "
+                              f"input ({'; '.join(parity.failures)}); nothing written")
+    feature_size = int(ref.shape[1])
+    section = reid_section(folded.data_config, feature_size, onnx_out.name, network_mode, reid_type, batch_size,
+                           workspace_mb, history_size, keep_aspect)
+    set_metadata(folded.model, {
+        **base_metadata(replace(folded.data_config, feat_dim=feature_size), precision),
+        KEY_SOURCE: str(model_path), KEY_SOURCE_SHA256: sha256_file(model_path),
+        KEY_DEEPSTREAM: {"color_format": color_order, "scale": folded.scale, "bias": folded.bias,
+                         "swapped_channels": folded.swapped_channels, "reid": section},
+    })
+    header = [f"DeepStream nvtracker ReID section for {onnx_out.name}, written by reid-export {__version__}",
+              f"from {model_path.name}'s data config ({data_config.height}x{data_config.width}, "
+              f"{data_config.channel_order.upper()}, mean {list(data_config.mean)}, std {list(data_config.std)},",
+              f"pixel scale {data_config.pixel_scale:g}, normalised {'inside' if data_config.normalized_inside else 'outside'}"
+              " the original graph). The normalisation is folded into the ONNX: offsets 0 and",
+              "netScaleFactor 1.0 are exact. Merge this section into the tracker's ll-config-file.",
+              f"Self-check on {len(inputs)} images: folded vs original min cosine {parity.min_cosine:.7f}, "
+              f"max relative L2 {parity.max_rel_l2:.2e};",
+              f"NVIDIA's sample scalar (offsets = mean, netScaleFactor {net_scale_factor(data_config):.8f}) instead: "
+              f"max relative L2 {scalar_parity.max_rel_l2:.3g}."]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_path(onnx_out)
+    atomic_write_files({onnx_out: folded.model.SerializeToString(),
+                        yaml_out: format_reid_yaml(section, header).encode("utf-8")})
+    return DeepStreamResult(onnx_out, yaml_out, section, folded, parity, scalar_parity, len(inputs))
