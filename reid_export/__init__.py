@@ -1,3 +1,3 @@
 """reid-export: export, verify and benchmark fast-reid-style person re-identification models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .config import CfgNode, load_config, load_config_text
 from .data_config import DataConfig, data_config_from_cfg
-from .errors import ReidExportError
+from .errors import ReidExportError, ReidExportNote
 from .fileio import atomic_write_bytes, check_input_file
 
 CLASSIFIER_KEY = "heads.weight"
@@ -155,6 +155,38 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def is_reid_train_checkpoint(obj: dict) -> bool:
+    """Written by :func:`save_checkpoint` (reid-train, the demo), not by fast-reid."""
+    return "reid_export_version" in obj and isinstance(obj.get("cfg"), str)
+
+
+def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
+    """Set ``cfg.MODEL.BACKBONE.STEM_POOL_PADDING`` to the stem the checkpoint's weights were trained with.
+
+    An explicit value (config file or ``--opts``) is kept. Otherwise a fast-reid file gets fast-reid's
+    stem (no padding); a reid-train checkpoint gets the one its embedded config records, and one
+    written before 0.2.0, whose config has no such key, was trained with the padded pool (padding=1)
+    and is loaded as it was trained, with a note: its features do not change.
+    """
+    bb = cfg.MODEL.BACKBONE
+    if bb.get("STEM_POOL_PADDING") is not None or bb.NAME != "build_resnet_backbone":
+        return bb.get("STEM_POOL_PADDING") or 0
+    padding = 0
+    if is_reid_train_checkpoint(obj):
+        stored = load_config_text(obj["cfg"], source=f"{source} (embedded config)").MODEL.BACKBONE
+        padding = stored.get("STEM_POOL_PADDING")
+        if padding is None:
+            padding = 1
+            version = obj.get("reid_export_version", "?")
+            warnings.warn(
+                f"{source}: written by reid-train {version}, trained with a padded stem max-pool (padding=1, "
+                "not fast-reid's); loaded as trained, features unchanged. fast-reid's code would compute "
+                "other features from it: retrain with reid-export >= 0.2.0 for a fast-reid-identical model",
+                ReidExportNote, stacklevel=2)
+    bb.STEM_POOL_PADDING = int(padding)
+    return bb.STEM_POOL_PADDING
+
+
 def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
                                allow_partial: bool = False):
     """(model in eval mode, cfg, data config) from a checkpoint plus its config.
@@ -174,6 +206,7 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
             f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)"
         )
     state = extract_state_dict(obj, str(path))
+    resolve_stem(cfg, obj, str(path))
     model = build_model(cfg)
     load_weights(model, state, str(path), allow_partial=allow_partial)
     model.eval()

@@ -84,6 +84,9 @@ def _C() -> CfgNode:  # noqa: N802 - fast-reid's name for the default node
                 "ATT_DROP_RATE": 0.0,
                 "PRETRAIN": False,
                 "PRETRAIN_PATH": "",
+                # reid-export: padding of the ResNet stem max-pool. None: fast-reid's (0), unless the
+                # checkpoint says it was trained with reid-train's padded pool of before 0.2.0 (1).
+                "STEM_POOL_PADDING": None,
             },
             "HEADS": {
                 "NAME": "EmbeddingHead",

@@ -22,3 +22,7 @@ class UsageError(ReidExportError):
     """Bad option values or combinations (exit code 2)."""
 
     exit_code = 2
+
+
+class ReidExportNote(UserWarning):
+    """Something the user should know that is not an error (the CLI prints it as one ``note:`` line)."""

@@ -2,6 +2,9 @@
 
 A killed process, a full disk or an exception never leaves a half-written model, engine,
 feature matrix or report under the requested name; an existing file stays as it was.
+The final file gets the mode a plain ``open(path, "w")`` would give it (an existing file's mode,
+else 0666 less the umask), not ``mkstemp``'s private 0600: a serving container or another user
+must be able to read a model or a report.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -44,13 +48,39 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: kept for an existing file, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_current_umask()
+
+
+def _mkstemp_for(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` that already has ``path``'s final mode."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _final_mode(path))
+    except BaseException:
+        os.close(fd)
+        _remove(tmp)
+        raise
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete or not at all."""
     path = check_output_path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _mkstemp_for(path)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -81,7 +111,7 @@ def atomic_write_files(files: dict[str | Path, bytes]) -> list[Path]:
         for target, data in files.items():
             path = check_output_path(target)
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = _mkstemp_for(path)
                 pending.append((tmp, path))
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)

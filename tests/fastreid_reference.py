@@ -3,6 +3,11 @@
 It does not use reid_export at all: it reads a fast-reid state dict and applies fast-reid's
 documented computation with torch.nn.functional, and preprocesses images exactly as fast-reid's
 demo predictor does (cv2.imread -> [:, :, ::-1] -> cv2.resize INTER_CUBIC -> float32 CHW).
+
+A transcription is not the authority on what fast-reid computes: an earlier version padded the
+stem max-pool as the design notes then said, and agreed with a model that did the same. It is kept
+only because ``tests/test_golden.py`` checks it against features computed by fast-reid's own code
+(``../shared/golden``); it serves the tests that run where that folder is absent.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def forward(sd: dict, images: torch.Tensor, last_stride: int = 1) -> torch.Tenso
     x = (images - MEAN.to(dtype)) / STD.to(dtype)
     x = F.conv2d(x, sd["backbone.conv1.weight"], stride=2, padding=3)
     x = F.relu(_bn(x, sd, "backbone.bn1."))
-    x = F.max_pool2d(x, 3, 2, padding=1, ceil_mode=True)
+    x = F.max_pool2d(x, 3, 2, padding=0, ceil_mode=True)  # fast-reid: no padding
     for stage in range(1, 5):
         n_blocks = 1 + max(int(m.group(1)) for k in sd
                            if (m := re.match(rf"backbone\.layer{stage}\.(\d+)\.", k)))

@@ -24,9 +24,26 @@ def test_bot_r50_keys_are_fastreids():
     assert not any(k.startswith("backbone.layer3.6.") for k in keys)
     assert not any("pixel_mean" in k for k in keys)  # non-persistent, as in fast-reid
     mp = model.backbone.maxpool
-    assert (mp.kernel_size, mp.stride, mp.padding, mp.ceil_mode) == (3, 2, 1, True)
+    assert (mp.kernel_size, mp.stride, mp.padding, mp.ceil_mode) == (3, 2, 0, True)  # fast-reid's stem pool
     assert model.backbone.layer4[0].conv2.stride == (1, 1)  # LAST_STRIDE 1
     assert model.heads.bottleneck[0].bias.requires_grad is False  # BNNeck bias frozen
+
+
+@pytest.mark.parametrize("padding,expected", [(0, (64, 32)), (1, (65, 33))])
+def test_stem_pool_map_size(padding, expected):
+    """fast-reid's unpadded ceil-mode pool gives 64x32 at 256x128; the pre-0.2.0 padded one 65x33."""
+    model, _ = _model("Market1501/bagtricks_R18.yml", "MODEL.BACKBONE.STEM_POOL_PADDING", str(padding))
+    bb = model.backbone
+    with torch.no_grad():
+        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(torch.rand(1, 3, 256, 128)))))
+    assert tuple(x.shape[2:]) == expected
+
+
+def test_stem_pool_padding_refuses_other_values():
+    from reid_export.errors import ReidExportError
+
+    with pytest.raises(ReidExportError, match="STEM_POOL_PADDING 2"):
+        _model("Market1501/bagtricks_R18.yml", "MODEL.BACKBONE.STEM_POOL_PADDING", "2")
 
 
 def test_ibn_in_stages_1_to_3_only():

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_export.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
+from reid_export.checkpoint import extract_state_dict, load_weights, read_checkpoint, resolve_stem, save_checkpoint
 from reid_export.config import CfgNode, load_config_text
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportError
@@ -247,6 +247,9 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     num_classes = 1 + max(it.pid for it in items)
     cfg.MODEL.HEADS.NUM_CLASSES = num_classes
     log.info("training set: %d images, %d identities from %s", len(items), num_classes, ", ".join(sources))
+    # The stem the weights were trained with: fast-reid's for a new run (recorded in the checkpoints'
+    # config), the checkpoint's own when resuming one written before 0.2.0.
+    resolve_stem(cfg, state if state is not None else {}, str(ckpt_path))
     if state is not None and isinstance(state.get("cfg"), str):
         old = _flatten(load_config_text(state["cfg"]).to_dict())
         new = _flatten(cfg.to_dict())
@@ -433,13 +436,16 @@ def _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_
         obj = read_checkpoint(source)
         if isinstance(obj.get("cfg"), str) and int(cfg.MODEL.HEADS.NUM_CLASSES) == 0:
             cfg.MODEL.HEADS.NUM_CLASSES = int(load_config_text(obj["cfg"]).MODEL.HEADS.NUM_CLASSES)
+        resolve_stem(cfg, obj, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(obj, source), source)
     elif state is not None:
         source = str(ckpt_path)
+        resolve_stem(cfg, state, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(state, source), source)
     else:
+        resolve_stem(cfg, {}, "untrained")
         model = build_model(cfg)
         source = "untrained:" + _init_weights(cfg, model)
         log.warning("--eval-only without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)

@@ -6,10 +6,11 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
-from ..errors import ReidExportError
+from ..errors import ReidExportError, ReidExportNote
 from ..runtime.preprocess import UnreadableImage
 
 PROG = "reid-export"
@@ -24,7 +25,9 @@ def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
     args = list(sys.argv[1:] if args is None else args)
     debug = _debug_requested(args)
     try:
-        code = group.main(args=args, prog_name=prog_name, standalone_mode=False)
+        with warnings.catch_warnings():
+            _show_notes_as_lines(prog_name)
+            code = group.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.exceptions.Abort:
@@ -53,6 +56,20 @@ def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
                    "(rerun with --debug for the traceback, and please report it)", err=True)
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_notes_as_lines(prog_name: str) -> None:
+    """Print :class:`ReidExportNote` warnings as ``prog: note: ...`` lines, each once."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ReidExportNote):
+            click.echo(f"{prog_name}: note: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", ReidExportNote)
 
 
 class OptsCommand(click.Command):

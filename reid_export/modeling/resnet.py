@@ -61,11 +61,25 @@ ARCHS = {
 }
 
 
-class ResNet(nn.Module):
-    """fast-reid's ResNet: IBN-a in stages 1-3, non-local blocks after the last blocks of a stage."""
+STEM_POOL_PADDINGS = (0, 1)
 
-    def __init__(self, depth="50x", last_stride=1, bn_norm="BN", with_ibn=False, with_nl=False):
+
+class ResNet(nn.Module):
+    """fast-reid's ResNet: IBN-a in stages 1-3, non-local blocks after the last blocks of a stage.
+
+    The stem max-pool is fast-reid's ``MaxPool2d(3, stride=2, ceil_mode=True)`` with no padding
+    (a 256x128 input gives a 64x32 map after it; torchvision's ResNet pads by 1 and gives 64x32
+    only through floor mode). ``stem_pool_padding=1`` rebuilds the stem that reid-train used
+    before 0.2.0, for checkpoints trained with it (see ``checkpoint.resolve_stem``).
+    """
+
+    def __init__(self, depth="50x", last_stride=1, bn_norm="BN", with_ibn=False, with_nl=False,
+                 stem_pool_padding=0):
         super().__init__()
+        if stem_pool_padding not in STEM_POOL_PADDINGS:
+            raise ReidExportError(f"MODEL.BACKBONE.STEM_POOL_PADDING {stem_pool_padding!r} is not supported; "
+                                  "use 0 (fast-reid) or 1 (reid-train before 0.2.0)")
+        self.stem_pool_padding = int(stem_pool_padding)
         if depth not in ARCHS:
             raise ReidExportError(
                 f"MODEL.BACKBONE.DEPTH {depth!r} is not supported; use one of {', '.join(ARCHS)}"
@@ -75,7 +89,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = get_norm(bn_norm, 64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=self.stem_pool_padding, ceil_mode=True)
         self.layer1 = self._make_layer(block, 64, layers[0], 1, bn_norm, with_ibn)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, bn_norm, with_ibn)
         self.layer3 = self._make_layer(block, 256, layers[2], 2, bn_norm, with_ibn)
@@ -134,4 +148,6 @@ def build_resnet_backbone(cfg) -> ResNet:
         )
     if bb.WITH_SE:
         raise ReidExportError("MODEL.BACKBONE.WITH_SE is not supported; set it to False")
-    return ResNet(bb.DEPTH, int(bb.LAST_STRIDE), bb.NORM, bool(bb.WITH_IBN), bool(bb.WITH_NL))
+    padding = bb.get("STEM_POOL_PADDING")
+    return ResNet(bb.DEPTH, int(bb.LAST_STRIDE), bb.NORM, bool(bb.WITH_IBN), bool(bb.WITH_NL),
+                  stem_pool_padding=0 if padding is None else padding)
