@@ -182,7 +182,7 @@ class PitfallNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, 2, 1)
-        self.pool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)  # fast-reid's stem pool: ceil mode, no padding
         self.inorm = nn.InstanceNorm2d(8, affine=True)
         self.nl = FastReidNonLocal(16)
 
