@@ -130,7 +130,7 @@ def _ort(path_or_model, x):
 
 def test_deepstream_writes_an_exact_folded_onnx_and_its_reid_section(small_onnx, tmp_path, image_dir):
     out = tmp_path / "ds"
-    res = run_cli("deepstream", small_onnx, "-o", out, "--images", image_dir, "--network-mode", "fp16")
+    res = run_cli("deepstream", small_onnx, "-o", out, "--images", image_dir, "--network-mode", "fp16", "--keep-aspect")
     assert res.code == 0, res
     assert "PASS" in res.out
     folded, cfg = out / "small.deepstream.onnx", out / "small.tracker-reid.yml"
@@ -157,7 +157,7 @@ def test_deepstream_writes_an_exact_folded_onnx_and_its_reid_section(small_onnx,
 
 def test_bgr_color_format_swaps_channels_inside_the_graph(small_onnx, tmp_path):
     out = tmp_path / "bgr"
-    res = run_cli("deepstream", small_onnx, "-o", out, "--color-format", "bgr", "--stretch", "--reid-type", "both")
+    res = run_cli("deepstream", small_onnx, "-o", out, "--color-format", "bgr", "--reid-type", "both")
     assert res.code == 0, res
     reid = yaml.safe_load((out / "small.tracker-reid.yml").read_text())["ReID"]
     assert reid["colorFormat"] == 1 and reid["keepAspc"] == 0 and reid["reidType"] == 3

@@ -104,8 +104,10 @@ def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, i
 @click.option("--workspace-mb", default=1000, show_default=True, type=int, callback=positive_int)
 @click.option("--history-size", default=100, show_default=True, type=int, callback=positive_int,
               help="reidHistorySize: features kept per target.")
-@click.option("--keep-aspect/--stretch", default=True, show_default=True,
-              help="keepAspc 1 (letterbox) or 0; measure its cost with eval --deployment deepstream-folded.")
+@click.option("--keep-aspect/--stretch", default=False, show_default=True,
+              help="keepAspc 1 (letterbox) or 0 (stretch, default: what fast-reid/torchreid models see in their own "
+                   "preprocessing). Measure the letterbox's cost with eval --deployment deepstream-folded first: on "
+                   "CUHK03 it costs a stretch-trained OSNet about 22 mAP points (benchmarks/RESULTS.md).")
 @click.option("--name", help="Output file stem (default: the model's).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
 @click.option("--progress/--no-progress", default=False)

@@ -121,7 +121,7 @@ def _unique(graph: onnx.GraphProto, base: str) -> str:
 
 def reid_section(data_config: DataConfig, feature_size: int, onnx_file: str, network_mode: str = "fp32",
                  reid_type: str = "deepsort", batch_size: int = 100, workspace_mb: int = 1000,
-                 history_size: int = 100, keep_aspect: bool = True) -> dict:
+                 history_size: int = 100, keep_aspect: bool = False) -> dict:
     """The nvtracker ``ReID:`` keys for a folded model (offsets 0, netScaleFactor 1: exact)."""
     engine = f"{onnx_file}_b{batch_size}_gpu0_{network_mode}.engine"  # the name DeepStream gives the engine it builds
     return {
@@ -153,7 +153,7 @@ _COMMENTS = {
     "networkMode": "0 FP32, 1 INT8, 2 FP16",
     "offsets": "exact: the model's mean is inside the ONNX",
     "netScaleFactor": "exact: the model's per-channel std is inside the ONNX",
-    "keepAspc": "1: letterbox (aspect kept, padded); 0: stretch",
+    "keepAspc": "0: stretch, as the model's own preprocessing; 1: letterbox (eval --deployment deepstream-folded measures it)",
     "addFeatureNormalization": "L2-normalise the features (the model outputs them unnormalised)",
     "onnxFile": "relative to this file",
     "modelEngineFile": "DeepStream builds it from onnxFile on first run",
@@ -212,7 +212,7 @@ class DeepStreamResult:
 
 def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Path] = (), color_order: str | None = None,
           network_mode: str | None = None, reid_type: str = "deepsort", batch_size: int = 100,
-          workspace_mb: int = 1000, history_size: int = 100, keep_aspect: bool = True,
+          workspace_mb: int = 1000, history_size: int = 100, keep_aspect: bool = False,
           name: str | None = None, progress: bool = False, max_rel_l2: float | None = None) -> DeepStreamResult:
     """Fold, self-check and write ``OUT_DIR/NAME.deepstream.onnx`` and ``NAME.tracker-reid.yml``.
 

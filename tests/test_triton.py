@@ -1,0 +1,193 @@
+"""``reid-export triton``: the generated model repository, every config.pbtxt parsed with Triton's own
+ModelConfig protobuf (tritonclient, the triton extra)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_clean_error, run_cli
+from reid_export.data_config import DataConfig
+from reid_export.errors import ReidExportError
+from reid_export.export.metadata import base_metadata, set_metadata
+from reid_export.serve.triton import parse_config
+from reid_export.trt.sidecar import make_sidecar, write_sidecar
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2",
+    reason="tritonclient not installed: pip install 'reid-export[triton]' (Triton's ModelConfig protobuf)")
+
+DC = DataConfig(height=64, width=32, interpolation="linear", feat_dim=24, model_name="tiny")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 24, 3, 2, 1)
+
+    def forward(self, x):
+        return self.conv((x - 120.0) / 60.0).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triton")
+    fp32 = folder / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tiny().eval(), (torch.randn(1, 3, 64, 32),), str(fp32), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["features"], dynamic_axes={"input": {0: "N"},
+                                                                                         "features": {0: "N"}})
+    model = onnx.load(str(fp32))
+    set_metadata(model, base_metadata(DC, "fp32"))
+    onnx.save(model, str(fp32))
+    fp16 = folder / "tiny.fp16.onnx"
+    res = run_cli("quantize", fp32, "-o", fp16, "--precision", "fp16")
+    assert res.code == 0, res
+    plans = []
+    for cc in ("8.6", "9.0"):
+        plan = folder / f"tiny.sm{cc.replace('.', '')}.engine"
+        plan.write_bytes(f"not a real engine for {cc}".encode())  # Triton is not started here: bytes are copied
+        write_sidecar(plan, make_sidecar(DC, "fp16", "10.9.0", "GPU", cc, {"min": [1, 3, 64, 32], "opt": [8, 3, 64, 32],
+                                                                          "max": [16, 3, 64, 32]},
+                                         str(fp32), "abc123", {}, "input", "features"))
+        plans.append(plan)
+    return folder, fp32, fp16, plans
+
+
+def _parse(path):
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_repository_for_onnx_fp16_with_tensorrt_and_multi_arch_plans(models, tmp_path):
+    _, fp32, fp16, plans = models
+    repo = tmp_path / "repo"
+    res = run_cli("triton", fp32, "-o", repo, "--kind", "cpu", "--instances", "2", "--max-batch-size", "16",
+                  "--preferred-batch-size", "4,8", "--max-queue-delay-us", "500")
+    assert res.code == 0, res
+    assert "checked with Triton's ModelConfig protobuf" in res.out
+    res = run_cli("triton", fp16, *plans, "-o", repo, "--name", "tiny_fp16", "--name", "tiny_trt",
+                  "--tensorrt-accelerator", "fp16", "--gpus", "0,1")
+    assert res.code == 0, res
+
+    cfg = _parse(repo / "tiny" / "config.pbtxt")
+    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert list(cfg.input[0].dims) == [3, 64, 32] and cfg.input[0].name == "input"
+    assert cfg.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(cfg.output[0].dims) == [24] and cfg.output[0].name == "features"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.instance_group[0].count == 2 and cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert (repo / "tiny" / "1" / "model.onnx").read_bytes() == fp32.read_bytes()
+
+    cfg = _parse(repo / "tiny_fp16" / "config.pbtxt")
+    accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert len(accel) == 1 and accel[0].name == "tensorrt" and accel[0].parameters["precision_mode"] == "FP16"
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert list(cfg.instance_group[0].gpus) == [0, 1] and cfg.max_batch_size == 32
+    assert (repo / "tiny_fp16" / "1" / "model.onnx").read_bytes() == fp16.read_bytes()
+
+    cfg = _parse(repo / "tiny_trt" / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16  # the engine profile's max
+    assert dict(cfg.cc_model_filenames) == {"8.6": "model_sm86.plan", "9.0": "model_sm90.plan"}
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8]  # the profile's opt
+    for cc, plan in zip(("86", "90"), plans):
+        assert (repo / "tiny_trt" / "1" / f"model_sm{cc}.plan").read_bytes() == plan.read_bytes()
+
+    for name in ("tiny", "tiny_fp16", "tiny_trt"):
+        dc = DataConfig.from_json((repo / name / "data_config.json").read_text())
+        assert dc.to_dict() == DC.to_dict() | {"feat_dim": 24}
+        readme = (repo / name / "README.md").read_text()
+        assert "64x32" in readme and "Do not normalise" in readme and "RGB" in readme
+    top = (repo / "README.md").read_text()
+    assert all(f"[{n}]" in top for n in ("tiny", "tiny_fp16", "tiny_trt"))
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_a_single_plan_and_the_validator_rejects_broken_configs(models, tmp_path):
+    _, _, _, plans = models
+    repo = tmp_path / "repo"
+    res = run_cli("triton", plans[0], "-o", repo, "--max-batch-size", "4")
+    assert res.code == 0, res
+    cfg = _parse(repo / "tiny" / "config.pbtxt")
+    assert cfg.default_model_filename == "model.plan" and not cfg.cc_model_filenames and cfg.max_batch_size == 4
+    # the check can fail: a misspelt field, a wrong enum, a string where a number goes
+    text = (repo / "tiny" / "config.pbtxt").read_text()
+    for broken in (text.replace("max_batch_size", "max_batch"), text.replace("TYPE_FP32", "TYPE_FLOAT32"),
+                   text.replace("max_batch_size: 4", 'max_batch_size: "four"')):
+        with pytest.raises(ReidExportError, match="not a valid Triton model config"):
+            parse_config(broken)
+    assert parse_config(text).max_batch_size == 4
+
+
+def test_triton_bad_inputs(models, tmp_path):
+    folder, fp32, fp16, plans = models
+    repo = tmp_path / "repo"
+    assert run_cli("triton", fp32, "-o", repo).code == 0
+    assert_clean_error(run_cli("triton", fp32, "-o", repo), "already exists", "--force")
+    assert run_cli("triton", fp32, "-o", repo, "--force", "--max-batch-size", "8").code == 0
+    assert _parse(repo / "tiny" / "config.pbtxt").max_batch_size == 8
+    assert_clean_error(run_cli("triton", plans[0], "-o", tmp_path / "r2", "--max-batch-size", "64"),
+                       "exceeds the engine's profile maximum 16")
+    assert_clean_error(run_cli("triton", plans[0], plans[0], "-o", tmp_path / "r3"), "compute capability 8.6")
+    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r4", "--kind", "cpu", "--tensorrt-accelerator",
+                               "fp16"), "runs on a GPU")
+    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r5", "--tensorrt-accelerator", "int8"),
+                       "needs a Q/DQ")
+    assert_clean_error(run_cli("triton", plans[0], "-o", tmp_path / "r6", "--kind", "cpu"), "runs on a GPU")
+    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r7", "--preferred-batch-size", "64"),
+                       "exceeds max_batch_size 32")
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(b"x")
+    assert_clean_error(run_cli("triton", ckpt, "-o", tmp_path / "r8"), "reid-export onnx")
+    bare = tmp_path / "bare.onnx"
+    model = onnx.load(str(fp32))
+    del model.metadata_props[:]
+    onnx.save(model, str(bare))
+    assert_clean_error(run_cli("triton", bare, "-o", tmp_path / "r9"), "annotate")
+    orphan = tmp_path / "orphan.plan"
+    orphan.write_bytes(b"x")
+    assert_clean_error(run_cli("triton", orphan, "-o", tmp_path / "r10"), "reid-export trt")
+    assert_clean_error(run_cli("triton", fp32, fp16, "-o", tmp_path / "r11", "--name", "one"), "--name given 1 times")
+    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r12", "--name", "bad name"), "bad name")
+    assert_clean_error(run_cli("triton", fp32, fp32, "-o", tmp_path / "r13"), "two models would be named")
+    for r in ("r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9", "r10", "r11", "r12", "r13"):
+        assert not (tmp_path / r).exists() or not any((tmp_path / r).iterdir()), r
+
+
+def test_fixed_batch_onnx_gets_max_batch_size_zero(models, tmp_path):
+    folder, fp32, _, _ = models
+    fixed = tmp_path / "fixed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tiny().eval(), (torch.randn(1, 3, 64, 32),), str(fixed), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["features"])
+    model = onnx.load(str(fixed))
+    set_metadata(model, base_metadata(DC, "fp32"))
+    onnx.save(model, str(fixed))
+    res = run_cli("triton", fixed, "-o", tmp_path / "repo")
+    assert res.code == 0, res
+    assert "fixed batch 1" in res.out
+    cfg = _parse(tmp_path / "repo" / "fixed" / "config.pbtxt")
+    assert cfg.max_batch_size == 0 and list(cfg.input[0].dims) == [1, 3, 64, 32]
+    assert not cfg.HasField("dynamic_batching")
+    # the client README's numbers are what extract computes: the repository's copy gives the same features
+    x = np.random.default_rng(0).uniform(0, 255, (1, 3, 64, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(str(tmp_path / "repo" / "fixed" / "1" / "model.onnx"),
+                             providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(a, b)
+    assert json.loads((tmp_path / "repo" / "fixed" / "data_config.json").read_text())["height"] == 64
