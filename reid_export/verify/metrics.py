@@ -31,9 +31,13 @@ import numpy as np
 from reid_export.errors import ReidExportError, UsageError
 
 __all__ = [
+    "FeatureDistances",
+    "MatrixDistances",
     "compute_distance",
     "evaluate_rank",
+    "evaluate_rank_streamed",
     "rank_metrics",
+    "rank_metrics_streamed",
     "roc_curve",
     "roc_tpr_at_fpr",
 ]
@@ -394,4 +398,263 @@ def roc_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids,
             v = neg[allowed]  # the (allowed+1)-th smallest negative distance: reject it
             tpr = float(np.mean(pos < v))
         out[f"TPR@FPR={f:.0e}"] = tpr * 100.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Streamed evaluation: galleries of any size, memory bounded by a chunk of gallery columns
+# ----------------------------------------------------------------------------------------
+#
+# ``evaluate_rank_streamed`` gives the numbers of ``evaluate_rank`` without a [Q, G] matrix.
+# It needs, per valid query, the distances of its positives before it can count the gallery
+# items ranked before them; those come from ``source.pairs`` (cheap: a few per query) as an
+# *estimate* with an error bound ``eps`` (0 when the source is a matrix), so one pass over the
+# gallery suffices:
+#
+# * every gallery item of another pid whose distance is more than ``eps`` away from every
+#   positive estimate is counted at once in the bucket "number of positives before it";
+# * the few within ``eps`` of an estimate are kept and placed at the end against the *exact*
+#   positive distances, which are read from the same blocks of distances the pass computed
+#   (so positives and the items they are compared with are the same floats); ties by gallery
+#   index, as in ``evaluate_rank``;
+# * at the end every exact positive distance must lie within ``eps / 2`` of its estimate (or
+#   equal it, for a matrix), which makes the counts of the first kind exact; a violation raises.
+#
+# Items farther than the last positive (plus ``eps``) never change a rank and are not kept.
+
+
+class MatrixDistances:
+    """A full distance matrix as a streamed source (tests, and the equality check itself)."""
+
+    def __init__(self, distmat):
+        self.distmat = np.asarray(distmat)
+        if self.distmat.ndim != 2:
+            raise ReidExportError(f"distance matrix must be 2-D [Q, G]; got shape {self.distmat.shape}")
+        self.shape = self.distmat.shape
+
+    def select_queries(self, rows):
+        return MatrixDistances(self.distmat[rows])
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        return self.distmat[:, start:stop]
+
+    def pairs(self, rows, cols):
+        """(distance estimates, error bound) of the pairs (query row, gallery index)."""
+        d = self.distmat[rows, cols].astype(np.float64)
+        return d, np.zeros_like(d)
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    # As compute_distance does it, so a chunk of rows gets the same values as the whole.
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
+
+
+class FeatureDistances:
+    """Query x gallery distances computed block by block from features (``compute_distance``'s
+    definitions).  ``gallery`` is anything 2-D that slices into arrays: an ndarray, a
+    ``np.load(..., mmap_mode="r")`` memmap, or a generator object with ``shape``/``dtype`` and
+    ``__getitem__`` for slices and index arrays."""
+
+    def __init__(self, qf, gallery, metric: str = "cosine"):
+        if metric not in ("cosine", "euclidean"):
+            raise UsageError(f"unknown distance metric {metric!r}; use 'cosine' or 'euclidean'")
+        qf = np.asarray(qf)
+        if qf.ndim != 2 or len(gallery.shape) != 2 or qf.shape[1] != gallery.shape[1]:
+            raise ReidExportError(f"features must be 2-D with the same dimension; got query {qf.shape} "
+                                  f"and gallery {tuple(gallery.shape)}")
+        self.dtype = np.float32 if (qf.dtype == np.float32 and np.dtype(gallery.dtype) == np.float32) \
+            else np.float64
+        self.metric = metric
+        self.gallery = gallery
+        q = qf.astype(self.dtype, copy=False)
+        self.q = _normalize_rows(q) if metric == "cosine" else q
+        self.q_sq = np.einsum("ij,ij->i", self.q, self.q)
+        self.shape = (qf.shape[0], gallery.shape[0])
+
+    def select_queries(self, rows):
+        out = object.__new__(FeatureDistances)
+        out.__dict__.update(self.__dict__)
+        out.q, out.q_sq = self.q[rows], self.q_sq[rows]
+        out.shape = (len(rows), self.shape[1])
+        return out
+
+    def _gallery(self, index) -> np.ndarray:
+        g = np.asarray(self.gallery[index]).astype(self.dtype, copy=False)
+        return _normalize_rows(g) if self.metric == "cosine" else g
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        g = self._gallery(slice(start, stop))
+        if self.metric == "cosine":
+            return 1.0 - self.q @ g.T
+        g_sq = np.einsum("ij,ij->i", g, g)[None, :]
+        dist = self.q_sq[:, None] + g_sq - 2.0 * (self.q @ g.T)
+        np.maximum(dist, 0, out=dist)
+        return dist
+
+    def pairs(self, rows, cols):
+        """(float64 estimates, error bounds) of the distances of the pairs (query row, gallery index)."""
+        uniq, inv = np.unique(cols, return_inverse=True)
+        g = self._gallery(uniq)[inv].astype(np.float64)
+        q = self.q[rows].astype(np.float64)
+        dot = np.einsum("ij,ij->i", q, g)
+        absdot = np.einsum("ij,ij->i", np.abs(q), np.abs(g))
+        # A dot product of length D in floating point is off by at most about D * u * sum|q_i g_i|
+        # (u the unit roundoff, any summation order), each squared norm by D * u * itself, and the
+        # final additions by a few u of their operands; the bound doubles that.
+        u = np.finfo(self.dtype).eps / 2.0
+        dim = self.q.shape[1] + 2
+        if self.metric == "cosine":
+            return 1.0 - dot, 2.0 * dim * u * (absdot + 1.0)
+        q_sq = self.q_sq[rows].astype(np.float64)
+        g_sq = np.einsum("ij,ij->i", g, g)
+        est = np.maximum(q_sq + g_sq - 2.0 * dot, 0.0)
+        return est, 2.0 * dim * u * (q_sq + g_sq + 2.0 * absdot)
+
+
+def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
+                           chunk_elements: int = 1 << 25, progress: bool = False,
+                           desc: str = "eval (streamed)", return_ranks: bool = False) -> dict:
+    """:func:`evaluate_rank` over a distance ``source`` read in gallery chunks.
+
+    ``source``: :class:`MatrixDistances` or :class:`FeatureDistances` (or anything with
+    ``shape``, ``select_queries``, ``block`` and ``pairs``).  Temporary memory is about
+    ``chunk_elements`` x (dtype size + 1) bytes (a [valid queries, chunk] block and its mask)
+    plus the items kept near the positives; the result has the same keys and values as
+    :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
+    plus ``kept_near_positives`` and, with ``return_ranks``, ``ranks``: the 1-based rank of every
+    positive of each valid query, ascending, padded with 0 ([valid queries, most positives]).
+    """
+    from tqdm import tqdm
+
+    num_q, num_g = source.shape
+    q_pids, g_pids, q_camids, g_camids = (np.asarray(a).reshape(-1) for a in (q_pids, g_pids, q_camids, g_camids))
+    for name, arr, n in (("q_pids", q_pids, num_q), ("g_pids", g_pids, num_g),
+                         ("q_camids", q_camids, num_q), ("g_camids", g_camids, num_g)):
+        if arr.shape[0] != n:
+            raise ReidExportError(f"{name} has {arr.shape[0]} entries but the distances {source.shape} need {n}")
+    if num_q == 0 or num_g == 0:
+        raise ReidExportError(f"empty distances {source.shape}: no queries or no gallery")
+    if max_rank < 1:
+        raise UsageError(f"max_rank must be >= 1; got {max_rank}")
+    length = min(max_rank, num_g)
+    groups = _Groups(q_pids, g_pids, q_camids, g_camids)
+    valid = np.flatnonzero(groups.n_pos > 0)
+    if valid.size == 0:
+        raise ReidExportError("no query has a matching gallery image from another camera: "
+                              "check the dataset's pids/camera ids")
+    nv = valid.size
+    src = source.select_queries(valid)
+    n_pos = groups.n_pos[valid]
+    p_max = int(n_pos.max())
+    q_pid, q_cam = groups.q_pid[valid], groups.q_cam[valid]
+
+    # The positives, row-major (row = valid-query index), gallery index ascending within a row.
+    sp_rows, sp_cols = groups.same_pid_pairs(valid)
+    is_pos = groups.g_cam[sp_cols] != q_cam[sp_rows]
+    prow, pcol = sp_rows[is_pos], sp_cols[is_pos]
+    est, eps_pair = src.pairs(prow, pcol)
+    eps_row = np.zeros(nv)
+    with np.errstate(invalid="ignore"):  # NaN features: the block check below names them
+        np.maximum.at(eps_row, prow, eps_pair)
+    pstart = np.concatenate([[0], np.cumsum(n_pos)])
+    slot = np.arange(prow.size) - pstart[prow]
+    # Sorted estimates per row in [:, 1:n_pos + 1]; -inf before, +inf after.
+    ext = np.full((nv, p_max + 2), np.inf)
+    ext[:, 0] = -np.inf
+    tmp = np.full((nv, p_max), np.inf)
+    tmp[prow, slot] = est
+    ext[:, 1:p_max + 1] = np.sort(tmp, axis=1)
+    bound = ext[np.arange(nv), n_pos] + eps_row  # beyond this, an item follows every positive
+    by_col = np.argsort(pcol, kind="stable")
+    pcol_sorted = pcol[by_col]
+
+    exact = np.full(prow.size, np.nan)
+    hist = np.zeros(nv * (p_max + 1), dtype=np.int64)
+    unsure_rows, unsure_cols, unsure_d = [], [], []
+    step = max(1, min(num_g, chunk_elements // max(nv, 1)))
+    bar = tqdm(total=num_g, desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
+    for start in range(0, num_g, step):
+        stop = min(num_g, start + step)
+        dist = src.block(start, stop)
+        _check_no_nan(dist)
+        lo, hi = np.searchsorted(pcol_sorted, [start, stop])
+        k = by_col[lo:hi]
+        exact[k] = dist[prow[k], pcol[k] - start]
+        # Rounded up, so no item <= bound is left out (one more kept item is harmless).
+        limit = np.nextafter(bound.astype(dist.dtype), np.array(np.inf, dtype=dist.dtype))
+        mask = dist <= limit[:, None]
+        rows, cols = np.nonzero(mask)
+        del mask
+        gcols = cols + start
+        keep = groups.g_pid[gcols] != q_pid[rows]
+        rows, gcols = rows[keep], gcols[keep]
+        d = dist[rows, gcols - start].astype(np.float64)
+        del dist
+        # Bucket: estimates below d (rows come sorted, so one searchsorted per row segment).
+        b = np.empty(rows.size, dtype=np.int64)
+        seg = np.searchsorted(rows, np.arange(nv + 1))
+        for r in np.flatnonzero(np.diff(seg)):
+            s0, s1 = seg[r], seg[r + 1]
+            b[s0:s1] = np.searchsorted(ext[r, 1:n_pos[r] + 1], d[s0:s1], side="left")
+        e = eps_row[rows]
+        sure = ((d - ext[rows, b]) > e) & ((ext[rows, b + 1] - d) > e)
+        hist += np.bincount(rows[sure] * (p_max + 1) + b[sure], minlength=hist.size)
+        unsure = ~sure
+        unsure_rows.append(rows[unsure])
+        unsure_cols.append(gcols[unsure])
+        unsure_d.append(d[unsure])
+        bar.update(stop - start)
+    bar.close()
+    hist = hist.reshape(nv, p_max + 1)
+
+    worst = np.abs(exact - est) - (eps_pair / 2.0)
+    if not (worst <= 0).all():
+        i = int(np.argmax(worst))
+        raise ReidExportError(f"streamed evaluation: a positive distance {exact[i]!r} is farther from its "
+                              f"estimate {est[i]!r} than the bound {eps_pair[i] / 2!r}; the features "
+                              "may hold NaN/Inf or huge values")
+    # Exact positives, sorted by (distance, gallery index) per row.
+    order = np.lexsort((pcol, exact, prow))
+    thr = np.full((nv, p_max), np.inf)
+    pidx = np.full((nv, p_max), num_g, dtype=np.int64)
+    thr[prow, slot] = exact[order]
+    pidx[prow, slot] = pcol[order]
+    ur = np.concatenate(unsure_rows)
+    if ur.size:
+        uc, ud = np.concatenate(unsure_cols), np.concatenate(unsure_d)
+        for s0 in range(0, ur.size, 1 << 16):
+            r, c, dd = ur[s0:s0 + (1 << 16)], uc[s0:s0 + (1 << 16)], ud[s0:s0 + (1 << 16)]
+            t, ti = thr[r], pidx[r]
+            before = ((t < dd[:, None]) | ((t == dd[:, None]) & (ti < c[:, None]))).sum(axis=1)
+            np.add.at(hist, (r, before), 1)
+
+    ranks = np.cumsum(hist[:, :p_max], axis=1) + np.arange(1, p_max + 1)[None, :]
+    ranks[np.arange(p_max)[None, :] >= n_pos[:, None]] = 0
+    hits = np.arange(1, p_max + 1, dtype=np.float64)[None, :]
+    prec = np.divide(hits, ranks, out=np.zeros(ranks.shape), where=ranks > 0)
+    ap = prec.sum(axis=1) / n_pos
+    inp = n_pos / ranks[np.arange(nv), n_pos - 1]
+    first_rank = ranks[:, 0]
+    counts = np.bincount(np.minimum(first_rank, length + 1) - 1, minlength=length + 1)[:length]
+    out = {} if not return_ranks else {"ranks": ranks}
+    return out | {
+        "cmc": np.cumsum(counts) / float(nv),
+        "mAP": float(ap.mean()),
+        "mINP": float(inp.mean()),
+        "all_AP": ap,
+        "all_INP": inp,
+        "num_valid_queries": int(nv),
+        "valid_queries": valid,
+        "kept_near_positives": int(ur.size),
+    }
+
+
+def rank_metrics_streamed(source, q_pids, g_pids, q_camids, g_camids, **kwargs) -> dict:
+    """:func:`rank_metrics` (percent) from :func:`evaluate_rank_streamed`."""
+    res = evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank=10, **kwargs)
+    cmc = res["cmc"]
+    out = {f"Rank-{k}": float(cmc[min(k, cmc.size) - 1] * 100.0) for k in (1, 5, 10)}
+    out["mAP"] = res["mAP"] * 100.0
+    out["mINP"] = res["mINP"] * 100.0
+    out["num_valid_queries"] = res["num_valid_queries"]
     return out

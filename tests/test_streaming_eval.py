@@ -1,0 +1,159 @@
+"""Streamed exact evaluation (verify.metrics.evaluate_rank_streamed) against the full-matrix path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reid_export.errors import ReidExportError
+from reid_export.verify import metrics
+from reid_export.verify.metrics import (FeatureDistances, MatrixDistances, compute_distance, evaluate_rank,
+                                        evaluate_rank_streamed)
+
+
+def textbook_ranks(distmat, q_pids, g_pids, q_camids, g_camids):
+    """1-based rank of every positive of each valid query (stable argsort of each full row)."""
+    out = []
+    for i in range(distmat.shape[0]):
+        order = np.argsort(distmat[i], kind="stable")
+        removed = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
+        ranks = np.flatnonzero(g_pids[order][~removed] == q_pids[i]) + 1
+        if ranks.size:
+            out.append(ranks)
+    return out
+
+
+def labels(rng, nq, ng, pids, cams):
+    return rng.integers(0, pids, nq), rng.integers(0, pids, ng), rng.integers(0, cams, nq), rng.integers(0, cams, ng)
+
+
+def assert_same(full: dict, streamed: dict):
+    np.testing.assert_array_equal(streamed["cmc"], full["cmc"])
+    np.testing.assert_array_equal(streamed["valid_queries"], full["valid_queries"])
+    np.testing.assert_array_equal(streamed["all_INP"], full["all_INP"])
+    np.testing.assert_allclose(streamed["all_AP"], full["all_AP"], rtol=0, atol=1e-14)
+    assert streamed["num_valid_queries"] == full["num_valid_queries"]
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_matrix_source_equals_full_matrix_for_any_chunk(integer):
+    rng = np.random.default_rng(3)
+    for trial in range(25):
+        nq, ng = int(rng.integers(1, 30)), int(rng.integers(2, 250))
+        q_pids, g_pids, q_cams, g_cams = labels(rng, nq, ng, 6, 3)
+        # Integer distances: many exact ties, broken by gallery index, also across chunk borders.
+        d = rng.integers(0, 4, (nq, ng)).astype(np.float64) if integer else rng.random((nq, ng)).astype(np.float32)
+        try:
+            full = evaluate_rank(d, q_pids, g_pids, q_cams, g_cams)
+        except ReidExportError:
+            continue
+        for chunk in (1, 5, nq * 7, 1 << 20):
+            res = evaluate_rank_streamed(MatrixDistances(d), q_pids, g_pids, q_cams, g_cams,
+                                         chunk_elements=chunk, return_ranks=True)
+            assert_same(full, res)
+            for row, ranks in zip(res["ranks"], textbook_ranks(d, q_pids, g_pids, q_cams, g_cams)):
+                np.testing.assert_array_equal(row[:ranks.size], ranks)
+                assert not row[ranks.size:].any()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_feature_source_equals_full_matrix(metric, dtype):
+    rng = np.random.default_rng(0)
+    nq, ng, dim, pids = 40, 2500, 24, 30
+    centres = rng.standard_normal((pids, dim))
+    q_pids, g_pids, q_cams, g_cams = labels(rng, nq, ng, pids, 4)
+    qf = (centres[q_pids] + 0.8 * rng.standard_normal((nq, dim))).astype(dtype)
+    gf = (centres[g_pids] + 0.8 * rng.standard_normal((ng, dim))).astype(dtype)
+    full = evaluate_rank(compute_distance(qf, gf, metric), q_pids, g_pids, q_cams, g_cams)
+    for chunk in (997, 40 * 300, 1 << 24):
+        res = evaluate_rank_streamed(FeatureDistances(qf, gf, metric), q_pids, g_pids, q_cams, g_cams,
+                                     chunk_elements=chunk)
+        assert_same(full, res)
+    assert 0.2 < full["mAP"] < 0.99  # a case where ranking is neither trivial nor random
+
+
+def test_items_tied_with_a_positive_across_chunks():
+    # Query pid 1 cam 0. Gallery: g0 negative 0.5, g1 positive 0.5, g2 negative 0.5, g3 positive 0.2,
+    # g4 same pid same camera (removed) 0.1, g5 distractor 0.3.  Stable order by (distance, index):
+    # g4(removed) g3(+) g5 g0 g1(+) g2  ->  positives at ranks 1 and 4 of the valid items.
+    d = np.array([[0.5, 0.5, 0.5, 0.2, 0.1, 0.3]])
+    q_pids, q_cams = np.array([1]), np.array([0])
+    g_pids, g_cams = np.array([2, 1, 3, 1, 1, 0]), np.array([1, 1, 1, 2, 0, 1])
+    for chunk in (1, 2, 4, 100):
+        res = evaluate_rank_streamed(MatrixDistances(d), q_pids, g_pids, q_cams, g_cams, chunk_elements=chunk,
+                                     return_ranks=True)
+        np.testing.assert_array_equal(res["ranks"], [[1, 4]])
+        assert res["mAP"] == pytest.approx((1 / 1 + 2 / 4) / 2)
+        assert res["mINP"] == pytest.approx(2 / 4)
+
+
+class RecordingSource(MatrixDistances):
+    def __init__(self, d):
+        super().__init__(d)
+        self.widths = []
+
+    def select_queries(self, rows):
+        out = RecordingSource(self.distmat[rows])
+        out.widths = self.widths
+        return out
+
+    def block(self, start, stop):
+        self.widths.append(stop - start)
+        return super().block(start, stop)
+
+
+def test_memory_is_bounded_by_the_chunk():
+    rng = np.random.default_rng(1)
+    d = rng.random((50, 4000))
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 50, 4000, 10, 3)
+    src = RecordingSource(d)
+    evaluate_rank_streamed(src, q_pids, g_pids, q_cams, g_cams, chunk_elements=50 * 128)
+    assert max(src.widths) == 128 and sum(src.widths) == 4000
+
+
+def test_estimate_outside_its_bound_is_caught(monkeypatch):
+    # A source whose positive estimates are wrong by more than the bound it claims must not give
+    # silently wrong numbers.
+    rng = np.random.default_rng(2)
+    d = rng.random((20, 300))
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 20, 300, 5, 3)
+
+    class Lying(MatrixDistances):
+        def select_queries(self, rows):
+            return Lying(self.distmat[rows])
+
+        def pairs(self, rows, cols):
+            est, eps = super().pairs(rows, cols)
+            return est + 0.01, eps
+
+    with pytest.raises(ReidExportError, match="farther from its estimate"):
+        evaluate_rank_streamed(Lying(d), q_pids, g_pids, q_cams, g_cams, chunk_elements=200)
+
+
+def test_bad_inputs_give_one_clear_error():
+    rng = np.random.default_rng(4)
+    qf, gf = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 5, 30, 3, 3)
+    with pytest.raises(ReidExportError, match="same dimension"):
+        FeatureDistances(qf, gf[:, :4])
+    with pytest.raises(ReidExportError, match="g_pids has 29"):
+        evaluate_rank_streamed(FeatureDistances(qf, gf), q_pids, g_pids[:29], q_cams, g_cams)
+    with pytest.raises(ReidExportError, match="no query has a matching"):
+        evaluate_rank_streamed(FeatureDistances(qf, gf), q_pids + 10, g_pids, q_cams, g_cams)
+    gf[3, 2] = np.nan
+    with pytest.raises(ReidExportError, match="NaN"):
+        evaluate_rank_streamed(FeatureDistances(qf, gf), q_pids, g_pids, q_cams, g_cams)
+
+
+def test_memmap_gallery(tmp_path):
+    rng = np.random.default_rng(5)
+    qf, gf = rng.standard_normal((12, 16)).astype(np.float32), rng.standard_normal((700, 16)).astype(np.float32)
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 12, 700, 4, 3)
+    np.save(tmp_path / "g.npy", gf)
+    mm = np.load(tmp_path / "g.npy", mmap_mode="r")
+    full = evaluate_rank(compute_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)
+    assert_same(full, evaluate_rank_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams,
+                                             chunk_elements=12 * 64))
+    assert metrics.rank_metrics_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams)["mAP"] == \
+        pytest.approx(full["mAP"] * 100)
