@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU training benchmark: BoT-R18 on the CUHK03 crops (Market-1501 layout), before vs after.
+"""CPU training benchmark: BoT-R18 or OSNet on the CUHK03 crops (Market-1501 layout), before vs after.
 
     python benchmarks/train_cuhk03_cpu.py [--data ../shared/data] [--output-dir logs/cuhk03/bagtricks_R18_cpu]
                                          [--config configs/CUHK03/bagtricks_R18_cpu.yml] [--resume] [--opts K V ...]
@@ -9,7 +9,7 @@
 2. ``reid-train`` (``--resume`` continues an interrupted run): trains and evaluates;
 3. writes ``OUTPUT_DIR/benchmark.json`` and prints the rows for benchmarks/RESULTS.md: before/after
    metrics, training img/s (per epoch, wall clock including data loading, median over epochs),
-   total time, date, CPU model, core count, and the load average (other processes on the machine
+   total time, mAP against minutes of training (each evaluation), date, CPU model, core count, and the load average (other processes on the machine
    slow the run down; it is recorded so that the img/s can be judged).
 
 The checkpoints (model_final.pth, model_best.pth) stay in OUTPUT_DIR, out of git.
@@ -47,6 +47,21 @@ def reid_train(args: list[str]) -> None:
     print("$ reid-train " + " ".join(args), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
+
+
+def mAP_curve(epochs: list[dict], evals: list[Path], name: str) -> list[dict]:  # noqa: N802
+    """mAP against minutes of training (sum of the epochs' wall clock up to each evaluation)."""
+    elapsed, minutes = 0.0, {}
+    for h in epochs:
+        elapsed += h["seconds"]
+        minutes[h["epoch"]] = elapsed / 60
+    curve = []
+    for path in evals:
+        m = json.loads(path.read_text())
+        r = m["results"][name]
+        curve.append({"epoch": m["epoch"] + 1, "train_minutes": round(minutes.get(m["epoch"], float("nan")), 2),
+                      "Rank-1": r["Rank-1"], "mAP": r["mAP"]})
+    return curve
 
 
 def main() -> int:
@@ -105,6 +120,7 @@ def main() -> int:
             "loss_first_epoch": epochs[0]["loss"], "loss_last_epoch": epochs[-1]["loss"],
         },
         "checkpoints": [str(out / "model_final.pth"), str(out / "model_best.pth")],
+        "curve": mAP_curve(epochs, evals, name),
     }
     (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -118,6 +134,8 @@ def main() -> int:
     print(f"training: {t['epochs']} epochs x {t['images_per_epoch']} images, median {t['img_per_s_median']:.1f} img/s "
           f"(best epoch {t['img_per_s_best_epoch']:.1f}, compute only {t['compute_img_per_s_median']:.1f}), "
           f"{t['train_seconds_sum'] / 60:.1f} min of training; load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+    print("mAP against minutes of training: " + ", ".join(
+        f"epoch {c['epoch']} {c['train_minutes']:.1f} min mAP {c['mAP']:.2f}" for c in summary["curve"]))
     print(f"mAP gain: {f['mAP'] - b['mAP']:+.2f} points (final), summary in {out / 'benchmark.json'}")
     return 0
 

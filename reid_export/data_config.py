@@ -1,7 +1,8 @@
 """The data config that travels with a model (timm's pretrained_cfg, for ReID).
 
 It says how pixels become the model's input: the input size, channel order, pixel scale,
-mean/std, the resize interpolation, and whether the normalisation is inside the graph. It is
+mean/std, the resize interpolation (OpenCV ``cubic``/``linear``/... or Pillow ``pil-bilinear``/
+``pil-bicubic``/...), and whether the normalisation is inside the graph. It is
 stored in our checkpoints, in ONNX ``metadata_props`` and beside TensorRT engines; every backend
 reads it, so a user never types preprocessing twice.
 """
@@ -15,7 +16,11 @@ from .errors import ReidExportError
 
 FASTREID_MEAN = (123.675, 116.28, 103.53)
 FASTREID_STD = (58.395, 57.12, 57.375)
-INTERPOLATIONS = ("cubic", "linear", "nearest", "area", "lanczos")
+OPENCV_INTERPOLATIONS = ("cubic", "linear", "nearest", "area", "lanczos")
+# Pillow's Image.resize filters (antialiased when shrinking: the filter support grows with the
+# scale): torchreid's test transform is pil-bilinear, fast-reid's evaluation transform pil-bicubic.
+PIL_INTERPOLATIONS = ("pil-bilinear", "pil-bicubic", "pil-nearest", "pil-lanczos", "pil-box", "pil-hamming")
+INTERPOLATIONS = OPENCV_INTERPOLATIONS + PIL_INTERPOLATIONS
 SCHEMA_VERSION = 1
 
 

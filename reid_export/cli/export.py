@@ -93,25 +93,34 @@ def onnx_command(model, output, config, opset, batch, simplify, exporter, parity
               help="Value of a white pixel at the input: 255 (0..255) or 1 (0..1).")
 @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), required=True)
 @click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), required=True,
-              help="Resize interpolation the model was trained with (torchreid: linear, fast-reid: cubic).")
+              help="Resize interpolation the model was trained with (torchreid: pil-bilinear, fast-reid demo: cubic).")
 @click.option("--normalized-inside", is_flag=True,
               help="The model subtracts mean / divides by std itself (fast-reid exports).")
 @click.option("--model-name", default="", help="Name recorded in the data config (default: the file name).")
 def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, interpolation, normalized_inside,
              model_name):
-    """Write a data config into an ONNX model that came from elsewhere.
+    """Write a data config into an ONNX model (or OpenVINO .xml IR) that came from elsewhere.
 
     \b
     Example (a torchreid export, input (pixels/255 - mean) / std):
       reid-export annotate osnet.onnx -o osnet.reid.onnx --input-size 256 128 \\
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --pixel-scale 1 \\
           --channel-order rgb --interpolation linear
+      # an Open Model Zoo IR (BGR, 0..255, normalised inside)
+      reid-export annotate person-reidentification-retail-0288.xml -o omz-0288.xml --mean 0,0,0 \\
+          --std 1,1,1 --pixel-scale 255 --channel-order bgr --interpolation linear --normalized-inside
     """
     from ..export.annotate import annotate_file
     from ..export.metadata import input_info, load_onnx
 
+    is_ir = model.suffix.lower() == ".xml"  # an OpenVINO IR (e.g. Open Model Zoo): rt_info instead of metadata
     if input_size is None:
-        _, shape, _ = input_info(load_onnx(model))
+        if is_ir:
+            from ..runtime.openvino_backend import read_model, static_shape
+
+            shape = static_shape(read_model(model))
+        else:
+            _, shape, _ = input_info(load_onnx(model))
         if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
             input_size = (shape[2], shape[3])
         else:
@@ -121,7 +130,12 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
     config = DataConfig(height=input_size[0], width=input_size[1], channel_order=channel_order,
                         pixel_scale=float(pixel_scale), mean=mean, std=std, interpolation=interpolation,
                         normalized_inside=normalized_inside, model_name=model_name)
-    report = annotate_file(model, output, config, log=_log)
+    if is_ir:
+        from ..export.openvino_export import annotate_ir
+
+        report = annotate_ir(model, output, config, log=_log)
+    else:
+        report = annotate_file(model, output, config, log=_log)
     c = report.data_config
     _log(f"wrote {report.output}: input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
          f"mean {list(c.mean)}, std {list(c.std)} ({'inside the model' if c.normalized_inside else 'applied before it'}), "

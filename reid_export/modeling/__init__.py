@@ -1,4 +1,4 @@
-"""fast-reid-compatible models (Baseline with ResNet/IBN/NL backbones, GeM, BNNeck)."""
+"""fast-reid-compatible models (Baseline with ResNet/IBN/NL or OSNet backbones, GeM, BNNeck, torchreid head)."""
 
 from .baseline import Baseline, build_model
 

@@ -6,11 +6,15 @@ import torch
 from torch import nn
 
 from .heads import build_heads
+from .osnet import build_osnet_backbone
 from .resnet import build_resnet_backbone
+
+BACKBONES = {"build_resnet_backbone": build_resnet_backbone, "build_osnet_backbone": build_osnet_backbone}
 
 
 class Baseline(nn.Module):
-    """Input: float32 [B, 3, H, W], RGB, 0..255. Eval output: post-BNNeck feature [B, D].
+    """Input: float32 [B, 3, H, W], RGB, 0..255. Eval output: the head's feature [B, D] (post-BNNeck
+    for EmbeddingHead, post-``fc`` for TorchreidHead).
 
     The mean/std are non-persistent buffers (as in fast-reid), so they are not in the state dict,
     and normalisation creates a new tensor instead of changing the caller's batch in place.
@@ -41,6 +45,11 @@ def build_model(cfg) -> Baseline:
             f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} is not supported; reid-export builds "
             "Baseline (BoT/AGW/SBS); export other architectures to ONNX elsewhere and use `reid-export annotate`"
         )
-    backbone = build_resnet_backbone(cfg)
+    name = cfg.MODEL.BACKBONE.NAME
+    if name not in BACKBONES:
+        raise ReidExportError(
+            f"MODEL.BACKBONE.NAME {name!r} is not supported; use one of {', '.join(BACKBONES)}"
+        )
+    backbone = BACKBONES[name](cfg)
     heads = build_heads(cfg, backbone.feat_dim)
     return Baseline(backbone, heads, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD)

@@ -1,4 +1,5 @@
-"""fast-reid's EmbeddingHead: pooling, optional 1x1 embedding conv, BNNeck, classifier weight."""
+"""Heads: fast-reid's EmbeddingHead (pooling, optional 1x1 embedding conv, BNNeck, classifier weight)
+and torchreid's OSNet head (global average pool -> ``fc``: Linear, BatchNorm1d, ReLU)."""
 
 from __future__ import annotations
 
@@ -87,10 +88,52 @@ class EmbeddingHead(nn.Module):
         return torch.where(one_hot, target, cos) * s
 
 
-def build_heads(cfg, feat_dim: int) -> EmbeddingHead:
+class TorchreidHead(nn.Module):
+    """torchreid's eval output: global average pool -> ``fc`` (Linear, BatchNorm1d, ReLU), not normalised.
+
+    Keys ``heads.fc.0.*`` (Linear), ``heads.fc.1.*`` (BatchNorm1d), the names of torchreid's
+    ``fc.0``/``fc.1``. ``fc_dim`` 0 means no ``fc`` (torchreid's ``fc_dims=None``): the pooled map.
+    In training it returns logits from ``heads.weight`` (no bias; torchreid's ``classifier`` is
+    not loaded, it belongs to the training identities) and the ``fc`` feature for the triplet loss.
+    """
+
+    def __init__(self, feat_dim: int, fc_dim: int = 512, num_classes: int = 0, pool_type: str = "GlobalAvgPool"):
+        super().__init__()
+        self.pool_layer = build_pooling(pool_type)
+        if fc_dim > 0:
+            self.fc = nn.Sequential(nn.Linear(feat_dim, fc_dim), nn.BatchNorm1d(fc_dim), nn.ReLU(inplace=True))
+            nn.init.normal_(self.fc[0].weight, 0, 0.01)
+            nn.init.zeros_(self.fc[0].bias)
+            feat_dim = fc_dim
+        else:
+            self.fc = None
+        self.out_dim = feat_dim
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (max(num_classes, 0), feat_dim)))
+
+    def forward(self, features: torch.Tensor, targets: torch.Tensor | None = None):
+        v = self.pool_layer(features).flatten(1)
+        if self.fc is not None:
+            v = self.fc(v)
+        if not self.training:
+            return v
+        if self.weight.shape[0] == 0:
+            raise ReidExportError("MODEL.HEADS.NUM_CLASSES is 0: training needs the number of identities")
+        return {"logits": F.linear(v, self.weight), "features": v}
+
+
+HEADS = ("EmbeddingHead", "TorchreidHead")
+
+
+def build_heads(cfg, feat_dim: int) -> nn.Module:
     h = cfg.MODEL.HEADS
+    if h.NAME == "TorchreidHead":
+        if h.CLS_LAYER != "Linear":
+            raise ReidExportError(f"MODEL.HEADS.CLS_LAYER {h.CLS_LAYER!r}: TorchreidHead has a Linear classifier; "
+                                  "set CLS_LAYER: Linear")
+        return TorchreidHead(feat_dim, fc_dim=int(h.EMBEDDING_DIM), num_classes=int(h.NUM_CLASSES),
+                             pool_type=h.POOL_LAYER)
     if h.NAME != "EmbeddingHead":
-        raise ReidExportError(f"MODEL.HEADS.NAME {h.NAME!r} is not supported; use EmbeddingHead")
+        raise ReidExportError(f"MODEL.HEADS.NAME {h.NAME!r} is not supported; use one of {', '.join(HEADS)}")
     return EmbeddingHead(
         feat_dim=feat_dim,
         embedding_dim=int(h.EMBEDDING_DIM),

@@ -2,6 +2,9 @@
 
 fast-reid's convention (its demo predictor): OpenCV decode (BGR uint8) -> RGB -> resize the
 uint8 image to (H, W) with bicubic interpolation -> float32 0..255, mean/std inside the model.
+The ``pil-*`` interpolations resize with Pillow's ``Image.resize`` instead (what torchvision's
+``T.Resize`` does on a PIL image: torchreid's and fast-reid's evaluation transforms), which
+antialiases when shrinking; OpenCV's modes do not.
 Extraction, calibration, evaluation and benchmarks all call :func:`preprocess`; nothing else
 turns pixels into model input.
 """
@@ -25,6 +28,15 @@ _CV2_INTERP = {
     "nearest": cv2.INTER_NEAREST,
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,
+}
+
+_PIL_FILTERS = {  # names of PIL.Image.Resampling members
+    "pil-bilinear": "BILINEAR",
+    "pil-bicubic": "BICUBIC",
+    "pil-nearest": "NEAREST",
+    "pil-lanczos": "LANCZOS",
+    "pil-box": "BOX",
+    "pil-hamming": "HAMMING",
 }
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -137,6 +149,24 @@ def to_rgb_uint8(image: np.ndarray, source: str = "image") -> np.ndarray:
     raise ReidExportError(f"{source}: unsupported image shape {image.shape}")
 
 
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ReidExportError("the pil-* interpolations need Pillow: pip install pillow "
+                              "(or use an OpenCV interpolation: cubic, linear, ...)") from None
+    return Image
+
+
+def resize_rgb(rgb: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+    """Resize an RGB uint8 image to (height, width) with OpenCV or, for ``pil-*``, Pillow."""
+    if interpolation in _PIL_FILTERS:
+        image = _pil_image()
+        resample = getattr(image.Resampling, _PIL_FILTERS[interpolation])
+        return np.asarray(image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), resample=resample))
+    return cv2.resize(rgb, (width, height), interpolation=_CV2_INTERP[interpolation])
+
+
 def preprocess_image(image: ImageLike, data_config: DataConfig) -> np.ndarray:
     """One image (a path, or an RGB uint8 HxWx3 array) -> float32 [3, H, W]."""
     rgb = read_image(image) if not isinstance(image, np.ndarray) else image
@@ -144,7 +174,7 @@ def preprocess_image(image: ImageLike, data_config: DataConfig) -> np.ndarray:
         raise ReidExportError(f"arrays given to preprocess must be RGB uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
     height, width = data_config.input_size
     if rgb.shape[:2] != (height, width):
-        rgb = cv2.resize(rgb, (width, height), interpolation=_CV2_INTERP[data_config.interpolation])
+        rgb = resize_rgb(rgb, height, width, data_config.interpolation)
     if data_config.channel_order == "bgr":
         rgb = rgb[:, :, ::-1]
     x = rgb.astype(np.float32)
