@@ -222,7 +222,23 @@ def test_bench_cli_writes_table_json_csv_plot(r18_pair, tmp_path):
     assert doc["notes"] and "--iterations 100" in doc["notes"][0]
 
 
-def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path):
+def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path, monkeypatch):
+    """Decoding is inside the timed call: a decoder made 40 ms slower per image shows in every
+    latency figure with --include-preprocess (batch 3: >= 120 ms); without it nothing is decoded."""
+    import importlib
+    import time
+
+    pre = importlib.import_module("reid_export.runtime.preprocess")  # the module, not the function
+
+    decoded = []
+    real_read = pre.read_image
+
+    def slow_read(path):
+        decoded.append(path)
+        time.sleep(0.04)
+        return real_read(path)
+
+    monkeypatch.setattr(pre, "read_image", slow_read)
     report = tmp_path / "bench.json"
     result = run_cli("bench", r18_pair[0], "--batch-sizes", "3", "--include-preprocess", "--images", image_dir,
                      *FAST, "--report", report)
@@ -230,6 +246,14 @@ def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path
     doc = json.loads(report.read_text())
     assert doc["settings"]["include_preprocess"] is True and len(doc["settings"]["images"]) == 4
     assert doc["models"][0]["input"].startswith("files")
+    timed = doc["results"][0]
+    assert timed["min_ms"] >= 3 * 40, timed  # every timed call decoded its 3 files
+    assert len(decoded) >= 3 * timed["iterations"]
+    decoded.clear()
+    plain = tmp_path / "plain.json"
+    result = run_cli("bench", r18_pair[0], "--batch-sizes", "3", *FAST, "--report", plain)
+    assert result.code == 0, result
+    assert not decoded  # tensors prepared untimed: no file is decoded at all
 
 
 def test_bench_onnx_beside_torch(r18_pair, tmp_path):

@@ -68,7 +68,12 @@ def test_short_table_and_verdict(gpu_bench):
     assert "fp16 cl graph" in lines[3] and "26000" in lines[3] and "211" in lines[3]  # 26k img/s x 8.1 GFLOP
     assert "ERROR" in lines[5]
     assert "meets" in gpu_bench.verdict(results) and "fp16 cl graph" in gpu_bench.verdict(results)
-    assert "about 98148 img/s at 8.10 GFLOP/img" in gpu_bench.verdict(results, gflop=8.1)
+    # the ceiling is the vendor's published peak for the GPU found (989.4 TFLOP/s for an H100 SXM), not a
+    # figure derived from a target: 989.4e12 / 8.1e9 = 122148 img/s; an unknown GPU gets no ceiling
+    assert "bounds it at about 122148 img/s at 8.10 GFLOP/img" in gpu_bench.verdict(
+        results, gflop=8.1, gpu_name="NVIDIA H100 80GB HBM3")
+    assert "about 93333 img/s" in gpu_bench.verdict(results, gflop=8.1, gpu_name="NVIDIA H100 PCIe")
+    assert "bounds" not in gpu_bench.verdict(results, gflop=8.1, gpu_name="Some Future GPU")
     assert "misses" in gpu_bench.verdict([_fake("fp32", 256, 9000.0)])
     assert "no route" in gpu_bench.verdict([_fake("fp32", 1, 400.0)])
 

@@ -124,7 +124,8 @@ def test_metrics_run_and_difficulty(default_set):
     # backgrounds shared by a camera's images beat a colour-only matcher.  (For scale: a 4-block
     # CNN trained from scratch on the 471 train images, 64x32 input, 30 epochs: 55% mAP, 64% Rank-1;
     # the same net untrained: 1.7%.)
-    assert naive["mAP"] < 60.0, naive
+    # near chance, as documented: a colour matcher that ranked people would score tens of points
+    assert 0.5 < naive["mAP"] < 3.0 and naive["Rank-1"] < 5.0, naive
 
     people = {d["pid"]: d for d in meta["identities"]}
     vocab = sorted({f"{k}={d[k]}" for d in people.values() for k in DISCRETE_KEYS})
