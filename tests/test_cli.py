@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, run_cli
 from reid_export.cli.main import COMMAND_MODULES, cli
 
-COMMANDS = {"annotate", "bench", "demo", "doctor", "eval", "extract", "fp16-check", "onnx", "parity", "quantize",
-            "synth", "trt"}
+COMMANDS = {"annotate", "bench", "demo", "doctor", "eval", "extract", "fp16-check", "onnx", "openvino", "parity",
+            "quantize", "synth", "trt"}
 
 
 def test_every_command_is_registered():

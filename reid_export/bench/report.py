@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 from typing import Sequence
 
+from ..cpuinfo import isa_flags, precision_routes
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..report import format_table
 
@@ -18,7 +19,8 @@ TABLE_HEADERS = ["model", "backend", "prec", "batch", "iters", "min", "mean", "m
 CSV_FIELDS = ["name", "model", "backend", "precision", "device", "batch_size", "iterations", "images", "min_ms",
               "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "std_ms", "throughput_ips",
               "speedup_vs_first", "rss_peak_mb", "rss_open_mb", "gpu_peak_mb", "gpu_used_mb", "timer", "error"]
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "neon", "asimddp")
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon",
+              "asimddp")
 
 
 def add_speedups(results: list[dict]) -> list[dict]:
@@ -122,9 +124,13 @@ def environment(threads: int | None, device: str) -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        # which precisions this CPU has hardware for (AVX-512 / VNNI / AMX / AVX512_BF16)
+        "cpu_isa": isa_flags(),
+        "precision_routes": precision_routes(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
-        "versions": {name: _version(name) for name in ("numpy", "torch", "onnxruntime", "cv2", "tensorrt")},
+        "versions": {name: _version(name) for name in ("numpy", "torch", "onnxruntime", "cv2", "tensorrt",
+                                                       "openvino")},
         "device": device,
         "gpu": None,
     }

@@ -112,6 +112,10 @@ def encoder_subject(encoder: Encoder, label: str, inputs: InputCache, images: Se
     data_config = encoder.data_config
     info = {"rss_open_mb": rss_open, "input": "files (decode + resize timed)" if images else "preprocessed tensor",
             "input_size": list(data_config.input_size)}
+    if encoder.backend == "openvino":  # which arithmetic OpenVINO compiled it for (f32 / bf16)
+        described = encoder.describe()
+        info.update({k: described.get(k) for k in ("graph_precision", "inference_precision",
+                                                    "compiled_inference_precision", "compiled_threads")})
     if images:
         def make_input(batch_size: int, _images=list(images)):
             return [_images[i % len(_images)] for i in range(batch_size)]

@@ -37,7 +37,9 @@ def parse_batch_sizes(ctx, param, value) -> list[int]:
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=parse_batch_sizes,
               help="Comma-separated batch sizes.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (tensorrt[:N] for ONNX models).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda[:N] (tensorrt[:N] for ONNX models; openvino[:bf16] for ONNX/IR, or per model: "
+                   "model.onnx@openvino, model.xml@openvino:bf16).")
 @click.option("--threads", type=int, callback=positive_int,
               help="CPU threads for every model (torch.set_num_threads, ONNX Runtime intra-op); "
                    "default: torch's default (the physical cores).")
@@ -121,6 +123,9 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
     click.echo(f"latency in ms per call; {timing}; inputs "
                + ("decoded from files (timed)" if include_preprocess else "generated once, untimed"))
     click.echo(render_table(results, gpu=device.startswith("cuda")))
+    from ..cpuinfo import routes_line
+
+    click.echo(routes_line())
     click.echo("img/s = images / timed seconds; vs 1st = throughput over the first model's at the same batch; "
                "RSS MB = process peak RSS during that model's slices")
     thin = few_samples_note(results)

@@ -14,6 +14,7 @@ from ..report import format_table
 from .main import cli
 
 TRT_INSTALL = "pip install 'reid-export[trt]' (TensorRT 10/11 wheels from NVIDIA's index)"
+OPENVINO_INSTALL = "pip install 'reid-export[openvino]' (Intel OpenVINO, CPU plugin)"
 
 
 def _version(module: str) -> str | None:
@@ -52,10 +53,27 @@ def collect() -> list[dict]:
     trt_v = _version("tensorrt")
     rows.append({"component": "tensorrt", "status": trt_v or "not installed",
                  "detail": "" if trt_v else TRT_INSTALL})
+    ov_v = _version("openvino")
+    ov_detail = OPENVINO_INSTALL
+    if ov_v:
+        from ..cpuinfo import precision_routes
+        from ..export.openvino_export import core_info
+
+        try:
+            info = core_info()
+            ov_detail = (f"devices {', '.join(info['devices'])}; CPU plugin: "
+                         f"{', '.join(info.get('cpu_capabilities', []))}; bf16 hardware: {precision_routes()['bf16']}")
+        except Exception as exc:  # noqa: BLE001 - a broken install still gets a row
+            ov_detail = f"installed but the CPU plugin does not load ({type(exc).__name__}: {str(exc)[:120]})"
+    rows.append({"component": "openvino", "status": ov_v or "not installed", "detail": ov_detail})
     cuda_py = _version("cuda.bindings") or _version("cuda")
     rows.append({"component": "cuda-python", "status": cuda_py or "not installed", "detail": ""})
     backends = ["torch (.pth)" if torch_v else None, "onnxruntime (.onnx)" if ort_v else None,
-                "tensorrt (.engine)" if trt_v else None]
+                "tensorrt (.engine)" if trt_v else None,
+                "openvino (.xml; .onnx with --device openvino)" if ov_v else None]
+    from ..cpuinfo import isa_flags
+
+    rows.append({"component": "cpu isa", "status": " ".join(isa_flags()) or "-", "detail": ""})
     rows.append({"component": "backends", "status": ", ".join(b for b in backends if b), "detail": ""})
     return rows
 

@@ -15,13 +15,14 @@ def cli(debug: bool) -> None:
     """Export, verify and benchmark person re-identification models.
 
     \b
-    Models: fast-reid-style checkpoints (.pth), ONNX (.onnx), TensorRT engines (.engine/.plan).
+    Models: fast-reid-style checkpoints (.pth), ONNX (.onnx), TensorRT engines (.engine/.plan),
+    OpenVINO IR (.xml; .onnx with --device openvino).
     Every command reads the model's data config (input size, mean/std, ...) from the model.
     """
 
 
 # Command modules, each registering its commands on ``cli`` when imported.
-COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "serve")
+COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "openvino", "serve")
 
 
 def _register() -> None:

@@ -4,7 +4,8 @@
 preprocess, ``encoder(batch)`` maps a float32 [N, 3, H, W] batch to float32 [N, D] features, and
 ``encoder.encode_files(paths)`` does decode + preprocess + batching + optional flip test.
 Backends register themselves by suffix (``.pth/.pt`` torch, ``.onnx`` ONNX Runtime,
-``.engine/.plan`` TensorRT) and are imported only when a file of theirs is opened.
+``.engine/.plan`` TensorRT, ``.xml`` OpenVINO; ``.onnx`` with ``--device openvino`` OpenVINO too)
+and are imported only when a file of theirs is opened.
 """
 
 from __future__ import annotations
@@ -151,15 +152,40 @@ def register_backend(suffixes: Sequence[str], factory: str) -> None:
 register_backend([".pth", ".pt", ".pkl"], "reid_export.runtime.torch_backend:open_torch")
 register_backend([".onnx"], "reid_export.runtime.onnx_backend:open_onnx")
 register_backend([".engine", ".plan"], "reid_export.runtime.trt_backend:open_tensorrt")
+register_backend([".xml"], "reid_export.runtime.openvino_backend:open_openvino")
+# ``--device openvino[:f32|bf16]`` runs these with OpenVINO whatever their suffix's own backend is
+OPENVINO_FACTORY = "reid_export.runtime.openvino_backend:open_openvino"
+OPENVINO_SUFFIXES = (".onnx", ".xml")
 
 
-def backend_for(path: str | Path) -> Callable[..., Encoder]:
+def split_model_spec(path: str | Path) -> tuple[Path, str | None]:
+    """``model.onnx@openvino`` / ``model.xml@openvino:bf16`` -> (the file, that device); else (path, None).
+
+    A per-model device, so one parity/eval/bench run can compare ONNX Runtime and OpenVINO
+    routes of the same file side by side. A file whose real name holds ``@`` is taken as it is.
+    """
+    text = str(path)
+    if "@" in text and not Path(text).exists():
+        base, _, variant = text.rpartition("@")
+        if base and variant.lower().partition(":")[0] in ("openvino", "ov"):
+            return Path(base), variant.lower()
+    return Path(path), None
+
+
+def backend_for(path: str | Path, device: str = "cpu") -> Callable[..., Encoder]:
     suffix = Path(path).suffix.lower()
-    if suffix not in _REGISTRY:
+    if str(device).lower().partition(":")[0] in ("openvino", "ov"):
+        if suffix not in OPENVINO_SUFFIXES:
+            raise ReidExportError(f"{path}: --device {device} runs OpenVINO IR (.xml) and ONNX (.onnx) models, "
+                                  f"not {suffix or 'files without a suffix'}", exit_code=2)
+        spec = OPENVINO_FACTORY
+    elif suffix not in _REGISTRY:
         raise ReidExportError(
             f"{path}: unknown model type {suffix or '(no suffix)'}; expected one of {', '.join(sorted(_REGISTRY))}"
         )
-    module_name, func = _REGISTRY[suffix].split(":")
+    else:
+        spec = _REGISTRY[suffix]
+    module_name, func = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -171,5 +197,8 @@ def backend_for(path: str | Path) -> Callable[..., Encoder]:
 
 def open_encoder(path: str | Path, config: str | Path | None = None, opts: Sequence[str] = (),
                  device: str = "cpu", **options) -> Encoder:
-    """Open any model file as an :class:`Encoder` (backend chosen from the suffix)."""
-    return backend_for(path)(Path(path), config=config, opts=opts, device=device, **options)
+    """Open any model file as an :class:`Encoder` (backend chosen from the suffix, or OpenVINO for
+    ``--device openvino`` / a ``model.onnx@openvino`` spec)."""
+    path, spec_device = split_model_spec(path)
+    device = spec_device or device
+    return backend_for(path, device)(path, config=config, opts=opts, device=device, **options)

@@ -1,0 +1,84 @@
+"""The CPU's instruction-set flags, and which precision routes it has hardware for.
+
+Read from ``/proc/cpuinfo`` (Linux; other systems report no flags). ``bench`` records them beside
+its figures and the OpenVINO backend checks them before it accepts bf16 inference. Tests fake
+the flags with ``REID_CPU_FLAGS`` (space- or comma-separated; an empty value means "none").
+"""
+
+from __future__ import annotations
+
+import os
+
+# the flags that decide CPU FP32 / INT8 / BF16 speed, in the order they are shown
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16", "neon", "asimddp", "bf16")
+ENV_FLAGS = "REID_CPU_FLAGS"
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """Every flag the first CPU lists (``$REID_CPU_FLAGS`` instead, when set)."""
+    fake = os.environ.get(ENV_FLAGS)
+    if fake is not None:
+        return set(fake.replace(",", " ").split())
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags(flags: set[str] | None = None) -> list[str]:
+    """The performance-relevant subset of the CPU flags, in a fixed order."""
+    flags = read_cpu_flags() if flags is None else flags
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def has_bf16(flags: set[str] | None = None) -> bool:
+    """Native bf16 arithmetic: AVX512_BF16 or AMX-BF16 on x86, the BF16 extension on Arm."""
+    flags = read_cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def precision_routes(flags: set[str] | None = None) -> dict[str, str]:
+    """For fp32, int8 and bf16: the hardware this CPU has for it, or what is missing."""
+    flags = read_cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        fp32 = "AVX-512 FMA"
+    elif "avx2" in flags:
+        fp32 = "AVX2 FMA"
+    elif "neon" in flags or "asimd" in flags:
+        fp32 = "NEON"
+    else:
+        fp32 = "no AVX2/AVX-512 (scalar/SSE kernels)"
+    if "amx_int8" in flags:
+        int8 = "AMX-INT8 (tiles)"
+    elif "avx512_vnni" in flags:
+        int8 = "AVX-512 VNNI (vpdpbusd)"
+    elif "avx_vnni" in flags:
+        int8 = "AVX-VNNI (vpdpbusd, 256-bit)"
+    elif "asimddp" in flags:
+        int8 = "Arm dot product (sdot)"
+    elif "avx2" in flags:
+        int8 = "no VNNI: AVX2 vpmaddubsw + vpmaddwd (about FP32's speed x2 at best)"
+    else:
+        int8 = "no int8 dot-product instructions"
+    if "amx_bf16" in flags:
+        bf16 = "AMX-BF16 (tiles)"
+    elif "avx512_bf16" in flags:
+        bf16 = "AVX512_BF16 (vdpbf16ps; no AMX)"
+    elif "bf16" in flags:
+        bf16 = "Arm BF16"
+    else:
+        bf16 = "none (no AVX512_BF16 or AMX-BF16): bf16 inference not available"
+    return {"fp32": fp32, "int8": int8, "bf16": bf16}
+
+
+def routes_line(flags: set[str] | None = None) -> str:
+    """One line for people: the ISA flags and the hardware behind each precision."""
+    flags = read_cpu_flags() if flags is None else flags
+    routes = precision_routes(flags)
+    shown = " ".join(isa_flags(flags)) or "none of " + "/".join(ISA_FLAGS[:6])
+    return f"CPU ISA: {shown}; hardware for fp32: {routes['fp32']}; int8: {routes['int8']}; bf16: {routes['bf16']}"
