@@ -142,7 +142,15 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data_config: DataConfig,
                     **extra) -> Path:
-    """A fast-reid-layout checkpoint with our embedded config, written atomically."""
+    """A fast-reid-layout checkpoint with our embedded config, written atomically.
+
+    The embedded config records the stem the model was built with (``STEM_POOL_PADDING``), so that
+    the file loads with the stem its weights were trained with whatever the defaults become.
+    """
+    padding = getattr(getattr(model, "backbone", None), "stem_pool_padding", None)
+    if padding is not None and cfg.MODEL.BACKBONE.get("STEM_POOL_PADDING") != padding:
+        cfg = cfg.clone()
+        cfg.MODEL.BACKBONE.STEM_POOL_PADDING = int(padding)
     obj = {
         "model": model.state_dict(),
         "cfg": cfg.dump(),
@@ -175,7 +183,9 @@ def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
     if is_reid_train_checkpoint(obj):
         stored = load_config_text(obj["cfg"], source=f"{source} (embedded config)").MODEL.BACKBONE
         padding = stored.get("STEM_POOL_PADDING")
-        if padding is None:
+        if padding is None and "STEM_POOL_PADDING:" in obj["cfg"]:
+            padding = 0  # written by 0.2.0 or later with the key unset: fast-reid's stem
+        elif padding is None:
             padding = 1
             version = obj.get("reid_export_version", "?")
             warnings.warn(

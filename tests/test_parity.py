@@ -67,21 +67,35 @@ def test_neighbour_agreement():
     assert top1 < 1.0
 
 
-def test_parity_cli_passes_same_model_and_fails_other_checkpoint(tmp_path, image_dir):
+def _nudged(path, src, scale=1.01):
+    """The checkpoint ``src`` with one BatchNorm scale of the last block 1% larger: a near miss."""
+    obj = torch.load(src, weights_only=True)
+    key = "backbone.layer4.1.bn2.weight"
+    obj["model"][key] = obj["model"][key] * scale
+    torch.save(obj, path)
+    return path
+
+
+def test_parity_cli_passes_the_onnx_export_and_fails_near_misses(tmp_path, image_dir):
     a = _ckpt(tmp_path / "a.pth", seed=0)
-    a_copy = tmp_path / "a_copy.pth"
-    a_copy.write_bytes(a.read_bytes())
+    exported = tmp_path / "a.onnx"  # another backend computing the same function: not a copy of the file
+    assert run_cli("onnx", a, "-o", exported, "--exporter", "torchscript", "--no-simplify").code == 0
+    nudged = _nudged(tmp_path / "nudged.pth", a)
     other = _ckpt(tmp_path / "other.pth", seed=1)
     report = tmp_path / "parity.json"
-    ok = run_cli("parity", a, a_copy, "--images", image_dir, "--report", report, "--no-progress")
+    ok = run_cli("parity", a, exported, "--images", image_dir, "--report", report, "--no-progress")
     assert ok.code == 0, ok
     doc = json.loads(report.read_text())
-    assert doc["passed"] and doc["candidates"][0]["max_rel_l2"] == 0.0
-    bad = run_cli("parity", a, a_copy, other, "--images", image_dir, "--report", report, "--no-progress")
+    cand = doc["candidates"][0]
+    assert doc["passed"] and cand["backend"] == "onnxruntime" and 0.0 <= cand["max_rel_l2"] < 1e-5
+    bad = run_cli("parity", a, exported, nudged, other, "--images", image_dir, "--report", report, "--no-progress")
     assert bad.code == 1
-    assert "FAIL" in bad.out and "other.pth" in bad.out and "min cosine" in bad.out
+    assert "FAIL" in bad.out and "other.pth" in bad.out and "nudged.pth" in bad.out and "min cosine" in bad.out
     doc = json.loads(report.read_text())
-    assert [c["passed"] for c in doc["candidates"]] == [True, False]
+    assert [c["passed"] for c in doc["candidates"]] == [True, False, False]
+    # the near miss fails the FP32 gate on its relative L2 (1e-4) although its cosine is still high
+    near = doc["candidates"][1]
+    assert near["max_rel_l2"] > 1e-4 and near["min_cosine"] > 0.99, near
 
 
 def test_parity_cli_bad_inputs(tmp_path, image_dir):

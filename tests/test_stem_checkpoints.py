@@ -106,6 +106,22 @@ def test_new_checkpoints_record_fastreids_stem(tmp_path, images):
     assert np.array_equal(_features(loaded, images, data_config=dc), _features(model, images, data_config=dc))
 
 
+def test_checkpoint_saved_from_an_unresolved_config_records_the_models_stem(tmp_path):
+    """save_checkpoint writes the stem the model has, even when the config left the key unset."""
+    cfg = load_config(R18, SIZE)
+    assert cfg.MODEL.BACKBONE.STEM_POOL_PADDING is None
+    model = build_model(cfg)
+    path = save_checkpoint(tmp_path / "m.pth", model, cfg, data_config_from_cfg(cfg, feat_dim=model.feat_dim))
+    assert load_config_text(torch.load(path, weights_only=True)["cfg"]).MODEL.BACKBONE.STEM_POOL_PADDING == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReidExportNote)
+        loaded, _, _ = load_model_from_checkpoint(path)
+    assert loaded.backbone.maxpool.padding == 0
+    padded, _ = _model(1)  # and a padded model keeps its padding through a save
+    path = save_checkpoint(tmp_path / "p.pth", padded, cfg, data_config_from_cfg(cfg, feat_dim=padded.feat_dim))
+    assert load_model_from_checkpoint(path)[0].backbone.maxpool.padding == 1
+
+
 def test_fastreid_file_gets_fastreids_stem(tmp_path):
     model, _ = _model(0)
     path = tmp_path / "model_final.pth"
