@@ -191,3 +191,151 @@ def test_fixed_batch_onnx_gets_max_batch_size_zero(models, tmp_path):
                              providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_array_equal(a, b)
     assert json.loads((tmp_path / "repo" / "fixed" / "data_config.json").read_text())["height"] == 64
+
+
+# --------------------------------------------------------------------------- a real Triton server
+
+# Triton's onnxruntime backend ships in no PyPI package; nvidia-pytriton bundles the Triton server
+# binary with its python backend only. So the server runs the repository's model.onnx with ONNX
+# Runtime inside a python-backend model, under the generated config.pbtxt with one line changed
+# (platform: "onnxruntime_onnx" -> backend: "python"). The stub of that pytriton build reads and
+# writes tensors correctly only through DLPack (as_numpy()/Tensor(name, ndarray) give wrong bytes
+# with numpy 2), hence from_dlpack.
+PYTHON_MODEL = '''
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        cfg = json.loads(args["model_config"])
+        self.input, self.output = cfg["input"][0]["name"], cfg["output"][0]["name"]
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = np.from_dlpack(pb_utils.get_input_tensor_by_name(request, self.input))
+            y = np.ascontiguousarray(self.session.run(None, {self.input: x})[0], dtype=np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(self.output, y)]))
+        return out
+'''
+
+
+def _tritonserver():
+    """(server binary, its python backend folder, its library folder) from nvidia-pytriton, or skip."""
+    import importlib.util
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        pytest.skip("no Triton server: pip install --no-deps nvidia-pytriton (bundles tritonserver + python backend)")
+    root = Path(spec.origin).parent / "tritonserver"
+    binary, stub = root / "bin" / "tritonserver", root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not binary.exists() or not (stub / "triton_python_backend_stub").exists():
+        pytest.skip(f"{root}: no tritonserver binary or python backend stub for this Python")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not libdir:
+        pytest.skip("this Python has no shared libpython, which Triton's python backend stub loads")
+    return binary, root / "backends" / "python", stub / "triton_python_backend_stub", Path(spec.origin).parents[1] / "nvidia_pytriton.libs", Path(libdir)
+
+
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_triton_server_serves_the_repository_and_returns_extracts_features(models, tmp_path, image_dir):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed")
+    binary, backend, stub, libs, libdir = _tritonserver()
+    _, fp32, _, _ = models
+    repo = tmp_path / "repo"
+    res = run_cli("triton", fp32, "-o", repo, "--kind", "cpu", "--max-batch-size", "8", "--preferred-batch-size", "4")
+    assert res.code == 0, res
+    config = repo / "tiny" / "config.pbtxt"
+    text = config.read_text()
+    assert 'platform: "onnxruntime_onnx"' in text
+    config.write_text(text.replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    _parse(config)
+    (repo / "tiny" / "1" / "model.py").write_text(PYTHON_MODEL)
+    backends = tmp_path / "backends" / "python"
+    backends.mkdir(parents=True)
+    for item in backend.iterdir():
+        if item.is_file():
+            shutil.copy(item, backends / item.name)
+    shutil.copy(stub, backends / stub.name)
+    http, grpc_port, metrics = _free_ports(3)
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{libs}:{libdir}", PYTHONHOME=sys.base_prefix)
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen([str(binary), "--model-repository", str(repo), "--backend-directory",
+                               str(tmp_path / "backends"), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+                               "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
+                               "--allow-metrics", "false", "--exit-timeout-secs", "5"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if client.is_model_ready("tiny"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("tritonserver did not get the model ready:\n"
+                            + (tmp_path / "server.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        meta = client.get_model_metadata("tiny")
+        assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, 3, 64, 32]
+        assert meta.outputs[0].name == "features" and list(meta.outputs[0].shape) == [-1, 24]
+        served = client.get_model_config("tiny").config
+        assert served.max_batch_size == 8 and list(served.dynamic_batching.preferred_batch_size) == [4]
+
+        # the client preprocesses as the repository's README / data_config.json say
+        from reid_export.runtime import expand_image_paths, preprocess
+
+        dc = DataConfig.from_json((repo / "tiny" / "data_config.json").read_text())
+        paths = expand_image_paths([image_dir])
+        batch = preprocess(paths, dc)
+        inp = grpcclient.InferInput("input", list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        got = client.infer("tiny", [inp]).as_numpy("features")
+        singles = []
+        for row in batch:  # one request per crop, batched or not by the server
+            one = grpcclient.InferInput("input", [1, *row.shape], "FP32")
+            one.set_data_from_numpy(row[None])
+            singles.append(client.infer("tiny", [one]).as_numpy("features")[0])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    feats = tmp_path / "feats.npy"
+    res = run_cli("extract", fp32, image_dir, "-o", feats, "--no-progress")
+    assert res.code == 0, res
+    want = np.load(feats)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack(singles), want, rtol=1e-5, atol=1e-6)
