@@ -79,6 +79,10 @@ def main() -> int:
             onnx = out / f"{name}.onnx"
             if reid_export("onnx", model, "-o", onnx) != 0:
                 return 1
+            crops = REPO.parent / "shared" / "data" / "parity-images"
+            if crops.exists() and reid_export("parity", model, onnx, "--images", crops, "--no-progress") != 0:
+                print(f"{onnx}: does not compute {model}'s features; not measuring it", file=sys.stderr)
+                return 1
         if reid_export("deepstream", onnx, "-o", out) != 0:
             print(f"{model}: the deepstream self-check failed", file=sys.stderr)
             return 1
