@@ -5,7 +5,8 @@ and Q/DQ INT8 graphs as they are), writes the data config and the provenance int
 ``rt_info`` (section ``reid_export``), optionally compresses the weights to FP16, and proves the
 written IR before it is put in place: OpenVINO (CPU plugin, f32 inference precision) against ONNX
 Runtime on the same ONNX, at two batch sizes, with the parity gate of the IR's precision
-(``verify.parity``: FP32 strict, FP16 / INT8 on the embedding). A failing check writes nothing.
+(``verify.parity``: FP32 cosine >= 0.99999 and relative L2 <= 1e-4 per image, as the ONNX export's
+check; FP16 / INT8 on the embedding). A failing check writes nothing.
 
 The IR is two files; both are written into a temporary folder beside the output and renamed
 into place only after the check (the ``.bin`` first, then the ``.xml`` that names it).
@@ -136,6 +137,10 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     expected = np.concatenate([reference(inputs[i:i + sizes[0]]) for i in range(0, len(inputs), sizes[0])])
     reference.close()
     tol = Tolerances.for_precision(precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2)
+    # FP32: the ONNX export's criterion (cosine and relative L2 per image), not parity's elementwise
+    # atol/rtol: OpenVINO's and ONNX Runtime's kernels sum in other orders, and on BoT-R50 a few
+    # near-zero features of 10240 differ by > 1e-4 absolute and > 1e-3 relative at relative L2 5e-5
+    tol.atol = tol.rtol = None
     report = ConvertReport(output=output, precision=precision, compressed_fp16=fp16,
                            batch="dynamic" if batch is None else str(batch))
 
