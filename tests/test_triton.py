@@ -285,7 +285,11 @@ def test_triton_server_serves_the_repository_and_returns_extracts_features(model
             shutil.copy(item, backends / item.name)
     shutil.copy(stub, backends / stub.name)
     http, grpc_port, metrics = _free_ports(3)
-    env = dict(os.environ, LD_LIBRARY_PATH=f"{libs}:{libdir}", PYTHONHOME=sys.base_prefix)
+    import site
+
+    # the stub embeds this Python: its home, and its site-packages (a venv's too) for numpy/onnxruntime
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{libs}:{libdir}", PYTHONHOME=sys.base_prefix,
+               PYTHONPATH=os.pathsep.join(site.getsitepackages()))
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen([str(binary), "--model-repository", str(repo), "--backend-directory",
                                str(tmp_path / "backends"), "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
