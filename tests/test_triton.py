@@ -104,6 +104,7 @@ def test_repository_for_onnx_fp16_with_tensorrt_and_multi_arch_plans(models, tmp
     assert list(cfg.dynamic_batching.preferred_batch_size) == [8]  # the profile's opt
     for cc, plan in zip(("86", "90"), plans):
         assert (repo / "tiny_trt" / "1" / f"model_sm{cc}.plan").read_bytes() == plan.read_bytes()
+    assert "TensorRT 10.9.0 for compute capability 8.6, 9.0" in (repo / "tiny_trt" / "README.md").read_text()
 
     for name in ("tiny", "tiny_fp16", "tiny_trt"):
         dc = DataConfig.from_json((repo / name / "data_config.json").read_text())

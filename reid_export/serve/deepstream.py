@@ -123,7 +123,7 @@ def reid_section(data_config: DataConfig, feature_size: int, onnx_file: str, net
                  reid_type: str = "deepsort", batch_size: int = 100, workspace_mb: int = 1000,
                  history_size: int = 100, keep_aspect: bool = False) -> dict:
     """The nvtracker ``ReID:`` keys for a folded model (offsets 0, netScaleFactor 1: exact)."""
-    engine = f"{onnx_file}_b{batch_size}_gpu0_{network_mode}.engine"  # the name DeepStream gives the engine it builds
+    engine = f"{onnx_file}_b{batch_size}_gpu0_{network_mode}.engine"  # DeepStream's naming (its samples: *.etlt_b100_gpu0_int8.engine)
     return {
         "reidType": REID_TYPE[reid_type],
         "batchSize": batch_size,
@@ -156,7 +156,7 @@ _COMMENTS = {
     "keepAspc": "0: stretch, as the model's own preprocessing; 1: letterbox (eval --deployment deepstream-folded measures it)",
     "addFeatureNormalization": "L2-normalise the features (the model outputs them unnormalised)",
     "onnxFile": "relative to this file",
-    "modelEngineFile": "DeepStream builds it from onnxFile on first run",
+    "modelEngineFile": "built from onnxFile when missing (TensorRT engines are tied to the GPU and TensorRT version)",
 }
 
 

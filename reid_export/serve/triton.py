@@ -62,6 +62,8 @@ class ModelEntry:
     profile_max_batch: int | None = None
     profile_opt_batch: int | None = None
     fixed_batch: int | None = None  # an ONNX whose batch dimension is fixed
+    tensorrt_version: str | None = None  # plans: the TensorRT they were built with
+    compute_capabilities: list[str] = field(default_factory=list)  # plans: the GPU architectures
     notes: list[str] = field(default_factory=list)
 
 
@@ -130,6 +132,8 @@ def _plan_entries(paths: list[Path]) -> list[ModelEntry]:
                            int(dc.feat_dim or 0), {})
         if not entry.feature_dim:
             raise ReidExportError(f"{first_path}: its sidecar's data config has no feat_dim; rebuild with reid-export trt")
+        entry.tensorrt_version = str(first["tensorrt_version"])
+        entry.compute_capabilities = sorted(ccs)
         entry.profile_max_batch = 0 if static else max_b
         entry.profile_opt_batch = int(profile["opt"][0])
         if len(ccs) == 1:
@@ -289,6 +293,10 @@ def client_readme(entry: ModelEntry) -> str:
         f"Written by reid-export {__version__}: platform `{entry.platform}`, precision {entry.precision}, "
         f"version folder `1/` ({files}). The preprocessing below is the model's data config "
         "(`data_config.json` beside this file); the parity and accuracy figures of the model hold only for it.", "",
+        *([f"TensorRT plans: built with TensorRT {entry.tensorrt_version} for compute capability "
+           f"{', '.join(entry.compute_capabilities)}; the server's "
+           "TensorRT must be that version (engines are not portable across versions or architectures).", ""]
+          if entry.platform == PLAN_PLATFORM else []),
         "## Client preprocessing", "", *steps, "",
         "`reid-export extract MODEL --images crops/` computes the same features locally, to compare with "
         "what the server returns.", ""])
