@@ -56,7 +56,11 @@ def test_eval_report_gates_and_plots(models, tmp_path):
         assert {"model", "backend", "precision", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"} <= set(m)
         assert m["backend"] == "torch" and m["precision"] == "fp32"
         assert any(k.startswith("TPR@FPR") for k in m)
-    assert second["delta_mAP"] == pytest.approx(second["mAP"] - first["mAP"])
+    # each model's figures and the delta, against Rank-1/mAP computed independently in this test
+    (r1_good, map_good), (r1_const, map_const) = _expected(models["good"], root), _expected(models["const"], root)
+    assert first["mAP"] == pytest.approx(map_good, abs=1e-3) and second["mAP"] == pytest.approx(map_const, abs=1e-3)
+    assert second["delta_mAP"] == pytest.approx(map_const - map_good, abs=1e-3)
+    assert second["delta_Rank-1"] == pytest.approx(r1_const - r1_good, abs=1e-3)
     assert abs(second["delta_mAP"]) > 1.0, "fixture: the two models must rank differently"
     better, worse = (models["good"], models["const"]) if second["delta_mAP"] < 0 else (models["const"], models["good"])
     drop = abs(second["delta_mAP"])
@@ -84,11 +88,71 @@ def test_eval_nan_model_fails_with_count(models, tmp_path):
     assert doc["models"][1]["nonfinite"] > 0 and not doc["passed"]
 
 
-def test_eval_rerank_and_aqe_run(models):
+def _expected(checkpoint, root, flip=False, metric="cosine", aqe=None, rerank=None):
+    """Rank-1 and mAP computed here: the model run by hand (the mirror taken in numpy), distances in
+    numpy, AQE/re-ranking from verify.rerank (tested against their definitions in test_rerank.py),
+    the textbook CMC/mAP of test_metrics.py."""
+    import numpy as np
+
+    from reid_export.checkpoint import load_model_from_checkpoint
+    from reid_export.data.market import MarketDataset
+    from reid_export.runtime.preprocess import preprocess
+    from reid_export.verify.rerank import average_query_expansion, k_reciprocal_rerank
+    from test_metrics import reference_rank
+
+    model, _, dc = load_model_from_checkpoint(checkpoint)
+    ds = MarketDataset(root)
+
+    def feats(items):
+        x = preprocess([it.path for it in items], dc)
+        with torch.no_grad():
+            f = model(torch.from_numpy(x)).numpy().astype(np.float64)
+            if flip:
+                f = (f + model(torch.from_numpy(np.ascontiguousarray(x[..., ::-1]))).numpy()) / 2.0
+        return f
+
+    qf, gf = feats(ds.query), feats(ds.gallery)
+    if aqe:
+        qf, gf = average_query_expansion(qf, gf, **aqe)
+    if rerank:
+        dist = k_reciprocal_rerank(qf, gf, metric=metric, **rerank)
+    elif metric == "cosine":
+        qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+        gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
+        dist = 1.0 - qn @ gn.T
+    else:
+        dist = ((qf[:, None, :] - gf[None, :, :]) ** 2).sum(-1)
+    pid = lambda items: np.array([it.pid for it in items])  # noqa: E731
+    cam = lambda items: np.array([it.camid for it in items])  # noqa: E731
+    dist = np.round(dist, 6)  # equal features tie exactly, then rank by gallery order (the documented rule)
+    cmc, mAP, _, _ = reference_rank(dist, pid(ds.query), pid(ds.gallery), cam(ds.query), cam(ds.gallery))
+    return 100.0 * cmc[0], 100.0 * mAP
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ([], {}),
+    (["--metric", "euclidean", "--flip-test"], {"flip": True, "metric": "euclidean"}),
+    (["--aqe"], {"aqe": {"qe_times": 1, "qe_k": 5, "alpha": 3.0}}),
+    (["--rerank", "--k1", "5", "--k2", "2"], {"rerank": {"k1": 5, "k2": 2, "lambda_value": 0.3}}),
+])
+def test_eval_options_compute_what_they_name(models, tmp_path, extra, expect):
     root = data_dir("market1501-mini")
-    for extra in (["--rerank", "--k1", "5", "--k2", "2"], ["--aqe"], ["--metric", "euclidean", "--flip-test"]):
-        res = run_cli("eval", models["good"], "--dataset-root", root, "--no-progress", *extra)
-        assert res.code == 0, (extra, res)
+    report = tmp_path / "eval.json"
+    res = run_cli("eval", models["good"], "--dataset-root", root, "--no-progress", "--report", report, *extra)
+    assert res.code == 0, (extra, res)
+    got = json.loads(report.read_text())["models"][0]
+    rank1, mAP = _expected(models["good"], root, **expect)
+    assert got["Rank-1"] == pytest.approx(rank1, abs=1e-3) and got["mAP"] == pytest.approx(mAP, abs=1e-3), \
+        (extra, got["Rank-1"], got["mAP"], rank1, mAP)
+
+
+def test_eval_options_change_the_result(models):
+    """The fixture model and data are such that each option moves mAP: the test above can tell them apart."""
+    root = data_dir("market1501-mini")
+    plain = _expected(models["good"], root)[1]
+    for expect in ({"flip": True, "metric": "euclidean"}, {"aqe": {"qe_times": 1, "qe_k": 5, "alpha": 3.0}},
+                   {"rerank": {"k1": 5, "k2": 2, "lambda_value": 0.3}}):
+        assert abs(_expected(models["good"], root, **expect)[1] - plain) > 0.01, expect
 
 
 def test_eval_bad_dataset(models, tmp_path):
