@@ -202,7 +202,25 @@ def test_eval_only_untrained_and_trained(trained, toy_root, tmp_path):
     assert code == 0, err
     after = json.loads((tmp_path / "t" / "metrics_eval.json").read_text())["results"]["toy"]
     final = json.loads((trained / "metrics_0003.json").read_text())["results"]["toy"]
-    assert after["mAP"] == pytest.approx(final["mAP"], abs=1e-6)  # same weights, same numbers
+    # Both are the trainer's own numbers; the authority is computed here: `reid-export extract` features
+    # of the saved checkpoint, cosine distances in numpy, the textbook CMC/mAP of test_metrics.py.
+    from reid_export.data.market import MarketDataset
+    from test_metrics import reference_rank
+
+    ds = MarketDataset(toy_root / "toy")
+    feats = {}
+    for split, items in (("query", ds.query), ("gallery", ds.gallery)):
+        out = tmp_path / f"{split}.npy"
+        res = run_cli("extract", trained / "model_final.pth", *[it.path for it in items], "-o", out, "--no-progress")
+        assert res.code == 0, res
+        f = np.load(out).astype(np.float64)
+        feats[split] = f / np.linalg.norm(f, axis=1, keepdims=True)
+    dist = np.round(1.0 - feats["query"] @ feats["gallery"].T, 6)
+    cmc, mAP, _, _ = reference_rank(dist, *(np.array([getattr(it, a) for it in items])
+                                            for a, items in (("pid", ds.query), ("pid", ds.gallery),
+                                                             ("camid", ds.query), ("camid", ds.gallery))))
+    for got in (after, final):
+        assert got["mAP"] == pytest.approx(100 * mAP, abs=1e-3) and got["Rank-1"] == pytest.approx(100 * cmc[0], abs=1e-3)
 
 
 def test_errors_are_one_line(toy_root, tmp_path):
@@ -230,3 +248,20 @@ def test_real_cuhk03_is_found_by_name():
     items, sources = load_train_items(cfg)
     assert len(items) == 2426 and len({it.pid for it in items}) == 250
     assert sources == [str(root / "cuhk03-labeled")]
+
+
+def test_training_evaluation_stops_on_nan_features(toy_root):
+    """The trainer evaluates through verify.evaluate, with its NaN guard: one clear error, no metrics."""
+    from reid_export.config import load_config
+    from reid_export.data_config import data_config_from_cfg
+    from reid_export.errors import ReidExportError
+    from reid_export.modeling import build_model
+    from trainer.evaluator import evaluate
+
+    cfg = load_config(CPU_CONFIG, tiny_opts(toy_root))
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.heads.bottleneck[0].running_var[:2] = float("nan")
+    with pytest.raises(ReidExportError, match=r"evaluation on toy: .*NaN/Inf.*diverged"):
+        evaluate(model, cfg, data_config_from_cfg(cfg, feat_dim=model.feat_dim), "cpu", progress=False)
+    assert model.training  # left in train mode as it came

@@ -1,10 +1,11 @@
-"""Evaluation during training: the runtime's torch Encoder (the one preprocessing) + the project's metrics.
+"""Evaluation during training: the same path as ``reid-export eval`` (:mod:`reid_export.verify.evaluate`).
 
 Query and gallery of each DATASETS.TESTS dataset are encoded with
 :class:`reid_export.runtime.torch_backend.TorchEncoder` (decode, resize, batch exactly as
-``reid-export extract``/``eval`` do; flip test with TEST.FLIP.ENABLED), distances with
-TEST.METRIC, and Rank-1/5/10, mAP, mINP from :mod:`reid_export.verify.metrics`. ``metric`` is
-fast-reid's model-selection score ``(Rank-1 + mAP) / 2``.
+``reid-export extract``/``eval`` do) and scored by :func:`reid_export.verify.evaluate.evaluate_encoder`
+with TEST.FLIP, TEST.METRIC, TEST.AQE and TEST.RERANK applied as fast-reid's evaluator applies them;
+a model that outputs NaN/Inf stops the run with one line. ``metric`` is fast-reid's model-selection
+score ``(Rank-1 + mAP) / 2``.
 """
 
 from __future__ import annotations
@@ -16,38 +17,41 @@ import numpy as np
 import torch
 
 from reid_export.data.market import MarketDataset
+from reid_export.errors import ReidExportError
 from reid_export.runtime.torch_backend import TorchEncoder
-from reid_export.verify.metrics import compute_distance, rank_metrics
+from reid_export.verify.evaluate import EvalOptions, evaluate_encoder
 
 from .datasets import datasets_root, resolve_dataset
 
 log = logging.getLogger("reid-train")
 
 
+def eval_options(cfg) -> EvalOptions:
+    """The evaluation a fast-reid config asks for (TEST.*)."""
+    test = cfg.TEST
+    return EvalOptions(flip_test=bool(test.FLIP.ENABLED), metric=str(test.METRIC), batch_size=int(test.IMS_PER_BATCH),
+                       aqe=bool(test.AQE.ENABLED), qe_times=int(test.AQE.QE_TIME), qe_k=int(test.AQE.QE_K),
+                       alpha=float(test.AQE.ALPHA), rerank=bool(test.RERANK.ENABLED), k1=int(test.RERANK.K1),
+                       k2=int(test.RERANK.K2), lambda_value=float(test.RERANK.LAMBDA))
+
+
 def evaluate(model: torch.nn.Module, cfg, data_config, device: str, progress: bool = True) -> dict:
     """{dataset name: metrics} for every DATASETS.TESTS entry; the model is left in train mode."""
     was_training = model.training
-    if cfg.TEST.AQE.ENABLED or cfg.TEST.RERANK.ENABLED:
-        log.warning("TEST.AQE / TEST.RERANK are not applied during training evaluation; "
-                    "use `reid-export eval` on the checkpoint for them")
     encoder = TorchEncoder(model, data_config, path=f"<training model {data_config.model_name}>", device=device)
+    opts = eval_options(cfg)
     results = {}
     try:
         root = datasets_root(cfg)
         for name in cfg.DATASETS.TESTS:
             start = time.time()
             dataset = MarketDataset(resolve_dataset(name, root, "query"))
-            batch = int(cfg.TEST.IMS_PER_BATCH)
-            flip = bool(cfg.TEST.FLIP.ENABLED)
-            qf = encoder.encode_files([it.path for it in dataset.query], batch, flip, progress, desc=f"{name} query")
-            gf = encoder.encode_files([it.path for it in dataset.gallery], batch, flip, progress,
-                                      desc=f"{name} gallery")
-            distmat = compute_distance(qf, gf, metric=cfg.TEST.METRIC)
-            res = rank_metrics(distmat,
-                               np.array([it.pid for it in dataset.query]), np.array([it.pid for it in dataset.gallery]),
-                               np.array([it.camid for it in dataset.query]),
-                               np.array([it.camid for it in dataset.gallery]))
-            res = {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in res.items()}
+            scored = evaluate_encoder(encoder, dataset, opts, progress)
+            if "error" in scored:
+                raise ReidExportError(f"evaluation on {name}: {scored['error']} (the model diverged); lower "
+                                      "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS and resume from the last checkpoint")
+            res = {k: float(v) if isinstance(v, (float, np.floating)) else v
+                   for k, v in scored.items() if not k.startswith("_")}
             res["metric"] = (res["Rank-1"] + res["mAP"]) / 2
             res["num_query"], res["num_gallery"] = len(dataset.query), len(dataset.gallery)
             res["seconds"] = round(time.time() - start, 2)
