@@ -68,7 +68,10 @@ def extract_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torch
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ReidExportError(f"{source}: holds no weights (no 'model' state dict with tensors)")
-    return normalize_keys(tensors)
+    state = normalize_keys(tensors)
+    # reid-export: a torchreid OSNet file (no backbone./heads. prefixes) gets our names, classifier dropped
+    from .modeling.osnet import is_torchreid_layout, torchreid_to_reid_export
+    return torchreid_to_reid_export(state) if is_torchreid_layout(state) else state
 
 
 def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,6 +132,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"shape mismatch (checkpoint vs config): {_short(shapes, 3)}")
         hints = _hints(missing, unexpected, mismatched)
         hint = f"; the config probably differs in {', '.join(hints)}" if hints else ""
+        from .modeling.osnet import osnet_hint  # reid-export: name the OSNet config the key shapes fit
+        probable = osnet_hint(state)
+        hint = f"; {probable}" if probable else hint
         raise ReidExportError(
             f"{source}: checkpoint does not match the config ({'; '.join(parts)}){hint}; "
             "pass the config it was trained with (or --allow-partial to load what matches)"

@@ -78,9 +78,11 @@ def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int
             pass
     subjects, encoders = [], []
     try:
-        for (path, half), label in zip(parsed, labels):
+        from ..runtime.encoder import configs_for
+
+        for (path, half), label, model_config in zip(parsed, labels, configs_for([p for p, _ in parsed], config)):
             before = rss_mb()
-            encoder = _open(path, config, device, threads, half)
+            encoder = _open(path, model_config, device, threads, half)
             encoders.append(encoder)
             after = rss_mb()
             subjects.append(encoder_subject(encoder, label, inputs, images if include_preprocess else None,

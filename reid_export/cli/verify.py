@@ -15,6 +15,7 @@ from ..errors import ReidExportError
 from ..fileio import atomic_write_json, check_output_path
 from ..report import format_table
 from ..runtime import expand_image_paths, open_encoder, preprocess, read_images, skipped_summary
+from ..runtime.encoder import configs_for
 from .common import positive_int, skip_bad_images_option
 from .main import cli
 
@@ -97,11 +98,12 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
             raise ReidExportError(f"none of the {len(paths)} images could be read; {skipped_summary(skipped)}")
         click.echo(skipped_summary(skipped), err=True)
         paths = [paths[i] for i in kept]
-    ref_enc = open_encoder(reference, config=config, device=device)
+    model_configs = configs_for([reference, *candidates], config)  # --config: for the checkpoints
+    ref_enc = open_encoder(reference, config=model_configs[0], device=device)
     ref_feats = ref_enc.encode_files(images, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
     results, locates, encoders = [], {}, []
-    for cand_path in candidates:
-        enc = open_encoder(cand_path, config=config, device=device)
+    for cand_path, cand_config in zip(candidates, model_configs[1:]):
+        enc = open_encoder(cand_path, config=cand_config, device=device)
         encoders.append(enc)
         if deployment:
             _use_deployment(enc, deployment)
@@ -213,8 +215,8 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
     opts = EvalOptions(flip_test=flip_test, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                        aqe=aqe, batch_size=batch_size)
     results, skip_notes = [], []
-    for model in models:
-        enc = open_encoder(model, config=config, device=device)
+    for model, model_config in zip(models, configs_for(models, config)):
+        enc = open_encoder(model, config=model_config, device=device)
         own = None
         with enc:
             for deployment in (None, *dict.fromkeys(deployments)):

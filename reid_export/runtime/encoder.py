@@ -172,6 +172,23 @@ def split_model_spec(path: str | Path) -> tuple[Path, str | None]:
     return Path(path), None
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl")
+
+
+def configs_for(paths: Sequence[str | Path], config):
+    """The ``--config`` of each model of a multi-model command (parity, eval, bench).
+
+    It configures the checkpoints among them (a torchreid state dict holds no config); an ONNX model
+    or engine beside them carries its own data config and gets None. With no checkpoint among them
+    every model gets it, so a backend that takes no config says so.
+    """
+    paths = list(paths)
+    is_ckpt = [split_model_spec(p)[0].suffix.lower() in CHECKPOINT_SUFFIXES for p in paths]
+    if config is None or not any(is_ckpt):
+        return [config] * len(paths)
+    return [config if c else None for c in is_ckpt]
+
+
 def backend_for(path: str | Path, device: str = "cpu") -> Callable[..., Encoder]:
     suffix = Path(path).suffix.lower()
     if str(device).lower().partition(":")[0] in ("openvino", "ov"):
