@@ -120,3 +120,25 @@ def assert_clean_error(result: CliResult, *needles: str) -> None:
     assert "Traceback" not in result.err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+# --- outcomes of this session's tests, for the failure-table rows proven by another test -----------
+
+TEST_OUTCOMES: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Record each test's outcome by node id (a failed or skipped setup counts as the outcome)."""
+    if report.when == "call":
+        TEST_OUTCOMES[report.nodeid] = report.outcome
+    elif report.outcome != "passed":  # a setup that failed or skipped: the test itself never ran
+        TEST_OUTCOMES.setdefault(report.nodeid, report.outcome)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the failure-table rows that another test proves (``covered_by``) after every other test."""
+    def covered(item):
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+        return getattr(case, "covered_by", None) is not None
+
+    items[:] = [it for it in items if not covered(it)] + [it for it in items if covered(it)]
