@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from reid_export import __version__
-from reid_export.cli.common import OptsCommand, get_opts, run_cli
+from reid_export.console import OptsCommand, get_opts, run_cli
 from reid_export.config import load_config
 from reid_export.errors import ReidExportError
 
