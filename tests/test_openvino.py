@@ -305,3 +305,11 @@ def test_omz_ir_annotated_fp16_matches_fp32(omz_models, parity_images, tmp_path)
     assert res.code == 0 and "replaced the data config" in res.err
     res = run_cli("parity", omz_models["FP32"], wrong, "--images", parity_images[0].parent, "--no-progress")
     assert res.code == 1 and "channel_order" in res.out
+
+
+def test_doctor_reports_openvino_and_the_cpu_isa():
+    res = run_cli("doctor", "--json")
+    assert res.code == 0, res
+    rows = {r["component"]: r for r in json.loads(res.out)}
+    assert rows["openvino"]["status"] == openvino.__version__ and "CPU plugin" in rows["openvino"]["detail"]
+    assert "openvino (.xml" in rows["backends"]["status"] and "cpu isa" in rows
