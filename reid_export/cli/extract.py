@@ -14,6 +14,7 @@ from ..errors import ReidExportError
 from ..fileio import atomic_write_files, check_output_path
 from ..runtime import expand_image_paths, open_encoder
 from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
+from .ray_options import ray_engine_options
 from .main import cli
 
 
@@ -36,9 +37,10 @@ def l2_normalize(feats: np.ndarray) -> np.ndarray:
                    "openvino[:bf16] runs ONNX and .xml IR with OpenVINO's CPU plugin.")
 @click.option("--allow-partial", is_flag=True, help="Load a checkpoint whose keys only partly match the config.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@ray_engine_options
 @skip_bad_images_option
 def extract(model, images, output, config, flip_test, normalize, batch_size, device, allow_partial, progress,
-            skip_bad_images):
+            skip_bad_images, engine, ray_address, workers, threads_per_worker, gpus_per_worker, shard_size):
     """Write the embeddings of IMAGES (files or folders) computed by MODEL.
 
     Folders expand to their images sorted by name; rows follow the order given (with
@@ -53,18 +55,29 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         raise ReidExportError(f"{output}: the output must end in .npy", exit_code=2)
     sidecar = check_output_path(output.with_suffix(".json"))
     paths = expand_image_paths(images)
-    encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
-    with encoder:
-        encoded = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
-                                       desc="extract", on_error="skip" if skip_bad_images else "raise")
-    skipped = []
-    if skip_bad_images:
-        feats, skipped = encoded.features, encoded.skipped
-        paths = [paths[i] for i in encoded.kept]
-        if skipped:
-            click.echo(encoded.summary(), err=True)
+    if engine == "ray":
+        from ..runtime.ray_extract import run_extract_on_ray
+
+        feats, paths, skipped, info = run_extract_on_ray(
+            model, paths, output, config=config, opts=get_opts(), device=device, allow_partial=allow_partial,
+            batch_size=batch_size, flip_test=flip_test, progress=progress, skip_bad_images=skip_bad_images,
+            ray_address=ray_address, workers=workers, threads_per_worker=threads_per_worker,
+            gpus_per_worker=gpus_per_worker, shard_size=shard_size)
     else:
-        feats = encoded
+        encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
+        with encoder:
+            encoded = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
+                                           desc="extract", on_error="skip" if skip_bad_images else "raise")
+        info = {"backend": encoder.backend, "precision": encoder.precision,
+                "data_config": encoder.data_config.to_dict()}
+        skipped = []
+        if skip_bad_images:
+            feats, skipped = encoded.features, [{"file": str(e.path), "reason": e.reason} for e in encoded.skipped]
+            paths = [paths[i] for i in encoded.kept]
+            if skipped:
+                click.echo(encoded.summary(), err=True)
+        else:
+            feats = encoded
     if normalize:
         feats = l2_normalize(feats)
     feats = feats.astype(np.float32)
@@ -73,16 +86,20 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
     meta = {
         "tool": f"reid-export {__version__}",
         "model": str(model),
-        "backend": encoder.backend,
-        "precision": encoder.precision,
+        "backend": info["backend"],
+        "precision": info["precision"],
         "flip_test": flip_test,
         "normalized": normalize,
         "shape": list(feats.shape),
-        "data_config": encoder.data_config.to_dict(),
+        "data_config": info["data_config"],
         "files": [str(p) for p in paths],
     }
     if skip_bad_images:
-        meta["skipped"] = [{"file": str(e.path), "reason": e.reason} for e in skipped]
+        meta["skipped"] = skipped
     # Both files or neither: the features without their file list would be unusable.
     atomic_write_files({output: buffer.getvalue(), sidecar: (json.dumps(meta, indent=2) + "\n").encode("utf-8")})
+    if engine == "ray":  # the shards were only there to resume a killed run
+        from ..runtime.ray_extract import remove_shards
+
+        remove_shards(output)
     click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)

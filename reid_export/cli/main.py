@@ -22,7 +22,7 @@ def cli(debug: bool) -> None:
 
 
 # Command modules, each registering its commands on ``cli`` when imported.
-COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "openvino", "serve")
+COMMAND_MODULES = ("doctor", "extract", "export", "verify", "trt", "bench", "synth", "demo", "openvino", "serve", "index")
 
 
 def _register() -> None:

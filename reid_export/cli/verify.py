@@ -163,9 +163,20 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 # --------------------------------------------------------------------------- eval
 
 @cli.command(name="eval")
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--dataset-root", required=True, type=click.Path(path_type=Path),
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--dataset-root", type=click.Path(path_type=Path),
               help="Market-1501-layout folder (query/, bounding_box_test/), or the folder holding Market-1501-v15.09.15/.")
+@click.option("--distractors", multiple=True, type=click.Path(path_type=Path),
+              help="Extra gallery images or folders, counted as distractors (pid 0); the evaluation is streamed "
+                   "over gallery chunks (exact, bounded memory). Repeatable.")
+@click.option("--query-features", type=click.Path(path_type=Path),
+              help="Evaluate extract outputs instead of models: the queries' .npy (its .json names the files).")
+@click.option("--gallery-features", multiple=True, type=click.Path(path_type=Path),
+              help="With --query-features: the gallery's .npy (repeatable: gallery, distractors...).")
+@click.option("--distractor-features", multiple=True, type=click.Path(path_type=Path),
+              help="With --query-features: distractors' .npy (pid 0 whatever the names). Repeatable.")
+@click.option("--chunk-elements", default=1 << 25, show_default=True, type=int, callback=positive_int,
+              help="Streamed evaluation: query x gallery distances held at once (memory ~ 5 bytes each).")
 @click.option("--config", type=click.Path(path_type=Path), help="fast-reid config for checkpoints that lack one.")
 @click.option("--flip-test", is_flag=True, help="Average features of each image and its mirror.")
 @click.option("--rerank", is_flag=True, help="k-reciprocal re-ranking (Zhong et al. 2017).")
@@ -190,9 +201,11 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 @skip_bad_images_option
-def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_value, aqe, metric, max_map_drop,
-             max_r1_drop, deployments, max_deployment_map_drop, max_deployment_r1_drop, report, plots, batch_size,
-             device, progress, skip_bad_images):
+def evaluate(models, dataset_root, distractors, query_features, gallery_features, distractor_features,
+             chunk_elements, config, flip_test,
+             rerank, k1, k2, lambda_value, aqe, metric, max_map_drop, max_r1_drop, deployments,
+             max_deployment_map_drop, max_deployment_r1_drop, report, plots, batch_size, device, progress,
+             skip_bad_images):
     """Rank-1/5/10, mAP, mINP and TPR@FPR of MODELS on a Market-1501-layout dataset.
 
     The Market-1501 protocol: junk (-1) dropped, distractors (0000) kept in the gallery, gallery
@@ -208,6 +221,12 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
     from ..verify.evaluate import METRIC_KEYS, EvalOptions, check_queries_have_matches, evaluate_encoder
 
     _check_outputs(report)
+    from .large_eval import check_eval_inputs, eval_feature_files
+
+    check_eval_inputs(models, dataset_root, distractors, query_features, gallery_features, plots, rerank, aqe)
+    if query_features is not None:
+        return eval_feature_files(query_features, gallery_features, distractor_features, metric, chunk_elements,
+                                  progress, report, _report_header("eval"))
     dataset = MarketDataset(dataset_root)
     check_queries_have_matches(dataset)
     if plots is not None:
@@ -222,7 +241,15 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
             for deployment in (None, *dict.fromkeys(deployments)):
                 if deployment:
                     _use_deployment(enc, deployment)
-                res = evaluate_encoder(enc, dataset, opts, progress, on_error="skip" if skip_bad_images else "raise")
+                if distractors:  # streamed over gallery chunks
+                    from ..verify.streamed import evaluate_encoder_streamed
+
+                    res = evaluate_encoder_streamed(enc, dataset, distractors, opts, progress,
+                                                    on_error="skip" if skip_bad_images else "raise",
+                                                    chunk_elements=chunk_elements)
+                else:
+                    res = evaluate_encoder(enc, dataset, opts, progress,
+                                           on_error="skip" if skip_bad_images else "raise")
                 res.update({"model": str(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
                             "precision": enc.precision, "deployment": deployment})
                 if deployment is None:
@@ -273,6 +300,9 @@ def evaluate(models, dataset_root, config, flip_test, rerank, k1, k2, lambda_val
                f"metric {metric}{', flip' if flip_test else ''}{', AQE' if aqe else ''}{', re-rank' if rerank else ''}")
     click.echo(format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "status"], rows,
                             floatfmt=".2f"))
+    if distractors and "error" not in base:
+        click.echo(f"gallery + {base['num_distractors']} distractors = {base['num_gallery']} items, streamed exact "
+                   f"evaluation; peak RSS {max(r.get('peak_rss_mib', 0) for r in results):.0f} MiB")
     if deployments:
         click.echo("\ncost of each deployment's preprocessing against the model's own (points; gates mAP "
                    f"{max_deployment_map_drop:g}, Rank-1 {max_deployment_r1_drop:g}):")

@@ -1,0 +1,115 @@
+"""extract --engine ray: Ray Data workers write shards that merge into the same bits as a local run,
+and a killed run resumes from the shards it finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO, assert_clean_error, randomize_bn, run_cli, write_image
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'reid-export[ray]')")
+
+from reid_export.checkpoint import save_checkpoint  # noqa: E402
+from reid_export.config import load_config  # noqa: E402
+from reid_export.data_config import data_config_from_cfg  # noqa: E402
+from reid_export.modeling import build_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    cfg = load_config(CONFIGS / "Market1501/bagtricks_R18.yml", ["INPUT.SIZE_TEST", "[64, 32]"])
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(cfg), size=(64, 32)).eval()
+    ckpt = save_checkpoint(root / "tiny.pth", model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
+    for i in range(60):
+        write_image(root / "crops" / f"{i // 6 + 1:04d}_c{i % 3 + 1}s1_{i:06d}_00.jpg", seed=i, size=(96, 48))
+    # The reference: single-process extract, one torch thread.
+    r = run_cli("extract", ckpt, root / "crops", "-o", root / "local.npy", "--batch-size", "4", "--no-progress")
+    assert r.code == 0, r.err
+    yield ckpt, root
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def same_output(a, b):
+    fa, fb = np.load(a), np.load(b)
+    ja, jb = json.loads(a.with_suffix(".json").read_text()), json.loads(b.with_suffix(".json").read_text())
+    assert ja["files"] == jb["files"]  # the order
+    assert fa.dtype == fb.dtype and fa.shape == fb.shape
+    return np.array_equal(fa, fb)  # the bits
+
+
+def test_killed_ray_run_resumes_and_equals_local_extract(tiny, tmp_path):
+    ckpt, root = tiny
+    out = tmp_path / "ray.npy"
+    args = ["extract", str(ckpt), str(root / "crops"), "-o", str(out), "--batch-size", "4", "--engine", "ray",
+            "--shard-size", "8", "--workers", "1", "--threads-per-worker", "1", "--no-progress"]
+    shards = tmp_path / "ray.npy.shards"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "reid_export.cli.main", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(list(shards.glob("shard-*.json"))) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert len(list(shards.glob("shard-*.json"))) >= 2, "no shard written in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its Ray processes, mid-way
+        proc.wait()
+    done = len(list(shards.glob("shard-*.json")))
+    assert not out.exists() and 2 <= done < 8
+    r = run_cli(*args[:-3], "--workers", "2", "--threads-per-worker", "1", "--no-progress")
+    assert r.code == 0, r.err
+    # A Ray worker of the killed run may still finish the shard it was writing (atomically) as it dies.
+    reused = re.search(r"resumed: (\d+) of 8 shards", r.err)
+    assert reused and done <= int(reused.group(1)) < 8, r.err
+    assert same_output(root / "local.npy", out)
+    assert not shards.exists()  # removed once the output is complete
+
+
+def test_ray_output_differs_when_the_bits_would(tiny, tmp_path):
+    # The comparison above can fail: a run with two threads per worker rounds differently.
+    ckpt, root = tiny
+    out = tmp_path / "two.npy"
+    r = run_cli("extract", ckpt, root / "crops", "-o", out, "--batch-size", "4", "--engine", "ray", "--shard-size",
+                "32", "--threads-per-worker", "2", "--no-progress")
+    assert r.code == 0, r.err
+    assert not same_output(root / "local.npy", out)
+    np.testing.assert_allclose(np.load(out), np.load(root / "local.npy"), rtol=1e-3, atol=1e-3)
+
+
+def test_ray_options_errors(tiny, tmp_path, monkeypatch):
+    ckpt, root = tiny
+    assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "x.npy", "--engine", "ray",
+                               "--batch-size", "4", "--shard-size", "10"), "multiple of --batch-size")
+    shards = tmp_path / "y.npy.shards"
+    shards.mkdir()
+    (shards / "plan.json").write_text(json.dumps({"model": "other"}))
+    assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "y.npy", "--engine", "ray",
+                               "--batch-size", "4", "--shard-size", "8"), "another run", "remove that folder")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "z.npy", "--engine", "ray",
+                               "--batch-size", "4", "--shard-size", "8"), "pip install 'reid-export[ray]'")
