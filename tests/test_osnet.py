@@ -227,11 +227,17 @@ def test_extract_reproduces_torchreid_end_to_end(torchreid_model, tmp_path):
     assert rel_l2(np.load(out), g["features"]).max() > 100 * TOLERANCE
 
 
-def test_onnx_export_reproduces_torchreid(torchreid_model, tmp_path):
-    g, _, _ = torchreid_model
-    path = tmp_path / "osnet_x0_25.onnx"
+@pytest.fixture(scope="module")
+def torchreid_onnx(torchreid_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("torchreid-onnx") / "osnet_x0_25.onnx"
     result = run_cli("onnx", CHECKPOINT, "--config", TORCHREID / "osnet_x0_25.yml", "-o", path)
     assert result.code == 0, result
+    return path
+
+
+def test_onnx_export_reproduces_torchreid(torchreid_model, torchreid_onnx):
+    g, _, _ = torchreid_model
+    path = torchreid_onnx
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     stored = json.loads(props["reid_export.data_config"])
     assert stored["interpolation"] == "pil-bilinear" and stored["normalized_inside"] is True
@@ -244,6 +250,23 @@ def test_onnx_export_reproduces_torchreid(torchreid_model, tmp_path):
     result = run_cli("parity", CHECKPOINT, path, "--config", TORCHREID / "osnet_x0_25.yml",
                      "--images", GOLDEN_IMAGES, "--no-progress")
     assert result.code == 0, result
+
+
+def test_eval_takes_the_checkpoint_and_its_onnx_with_one_config(torchreid_onnx, tmp_path):
+    """--config configures the checkpoint; the ONNX beside it keeps its own data config."""
+    from conftest import data_dir
+
+    root = data_dir("market1501-mini")
+    report = tmp_path / "eval.json"
+    result = run_cli("eval", CHECKPOINT, torchreid_onnx, "--config", TORCHREID / "osnet_x0_25.yml",
+                     "--dataset-root", root, "--report", report, "--no-progress", "--max-map-drop", "0.01")
+    assert result.code == 0, result
+    rows = json.loads(report.read_text())
+    assert "torchreid_osnet_x0_25_market1501" in json.dumps(rows) and "osnet_x0_25.onnx" in json.dumps(rows)
+    # an ONNX alone still refuses a config it would not use
+    result = run_cli("eval", torchreid_onnx, "--config", TORCHREID / "osnet_x0_25.yml", "--dataset-root", root,
+                     "--no-progress")
+    assert_clean_error(result, "--config/--opts apply to checkpoints")
 
 
 # --- training ----------------------------------------------------------------------------------

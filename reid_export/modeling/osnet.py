@@ -15,9 +15,6 @@ shapes), for the "which config is this checkpoint" hint.
 
 from __future__ import annotations
 
-import re
-
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -285,6 +282,8 @@ def build_osnet_backbone(cfg) -> OSNet:
 # torchreid checkpoints
 
 _TORCHREID_STEM = "conv1.conv.weight"
+SHIPPED_TORCHREID_CONFIGS = ("osnet_x1_0", "osnet_x0_75", "osnet_x0_5", "osnet_x0_25", "osnet_ibn_x1_0",
+                             "osnet_ain_x1_0")
 TORCHREID_DROPPED = ("classifier.",)
 
 
@@ -329,10 +328,6 @@ def describe_osnet_state(state: dict) -> dict | None:
     return {"arch": arch, "width": width, "ibn": ibn, "variant": variant, "fc_dim": fc_dim, "config": config}
 
 
-SHIPPED_TORCHREID_CONFIGS = ("osnet_x1_0", "osnet_x0_75", "osnet_x0_5", "osnet_x0_25", "osnet_ibn_x1_0",
-                             "osnet_ain_x1_0")
-
-
 def osnet_hint(state: dict) -> str:
     """``the checkpoint looks like osnet_x0_25 (fc 512): try --config configs/torchreid/osnet_x0_25.yml``."""
     info = describe_osnet_state(state)
@@ -345,7 +340,3 @@ def osnet_hint(state: dict) -> str:
     depth = ("ain_" if info["variant"] == "ain" else "") + info["width"]
     return (f"{text}: use MODEL.BACKBONE.NAME build_osnet_backbone, DEPTH {depth}, "
             f"WITH_IBN {info['ibn']}")
-
-
-def is_osnet_key(key: str) -> bool:
-    return bool(re.match(r"^backbone\.(conv[1-5]|pool[23])\.", key))
