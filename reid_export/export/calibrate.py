@@ -16,6 +16,11 @@ Methods:
 - ``entropy``: the threshold T that minimises KL(P || Q) between the clipped histogram and its
   8-bit quantisation (TensorRT's legacy entropy calibration), range [-T, T] clipped to [min, max].
 - ``percentile``: T = the P-th percentile of ``|x|``, range as above.
+- ``mse``: per tensor, the T that minimises the expected squared error of quantizing the
+  histogram (rounding error step^2/12 inside [-T, T] plus the clipping error beyond it), for the
+  grid the target uses (127 steps per side for symmetric int8, 255 for a non-negative uint8
+  tensor). Where entropy matches the shape of the distribution, this weighs what the next layer
+  sees: the error of the values themselves, large rare values included.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import onnx
 
 from ..errors import ReidExportError
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_NUM_BINS = 2048
 DEFAULT_PERCENTILE = 99.99
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -155,6 +160,33 @@ def percentile_threshold(hist: np.ndarray, width: float, percentile: float) -> f
     return (min(index, hist.size - 1) + 1) * width
 
 
+def mse_threshold(hist: np.ndarray, width: float, steps: float = 127.0, max_candidates: int = 1024) -> float:
+    """The |x| threshold T minimising the expected squared quantization error of the histogram.
+
+    ``steps``: quantization steps between 0 and T (127 for symmetric int8, 255 for uint8 over
+    [0, T]); inside [0, T] each value costs step^2 / 12 (uniform rounding error), beyond T it is
+    clipped and costs (|x| - T)^2, with |x| at its bin's centre.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    nonzero_bins = np.nonzero(hist)[0]
+    if nonzero_bins.size == 0:
+        return 0.0
+    last = int(nonzero_bins[-1]) + 1
+    centres = (np.arange(last) + 0.5) * width
+    h = hist[:last]
+    # suffix sums over the clipped bins j >= i: sum h, sum h c, sum h c^2
+    s0 = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
+    s1 = np.concatenate([np.cumsum((h * centres)[::-1])[::-1], [0.0]])
+    s2 = np.concatenate([np.cumsum((h * centres ** 2)[::-1])[::-1], [0.0]])
+    stride = max(1, last // max_candidates)
+    edges = np.unique(np.concatenate([np.arange(1, last + 1, stride), [last]]))
+    thresholds = edges * width
+    inside = s0[0] - s0[edges]
+    clip = s2[edges] - 2.0 * thresholds * s1[edges] + thresholds ** 2 * s0[edges]
+    mse = inside * (thresholds / steps) ** 2 / 12.0 + np.maximum(clip, 0.0)
+    return float(thresholds[int(np.argmin(mse))])
+
+
 def threshold_to_range(stats: TensorStats, threshold: float) -> tuple[float, float]:
     lo = max(stats.lo, -threshold)
     hi = min(stats.hi, threshold)
@@ -181,10 +213,14 @@ class Calibration:
             if method == "minmax" or stats.hist is None:
                 out[name] = (stats.lo, stats.hi)
                 continue
+            # 8 bits cover [0, T] of a non-negative tensor in uint8 (256 levels), else 128 per side.
+            unsigned = unsigned_activations and stats.lo >= 0
             if method == "entropy":
-                # 8 bits cover [0, T] of a non-negative tensor in uint8 (256 levels), else 128 per side.
-                levels = 256 if unsigned_activations and stats.lo >= 0 else 128
-                threshold = entropy_threshold(stats.hist, stats.width, levels)
+                threshold = entropy_threshold(stats.hist, stats.width, 256 if unsigned else 128)
+            elif method == "mse":
+                # uint8 over a signed tensor spreads 255 steps over [-T, T] (asymmetric, about 127.5 per side)
+                steps = 255.0 if unsigned else (127.5 if unsigned_activations else 127.0)
+                threshold = mse_threshold(stats.hist, stats.width, steps)
             else:
                 threshold = percentile_threshold(stats.hist, stats.width, percentile)
             out[name] = threshold_to_range(stats, min(threshold, stats.amax))

@@ -1,33 +1,20 @@
-"""FP16 and INT8 (Q/DQ) variants of an FP32 ONNX model; precision lives in the graph.
+"""``reid-export quantize``: the FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model, written only when it is good.
 
-FP16: onnxconverter-common's converter turns the graph to float16 with float32 inputs/outputs.
-The input normalisation and the head (pooling incl. GeM's clip/pow/mean, the BNNeck, the
-flatten) stay in float32: GeM cubes activations (FP16 overflows above ~40) and the feature is the
-product. Weights outside the FP16 range are reported.
-
-INT8: static calibration on real images read with the one preprocessing function, statistics from
-:mod:`.calibrate`, Q/DQ insertion by ONNX Runtime's ``QDQQuantizer``:
-
-- ``--target tensorrt``: S8S8, symmetric (zero point 0), per-channel weights, float bias, ReLUs
-  kept, Q/DQ on the inputs of Conv/Gemm/MatMul/Add/MaxPool only: what TensorRT's explicit
-  quantization accepts; checked by :func:`.qdq_check.check_tensorrt_qdq` before writing.
-- ``--target cpu``: U8S8 (uint8 asymmetric activations, int8 symmetric per-channel weights, int32
-  bias), ReLUs folded into the activation ranges: what ONNX Runtime's CPU provider fuses into
-  QLinearConv & co. Weights use 7 bits (``reduce_range``) by default: x86 CPUs without VNNI
-  multiply U8S8 with a saturating 16-bit intermediate (``vpmaddubsw``), which wrecks accuracy
-  with full-range weights (measured here on an AVX2 EPYC: relative L2 0.18 vs 0.004).
-
-The head stays in float in both. Models below opset 13 are upgraded first (per-channel
-DequantizeLinear needs the ``axis`` attribute of opset 13).
+- FP16: :mod:`.fp16` (float16 graph, float32 I/O, head in float32).
+- INT8: one calibration pass (:func:`.int8.calibrate`) on real crops, then the accuracy-guarded
+  search of :mod:`.int8_search`: every calibration method is tried and measured against the FP32
+  graph on held-out crops (not the calibration images), the best is kept, and nodes that add the
+  most error stay in float until the gate holds. Below the gate nothing is written (exit 1) unless
+  ``allow_below_gate``; then the model is marked below-gate in its metadata.
+  Targets: :mod:`.int8` (TensorRT S8S8, checked by :func:`.qdq_check.check_tensorrt_qdq`; CPU U8S8,
+  fusion counted by :func:`.qdq_check.check_ort_cpu_fusion`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
+import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,22 +27,23 @@ from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
 from ..runtime.preprocess import expand_image_paths, preprocess
-from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS, collect, tensors_to_calibrate
-from .graph import ensure_node_names, head_nodes, input_prefix_nodes, opset_of, resolve_excludes, upgrade_opset
+from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS
+from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, convert_fp16, converter_version, quiet_ort_tools
+from .graph import ensure_node_names, opset_of, resolve_excludes
+from .int8 import (MIN_QDQ_OPSET, QDQ_OP_TYPES, TARGETS, calibrate, calibration_batches, describe, prepare,
+                   weight_range_for_cpu)
+from .int8_search import Gate, Objective, parse_methods, search
 from .metadata import (KEY_FP16, KEY_QUANTIZATION, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, get_metadata,
-                       input_info, load_onnx, model_precision, require_data_config, save_onnx, set_metadata)
+                       load_onnx, model_precision, require_data_config, save_onnx, set_metadata)
 from .qdq_check import FusionReport, QDQReport, check_ort_cpu_fusion, check_tensorrt_qdq
 
 PRECISIONS = ("fp16", "int8")
-TARGETS = ("tensorrt", "cpu")
 DEFAULT_CALIB_SIZE = 512
-DEFAULT_METHOD = "entropy"
-QDQ_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
-CPU_EXTRA_OP_TYPES = ["Relu", "Clip"]
-MIN_QDQ_OPSET = 13
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 6.103515625e-05
-FP16_MIN_SUBNORMAL = 5.960464477539063e-08
+DEFAULT_VAL_SIZE = 128
+DEFAULT_METHOD = "auto"
+LOCATE_IMAGES = 8
+_calibration_batches = calibration_batches  # the name tests and benchmarks use
+_quiet_ort_quantization = quiet_ort_tools
 
 
 @dataclass
@@ -65,25 +53,27 @@ class QuantizeReport:
     target: str | None = None
     method: str | None = None
     calibration_images: int = 0
+    held_out_images: int = 0
     notes: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
+    fallback_float: list[str] = field(default_factory=list)
     parity: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)
+    gate_passed: bool | None = None
     qdq: QDQReport | None = None
     fusion: FusionReport | None = None
+    written: bool = False
     size_mb: float = 0.0
     seconds: float = 0.0
 
-
-@contextlib.contextmanager
-def _quiet_ort_quantization():
-    """ONNX Runtime's quantization tools log on the root logger and print; keep our output clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "written": self.written, "precision": self.precision,
+                "target": self.target, "method": self.method, "calibration_images": self.calibration_images,
+                "held_out_images": self.held_out_images, "kept_float": self.kept_float,
+                "fallback_float": self.fallback_float, "parity_vs_fp32": self.parity, "search": self.search,
+                "gate_passed": self.gate_passed, "qdq_check": None if self.qdq is None else self.qdq.summary(),
+                "ort_cpu_fusion": None if self.fusion is None else self.fusion.summary(),
+                "size_mb": round(self.size_mb, 3), "seconds": round(self.seconds, 1), "notes": self.notes}
 
 
 def _load_fp32(model_path: str | Path) -> tuple[onnx.ModelProto, DataConfig]:
@@ -112,6 +102,46 @@ def select_calibration_images(dirs: Sequence[str | Path], size: int, seed: int,
     return [paths[i] for i in chosen]
 
 
+def select_images(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Sequence[str | Path], val_size: int,
+                  seed: int, log: Callable[[str], None]) -> tuple[list[Path], list[Path]]:
+    """(calibration images, held-out images): never the same file in both.
+
+    Without ``val_dirs`` the held-out images come from the calibration folders: ``val_size`` of
+    them (a quarter when the folders hold fewer than ``calib_size + val_size``, at least 2), drawn
+    first by ``seed``; the calibration images are drawn from the rest.
+    """
+    if calib_size < 1 or val_size < 2:
+        raise UsageError(f"--calib-size must be >= 1 and --val-size >= 2, got {calib_size} and {val_size}")
+    paths = list(dict.fromkeys(expand_image_paths(calib_dirs)))
+    where = ", ".join(str(d) for d in calib_dirs)
+    rng = np.random.default_rng(seed)
+    order = [paths[i] for i in rng.permutation(len(paths))]
+    if val_dirs:
+        val_all = [p for p in dict.fromkeys(expand_image_paths(val_dirs)) if p not in set(paths)]
+        vwhere = ", ".join(str(d) for d in val_dirs)
+        if len(val_all) < 2:
+            raise UsageError(f"--val-dir {vwhere}: holds {len(val_all)} images that are not calibration images; "
+                             "the accuracy gate needs at least 2")
+        val = sorted(val_all[i] for i in np.random.default_rng(seed).permutation(len(val_all))[:val_size])
+        calib = sorted(order[:calib_size])
+        vnote = f"{len(val)} of the {len(val_all)} images in {vwhere}"
+    else:
+        n_val = val_size if len(paths) >= calib_size + val_size else max(2, len(paths) // 4)
+        if len(paths) - n_val < 1:
+            raise UsageError(f"--calib-dir {where}: holds {len(paths)} images; calibration and the held-out "
+                             "accuracy check need at least 3 (or give --val-dir)")
+        val = sorted(order[:n_val])
+        calib = sorted(order[n_val:n_val + calib_size])
+        vnote = f"{len(val)} other images from the same folders"
+    if len(calib) < calib_size:
+        log(f"calibration: {where} holds {len(paths)} images, fewer than --calib-size {calib_size} plus the held-out "
+            f"ones; using {len(calib)}")
+    else:
+        log(f"calibration: {len(calib)} of the {len(paths)} images in {where} (seed {seed})")
+    log(f"accuracy gate: measured on {vnote}, held out from calibration")
+    return calib, val
+
+
 def _file_list_digest(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
@@ -132,7 +162,13 @@ def compare_features(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
     result = compare(reference, candidate, Tolerances())
     return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
-            "max_rel_l2": result.max_rel_l2, "finite": result.nonfinite == 0}
+            "max_rel_l2": result.max_rel_l2, "top1_agreement": result.top1_agreement,
+            "top5_agreement": result.top5_agreement, "finite": result.nonfinite == 0}
+
+
+def _objective_text(o: dict) -> str:
+    return (f"min cosine {o['min_cosine']:.4f}, mean cosine {o['mean_cosine']:.4f}, top-1 {o['top1_agreement']:.0%}, "
+            f"top-5 {o['top5_agreement']:.0%}")
 
 
 def _parity_line(precision: str, parity: dict, source: str) -> str:
@@ -140,233 +176,42 @@ def _parity_line(precision: str, parity: dict, source: str) -> str:
             f"{parity['min_cosine']:.5f}, max relative L2 {parity['max_rel_l2']:.2e}")
 
 
-def fp16_weight_warnings(model: onnx.ModelProto, keep_nodes: set[str]) -> list[str]:
-    """Float weights of converted nodes that FP16 cannot hold (clamped) or holds imprecisely (subnormal)."""
-    from onnx import numpy_helper
-
-    kept_inputs = {name for node in model.graph.node if node.name in keep_nodes for name in node.input}
-    over, tiny, subnormal, worst = 0, 0, 0, 0.0
-    tensors_over: list[str] = []
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or init.name in kept_inputs:
-            continue
-        values = np.abs(numpy_helper.to_array(init))
-        n_over = int(np.sum(values > FP16_MAX))
-        if n_over:
-            over += n_over
-            worst = max(worst, float(values.max()))
-            tensors_over.append(init.name)
-        nonzero = values[values > 0]
-        tiny += int(np.sum(nonzero < FP16_MIN_SUBNORMAL))
-        subnormal += int(np.sum((nonzero >= FP16_MIN_SUBNORMAL) & (nonzero < FP16_MIN_NORMAL)))
-    lines = []
-    if over:
-        lines.append(f"warning: {over} weight values exceed the FP16 range (max |w| {worst:.3g} > 65504) in "
-                        f"{', '.join(tensors_over[:4])}; they are clamped to 65504 (exclude those nodes with --exclude)")
-    if tiny:
-        lines.append(f"warning: {tiny} nonzero weight values are below FP16's smallest subnormal (5.96e-08); "
-                        "they become +-5.96e-08")
-    if subnormal:
-        lines.append(f"note: {subnormal} weight values are FP16 subnormals (|w| < 6.1e-05) and lose precision")
-    return lines
-
-
-def _split_head(model: onnx.ModelProto, head: set[str], blocked: set[str]) -> tuple[set[str], list[str]]:
-    """Grow ``head`` until no blocked node produces a tensor the head (or the output) reads from the body.
-
-    Returns the head and the boundary tensors (body outputs that the FP32 part reads).
-    """
-    outputs = [out.name for out in model.graph.output]
-    while True:
-        body = [node for node in model.graph.node if node.name not in head]
-        produced = {name for node in body for name in node.output}
-        wanted = [name for node in model.graph.node if node.name in head for name in node.input] + outputs
-        boundary = [name for name in dict.fromkeys(wanted) if name in produced]
-        movers = {node.name for node in body if node.name in blocked and set(node.output) & set(boundary)}
-        if not movers:
-            return head, boundary
-        head |= movers
-
-
-def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str] = (),
-                 log: Callable[[str], None] = print) -> tuple[onnx.ModelProto, list[str]]:
-    """The FP16 graph (FP32 I/O) and the names of the nodes kept in FP32.
-
-    The head (see :func:`.graph.head_nodes`) is cut off, the rest is converted by
-    onnxconverter-common with FP32 inputs/outputs (its input normalisation and any ``--exclude``
-    nodes blocked), and the FP32 head is put back on the FP32 boundary tensors. (The converter
-    cannot itself block a node that produces a graph output together with ``keep_io_types``.)
-    """
-    from onnxconverter_common import float16
-
-    exclude_nodes, exclude_ops = resolve_excludes(model, exclude)
-    blocked = set(input_prefix_nodes(model)) | set(exclude_nodes)
-    blocked |= {node.name for node in model.graph.node if node.op_type in exclude_ops}
-    head, boundary = _split_head(model, set(head_nodes(model)), blocked)
-    keep = [node.name for node in model.graph.node if node.name in head or node.name in blocked]
-    for line in fp16_weight_warnings(model, set(keep)):
-        log(line)
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    missing = [name for name in boundary if name not in infos]
-    if missing:
-        raise ReidExportError(f"FP16 conversion: no type is known for {', '.join(missing[:3])} (shape inference "
-                              "failed there); exclude fewer nodes or re-export the model")
-    body_nodes = [node for node in model.graph.node if node.name not in head]
-    head_list = [node for node in model.graph.node if node.name in head]
-    body_uses = {name for node in body_nodes for name in node.input}
-    head_uses = {name for node in head_list for name in node.input}
-    body_graph = onnx.helper.make_graph(
-        body_nodes, model.graph.name, list(model.graph.input), [infos[name] for name in boundary],
-        [init for init in model.graph.initializer if init.name in body_uses])
-    body = onnx.helper.make_model(body_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    op_block = list(dict.fromkeys(list(float16.DEFAULT_OP_BLOCK_LIST) + list(exclude_ops)))
-    with _quiet_ort_quantization(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            converted = float16.convert_float_to_float16(
-                body, min_positive_val=FP16_MIN_SUBNORMAL, max_finite_val=FP16_MAX, keep_io_types=True,
-                op_block_list=op_block, node_block_list=sorted(blocked - head))
-        except Exception as exc:
-            raise ReidExportError(f"FP16 conversion failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                  "try --exclude on the node it names") from None
-
-    # Put the FP32 head back, on the FP32 boundary tensors the converter left as outputs.
-    converted_inits = {init.name: init for init in converted.graph.initializer}
-    renames: dict[str, str] = {}
-    extra_inits = []
-    for init in model.graph.initializer:
-        if init.name not in head_uses:
-            continue
-        if init.name in converted_inits:
-            if converted_inits[init.name].data_type != init.data_type:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(init)
-                copy.name = init.name + "_fp32"
-                renames[init.name] = copy.name
-                extra_inits.append(copy)
-        else:
-            extra_inits.append(init)
-    for node in head_list:
-        for i, name in enumerate(node.input):
-            node.input[i] = renames.get(name, name)
-    graph = converted.graph
-    graph.node.extend(head_list)
-    graph.initializer.extend(extra_inits)
-    del graph.output[:]
-    graph.output.extend(model.graph.output)
-    # The converter can leave two value_infos (fp32 and fp16) for a tensor; infer them afresh.
-    del graph.value_info[:]
-    del converted.metadata_props[:]
-    converted.metadata_props.extend(model.metadata_props)
-    return onnx.shape_inference.infer_shapes(converted), keep
-
-
-def _calibration_batches(paths: Sequence[Path], data_config: DataConfig, batch: int, static: bool):
-    for start in range(0, len(paths), batch):
-        chunk = preprocess(paths[start:start + batch], data_config)
-        valid = len(chunk)
-        if static and valid < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - valid, axis=0)])
-        yield chunk, valid
-
-
-def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, calib_paths: Sequence[Path],
-                  target: str = "tensorrt", method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE,
-                  exclude: Sequence[str] = (), num_bins: int = DEFAULT_NUM_BINS, batch_size: int = 8,
-                  reduce_range: bool | None = None, threads: int | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> tuple[onnx.ModelProto, dict]:
-    """The Q/DQ model for ``target`` and a record of how it was made."""
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from tqdm import tqdm
-
-    if target not in TARGETS:
+def _check_options(precision, target, method, percentile, reduce_range, calib_dirs):
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if percentile is not None and method not in ("percentile", "auto"):
+        raise UsageError("--percentile applies to --method percentile (or auto, as one more candidate)")
+    if percentile is not None and not 50.0 < percentile <= 100.0:
+        raise UsageError(f"--percentile must be in (50, 100], got {percentile}")
+    if precision == "int8" and target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if reduce_range is None:
-        reduce_range = target == "cpu"
-    elif reduce_range and target != "cpu":
+    if precision == "int8" and method not in METHODS + ("auto",):
+        raise UsageError(f"--method must be auto or one of {', '.join(METHODS)}, got {method!r}")
+    if precision == "int8" and reduce_range and target != "cpu":
         raise UsageError("--reduce-range applies to --target cpu (TensorRT takes full 8-bit weights)")
-    info: dict = {"target": target, "method": method}
-    model, old_opset = upgrade_opset(model, MIN_QDQ_OPSET)
-    if old_opset is not None:
-        log(f"upgraded the model from opset {old_opset} to {MIN_QDQ_OPSET} (per-channel quantization needs "
-            f"opset >= {MIN_QDQ_OPSET})")
-        info["opset_upgraded_from"] = old_opset
-    exclude_nodes, exclude_ops = resolve_excludes(model, exclude)
-    head = head_nodes(model)
-    ops = [op for op in QDQ_OP_TYPES + (CPU_EXTRA_OP_TYPES if target == "cpu" else []) if op not in exclude_ops]
-    excluded = list(dict.fromkeys(head + exclude_nodes))
-    model = onnx.shape_inference.infer_shapes(model)
-    tensors = tensors_to_calibrate(model, ops, excluded)
-    if not tensors:
-        raise ReidExportError("nothing to quantize: no Conv/Gemm/MatMul/Add/pool node is left after --exclude")
-
-    _, shape, _ = input_info(model)
-    static = isinstance(shape[0], int) and shape[0] > 0
-    batch = shape[0] if static else batch_size
-    bar = tqdm(total=len(calib_paths), desc=f"calibrate {len(calib_paths)} images ({len(tensors)} tensors)", unit="img",
-               disable=not progress, leave=False)
-    try:
-        calibration = collect(model, tensors, _calibration_batches(calib_paths, data_config, batch, static),
-                              histograms=method != "minmax", num_bins=num_bins, threads=threads, progress=bar)
-    finally:
-        bar.close()
-    tensors_range = calibration.tensors_data(method, percentile, unsigned_activations=target == "cpu")
-
-    if target == "tensorrt":
-        activation, weight = QuantType.QInt8, QuantType.QInt8
-        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                 "QDQKeepRemovableActivations": True,
-                 "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add"]}
-    else:
-        activation, weight = QuantType.QUInt8, QuantType.QInt8
-        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True}
-    with _quiet_ort_quantization():
-        quantizer = QDQQuantizer(model, True, reduce_range, weight, activation, tensors_range, [], excluded, ops,
-                                 extra)
-        quantizer.quantize_model()
-        quantizer.model.topological_sort()
-        quantized = quantizer.model.model
-    info.update({
-        "activations": "int8 symmetric per-tensor" if target == "tensorrt" else "uint8 asymmetric per-tensor",
-        "weights": "int8 symmetric per-channel" + (" (7-bit, reduce_range)" if reduce_range else ""),
-        "bias": "float" if target == "tensorrt" else "int32",
-        "op_types": ops, "kept_float": excluded, "tensors_calibrated": len(tensors),
-        "num_bins": num_bins if method != "minmax" else None,
-        "percentile": percentile if method == "percentile" else None,
-    })
-    return quantized, info
+    if precision == "int8" and not calib_dirs:
+        raise UsageError("--precision int8 needs real calibration images: --calib-dir DIR (for example the "
+                         "training crops, bounding_box_train/)")
 
 
 def quantize_file(model_path: str | Path, output: str | Path, precision: str, target: str = "tensorrt",
                   calib_dirs: Sequence[str | Path] = (), calib_size: int = DEFAULT_CALIB_SIZE,
                   method: str = DEFAULT_METHOD, percentile: float | None = None, exclude: Sequence[str] = (),
                   seed: int = 0, num_bins: int = DEFAULT_NUM_BINS, batch_size: int = 8, reduce_range: bool | None = None,
-                  threads: int | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> QuantizeReport:
-    """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only on success."""
+                  threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+                  val_dirs: Sequence[str | Path] = (), val_size: int = DEFAULT_VAL_SIZE, gate: Gate | None = None,
+                  max_fallback: int | None = None, allow_below_gate: bool = False) -> QuantizeReport:
+    """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only on success.
+
+    INT8: ``method`` ``auto`` tries every calibration method; ``gate`` (default :class:`Gate`) is
+    what the result must keep of the FP32 embeddings on the held-out images; ``max_fallback``
+    nodes at most stay in float to meet it (default a quarter of the quantizable nodes; 0: none).
+    Below the gate a :class:`ReidExportError` says what was tried, unless ``allow_below_gate``.
+    """
     from .onnx_export import generated_images
 
     start = time.time()
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if percentile is not None and method != "percentile":
-        raise UsageError("--percentile applies to --method percentile")
-    if percentile is not None and not 50.0 < percentile <= 100.0:
-        raise UsageError(f"--percentile must be in (50, 100], got {percentile}")
-    if precision == "int8" and target not in TARGETS:
-        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if precision == "int8" and method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if precision == "int8" and reduce_range and target != "cpu":
-        raise UsageError("--reduce-range applies to --target cpu (TensorRT takes full 8-bit weights)")
-    if precision == "int8" and not calib_dirs:
-        raise UsageError("--precision int8 needs real calibration images: --calib-dir DIR (for example the "
-                         "training crops, bounding_box_train/)")
+    _check_options(precision, target, method, percentile, reduce_range, calib_dirs)
     output = check_output_path(output)
     model, data_config = _load_fp32(model_path)
     resolve_excludes(model, exclude)  # an unknown --exclude fails before any work is done
@@ -374,61 +219,48 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     report = QuantizeReport(output=output, precision=precision)
     # Notes (images used, opset upgrade, FP16 weight range) are printed once the model is written:
     # a run that fails (a corrupt calibration image, say) prints its one error line and nothing else.
-    notes: list[str] = []
+    notes: list[str] = report.notes
     note = notes.append
-
-    calib_paths: list[Path] = []
-    if calib_dirs:  # fp16 needs no calibration: its images only measure the agreement with FP32
-        calib_paths = select_calibration_images(calib_dirs, calib_size if precision == "int8" else 16, seed,
-                                                note if precision == "int8" else (lambda line: None))
 
     if precision == "fp16":
         converted, keep = convert_fp16(model, exclude, note)
         report.kept_float = keep
-        extra_meta = {KEY_FP16: {"kept_fp32": keep, "converter": _converter_version(), "io": "float32"}}
+        extra_meta = {KEY_FP16: {"kept_fp32": keep, "converter": converter_version(), "io": "float32"}}
+        sample = (select_calibration_images(calib_dirs, 16, seed, lambda line: None) if calib_dirs else [])
+        if sample:
+            inputs, what = preprocess(sample, data_config), "images from --calib-dir"
+        else:
+            inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
+        converted_bytes = converted.SerializeToString()
+        reference = _features(source_bytes, inputs, data_config, str(model_path))
+        report.parity = compare_features(reference, _features(converted_bytes, inputs, data_config, str(output)))
+        note(_parity_line(precision, report.parity, what))
     else:
-        converted, info = quantize_int8(model, data_config, calib_paths, target, method,
-                                        percentile if percentile is not None else DEFAULT_PERCENTILE, exclude,
-                                        num_bins, batch_size, reduce_range, threads, progress, note)
-        report.target, report.method = target, method
-        report.calibration_images = len(calib_paths)
-        report.kept_float = info["kept_float"]
-        info["calibration"] = {"sources": [str(d) for d in calib_dirs], "images": len(calib_paths),
-                               "requested": calib_size, "seed": seed, "files_sha256": _file_list_digest(calib_paths)}
+        converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
+                                         val_size, method, percentile, exclude, seed, num_bins, batch_size,
+                                         reduce_range, threads, progress, gate or Gate(), max_fallback,
+                                         allow_below_gate, note)
         extra_meta = {KEY_QUANTIZATION: info}
         if target == "tensorrt":
             report.qdq = check_tensorrt_qdq(converted)
             if not report.qdq.ok:
-                raise ReidExportError(f"{output}: the Q/DQ graph breaks TensorRT's rules ({'; '.join(report.qdq.problems[:3])}); "
-                                      "not written")
+                raise ReidExportError(f"{output}: the Q/DQ graph breaks TensorRT's rules "
+                                      f"({'; '.join(report.qdq.problems[:3])}); not written")
+        converted_bytes = converted.SerializeToString()  # serialised once: fusion check and checker
+        if target == "cpu":
+            import onnxruntime
+
+            report.fusion = check_ort_cpu_fusion(converted, threads or 1, serialized=converted_bytes)
+            info["ort_cpu_fusion"] = {"quantized_convs": report.fusion.quantized_convs,
+                                      "qlinear_convs": report.fusion.qlinear_convs, "onnxruntime": onnxruntime.__version__}
     try:
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise ReidExportError(f"{output}: the {precision} graph fails onnx.checker "
                               f"({str(exc).splitlines()[0][:200]}); not written") from None
-    converted_bytes = converted.SerializeToString()  # serialised once: fusion check and parity both run it
-    if precision == "int8" and target == "cpu":
-        import onnxruntime
-
-        report.fusion = check_ort_cpu_fusion(converted, threads or 1, serialized=converted_bytes)
-        extra_meta[KEY_QUANTIZATION]["ort_cpu_fusion"] = {
-            "quantized_convs": report.fusion.quantized_convs, "qlinear_convs": report.fusion.qlinear_convs,
-            "onnxruntime": onnxruntime.__version__}
-
-    # How far the variant is from the FP32 model, on real images when there are some.
-    if calib_paths:
-        sample = calib_paths[:: max(1, len(calib_paths) // 16)][:16]
-        inputs = preprocess(sample, data_config)
-        what = "calibration images" if precision == "int8" else "images from --calib-dir"
-    else:
-        inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
-    reference = _features(source_bytes, inputs, data_config, str(model_path))
-    candidate = _features(converted_bytes, inputs, data_config, str(output))
-    report.parity = compare_features(reference, candidate)
-    if not report.parity["finite"]:
+    if not report.parity.get("finite", True):
         raise ReidExportError(f"{output}: the {precision} model gives non-finite features; not written "
                               "(exclude the overflowing nodes with --exclude)")
-    note(_parity_line(precision, report.parity, what))
 
     metadata = base_metadata(data_config, precision)
     props = get_metadata(model)
@@ -438,6 +270,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     converted.doc_string = f"reid-export {__version__}: {Path(model_path).name} -> {precision}"
     set_metadata(converted, metadata)
     save_onnx(converted, output)
+    report.written = True
     for line in notes:
         log(line)
     report.size_mb = output.stat().st_size / 1e6
@@ -445,13 +278,86 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     return report
 
 
-def _converter_version() -> str:
-    try:
-        import onnxconverter_common
+def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs, val_size, method, percentile,
+                   exclude, seed, num_bins, batch_size, reduce_range, threads, progress, gate: Gate, max_fallback,
+                   allow_below_gate, note) -> tuple[onnx.ModelProto, dict]:
+    candidates = parse_methods(method, percentile)
+    calib_paths, val_paths = select_images(calib_dirs, calib_size, val_dirs, val_size, seed, note)
+    prepared = prepare(model, target, exclude)
+    for line in prepared.notes:
+        note(line)
+    if target == "cpu":
+        if reduce_range is None:
+            reduce_range, why = weight_range_for_cpu()
+            note(f"int8 cpu: {why} (--reduce-range / --no-reduce-range to choose)")
+    else:
+        reduce_range = False
+    quantizable = prepared.quantizable_nodes()
+    if max_fallback is None:
+        max_fallback = math.ceil(len(quantizable) * 0.25)
+    phase = time.time()
+    calibration = calibrate(prepared, data_config, calib_paths, num_bins, batch_size, threads, progress)
+    calib_seconds = time.time() - phase
+    phase = time.time()
+    val_inputs = preprocess(val_paths, data_config)
+    objective = Objective(prepared.model, val_inputs, data_config, threads)
+    result = search(prepared, calibration, objective, gate, candidates, bool(reduce_range), max_fallback,
+                    val_inputs[:LOCATE_IMAGES], progress, note)
+    search_seconds = time.time() - phase
+    chosen, first = result.chosen, result.first_choice
+    report.target, report.method = target, chosen.label
+    report.calibration_images, report.held_out_images = len(calib_paths), len(val_paths)
+    report.fallback_float = list(result.keep_float)
+    report.kept_float = list(dict.fromkeys(prepared.head + prepared.user_excluded + result.keep_float))
+    report.parity = dict(chosen.objective)
+    report.gate_passed = chosen.passed
+    tried = ", ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))
+    report.search = {
+        "gate": gate.to_dict(), "held_out_images": len(val_paths), "tried": [t.to_dict() for t in result.trials],
+        "first_choice": first.label, "chosen": chosen.label, "objective_before_fallback": first.objective,
+        "objective": chosen.objective, "passed": chosen.passed, "fallback_float": result.keep_float,
+        "fallback_ranking": result.ranking, "max_fallback": max_fallback,
+        "seconds": {"calibration": round(calib_seconds, 1), "search": round(search_seconds, 1)},
+    }
+    for t in result.trials:
+        note(f"  tried {t.label}: {_objective_text(t.objective)}{'' if t.passed else ' (below the gate)'}")
+    if result.keep_float:
+        note(f"kept in float to meet the gate: {len(result.keep_float)} nodes ({', '.join(result.keep_float[:6])}"
+             f"{', ...' if len(result.keep_float) > 6 else ''}); objective {_objective_text(first.objective)} -> "
+             f"{_objective_text(chosen.objective)}")
+    if not chosen.passed:
+        what = (f"best {chosen.label}: {'; '.join(chosen.failures)} on {len(val_paths)} held-out images; tried {tried}"
+                + (f" and up to {len(result.keep_float)} of {max_fallback} allowed nodes in float" if max_fallback
+                   else ", no fallback to float (--max-float 0)"))
+        if not allow_below_gate:
+            raise ReidExportError(
+                f"{report.output}: not written: the INT8 model misses the accuracy gate ({what}); try more or other "
+                "--calib-dir crops, a larger --max-float, --exclude the layers `reid-export parity --locate` names, "
+                "--precision fp16, or --allow-below-gate to write it anyway")
+        note(f"warning: BELOW THE ACCURACY GATE ({what}); written because of --allow-below-gate and marked so "
+             "in its metadata")
+    else:
+        note(f"accuracy gate passes with {chosen.label}: {_objective_text(chosen.objective)} on {len(val_paths)} "
+             "held-out images")
+    info = describe(prepared, bool(reduce_range))
+    info.update({
+        "method": chosen.method, "method_requested": method, "candidate": chosen.label,
+        "percentile": chosen.percentile if chosen.method == "percentile" else None,
+        "num_bins": num_bins if chosen.method != "minmax" else None,
+        "kept_float": report.kept_float, "fallback_float": result.keep_float,
+        "gate": {**gate.to_dict(), "passed": chosen.passed, "below_gate": not chosen.passed},
+        "objective": chosen.objective, "objective_before_fallback": first.objective,
+        "tried": [{"label": t.label, "kept_float": len(t.keep_float), "passed": t.passed,
+                   "mean_cosine": t.objective["mean_cosine"], "min_cosine": t.objective["min_cosine"],
+                   "top1": t.objective["top1_agreement"], "top5": t.objective["top5_agreement"]}
+                  for t in result.trials],
+        "calibration": {"sources": [str(d) for d in calib_dirs], "images": len(calib_paths), "requested": calib_size,
+                        "seed": seed, "files_sha256": _file_list_digest(calib_paths)},
+        "held_out": {"sources": [str(d) for d in (val_dirs or calib_dirs)], "images": len(val_paths),
+                     "files_sha256": _file_list_digest(val_paths)},
+    })
+    return result.model, info
 
-        return f"onnxconverter-common {onnxconverter_common.__version__}"
-    except Exception:
-        return "onnxconverter-common"
 
-
-__all__ = ["quantize_file", "quantize_int8", "convert_fp16", "select_calibration_images", "opset_of"]
+__all__ = ["quantize_file", "convert_fp16", "select_calibration_images", "select_images", "opset_of", "QDQ_OP_TYPES",
+           "MIN_QDQ_OPSET", "FP16_MAX", "FP16_MIN_NORMAL", "FP16_MIN_SUBNORMAL", "Gate"]

@@ -35,23 +35,40 @@ class LayerError:
     input_rel_error: float
     growth: float
 
+    @property
+    def added(self) -> float:
+        """The error this node adds on top of its inputs' (what keeping it in float would remove)."""
+        return self.rel_error - self.input_rel_error if np.isfinite(self.rel_error) else float("inf")
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "added": self.added}
 
 
-def _run_all(path: Path, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+def _load(model):
+    """A ModelProto from a path, bytes or a ModelProto (not copied: callers must not mutate it)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model))
+    return onnx.load(str(model), load_external_data=False)
+
+
+def _run_all(model, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(path))
-    existing = {o.name for o in model.graph.output}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(_load(model))
+    existing = {o.name for o in copy.graph.output}
     for name in names:
         if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     values = session.run(outputs, {input_name: batch})
@@ -83,25 +100,28 @@ def _match_tensors(ref_model, cand_model, nodes) -> dict[str, str]:
     return matches
 
 
-def locate(fp32_path: str | Path, candidate_path: str | Path, batch: np.ndarray, top: int = 10,
+def locate(fp32_path, candidate_path, batch: np.ndarray, top: int = 10,
            threshold: float = 1e-2) -> dict:
     """Per-layer relative error of ``candidate`` against ``fp32`` on one preprocessed batch.
 
-    Returns ``{"layers": [...all compared...], "first_over_threshold": [...], "largest_growth": [...]}``.
+    ``fp32_path`` / ``candidate_path``: ONNX files, serialized models or ``ModelProto``s.
+    Returns ``{"layers": [...all compared...], "first_over_threshold": [...], "largest_growth": [...]}``;
+    each layer has its ``added`` error (its output's relative error minus its inputs'), the error
+    that node itself introduces, by which ``quantize`` ranks the nodes it keeps in float.
     """
-    import onnx
+    def label(model):
+        return str(model) if isinstance(model, (str, Path)) else "the FP32 model" if model is fp32_path else "the candidate"
 
-    fp32_path, candidate_path = Path(fp32_path), Path(candidate_path)
-    ref_model = onnx.load(str(fp32_path), load_external_data=False)
-    cand_model = onnx.load(str(candidate_path), load_external_data=False)
+    ref_model, cand_model = _load(fp32_path), _load(candidate_path)
+    fp32_name, cand_name_ = label(fp32_path), label(candidate_path)
     nodes = [n for n in ref_model.graph.node if n.op_type not in _SKIP_OPS]
     matches = _match_tensors(ref_model, cand_model, nodes)
     if not matches:
         raise ReidExportError(
-            f"{candidate_path}: shares no tensor names with {fp32_path}; --locate needs a variant made from that FP32 ONNX"
+            f"{cand_name_}: shares no tensor names with {fp32_name}; --locate needs a variant made from that FP32 ONNX"
         )
-    ref_vals = _run_all(fp32_path, batch, list(matches))
-    cand_vals = _run_all(candidate_path, batch, list(dict.fromkeys(matches.values())))
+    ref_vals = _run_all(ref_model, batch, list(matches))
+    cand_vals = _run_all(cand_model, batch, list(dict.fromkeys(matches.values())))
     rel: dict[str, float] = {}
     for name, cand_name in matches.items():
         if name in ref_vals and cand_name in cand_vals and ref_vals[name].shape == cand_vals[cand_name].shape:
@@ -125,13 +145,13 @@ def locate(fp32_path: str | Path, candidate_path: str | Path, batch: np.ndarray,
         growth = err / max(in_err, 1e-7) if np.isfinite(err) else float("inf")
         layers.append(LayerError(node.name or out, node.op_type, out, err, in_err, growth))
     if not layers:
-        raise ReidExportError(f"{candidate_path}: no comparable intermediate tensors with {fp32_path}")
+        raise ReidExportError(f"{cand_name_}: no comparable intermediate tensors with {fp32_name}")
     over = [l for l in layers if not (l.rel_error <= threshold)]
     first = over[:top]
     growth = sorted((l for l in layers if l.rel_error > 1e-6), key=lambda l: -l.growth)[:top]
     return {
-        "fp32": str(fp32_path),
-        "candidate": str(candidate_path),
+        "fp32": fp32_name,
+        "candidate": cand_name_,
         "threshold": threshold,
         "compared": len(layers),
         "final_rel_error": layers[-1].rel_error,

@@ -1,0 +1,264 @@
+"""One INT8 (Q/DQ) graph from an FP32 graph and activation ranges, for one target.
+
+The activation statistics come from :mod:`.calibrate` (collected once); this module turns one
+set of ranges into a Q/DQ graph with ONNX Runtime's ``QDQQuantizer``, so that the search in
+:mod:`.int8_search` can build many candidates (methods, nodes kept in float) from one pass over
+the calibration images.
+
+- ``tensorrt``: S8S8, symmetric (zero point 0), per-channel weights, float bias, ReLUs kept, Q/DQ
+  on the inputs of Conv/Gemm/MatMul/Add/pools only: what TensorRT's explicit quantization accepts
+  (checked by :func:`.qdq_check.check_tensorrt_qdq` before anything is written).
+- ``cpu``: U8S8 (uint8 asymmetric activations, int8 symmetric per-channel weights, int32 bias),
+  ReLUs folded into the activation ranges: what ONNX Runtime's CPU provider fuses into
+  QLinearConv & co.
+
+Weight range (``reduce_range``, CPU target): x86 CPUs without VNNI multiply U8S8 with
+``vpmaddubsw``, whose 16-bit intermediate saturates with full 8-bit weights; 7-bit weights avoid
+that at a cost in accuracy. Full-range weights are right for CPUs with an int8 dot product:
+x86 with AVX512-VNNI, AVX-VNNI or AMX-INT8, and Arm64 (ONNX Runtime's U8S8 kernels there do not
+saturate). :func:`weight_range_for_cpu` decides from the CPU flags, the model's metadata records
+the choice and ``bench``/``doctor`` warn when a full-range model runs on a CPU without VNNI.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..data_config import DataConfig
+from ..errors import ReidExportError, UsageError
+from ..runtime.preprocess import preprocess
+from .fp16 import quiet_ort_tools
+from .graph import head_nodes, resolve_excludes, upgrade_opset
+
+TARGETS = ("tensorrt", "cpu")
+QDQ_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
+CPU_EXTRA_OP_TYPES = ["Relu", "Clip"]
+MIN_QDQ_OPSET = 13
+# CPU flags under which ONNX Runtime's U8S8 kernels take full 8-bit weights without saturating
+DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+FULL_RANGE_CPUS = ("x86-64 with AVX512-VNNI, AVX-VNNI or AMX-INT8 (Intel Cascade Lake / Ice Lake / Alder Lake "
+                   "and newer, AMD Zen 4 and newer), or Arm64")
+
+
+def weight_range_for_cpu(flags: set[str] | None = None) -> tuple[bool, str]:
+    """(reduce_range, why) for a CPU-target model quantized on this machine (or for ``flags``)."""
+    import platform
+
+    from ..cpuinfo import read_cpu_flags
+
+    flags = read_cpu_flags() if flags is None else flags
+    dot = sorted(flags & set(DOT_PRODUCT_FLAGS))
+    if dot or (not flags and platform.machine().lower() in ("aarch64", "arm64")):
+        return False, f"full 8-bit weights: this CPU has an int8 dot product ({', '.join(dot) or 'Arm64'})"
+    return True, "7-bit weights: this CPU has no VNNI/AMX int8 dot product (full-range U8S8 would saturate)"
+
+
+def full_range_warning(flags: set[str] | None = None) -> str | None:
+    """The warning for running a full-range U8S8 model here, or None when this CPU suits it."""
+    import platform
+
+    from ..cpuinfo import read_cpu_flags
+
+    flags = read_cpu_flags() if flags is None else flags
+    if flags & set(DOT_PRODUCT_FLAGS) or (not flags and platform.machine().lower() in ("aarch64", "arm64")):
+        return None
+    return ("this CPU has no VNNI/AMX int8 dot product, and the model has full 8-bit U8S8 weights (made for "
+            f"{FULL_RANGE_CPUS}): ONNX Runtime's AVX2 kernels saturate there and the features lose accuracy; "
+            "re-quantize with --reduce-range for this CPU")
+
+
+@dataclass
+class Prepared:
+    """The FP32 model made ready for Q/DQ insertion, and what every candidate shares."""
+
+    model: onnx.ModelProto                 # opset >= 13, shapes inferred, node names unique
+    target: str
+    op_types: list[str]
+    head: list[str]
+    user_excluded: list[str]
+    tensors: list[str]
+    static_batch: int | None
+    notes: list[str] = field(default_factory=list)
+    opset_upgraded_from: int | None = None
+
+    def quantizable_nodes(self) -> list[str]:
+        """Nodes the quantizer would give Q/DQ inputs (before any fallback)."""
+        skip = set(self.head) | set(self.user_excluded)
+        ops = set(self.op_types)
+        return [n.name for n in self.model.graph.node if n.op_type in ops and n.name not in skip]
+
+
+def prepare(model: onnx.ModelProto, target: str, exclude: Sequence[str] = ()) -> Prepared:
+    from .calibrate import tensors_to_calibrate
+    from .metadata import input_info
+
+    if target not in TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    model, old_opset = upgrade_opset(model, MIN_QDQ_OPSET)
+    notes = []
+    if old_opset is not None:
+        notes.append(f"upgraded the model from opset {old_opset} to {MIN_QDQ_OPSET} (per-channel quantization needs "
+                     f"opset >= {MIN_QDQ_OPSET})")
+    exclude_nodes, exclude_ops = resolve_excludes(model, exclude)
+    exclude_nodes = exclude_nodes + [n.name for n in model.graph.node if n.op_type in exclude_ops]
+    head = head_nodes(model)
+    ops = [op for op in QDQ_OP_TYPES + (CPU_EXTRA_OP_TYPES if target == "cpu" else []) if op not in exclude_ops]
+    model = onnx.shape_inference.infer_shapes(model)
+    excluded = list(dict.fromkeys(head + exclude_nodes))
+    tensors = tensors_to_calibrate(model, ops, excluded)
+    if not tensors:
+        raise ReidExportError("nothing to quantize: no Conv/Gemm/MatMul/Add/pool node is left after --exclude")
+    _, shape, _ = input_info(model)
+    static = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    return Prepared(model, target, ops, head, list(dict.fromkeys(exclude_nodes)), tensors, static, notes, old_opset)
+
+
+def calibration_batches(paths: Sequence[Path], data_config: DataConfig, batch: int, static: bool):
+    for start in range(0, len(paths), batch):
+        chunk = preprocess(paths[start:start + batch], data_config)
+        valid = len(chunk)
+        if static and valid < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - valid, axis=0)])
+        yield chunk, valid
+
+
+def calibrate(prepared: Prepared, data_config: DataConfig, calib_paths: Sequence[Path], num_bins: int,
+              batch_size: int = 8, threads: int | None = None, progress: bool = True):
+    """One pass over the calibration images: statistics (min/max, |x| histograms) of every tensor."""
+    from tqdm import tqdm
+
+    from .calibrate import collect
+
+    batch = prepared.static_batch or batch_size
+    bar = tqdm(total=len(calib_paths), desc=f"calibrate: {len(calib_paths)} images, {len(prepared.tensors)} tensors",
+               unit="img", disable=not progress, leave=False)
+    try:
+        return collect(prepared.model, prepared.tensors,
+                       calibration_batches(calib_paths, data_config, batch, prepared.static_batch is not None),
+                       histograms=True, num_bins=num_bins, threads=threads, progress=bar)
+    finally:
+        bar.close()
+
+
+def _qdq_quantizer(model, reduce_range, weight, activation, tensors_range, excluded, ops, extra):
+    """ONNX Runtime's ``QDQQuantizer`` by keyword: its positional signature changed across releases
+    (1.17 still took ``mode`` and ``static``)."""
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    kwargs = dict(model=model, per_channel=True, reduce_range=reduce_range, weight_qType=weight,
+                  activation_qType=activation, tensors_range=tensors_range, nodes_to_quantize=[],
+                  nodes_to_exclude=excluded, op_types_to_quantize=ops, extra_options=extra)
+    params = inspect.signature(QDQQuantizer.__init__).parameters
+    if "mode" in params:
+        from onnxruntime.quantization.quant_utils import QuantizationMode
+
+        kwargs.update(mode=QuantizationMode.QLinearOps, static=True)
+    return QDQQuantizer(**kwargs)
+
+
+def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce_range: bool,
+              keep_float: Sequence[str] = ()) -> onnx.ModelProto:
+    """The Q/DQ graph for ``prepared.target`` with these activation ranges; ``keep_float`` nodes stay float."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    if reduce_range and prepared.target != "cpu":
+        raise UsageError("--reduce-range applies to --target cpu (TensorRT takes full 8-bit weights)")
+    tensors_range = TensorsData(CalibrationMethod.MinMax,
+                                {name: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
+                                 for name, (lo, hi) in ranges.items()})
+    if prepared.target == "tensorrt":
+        activation, weight = QuantType.QInt8, QuantType.QInt8
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                 "QDQKeepRemovableActivations": True,
+                 "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add"]}
+    else:
+        activation, weight = QuantType.QUInt8, QuantType.QInt8
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True}
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)  # the quantizer edits its model in place
+    excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + list(keep_float)))
+    _unshare_weights(model, set(excluded))
+    with quiet_ort_tools():
+        quantizer = _qdq_quantizer(model, reduce_range, weight, activation, tensors_range, excluded,
+                                   prepared.op_types, extra)
+        quantizer.quantize_model()
+        quantizer.model.topological_sort()
+        return quantizer.model.model
+
+
+def _unshare_weights(model: onnx.ModelProto, float_nodes: set[str]) -> int:
+    """Give each float node its own copy of a weight it shares with other nodes; returns how many.
+
+    OSNet applies one channel gate to all its streams: four Conv nodes read the same weight
+    initializer. The quantizer rounds a shared weight once, for every reader, so a node kept in
+    float would still compute with the int8-rounded weight unless it has its own copy.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            if name in inits:
+                readers[name] = readers.get(name, 0) + 1
+    copies = 0
+    for node in model.graph.node:
+        if node.name not in float_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            if name in inits and readers.get(name, 0) > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__float_{node.name}"
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name
+                readers[name] -= 1
+                copies += 1
+    return copies
+
+
+def describe(prepared: Prepared, reduce_range: bool) -> dict:
+    cpu = prepared.target == "cpu"
+    info = {
+        "target": prepared.target,
+        "activations": "uint8 asymmetric per-tensor" if cpu else "int8 symmetric per-tensor",
+        "weights": "int8 symmetric per-channel" + (" (7-bit, reduce_range)" if reduce_range else ""),
+        "bias": "int32" if cpu else "float",
+        "op_types": prepared.op_types, "tensors_calibrated": len(prepared.tensors),
+        "reduce_range": bool(reduce_range),
+    }
+    if cpu:
+        info["weights_for"] = ("any x86-64 CPU (AVX2 or newer) and Arm64" if reduce_range else FULL_RANGE_CPUS
+                               + "; on x86 without VNNI the U8S8 products saturate: re-quantize with --reduce-range")
+    if prepared.opset_upgraded_from is not None:
+        info["opset_upgraded_from"] = prepared.opset_upgraded_from
+    return info
+
+
+__all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "calibrate", "build_qdq", "calibration_batches",
+           "weight_range_for_cpu", "full_range_warning", "describe"]
+
+
+def model_weight_range_warning(path: str | Path, flags: set[str] | None = None) -> str | None:
+    """For an ONNX file quantized by ``--target cpu`` with full 8-bit weights: the warning when this
+    CPU lacks the int8 dot product it was made for (None for every other model)."""
+    import json
+
+    path = Path(path)
+    if path.suffix != ".onnx" or not path.is_file():
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        info = json.loads(props.get("reid_export.quantization", "{}"))
+    except Exception:  # not ours to judge: the backend reports unreadable models itself
+        return None
+    if info.get("target") != "cpu" or info.get("reduce_range", True):
+        return None
+    warning = full_range_warning(flags)
+    return f"warning: {path.name}: {warning}" if warning else None

@@ -1,0 +1,251 @@
+"""Accuracy-guarded INT8: measure every candidate against FP32, keep the best, fall back where it hurts.
+
+After one calibration pass (:func:`.int8.calibrate`) the search
+
+1. builds a Q/DQ graph for each calibration method asked for (by default entropy, MSE-optimal
+   ranges, percentile at three levels and min/max: all from the same histograms, so a candidate
+   costs one graph build and one run over the held-out images), and measures each against the
+   FP32 graph on held-out real crops (never the calibration images) with the verifier's own
+   embedding comparison (:func:`reid_export.verify.parity.compare`): min and mean cosine, and
+   whether each image keeps its nearest neighbour (top-1) and its five nearest (top-5) among the
+   others;
+2. keeps the candidate the objective prefers: the one that passes the gate, then the highest mean
+   cosine, then the highest min cosine;
+3. when even that one fails the gate, ranks the quantized nodes by the error each adds on top of
+   its inputs' (:func:`reid_export.verify.locate.locate`, the ``parity --locate`` machinery, on a
+   few held-out images), keeps the worst in float (1, then 2, 4, ... more per round, re-ranked
+   after each), and when the gate holds, bisects the last round's nodes for the fewest that still
+   pass;
+4. reports every trial; the caller refuses to write a model below the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from ..data_config import DataConfig
+from ..errors import UsageError
+from .int8 import Prepared, build_qdq
+
+# (method, percentile) pairs tried by --method auto, in this order (ties keep the earlier one)
+AUTO_CANDIDATES: list[tuple[str, float | None]] = [
+    ("entropy", None), ("mse", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999),
+    ("minmax", None)]
+DEFAULT_MAX_FALLBACK_FRACTION = 0.25
+
+
+@dataclass
+class Gate:
+    """What an INT8 graph must keep of the FP32 graph's embeddings on the held-out crops."""
+
+    min_cosine: float = 0.95
+    mean_cosine: float = 0.99
+    top1: float = 0.90
+    top5: float = 0.90
+
+    def failures(self, objective: dict) -> list[str]:
+        out = []
+        if not objective.get("finite", True):
+            out.append("NaN/Inf in the features")
+        checks = (("min cosine", "min_cosine", self.min_cosine, "{:.4f}"),
+                  ("mean cosine", "mean_cosine", self.mean_cosine, "{:.4f}"),
+                  ("top-1 neighbour agreement", "top1_agreement", self.top1, "{:.1%}"),
+                  ("top-5 neighbour agreement", "top5_agreement", self.top5, "{:.1%}"))
+        for label, key, limit, fmt in checks:
+            value = objective.get(key)
+            if limit is not None and not (value is not None and value >= limit):
+                shown = "nan" if value is None or not np.isfinite(value) else fmt.format(value)
+                out.append(f"{label} {shown} < {fmt.format(limit)}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Trial:
+    label: str
+    method: str
+    percentile: float | None
+    keep_float: list[str]
+    objective: dict
+    failures: list[str]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def score(self) -> tuple:
+        o = self.objective
+        finite = lambda v: v if v is not None and np.isfinite(v) else -np.inf  # noqa: E731
+        return (self.passed, finite(o.get("mean_cosine")), finite(o.get("min_cosine")))
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "method": self.method, "percentile": self.percentile,
+                "kept_float": len(self.keep_float), "objective": self.objective, "passed": self.passed,
+                "failures": self.failures, "seconds": round(self.seconds, 2)}
+
+
+def candidate_label(method: str, percentile: float | None) -> str:
+    return f"percentile {percentile:g}" if method == "percentile" else method
+
+
+class Objective:
+    """The FP32 graph's features of the held-out images, computed once; each candidate is measured against them."""
+
+    def __init__(self, fp32_model: onnx.ModelProto | bytes, inputs: np.ndarray, data_config: DataConfig,
+                 threads: int | None = None, batch_size: int = 16):
+        if len(inputs) < 2:
+            raise UsageError("the accuracy gate needs at least 2 held-out images (--val-size, --val-dir)")
+        self.inputs = inputs
+        self.data_config = data_config
+        self.threads = threads
+        self.batch_size = batch_size
+        self.reference = self.features(fp32_model)
+
+    def features(self, model: onnx.ModelProto | bytes) -> np.ndarray:
+        from ..runtime.onnx_backend import OnnxEncoder, make_session
+
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        encoder = OnnxEncoder(make_session(data, threads=self.threads), self.data_config, "candidate")
+        step = self.batch_size
+        return np.concatenate([encoder(self.inputs[i:i + step]) for i in range(0, len(self.inputs), step)])
+
+    def measure(self, model: onnx.ModelProto | bytes) -> dict:
+        from ..verify.parity import Tolerances, compare
+
+        result = compare(self.reference, self.features(model), Tolerances())
+        return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
+                "max_rel_l2": result.max_rel_l2, "mean_rel_l2": result.mean_rel_l2,
+                "top1_agreement": result.top1_agreement, "top5_agreement": result.top5_agreement,
+                "finite": result.nonfinite == 0}
+
+
+@dataclass
+class SearchResult:
+    model: onnx.ModelProto
+    chosen: Trial
+    first_choice: Trial
+    trials: list[Trial]
+    keep_float: list[str]
+    ranking: list[dict] = field(default_factory=list)
+    ranges: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.chosen.passed
+
+
+def search(prepared: Prepared, calibration, objective: Objective, gate: Gate,
+           candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
+           locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print) -> SearchResult:
+    """Try ``candidates``, keep the best by the objective, then keep nodes in float until ``gate`` holds."""
+    from tqdm import tqdm
+
+    unsigned = prepared.target == "cpu"
+    trials: list[Trial] = []
+    built: dict[int, onnx.ModelProto] = {}
+    ranges_of: dict[str, dict] = {}
+
+    def trial(method, percentile, keep, label=None) -> Trial:
+        start = time.time()
+        key = candidate_label(method, percentile)
+        if key not in ranges_of:
+            ranges_of[key] = calibration.ranges(method, percentile if percentile is not None else 99.99, unsigned)
+        model = build_qdq(prepared, ranges_of[key], reduce_range, keep)
+        measured = objective.measure(model)
+        t = Trial(label or key, method, percentile, list(keep), measured, gate.failures(measured),
+                  time.time() - start)
+        trials.append(t)
+        built[id(t)] = model
+        return t
+
+    bar = tqdm(candidates, desc=f"search: {len(candidates)} calibration methods on {len(objective.inputs)} "
+                                 "held-out images", unit="trial", disable=not progress, leave=False)
+    try:
+        for method, percentile in bar:
+            t = trial(method, percentile, [])
+            bar.set_postfix_str(f"{t.label}: mean cos {t.objective['mean_cosine']:.4f}")
+    finally:
+        bar.close()
+    first = max(trials, key=Trial.score)  # max keeps the first of equal scores
+    best = first
+    ranking: list[dict] = []
+    keep: list[str] = []
+    if not best.passed and max_fallback > 0:
+        best, keep, ranking = _fall_back(prepared, best, trial, built, gate, max_fallback, locate_inputs,
+                                         progress)
+    return SearchResult(built[id(best)], best, first, trials, keep, ranking,
+                        ranges_of[candidate_label(best.method, best.percentile)])
+
+
+def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: int, locate_inputs, progress):
+    """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds."""
+    from tqdm import tqdm
+
+    from ..verify.locate import locate
+
+    pool = set(prepared.quantizable_nodes())
+    current, keep, step, round_ = start, [], 1, 0
+    ranking: list[dict] = []
+    bar = tqdm(total=max_fallback, desc="fall back: nodes kept in float", unit="node", disable=not progress,
+               leave=False)
+    try:
+        while not current.passed and len(keep) < max_fallback:
+            found = locate(prepared.model, built[id(current)], locate_inputs, top=10)
+            ranked = sorted((l for l in found["layers"] if l["node"] in pool and l["node"] not in keep
+                             and l["added"] > 0), key=lambda l: -l["added"])
+            if not ranked:
+                break
+            batch = [l["node"] for l in ranked[:min(step, max_fallback - len(keep))]]
+            round_ += 1
+            ranking.extend({"node": l["node"], "op_type": l["op_type"], "added_rel_error": round(l["added"], 5),
+                            "round": round_} for l in ranked[:len(batch)])
+            previous = keep
+            keep = keep + batch
+            current = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float")
+            bar.update(len(batch))
+            bar.set_postfix_str(f"mean cos {current.objective['mean_cosine']:.4f}")
+            if current.passed and len(batch) > 1:
+                current, keep = _bisect(start, trial, previous, batch, current)
+            step *= 2
+    finally:
+        bar.close()
+    return current, keep, ranking
+
+
+def _bisect(start: Trial, trial, previous: list[str], batch: list[str], passing: Trial):
+    """The shortest prefix of ``batch`` (ranked worst first) that still passes, by bisection."""
+    lo, hi, best = 0, len(batch), passing  # prefix of length hi passes; of length lo (the previous round) fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        keep = previous + batch[:mid]
+        t = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float")
+        if t.passed:
+            hi, best = mid, t
+        else:
+            lo = mid
+    return best, previous + batch[:hi]
+
+
+def parse_methods(method: str, percentile: float | None) -> list[tuple[str, float | None]]:
+    """``--method`` (auto or one method) and ``--percentile`` -> the candidates to try."""
+    from .calibrate import DEFAULT_PERCENTILE, METHODS
+
+    if method == "auto":
+        if percentile is not None:
+            return [c for c in AUTO_CANDIDATES if c[0] != "percentile"] + [("percentile", percentile)]
+        return list(AUTO_CANDIDATES)
+    if method not in METHODS:
+        raise UsageError(f"--method must be auto or one of {', '.join(METHODS)}, got {method!r}")
+    return [(method, (percentile if percentile is not None else DEFAULT_PERCENTILE) if method == "percentile"
+             else None)]
+
+
+__all__ = ["Gate", "Trial", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]

@@ -1,0 +1,254 @@
+"""The accuracy-guarded INT8 search of ``reid-export quantize``: methods compared on held-out crops,
+the gate that refuses a broken model, the fallback to float, the weight range for the CPU's arithmetic.
+
+The model is a small OSNet-like network built here with torch (depthwise 3x3 convolutions,
+channel gates GAP -> 1x1 -> ReLU -> 1x1 -> sigmoid -> Mul, residual adds, a BNNeck-style
+BatchNorm on the pooled feature). A few channels of every BatchNorm are scaled up 8x: rare large
+activations, as trained networks have, which entropy calibration clips away and which OSNet's
+gates depend on. Images are generated (smooth random crops), so these tests always run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_clean_error, run_cli
+from reid_export.data_config import DataConfig
+from reid_export.export.calibrate import TensorStats, mse_threshold
+from reid_export.export.int8 import full_range_warning, model_weight_range_warning, weight_range_for_cpu
+from reid_export.export.metadata import base_metadata, get_metadata, save_onnx, set_metadata
+from reid_export.export.quantize import select_images
+
+
+class _Gate(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class _Lite(nn.Module):  # OSNet's LightConv3x3: 1x1 linear, depthwise 3x3, BN, ReLU
+    def __init__(self, c):
+        super().__init__()
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.dw(self.pw(x))))
+
+
+class _Block(nn.Module):  # two streams of different depth, one shared gate, 1x1 expand, residual
+    def __init__(self, c, m):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(c, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU())
+        self.a, self.b, self.gate = _Lite(m), nn.Sequential(_Lite(m), _Lite(m)), _Gate(m)
+        self.expand = nn.Sequential(nn.Conv2d(m, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.reduce(x)
+        return torch.relu(self.expand(self.gate(self.a(y)) + self.gate(self.b(y))) + x)
+
+
+class _OSNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(_Block(32, 16), _Block(32, 16))
+        self.neck = nn.BatchNorm1d(32)
+
+    def forward(self, x):
+        return self.neck(self.blocks(self.stem((x / 255.0 - 0.45) / 0.225)).mean((2, 3)))
+
+
+def _crop(rng) -> np.ndarray:
+    small = rng.integers(0, 256, (int(rng.integers(4, 12)), int(rng.integers(2, 6)), 3), dtype=np.uint8)
+    return cv2.resize(small, (32, 64), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.fixture(scope="module")
+def osnet_like(tmp_path_factory):
+    """(fp32 ONNX, folder of 48 crops) for the OSNet-like net at 64x32."""
+    folder = tmp_path_factory.mktemp("osnet_like")
+    torch.manual_seed(0)
+    net = _OSNetLike().eval()
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            w = torch.rand(n, generator=g) * 0.5 + 0.75
+            w[: max(1, n // 16)] *= 8.0  # a few channels with large activations
+            m.weight.data.copy_(w)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():  # the BNNeck's statistics from real forward passes, so the feature is centred
+        batch = torch.tensor(np.stack([_crop(rng) for _ in range(64)])).permute(0, 3, 1, 2).float()
+        net.neck.train()
+        net.neck.momentum = None
+        net(batch)
+        net.neck.eval()
+    path = folder / "osnet_like.onnx"
+    torch.onnx.export(net, torch.rand(1, 3, 64, 32) * 255, str(path), input_names=["images"],
+                      output_names=["features"], dynamic_axes={"images": {0: "n"}, "features": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    set_metadata(model, base_metadata(DataConfig(height=64, width=32), "fp32"))
+    save_onnx(model, path)
+    images = folder / "crops"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        cv2.imwrite(str(images / f"{i:04d}_c1s1_000000_00.png"), _crop(rng))
+    return path, images
+
+
+# 48 crops: 16 held out for the gate, 32 to calibrate on
+SMALL = ["--calib-size", "32", "--val-size", "16", "--no-progress"]
+GATE = ["--min-cosine", "0.95", "--min-mean-cosine", "0.98", "--min-top1", "0.8", "--min-top5", "0.8"]
+
+
+def _quantize(src, out, *args):
+    return run_cli("quantize", src, "-o", out, "--precision", "int8", *args)
+
+
+def _info(path) -> dict:
+    return json.loads(get_metadata(onnx.load(str(path)))["reid_export.quantization"])
+
+
+def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_path):
+    src, crops = osnet_like
+    out = tmp_path / "entropy.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--max-float", "0", *SMALL, *GATE)
+    assert result.code == 1, result
+    assert_clean_error(result, "not written", "misses the accuracy gate", "best entropy", "mean cosine")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "auto.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--max-float", "0", *SMALL, *GATE,
+                       "--report", tmp_path / "auto.json")
+    assert result.code == 0, result
+    info = _info(out)
+    tried = {t["label"]: t for t in info["tried"]}
+    assert set(tried) == {"entropy", "mse", "percentile 99.9", "percentile 99.99", "percentile 99.999", "minmax"}
+    assert not tried["entropy"]["passed"] and tried[info["candidate"]]["passed"]
+    assert info["candidate"] != "entropy" and info["gate"]["passed"] and not info["gate"]["below_gate"]
+    assert tried[info["candidate"]]["mean_cosine"] > tried["entropy"]["mean_cosine"] + 0.02
+    assert info["method_requested"] == "auto" and info["fallback_float"] == []
+    assert info["held_out"]["images"] == 16 and info["calibration"]["images"] == 32
+    assert "<- chosen" in result.err and "accuracy gate passed" in result.err
+    report = json.loads((tmp_path / "auto.json").read_text())
+    assert report["written"] and report["search"]["chosen"] == info["candidate"]
+    assert len(report["search"]["tried"]) == 6
+
+
+def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_like, tmp_path):
+    src, crops = osnet_like
+    out = tmp_path / "fallback.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", *SMALL, *GATE)
+    assert result.code == 0, result
+    info = _info(out)
+    kept = info["fallback_float"]
+    assert kept and info["gate"]["passed"], info
+    assert info["objective"]["mean_cosine"] > info["objective_before_fallback"]["mean_cosine"]
+    assert set(kept) <= set(info["kept_float"])
+    model = onnx.load(str(out))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:  # the nodes kept in float read no DequantizeLinear output
+        if node.name in kept:
+            assert not any(made_by.get(i) is not None and made_by[i].op_type == "DequantizeLinear"
+                           for i in node.input), node.name
+    # fewer nodes than the whole quantizable set; the report names them
+    assert len(kept) < sum(n.op_type in ("Conv", "Add") for n in model.graph.node)
+    assert "kept in float to meet the gate" in result.err
+
+
+def test_impossible_gate_refuses_and_the_override_marks_the_model(osnet_like, tmp_path):
+    src, crops = osnet_like
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "q.onnx"
+    impossible = ["--min-mean-cosine", "1.001", "--max-float", "2"]  # no model has cosine above 1
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", "--target", "cpu", *SMALL, *impossible)
+    assert result.code == 1, result
+    assert_clean_error(result, "q.onnx: not written", "mean cosine", "< 1.0010", "tried mse",
+                       "2 of 2 allowed nodes in float", "--allow-below-gate")
+    assert list(folder.iterdir()) == []
+
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", *SMALL, *impossible, "--allow-below-gate")
+    assert result.code == 0, result
+    assert "BELOW THE ACCURACY GATE" in result.err
+    info = _info(out)
+    assert info["gate"]["below_gate"] and not info["gate"]["passed"] and info["gate"]["mean_cosine"] == 1.001
+
+
+def test_held_out_images_are_never_calibration_images(osnet_like):
+    _, crops = osnet_like
+    lines = []
+    calib, val = select_images([crops], 32, [], 16, 0, lines.append)
+    assert len(calib) == 32 and len(val) == 16 and not set(calib) & set(val)
+    calib, val = select_images([crops], 512, [], 128, 0, lines.append)  # too few: a quarter held out
+    assert len(val) == 12 and len(calib) == 36 and not set(calib) & set(val)
+    assert "fewer than --calib-size 512" in lines[-2] and "12 other images" in lines[-1]
+
+
+def test_mse_threshold_is_the_least_squares_clip():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.laplace(0, 1, 100_000), [40.0, -35.0, 30.0]]).astype(np.float32)
+    stats = TensorStats(num_bins=2048)
+    stats.update(values)
+    found = mse_threshold(stats.hist, stats.width, 127)
+
+    def mse(t):
+        step = t / 127
+        return np.mean((np.clip(np.round(values / step), -127, 127) * step - values) ** 2)
+
+    grid = np.linspace(1, 40, 400)
+    best = grid[np.argmin([mse(t) for t in grid])]
+    assert mse(found) <= 1.02 * mse(best), (found, best)
+    assert found < 40.0  # clips the largest outlier
+
+
+def test_weight_range_follows_the_cpu(osnet_like, tmp_path, monkeypatch):
+    assert weight_range_for_cpu({"avx2", "fma"})[0] is True
+    assert weight_range_for_cpu({"avx2", "avx512_vnni"})[0] is False
+    assert full_range_warning({"avx2"}) and full_range_warning({"avx_vnni"}) is None
+    src, crops = osnet_like
+    outs = {}
+    for flags in ("avx2 fma", "avx2 avx512f avx512_vnni"):
+        monkeypatch.setenv("REID_CPU_FLAGS", flags)
+        out = tmp_path / f"{flags.split()[-1]}.onnx"
+        result = _quantize(src, out, "--calib-dir", crops, "--target", "cpu", "--method", "percentile",
+                           "--max-float", "0", "--allow-below-gate", *SMALL)
+        assert result.code == 0, result
+        outs[flags] = out
+    seven, full = _info(outs["avx2 fma"]), _info(outs["avx2 avx512f avx512_vnni"])
+    assert seven["reduce_range"] and not full["reduce_range"]
+    assert "VNNI" in full["weights_for"] and "any x86-64" in seven["weights_for"]
+
+    def max_weight(path):
+        model = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return max(int(np.abs(inits[n.input[0]].astype(np.int32)).max()) for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4)
+
+    assert max_weight(outs["avx2 fma"]) <= 64 < max_weight(outs["avx2 avx512f avx512_vnni"])
+    monkeypatch.setenv("REID_CPU_FLAGS", "avx2 fma")
+    assert "no VNNI" in model_weight_range_warning(outs["avx2 avx512f avx512_vnni"])
+    assert model_weight_range_warning(outs["avx2 fma"]) is None
+    result = run_cli("bench", outs["avx2 avx512f avx512_vnni"], "--batch-sizes", "1", "--iterations", "2",
+                     "--warmup", "0", "--no-progress")
+    assert result.code == 0, result
+    assert "no VNNI/AMX int8 dot product" in result.err
+    monkeypatch.setenv("REID_CPU_FLAGS", "avx2 avx512_vnni")
+    assert model_weight_range_warning(outs["avx2 avx512f avx512_vnni"]) is None
