@@ -107,6 +107,12 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
         subjects, encoders = open_subjects(models, device=device, threads=threads, config=config, images=images,
                                            include_preprocess=include_preprocess)
         env = environment(threads, device)
+        from ..export.int8 import model_weight_range_warning
+
+        for model_path in dict.fromkeys(str(s.model) for s in subjects):  # full-range U8S8 on a CPU without VNNI
+            warning = model_weight_range_warning(model_path) if device == "cpu" else None
+            if warning:
+                click.echo(warning, err=True)
         click.echo(f"bench: {len(subjects)} model(s) on {device}"
                    f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, {threads} thread(s), CPU {env['cpu']}"
                    + (f", load average {load_before[0]:.2f}" if load_before else ""), err=True)

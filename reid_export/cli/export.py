@@ -152,48 +152,97 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
               help="Folder (or image files) of real crops to calibrate on; repeatable.")
 @click.option("--calib-size", default=512, show_default=True, type=int, callback=positive_int,
               help="Images drawn from the calibration folders (all of them when fewer).")
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="entropy",
-              show_default=True, help="How activation ranges are chosen from the calibration statistics.")
-@click.option("--percentile", type=float, default=None, help="For --method percentile (default 99.99).")
+@click.option("--val-dir", multiple=True, type=click.Path(path_type=Path),
+              help="Real crops for the accuracy gate (default: images of --calib-dir held out from calibration).")
+@click.option("--val-size", default=128, show_default=True, type=int, callback=positive_int,
+              help="Held-out images the accuracy gate is measured on.")
+@click.option("--method", type=click.Choice(["auto", "minmax", "entropy", "percentile", "mse"]), default="auto",
+              show_default=True, help="Activation ranges: auto tries entropy, mse, percentile 99.9/99.99/99.999 "
+                                      "and minmax and keeps the one closest to FP32 on the held-out images.")
+@click.option("--percentile", type=float, default=None,
+              help="For --method percentile (default 99.99); with auto, one more candidate.")
+@click.option("--min-cosine", type=float, default=None, help="Gate: lowest cosine to FP32 on a held-out image (0.95).")
+@click.option("--min-mean-cosine", type=float, default=None, help="Gate: mean cosine to FP32 (0.99).")
+@click.option("--min-top1", type=float, default=None,
+              help="Gate: share of held-out images whose nearest other image stays the same (0.90).")
+@click.option("--min-top5", type=float, default=None, help="Gate: mean overlap of the 5 nearest (0.90).")
+@click.option("--max-float", type=int, default=None,
+              help="Most nodes kept in float to meet the gate (default: a quarter of the quantizable ones; 0: none).")
+@click.option("--allow-below-gate", is_flag=True,
+              help="Write the INT8 model even when it misses the gate (marked below-gate in its metadata).")
 @click.option("--exclude", multiple=True, help="Node name or op type to keep in float; repeatable.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed that draws the calibration images.")
-@click.option("--num-bins", default=2048, show_default=True, type=int, help="Histogram bins (entropy/percentile).")
+@click.option("--num-bins", default=2048, show_default=True, type=int, help="Histogram bins.")
 @click.option("--calib-batch", default=8, show_default=True, type=int, callback=positive_int,
               help="Calibration batch size (a static-batch model uses its own).")
 @click.option("--reduce-range/--no-reduce-range", default=None,
-              help="int8 cpu: 7-bit weights (default on): x86 CPUs without VNNI saturate U8S8 products of full "
-                   "8-bit weights; --no-reduce-range only when every CPU that runs the model has VNNI.")
+              help="int8 cpu: 7-bit weights. Default: full 8-bit weights when this CPU has an int8 dot product "
+                   "(AVX512-VNNI, AVX-VNNI, AMX, Arm64), 7-bit otherwise (AVX2 without VNNI saturates U8S8 "
+                   "products of full-range weights). Recorded in the metadata; bench/doctor warn on a CPU "
+                   "without VNNI.")
 @click.option("--threads", type=int, default=None, callback=positive_int, help="ONNX Runtime intra-op threads.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write what was tried and chosen as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def quantize(model, output, precision, target, calib_dir, calib_size, method, percentile, exclude, seed, num_bins,
-             calib_batch, reduce_range, threads, progress):
+def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, val_size, method, percentile,
+             min_cosine, min_mean_cosine, min_top1, min_top5, max_float, allow_below_gate, exclude, seed, num_bins,
+             calib_batch, reduce_range, threads, report_path, progress):
     """Make an FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model.
+
+    INT8 is calibrated on real crops, then measured against the FP32 model on held-out crops; the
+    calibration method closest to FP32 is kept and, if needed, the layers that add the most error
+    stay in float until the accuracy gate holds. Below the gate nothing is written (exit 1).
 
     \b
     Examples:
       reid-export quantize model.onnx -o model.fp16.onnx --precision fp16
       reid-export quantize model.onnx -o model.int8.onnx --precision int8 \\
-          --calib-dir data/market1501/bounding_box_train --method entropy
+          --calib-dir data/market1501/bounding_box_train
       reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
     """
+    from ..export.int8_search import Gate
     from ..export.quantize import quantize_file
+    from ..fileio import atomic_write_json, check_output_path
+    from ..report import format_table
 
     ctx = click.get_current_context()
+    int8_only = ("target", "method", "percentile", "calib_size", "num_bins", "reduce_range", "seed", "val_dir",
+                 "val_size", "min_cosine", "min_mean_cosine", "min_top1", "min_top5", "max_float", "allow_below_gate")
     if precision == "fp16":
-        ignored = [f"--{name.replace('_', '-')}" for name in ("target", "method", "percentile", "calib_size",
-                                                              "num_bins", "reduce_range", "seed")
+        ignored = [f"--{name.replace('_', '-')}" for name in int8_only
                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if ignored:
             _log(f"note: ignored for fp16 (int8 options): {', '.join(ignored)}")
+    if max_float is not None and max_float < 0:
+        raise UsageError(f"--max-float must be >= 0, got {max_float}")
+    if report_path is not None:
+        check_output_path(report_path)
+    defaults = Gate()
+    gate = Gate(*(d if v is None else v for v, d in ((min_cosine, defaults.min_cosine),
+                                                     (min_mean_cosine, defaults.mean_cosine),
+                                                     (min_top1, defaults.top1), (min_top5, defaults.top5))))
     report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
                            method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
                            batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
-                           log=_log)
+                           log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
+                           allow_below_gate=allow_below_gate)
+    if report.search:
+        rows = [[t["label"], t["kept_float"], t["objective"]["min_cosine"], t["objective"]["mean_cosine"],
+                 f"{t['objective']['top1_agreement']:.1%}", f"{t['objective']['top5_agreement']:.1%}",
+                 "pass" if t["passed"] else "below", ""] for t in report.search["tried"]]
+        labels = [t["label"] for t in report.search["tried"]]
+        if report.search["chosen"] in labels:
+            rows[len(labels) - 1 - labels[::-1].index(report.search["chosen"])][-1] = "<- chosen"
+        _log(format_table(["candidate", "float nodes", "min cos", "mean cos", "top-1", "top-5", "gate", ""], rows,
+                          floatfmt=".4f"))
     if report.qdq is not None:
         _log(report.qdq.summary())
     if report.fusion is not None:
         _log(report.fusion.summary())
+    if report_path is not None:
+        atomic_write_json(report_path, report.to_dict())
     what = precision if precision == "fp16" else (f"int8 {report.target}, {report.method} calibration on "
                                                   f"{report.calibration_images} images")
-    _log(f"wrote {report.output} ({what}; kept in float: {len(report.kept_float)} nodes; "
+    gate_text = "" if report.gate_passed is None else (
+        "; accuracy gate passed" if report.gate_passed else "; BELOW THE ACCURACY GATE")
+    _log(f"wrote {report.output} ({what}; kept in float: {len(report.kept_float)} nodes{gate_text}; "
          f"{_size(report.size_mb)}) in {report.seconds:.0f} s")
