@@ -157,3 +157,65 @@ def test_memmap_gallery(tmp_path):
                                              chunk_elements=12 * 64))
     assert metrics.rank_metrics_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams)["mAP"] == \
         pytest.approx(full["mAP"] * 100)
+
+
+# ------------------------------------------------------------------ re-ranking and AQE from kNN lists
+
+def _clustered_case(seed, nq=30, ng=220, dim=32, pids=15, noise=1.2):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((pids, dim))
+    q_pids, g_pids = rng.integers(0, pids, nq), rng.integers(0, pids, ng)
+    qf = (c[q_pids] + noise * rng.standard_normal((nq, dim))).astype(np.float32)
+    gf = (c[g_pids] + noise * rng.standard_normal((ng, dim))).astype(np.float32)
+    return qf, gf, q_pids, g_pids, rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_rerank_equals_dense_rerank(metric):
+    from reid_export.verify.rerank import KnnRerank, k_reciprocal_rerank
+
+    qf, gf, q_pids, g_pids, q_cams, g_cams = _clustered_case(0)
+    dense = k_reciprocal_rerank(qf, gf, k1=20, k2=6, lambda_value=0.3, metric=metric)
+    knn = KnnRerank(qf, gf, k1=20, k2=6, lambda_value=0.3, metric=metric)
+    np.testing.assert_allclose(knn.dense(), dense, rtol=0, atol=1e-12)
+    full = evaluate_rank(dense, q_pids, g_pids, q_cams, g_cams)
+    assert 0.2 < full["mAP"] < 0.99
+    # Streamed straight from the sparse structure, in chunks: the same metrics.
+    res = evaluate_rank_streamed(knn, q_pids, g_pids, q_cams, g_cams, chunk_elements=30 * 40)
+    np.testing.assert_array_equal(res["cmc"], full["cmc"])
+    np.testing.assert_allclose(res["all_AP"], full["all_AP"], atol=1e-12)
+    # The comparison can fail: other parameters give other distances.
+    assert np.abs(KnnRerank(qf, gf, k1=20, k2=1, metric=metric).dense() - dense).max() > 1e-3
+
+
+def test_knn_aqe_equals_dense_aqe():
+    from reid_export.verify.rerank import average_query_expansion, average_query_expansion_knn
+
+    qf, gf, *_ = _clustered_case(1)
+    for times, k in ((1, 5), (2, 3)):
+        q1, g1 = average_query_expansion(qf, gf, times, k)
+        q2, g2 = average_query_expansion_knn(qf, gf, times, k)
+        np.testing.assert_allclose(q2, q1, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(g2, g1, rtol=0, atol=1e-6)
+    q3, _ = average_query_expansion_knn(qf, gf, 1, 2)
+    assert np.abs(q3 - average_query_expansion(qf, gf, 1, 5)[0]).max() > 1e-3
+
+
+def test_knn_lists_without_faiss_are_the_same(monkeypatch):
+    import builtins
+
+    from reid_export.verify.rerank import knn_lists
+
+    qf, gf, *_ = _clustered_case(2)
+    feats = np.concatenate([qf, gf])
+    ids, dist = knn_lists(feats, 11, "euclidean")
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **kw: (_ for _ in ()).throw(ImportError(name))
+                        if name == "faiss" else real_import(name, *a, **kw))
+    ids2, dist2 = knn_lists(feats, 11, "euclidean")
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(dist2, dist)
+    # The float64 order of the dense code: a stable argsort of each row.
+    from reid_export.verify.rerank import _pairwise
+
+    np.testing.assert_array_equal(ids, np.argsort(_pairwise(feats, feats, "euclidean"), axis=1, kind="stable")[:, :11])
