@@ -81,13 +81,14 @@ def main(argv=None) -> int:
     base = float(np.median(times["fast-reid evaluate_cy (Cython)"]))
     for name in runs:
         cmc, m_ap, m_inp = values[name]
+        cmc, m_ap, m_inp = np.asarray(cmc, dtype=np.float64), float(m_ap), float(m_inp)
         med = float(np.median(times[name]))
         # fast-reid works in float32 (CMC/AP accumulate in float32): agreement to 1e-5.
         same = bool(np.allclose(cmc[:50], ref[0][:50], atol=1e-5) and abs(m_ap - ref[1]) < 1e-5
                     and abs(m_inp - ref[2]) < 1e-5)
-        rows.append([name, med, min(times[name]), base / med, cmc[0] * 100, m_ap * 100, m_inp * 100, same])
+        rows.append([name, med, min(times[name]), base / med, float(cmc[0]) * 100, m_ap * 100, m_inp * 100, same])
         doc_runs[name] = {"median_s": med, "min_s": min(times[name]), "times_s": times[name],
-                          "speedup_vs_cython": base / med, "Rank-1": cmc[0] * 100, "mAP": m_ap * 100,
+                          "speedup_vs_cython": base / med, "Rank-1": float(cmc[0]) * 100, "mAP": m_ap * 100,
                           "mINP": m_inp * 100, "same_metrics_as_cython": same}
     print(format_table(["eval", "median s", "min s", "x Cython", "Rank-1", "mAP", "mINP", "same metrics"], rows,
                        floatfmt=".4g"))

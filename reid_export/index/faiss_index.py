@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..embeddings import l2_normalize
 from ..errors import ReidExportError, UsageError
-from ..fileio import atomic_write_bytes, atomic_write_json, check_input_file
+from ..fileio import atomic_open, atomic_write_json, check_input_file
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 FORMAT = "reid-export-index/1"
@@ -64,8 +65,7 @@ class IndexParams:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(l2_normalize(np.asarray(x, dtype=np.float32), axis=1))
 
 
 def _check_features(x: np.ndarray, what: str) -> None:
@@ -262,10 +262,6 @@ def _new_index(params: IndexParams, dim: int, train: np.ndarray | None):
     return index
 
 
-def _serialize(index) -> bytes:
-    return require_faiss().serialize_index(index).tobytes()
-
-
 def build_index(folder: str | Path, chunks, files: list[str], params: IndexParams, *, data_config: dict | None,
                 model: str | None = None, add: bool = False, recall_sample: int = 1000, progress: bool = False,
                 train_size: int = 100_000) -> dict:
@@ -321,7 +317,7 @@ def build_index(folder: str | Path, chunks, files: list[str], params: IndexParam
                 raise UsageError(f"--nlist {params.nlist} needs at least that many vectors to train; "
                                  f"have {sample.shape[0]}")
             template = _new_index(params, dim, sample)
-            atomic_write_bytes(trained_path, _serialize(template))
+            _write_index(trained_path, template)
     manifest["params"] = asdict(params)
 
     shards = manifest["shards"]
@@ -379,8 +375,15 @@ def _rows(arrays, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _write_index(path: Path, index) -> None:
+    """faiss.write_index through an atomic file (no in-memory copy of the index)."""
+    faiss = require_faiss()
+    with atomic_open(path, "wb") as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+
+
 def _write_shard(folder: Path, entry: dict, index, names: list[str]) -> None:
-    atomic_write_bytes(folder / entry["file"], _serialize(index))
+    _write_index(folder / entry["file"], index)
     atomic_write_json(folder / entry["files"], names)
 
 
