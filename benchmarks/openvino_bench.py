@@ -244,7 +244,12 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     load_after = os.getloadavg()
-    env = envs[0]["environment"] if envs else {}
+    if envs:
+        env = envs[0]["environment"]
+    else:
+        from reid_export.bench.report import environment
+
+        env = environment(args.threads, "cpu")
     head = [f"CPU {env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores, {args.threads} threads; "
             f"onnxruntime {env.get('versions', {}).get('onnxruntime')}, openvino {env.get('versions', {}).get('openvino')}",
             routes_line(),
