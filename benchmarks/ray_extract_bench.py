@@ -49,12 +49,12 @@ def make_model(path: Path) -> Path:
     cfg = load_config(REPO / "configs/Market1501/bagtricks_R18.yml", ["INPUT.SIZE_TEST", "[128, 64]"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    with torch.no_grad():  # BatchNorm statistics of a random batch, so features differ between images
-        model.train()
-        for m in model.modules():
+    with torch.no_grad():  # backbone BatchNorm statistics of a random batch, so features differ between images
+        model.backbone.train()
+        for m in model.backbone.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = None
-        model(torch.rand(16, 3, 128, 64) * 255)
+        model.backbone(torch.rand(16, 3, 128, 64))
         model.eval()
     return save_checkpoint(path, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
 

@@ -11,10 +11,11 @@ from ..report import format_table
 KEYS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 
 
-def check_eval_inputs(models, dataset_root, distractors, query_features, gallery_features, plots, rerank, aqe):
+def check_eval_inputs(models, dataset_root, distractors, query_features, gallery_features, plots, rerank, aqe,
+                      distractor_features=()):
     """One clear line for a combination the eval command cannot run."""
     streamed = bool(distractors) or query_features is not None
-    if query_features is not None or gallery_features:
+    if query_features is not None or gallery_features or distractor_features:
         if query_features is None or not gallery_features:
             raise ReidExportError("--query-features and --gallery-features go together", exit_code=2)
         if models or dataset_root is not None or distractors:

@@ -85,7 +85,7 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     Example:
       reid-export parity model.pth model.onnx model.fp16.onnx model.int8.onnx --images crops/ --locate
     """
-    from ..verify.parity import Tolerances, compare, data_config_differences
+    from ..embeddings import Tolerances, compare, data_config_differences
 
     if (atol is None) != (rtol is None):
         raise ReidExportError("--atol and --rtol go together; give both", exit_code=2)
@@ -116,7 +116,7 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
             res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
         results.append(res)
     if locate:
-        from ..verify.locate import locate as locate_layers
+        from ..export.locate import locate as locate_layers
 
         fp32_onnx = reference if reference.suffix == ".onnx" and ref_enc.precision == "fp32" else next(
             (e.path for e in encoders if e.path.suffix == ".onnx" and e.precision == "fp32"), None)
@@ -223,7 +223,8 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
     _check_outputs(report)
     from .large_eval import check_eval_inputs, eval_feature_files
 
-    check_eval_inputs(models, dataset_root, distractors, query_features, gallery_features, plots, rerank, aqe)
+    check_eval_inputs(models, dataset_root, distractors, query_features, gallery_features, plots, rerank, aqe,
+                      distractor_features)
     if query_features is not None:
         return eval_feature_files(query_features, gallery_features, distractor_features, metric, chunk_elements,
                                   progress, report, _report_header("eval"))
