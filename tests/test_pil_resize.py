@@ -11,7 +11,7 @@ from conftest import run_cli, write_image
 
 from reid_export.data_config import INTERPOLATIONS, PIL_INTERPOLATIONS, DataConfig
 from reid_export.errors import ReidExportError
-from reid_export.runtime.preprocess import preprocess, read_image
+from reid_export.preprocess import preprocess, read_image
 
 FILTERS = {"pil-bilinear": Image.Resampling.BILINEAR, "pil-bicubic": Image.Resampling.BICUBIC,
            "pil-nearest": Image.Resampling.NEAREST, "pil-lanczos": Image.Resampling.LANCZOS,
