@@ -219,7 +219,8 @@ def main(argv=None) -> int:
         omz = {}
         for prec in ("FP32", "FP16"):
             out = args.work / "omz" / f"omz-0288.{prec}.xml"
-            out.parent.mkdir(exist_ok=True)
+            if not args.dry_run:
+                out.parent.mkdir(exist_ok=True)
             run(args, "annotate", MODELS / f"{OMZ}.{prec}.xml", "-o", out, "--mean", "0,0,0", "--std", "1,1,1",
                 "--pixel-scale", "255", "--channel-order", "bgr", "--interpolation", "linear", "--normalized-inside",
                 "--model-name", OMZ, output=out)
