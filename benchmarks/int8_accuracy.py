@@ -33,7 +33,7 @@ from reid_export.fileio import atomic_write_json, sha256_file  # noqa: E402
 from reid_export.report import format_table  # noqa: E402
 from reid_export.runtime import open_encoder  # noqa: E402
 from reid_export.verify.evaluate import EvalOptions, evaluate_encoder  # noqa: E402
-from reid_export.verify.parity import Tolerances, compare  # noqa: E402
+from reid_export.embeddings import Tolerances, compare  # noqa: E402
 
 
 def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_size: int = 64) -> dict:

@@ -61,7 +61,7 @@ def quantize_forms(args) -> dict[str, Path]:
 
     from reid_export.export.metadata import input_info, load_onnx, read_data_config, save_onnx, set_metadata
     from reid_export.export.quantize import _quiet_ort_quantization, select_calibration_images
-    from reid_export.runtime.preprocess import preprocess
+    from reid_export.preprocess import preprocess
 
     fp32 = load_onnx(args.fp32)
     data_config = read_data_config(fp32, str(args.fp32))

@@ -20,7 +20,7 @@ error before anyone ships:
 
 Each variant changes only the geometry (letterbox or resize mode) or the normalisation and hands
 the rest (colour order, pixel scale, mean/std, layout) to
-:func:`reid_export.runtime.preprocess.preprocess_image`. DeepStream scales on the GPU (VPI or
+:func:`reid_export.preprocess.preprocess_image`. DeepStream scales on the GPU (VPI or
 NvBufSurfTransform); OpenCV's bilinear stands in for it here, so the figures measure the
 letterbox and the normalisation, not the last rounding of the GPU scaler.
 """
@@ -33,9 +33,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..data_config import DataConfig
-from ..errors import ReidExportError
-from ..runtime.preprocess import ImageLike, preprocess_image, read_image
+from .data_config import DataConfig
+from .errors import ReidExportError
+from .preprocess import ImageLike, preprocess_image, read_image
 
 # NVIDIA's sample tracker configs give fast-reid-style ReID models this netScaleFactor (1/57.63).
 NVIDIA_SAMPLE_NET_SCALE_FACTOR = 0.01735207

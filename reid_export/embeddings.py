@@ -1,4 +1,9 @@
-"""Embedding-level parity: does a candidate model compute the reference's features?
+"""The embedding comparisons: L2 normalisation, relative L2, cosine, and parity of two feature sets.
+
+A base module: the export self-checks, the quantizer's objective, ``parity``, the metrics and the
+index all normalise and compare embeddings with these functions, and with no other copy.
+
+Parity: does a candidate model compute the reference's features?
 
 Per candidate: cosine similarity (min/mean), relative L2 error (max/mean), max abs error,
 elementwise tolerance failures with Polygraphy's semantics (an element fails when it exceeds
@@ -68,6 +73,15 @@ class ParityResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x`` scaled to unit L2 norm along ``axis``, in its own float dtype; a zero vector stays zero."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    norms = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norms, np.finfo(x.dtype).tiny)
+
+
 def _row_norms(x: np.ndarray) -> np.ndarray:
     return np.linalg.norm(x.astype(np.float64), axis=1)
 
@@ -87,8 +101,7 @@ def neighbour_agreement(ref: np.ndarray, cand: np.ndarray, k: int = 5) -> tuple[
     k = min(k, n - 1)
 
     def ranks(x):
-        x = x.astype(np.float64)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = l2_normalize(x.astype(np.float64), axis=1)
         sim = x @ x.T
         np.fill_diagonal(sim, -np.inf)
         return np.argsort(-sim, axis=1, kind="stable")[:, :k]

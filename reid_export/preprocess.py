@@ -18,8 +18,8 @@ from typing import Iterable, Sequence, Union
 import cv2
 import numpy as np
 
-from ..data_config import DataConfig
-from ..errors import ReidExportError
+from .data_config import DataConfig
+from .errors import ReidExportError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _CV2_INTERP = {
@@ -47,13 +47,23 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (any of IMAGE_SUFFIXES, any case), sorted by name.
+
+    The one image walker: ``extract dir/``, ``eval``'s dataset splits, calibration and the trainer all list
+    folders with it, so every command reads the same files from the same folder.
+    """
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+
+
 def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded to their images sorted by name (not recursive)."""
     out: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted((p for p in path.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+            found = list_images(path)
             if not found:
                 raise ReidExportError(
                     f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}); point at a folder of image crops"

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import platform
+from datetime import datetime, timezone
 from typing import Any, Sequence
+
+from . import __version__
+
+# The layout of the JSON reports (parity, eval, fp16-check, bench, quantize): raised when a key is
+# renamed or removed, so that a machine reading them can tell.
+REPORT_SCHEMA_VERSION = 1
+
+
+def report_header(command: str) -> dict:
+    """The keys every JSON report starts with: schema version, tool, command, date, machine."""
+    return {"schema_version": REPORT_SCHEMA_VERSION, "tool": f"reid-export {__version__}", "command": command,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.node(), "python": platform.python_version()}
 
 
 def _cell(value: Any, floatfmt: str) -> str:

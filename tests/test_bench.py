@@ -228,7 +228,7 @@ def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path
     import importlib
     import time
 
-    pre = importlib.import_module("reid_export.runtime.preprocess")  # the module, not the function
+    pre = importlib.import_module("reid_export.preprocess")  # the module, not the function
 
     decoded = []
     real_read = pre.read_image

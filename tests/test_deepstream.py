@@ -19,9 +19,9 @@ from conftest import assert_clean_error, run_cli
 from reid_export.data_config import DataConfig
 from reid_export.errors import ReidExportError
 from reid_export.export.metadata import base_metadata, read_data_config, set_metadata
-from reid_export.runtime.preprocess import preprocess
+from reid_export.preprocess import preprocess
 from reid_export.serve import deepstream as ds
-from reid_export.serve.deploy_preprocess import (DEPLOYMENTS, NVIDIA_SAMPLE_NET_SCALE_FACTOR, letterbox,
+from reid_export.deploy_preprocess import (DEPLOYMENTS, NVIDIA_SAMPLE_NET_SCALE_FACTOR, letterbox,
                                                  net_scale_factor)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

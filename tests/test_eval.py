@@ -96,7 +96,7 @@ def _expected(checkpoint, root, flip=False, metric="cosine", aqe=None, rerank=No
 
     from reid_export.checkpoint import load_model_from_checkpoint
     from reid_export.data.market import MarketDataset
-    from reid_export.runtime.preprocess import preprocess
+    from reid_export.preprocess import preprocess
     from reid_export.verify.rerank import average_query_expansion, k_reciprocal_rerank
     from test_metrics import reference_rank
 

@@ -25,7 +25,7 @@ from reid_export.checkpoint import extract_state_dict, read_checkpoint
 from reid_export.config import load_config
 from reid_export.export.onnx_export import export_checkpoint
 from reid_export.runtime.encoder import open_encoder
-from reid_export.runtime.preprocess import preprocess, read_images
+from reid_export.preprocess import preprocess, read_images
 
 GOLDEN = Path(os.environ.get("REID_GOLDEN", REPO.parent / "shared" / "golden")) / "fastreid"
 MODELS = ["bot_R18", "agw_R50-ibn"]

@@ -162,6 +162,20 @@ def test_list_images_sorted_non_recursive(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.bmp", "d.jpeg"]
 
 
+def test_one_image_walker_for_datasets_and_extract(tmp_path):
+    """A dataset split and `extract dir/` list the same files: .webp and .tif crops included."""
+    from reid_export.preprocess import expand_image_paths
+
+    names = ["0001_c1s1_000001_00.webp", "0001_c2s1_000002_00.jpg", "0002_c1s1_000003_00.tif"]
+    folder = tmp_path / "query"
+    folder.mkdir()
+    for name in names:
+        assert cv2.imwrite(str(folder / name), np.full((16, 8, 3), 128, np.uint8)), name
+    assert [p.name for p in list_images(folder)] == sorted(names)
+    assert [Path(it.path).name for it in load_split(tmp_path, "query")] == sorted(names)
+    assert expand_image_paths([folder]) == list_images(folder)
+
+
 def test_unknown_split(tmp_path):
     make_layout(tmp_path)
     with pytest.raises(ReidExportError, match="unknown split"):

@@ -19,7 +19,7 @@ from reid_export.data_config import DataConfig, data_config_from_cfg
 from reid_export.errors import ReidExportError
 from reid_export.export.metadata import KEY_DATA_CONFIG, KEY_SOURCE_SHA256, KEY_VERSION, get_metadata
 from reid_export.export.onnx_export import export_checkpoint, export_module, generated_images
-from reid_export.verify.parity import relative_l2
+from reid_export.embeddings import relative_l2
 from reid_export.fileio import sha256_file
 from reid_export.modeling import build_model
 from reid_export.modeling.resnet import BasicBlock
@@ -95,7 +95,7 @@ def shipped_export(request, tmp_path_factory):
 
 def _real_batch(parity_images, size):
     """The 5 real crops plus 3 of them mirrored: 8 real images, for batches of 1, 3 and 8."""
-    from reid_export.runtime.preprocess import read_image
+    from reid_export.preprocess import read_image
 
     images = [read_image(p) for p in parity_images]
     images += [np.ascontiguousarray(im[:, ::-1]) for im in images[:3]]
@@ -200,7 +200,7 @@ def test_fastreid_pitfalls_export_with_dynamic_batch(exporter):
     with torch.no_grad():
         net.inorm.weight.uniform_(0.5, 1.5)
     proto = export_module(net, (37, 21), batch=None, opset=18, exporter=exporter)  # odd sizes: ceil_mode matters
-    from reid_export.runtime.onnx_backend import make_session
+    from reid_export.export.ort import make_session
 
     session = make_session(proto.SerializeToString())
     for bs in (1, 3, 8):

@@ -24,7 +24,7 @@ from reid_export.export.onnx_export import generated_images  # noqa: E402
 from reid_export.modeling import build_model  # noqa: E402
 from reid_export.runtime import open_encoder, preprocess  # noqa: E402
 from reid_export.runtime import openvino_backend  # noqa: E402
-from reid_export.verify.parity import Tolerances, compare  # noqa: E402
+from reid_export.embeddings import Tolerances, compare  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = (64, 32)
@@ -109,7 +109,7 @@ def test_parity_cli_puts_onnxruntime_and_openvino_side_by_side(models, image_dir
 
 
 def test_convert_writes_nothing_when_the_ir_disagrees(models, tmp_path, monkeypatch):
-    from reid_export.export import openvino_export
+    from reid_export.runtime import openvino_convert as openvino_export
 
     # make the written IR compute another network's features: the self-check must refuse it
     real_read = openvino_export.read_model

@@ -11,7 +11,7 @@ from reid_export.checkpoint import save_checkpoint
 from reid_export.config import load_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.modeling import build_model
-from reid_export.verify.parity import Tolerances, compare, neighbour_agreement
+from reid_export.embeddings import Tolerances, compare, neighbour_agreement
 
 R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
 

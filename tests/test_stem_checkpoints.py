@@ -21,7 +21,7 @@ from reid_export.config import get_cfg, load_config, load_config_text
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportNote
 from reid_export.modeling import build_model
-from reid_export.runtime.preprocess import preprocess, read_images
+from reid_export.preprocess import preprocess, read_images
 
 R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
 SIZE = ["INPUT.SIZE_TEST", "[128, 64]"]

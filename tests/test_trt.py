@@ -181,7 +181,7 @@ def test_onnxruntime_tensorrt_provider_caches_engines(monkeypatch, tmp_path):
     """ONNX Runtime's TensorRT execution provider as a second route: options only (no GPU here)."""
     import onnxruntime as ort
 
-    from reid_export.runtime.onnx_backend import providers_for, trt_cache_dir_for
+    from reid_export.export.ort import providers_for, trt_cache_dir_for
 
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -1,7 +1,7 @@
 """Training augmentation, in fast-reid's order, on top of the project's one preprocessing.
 
-Every image is decoded with :func:`reid_export.runtime.preprocess.read_image` and resized (the
-uint8 image, INPUT.INTERPOLATION) by :func:`reid_export.runtime.preprocess.preprocess_image` with
+Every image is decoded with :func:`reid_export.preprocess.read_image` and resized (the
+uint8 image, INPUT.INTERPOLATION) by :func:`reid_export.preprocess.preprocess_image` with
 a data config of INPUT.SIZE_TRAIN, exactly as at test time; the augmentations then work on that
 float32 0..255 CHW array:
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportError
-from reid_export.runtime.preprocess import preprocess_image, read_image
+from reid_export.preprocess import preprocess_image, read_image
 
 _PAD_MODES = {"constant": cv2.BORDER_CONSTANT, "edge": cv2.BORDER_REPLICATE,
               "reflect": cv2.BORDER_REFLECT_101, "symmetric": cv2.BORDER_REFLECT}

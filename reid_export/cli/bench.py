@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from ..errors import ReidExportError
 from ..fileio import atomic_write_json
-from ..runtime import expand_image_paths
 from .common import positive_int
 from .main import cli
-from .verify import _check_outputs, _report_header
+from .verify import _check_outputs
 
 
 def parse_batch_sizes(ctx, param, value) -> list[int]:
@@ -77,83 +75,22 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
       reid-export bench model.pth model.onnx model.int8.onnx --batch-sizes 1,16 --threads 2 \\
           --report bench.json --csv bench.csv --plot bench.png
     """
-    import torch
+    from ..bench.run import run_bench
 
-    from ..bench.core import BenchSettings, run_benchmark
-    from ..bench.report import add_speedups, environment, render_table, write_csv, write_plot
-    from ..bench.subjects import open_subjects
-    from ..bench.stats import few_samples_note
-
-    if duration is not None and iterations is not None:
-        raise ReidExportError("--duration and --iterations exclude each other; give one", exit_code=2)
-    if image_inputs and not include_preprocess:
-        raise ReidExportError("--images is only used with --include-preprocess; add it or drop --images",
-                              exit_code=2)
-    settings = BenchSettings(batch_sizes=batch_sizes, warmup_s=warmup,
-                             duration_s=3.0 if duration is None and iterations is None else duration,
-                             iterations=iterations, rounds=rounds)
-    settings.validate()
     _check_outputs(report, csv_path, plot)
     if plot is not None and plot.suffix.lower() != ".png":
         raise ReidExportError(f"{plot}: the plot is written as PNG; give a name ending in .png", exit_code=2)
-    images = expand_image_paths(image_inputs) if include_preprocess and image_inputs else None
-
-    previous_threads = torch.get_num_threads()
-    threads = threads or previous_threads
-    torch.set_num_threads(threads)
-    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    encoders = []
-    try:
-        subjects, encoders = open_subjects(models, device=device, threads=threads, config=config, images=images,
-                                           include_preprocess=include_preprocess)
-        env = environment(threads, device)
-        from ..export.int8 import model_weight_range_warning
-
-        for model_path in dict.fromkeys(str(s.model) for s in subjects):  # full-range U8S8 on a CPU without VNNI
-            warning = model_weight_range_warning(model_path) if device == "cpu" else None
-            if warning:
-                click.echo(warning, err=True)
-        click.echo(f"bench: {len(subjects)} model(s) on {device}"
-                   f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, {threads} thread(s), CPU {env['cpu']}"
-                   + (f", load average {load_before[0]:.2f}" if load_before else ""), err=True)
-        results = run_benchmark(subjects, settings, progress=progress)
-    finally:
-        torch.set_num_threads(previous_threads)
-        for encoder in encoders:
-            encoder.close()
-    env["load_average_before"] = load_before
-    env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    add_speedups(results)
-    timing = (f"{iterations} iterations" if iterations is not None else f"{settings.duration_s:g} s") + \
-        f" per model and batch size in {settings.slices()} alternating rounds, warmup {warmup:g} s"
-    click.echo(f"latency in ms per call; {timing}; inputs "
-               + ("decoded from files (timed)" if include_preprocess else "generated once, untimed"))
-    click.echo(render_table(results, gpu=device.startswith("cuda")))
-    from ..cpuinfo import routes_line
-
-    click.echo(routes_line())
-    click.echo("img/s = images / timed seconds; vs 1st = throughput over the first model's at the same batch; "
-               "RSS MB = process peak RSS during that model's slices")
-    thin = few_samples_note(results)
-    if thin:
-        click.echo(thin, err=True)
+    result = run_bench(models, batch_sizes, device=device, threads=threads, warmup=warmup, duration=duration,
+                       iterations=iterations, rounds=rounds, include_preprocess=include_preprocess,
+                       images=image_inputs, config=config, progress=progress,
+                       log=lambda line: click.echo(line, err=True))
+    click.echo(result.table())
+    for note in result.notes:
+        click.echo(note, err=True)
     if report:
-        doc = _report_header("bench")
-        doc.update({"settings": {**settings.describe(), "device": device, "threads": threads,
-                                 "include_preprocess": include_preprocess,
-                                 "images": [str(p) for p in images] if images else None,
-                                 "percentile_method": "linear (Hyndman-Fan type 7, numpy default)",
-                                 "throughput": "images / sum of timed per-call latencies"},
-                    "environment": env,
-                    "models": [{"name": s.name, "model": s.model, "backend": s.backend, "precision": s.precision,
-                                "device": s.device, **s.info} for s in subjects],
-                    "results": results, "notes": [thin] if thin else [],
-                    "passed": not any(r.get("error") for r in results)})
-        atomic_write_json(report, doc)
+        atomic_write_json(report, result.to_dict())
     if csv_path:
-        write_csv(csv_path, results)
+        result.write_csv(csv_path)
     if plot:
-        write_plot(plot, results, title=f"reid-export bench on {env.get('gpu') or env['cpu']} "
-                                         f"({device}, {threads} threads)")
-    failed = [r for r in results if r.get("error")]
-    return 1 if failed else 0
+        result.write_plot(plot)
+    return result.exit_code

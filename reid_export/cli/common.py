@@ -8,7 +8,7 @@ import functools
 import click
 
 from ..console import PROG, OptsCommand, get_opts, run_cli  # noqa: F401 - the commands import them from here
-from ..runtime.preprocess import UnreadableImage
+from ..preprocess import UnreadableImage
 
 
 def positive_int(ctx, param, value):

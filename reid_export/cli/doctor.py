@@ -57,7 +57,7 @@ def collect() -> list[dict]:
     ov_detail = OPENVINO_INSTALL
     if ov_v:
         from ..cpuinfo import precision_routes
-        from ..export.openvino_export import core_info
+        from ..runtime.openvino_convert import core_info
 
         try:
             info = core_info()

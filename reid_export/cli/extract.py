@@ -13,14 +13,11 @@ from .. import __version__
 from ..errors import ReidExportError
 from ..fileio import atomic_write_files, check_output_path
 from ..runtime import expand_image_paths, open_encoder
+from ..embeddings import l2_normalize
+from ..report import REPORT_SCHEMA_VERSION
 from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
 from .ray_options import ray_engine_options
 from .main import cli
-
-
-def l2_normalize(feats: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    return feats / np.maximum(norms, 1e-12)
 
 
 @cli.command(cls=OptsCommand)
@@ -84,6 +81,7 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
     buffer = io.BytesIO()
     np.save(buffer, feats)
     meta = {
+        "schema_version": REPORT_SCHEMA_VERSION,
         "tool": f"reid-export {__version__}",
         "model": str(model),
         "backend": info["backend"],

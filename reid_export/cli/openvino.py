@@ -45,7 +45,7 @@ def openvino_command(model, output, fp16, batch, parity_images, min_cosine, max_
       reid-export openvino model.int8.onnx -o model.int8.xml      # Q/DQ INT8 as it is
       reid-export eval model.xml model.xml@openvino:bf16 --dataset-root Market-1501
     """
-    from ..export.openvino_export import convert_file
+    from ..runtime.openvino_convert import convert_file
     from ..runtime import expand_image_paths
 
     images = expand_image_paths(parity_images) if parity_images else None

@@ -127,7 +127,7 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
       reid-export eval model.onnx --dataset-root Market-1501 --deployment deepstream --deployment deepstream-folded
     """
     from ..serve.deepstream import build
-    from ..serve.deploy_preprocess import net_scale_factor
+    from ..deploy_preprocess import net_scale_factor
 
     res = build(model, out_dir, images=image_inputs, color_order=color_format, network_mode=network_mode,
                 reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb, history_size=history_size,

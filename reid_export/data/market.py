@@ -17,9 +17,9 @@ from functools import cached_property
 from pathlib import Path
 
 from reid_export.errors import ReidExportError, UsageError
+from reid_export.preprocess import IMAGE_SUFFIXES, list_images
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "MARKET_DIR",
     "SPLITS",
     "MarketDataset",
@@ -32,7 +32,6 @@ __all__ = [
 
 MARKET_DIR = "Market-1501-v15.09.15"
 SPLITS = {"query": "query", "gallery": "bounding_box_test", "train": "bounding_box_train"}
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 _NAME_RE = re.compile(r"^(-?\d+)_c(\d+)")
 _FIX = "point --dataset-root at the folder that holds them"
 
@@ -83,15 +82,6 @@ def find_market_root(root) -> Path:
     )
 
 
-def list_images(folder) -> list[Path]:
-    """Image files (.jpg .jpeg .png .bmp, any case) directly in ``folder``, sorted by name."""
-    folder = Path(folder)
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
-
-
 def _split_dir(root, split: str) -> Path:
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -118,7 +108,7 @@ def load_split(root, split: str, relabel: bool = False) -> list[ReidItem]:
     folder = _split_dir(root, split)
     images = list_images(folder)
     if not images:
-        raise ReidExportError(f"{folder}: no images (.jpg .jpeg .png .bmp) in the {split} folder")
+        raise ReidExportError(f"{folder}: no images ({' '.join(IMAGE_SUFFIXES)}) in the {split} folder")
     items: list[ReidItem] = []
     bad: list[str] = []
     for path in images:

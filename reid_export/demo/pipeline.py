@@ -18,7 +18,7 @@ import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from .. import __version__
+from .. import __version__, api
 from ..errors import ReidExportError, UsageError
 from ..fileio import atomic_write_json
 from .stages import MANIFEST_DIR, Stage, StageRun, digest_of, file_fingerprint, folder_fingerprint
@@ -179,16 +179,16 @@ class Demo:
 
     # ------------------------------------------------------------------ running tools
 
-    def invoke(self, run: StageRun, stage: str, args: list[str]) -> int:
-        """Run ``reid-export ARGS`` in-process; its stdout goes to the stage log. Returns the exit code."""
-        from ..cli.main import cli
-
+    def call(self, run: StageRun, stage: str, args: list[str], fn):
+        """Run ``fn()`` (an API call) with its output in the stage log; ``args`` is the equivalent
+        ``reid-export`` command, logged and kept for the report's "Reproduce" section."""
         args = [str(a) for a in args]
         self.commands[stage] = args
         run.log("$ reid-export " + command_line(args, self.workdir))
         with open(run.log_path, "a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
-            code = cli.main(args=args, prog_name="reid-export", standalone_mode=False)
-        return code if isinstance(code, int) else 0
+            result = fn()
+            print(result.table())
+        return result
 
     def progress_flag(self) -> str:
         return "--progress" if self.progress else "--no-progress"
@@ -437,15 +437,16 @@ class Demo:
 
         def run(r: StageRun):
             images = self.parity_images()
-            args = ["parity", *self._models(), *[a for p in images for a in ("--images", p)],
+            models = self._models()
+            args = ["parity", *models, *[a for p in images for a in ("--images", p)],
                     "--report", self.path("parity.json"), self.progress_flag()]
-            code = self.invoke(r, "parity", args)
-            doc = json.loads(self.path("parity.json").read_text(encoding="utf-8"))
-            failures = [f"{Path(c['candidate']).name}: {'; '.join(c['failures'])}" for c in doc["candidates"]
-                        if not c["passed"]]
-            return {"exit_code": code, "passed": bool(doc.get("passed")) and code == 0, "failures": failures,
-                    "images": len(doc.get("images", [])),
-                    "min_cosine": {Path(c["candidate"]).name: c["min_cosine"] for c in doc["candidates"]}}
+            report = self.call(r, "parity", args, lambda: api.parity(models[0], models[1:], images,
+                                                                      progress=self.progress, warn=r.log))
+            atomic_write_json(self.path("parity.json"), report.to_dict())
+            failures = [f"{Path(c.candidate).name}: {'; '.join(c.failures)}" for c in report.candidates if not c.passed]
+            return {"exit_code": report.exit_code, "passed": report.passed, "failures": failures,
+                    "images": len(report.images),
+                    "min_cosine": {Path(c.candidate).name: c.min_cosine for c in report.candidates}}
 
         def summary(res):
             n = len(res["min_cosine"])
@@ -466,19 +467,21 @@ class Demo:
                     "version": __version__}
 
         def run(r: StageRun):
-            args = ["eval", *self._models(with_untrained=True), "--dataset-root", self.dataset_root(),
+            models = self._models(with_untrained=True)
+            args = ["eval", *models, "--dataset-root", self.dataset_root(),
                     "--report", self.path("eval.json"), self.progress_flag()]
             if self.plots:
-                self.path("plots").mkdir(exist_ok=True)
                 args += ["--plots", self.path("plots")]
             else:
                 r.log("matplotlib is not installed: no ROC/rank-list plots (pip install matplotlib)")
-            code = self.invoke(r, "eval", args)
-            doc = json.loads(self.path("eval.json").read_text(encoding="utf-8"))
-            return {"exit_code": code, "passed": bool(doc.get("passed")) and code == 0,
-                    "failures": list(doc.get("failures", [])),
-                    "mAP": {Path(m["model"]).name: m.get("mAP") for m in doc["models"]},
-                    "Rank-1": {Path(m["model"]).name: m.get("Rank-1") for m in doc["models"]}}
+            report = self.call(r, "eval", args, lambda: api.evaluate(models, self.dataset_root(),
+                                                                      progress=self.progress, warn=r.log))
+            if self.plots:
+                report.write_plots(self.path("plots"))
+            atomic_write_json(self.path("eval.json"), report.to_dict())
+            return {"exit_code": report.exit_code, "passed": report.passed, "failures": list(report.failures),
+                    "mAP": {Path(m["model"]).name: m.get("mAP") for m in report.results},
+                    "Rank-1": {Path(m["model"]).name: m.get("Rank-1") for m in report.results}}
 
         def summary(res):
             return "mAP " + ", ".join(f"{name} {v:.1f}" if v is not None else f"{name} ERROR"
@@ -508,13 +511,18 @@ class Demo:
                     self.progress_flag()]
             if self.plots:
                 args += ["--plot", self.path("bench.png")]
-            code = self.invoke(r, "bench", args)
-            doc = json.loads(self.path("bench.json").read_text(encoding="utf-8"))
-            errors = [f"{res['name']} at batch {res['batch_size']}: {res['error']}" for res in doc["results"]
+            report = self.call(r, "bench", args, lambda: api.bench(
+                self._models(), s["batch_sizes"], threads=s["threads"], warmup=s["warmup"], duration=s["duration"],
+                rounds=s["rounds"], progress=self.progress, log=r.log))
+            atomic_write_json(self.path("bench.json"), report.to_dict())
+            report.write_csv(self.path("bench.csv"))
+            if self.plots:
+                report.write_plot(self.path("bench.png"))
+            errors = [f"{res['name']} at batch {res['batch_size']}: {res['error']}" for res in report.results
                       if res.get("error")]
             largest = max(s["batch_sizes"])
-            return {"exit_code": code, "passed": code == 0 and not errors, "failures": errors,
-                    "img_per_s": {res["name"]: res.get("throughput_ips") for res in doc["results"]
+            return {"exit_code": report.exit_code, "passed": report.passed, "failures": errors,
+                    "img_per_s": {res["name"]: res.get("throughput_ips") for res in report.results
                                   if res["batch_size"] == largest},
                     "batch": largest}
 

@@ -45,7 +45,7 @@ class AnnotateReport:
 
 def annotate_file(model_path: str | Path, output: str | Path, data_config: DataConfig,
                   log: Callable[[str], None] = print) -> AnnotateReport:
-    from ..runtime.onnx_backend import make_session
+    from .ort import make_session
 
     output = check_output_path(output)
     model = load_onnx(model_path)

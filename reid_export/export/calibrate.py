@@ -253,7 +253,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[tuple[
             histograms: bool, num_bins: int = DEFAULT_NUM_BINS, threads: int | None = None,
             progress=None) -> Calibration:
     """Run ``batches`` ((input, number of real images) pairs) and collect statistics of ``tensors``."""
-    from ..runtime.onnx_backend import make_session
+    from .ort import make_session
 
     if num_bins < 128 or num_bins % 2:
         raise ReidExportError(f"--num-bins must be an even number >= 128, got {num_bins}")

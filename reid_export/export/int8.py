@@ -32,7 +32,7 @@ import onnx
 
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
-from ..runtime.preprocess import preprocess
+from ..preprocess import preprocess
 from .fp16 import quiet_ort_tools
 from .graph import head_nodes, resolve_excludes, upgrade_opset
 

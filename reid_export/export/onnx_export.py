@@ -34,8 +34,8 @@ from .. import __version__
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
-from ..runtime.preprocess import ImageLike, preprocess
-from ..verify.parity import relative_l2
+from ..preprocess import ImageLike, preprocess
+from ..embeddings import relative_l2
 from .metadata import (KEY_EXPORT, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, output_info, save_onnx,
                        set_metadata)
 
@@ -181,9 +181,9 @@ def parity_batch_sizes(batch: int | None) -> tuple[int, int]:
 def onnx_vs_torch(model_bytes: bytes, reference: np.ndarray, inputs: np.ndarray, data_config: DataConfig,
                   batch_sizes: Sequence[int], name: str = "") -> ParityCheck:
     """Run ``inputs`` through ONNX Runtime (CPU) at each batch size; compare with ``reference``."""
-    from ..runtime.onnx_backend import OnnxEncoder, make_session
+    from .ort import OrtRunner, make_session
 
-    encoder = OnnxEncoder(make_session(model_bytes), data_config, name or "model.onnx")
+    encoder = OrtRunner(make_session(model_bytes), name or "model.onnx")
     worst = 0.0
     per_batch = {}
     for bs in batch_sizes:
@@ -195,7 +195,6 @@ def onnx_vs_torch(model_bytes: bytes, reference: np.ndarray, inputs: np.ndarray,
         rel = float(relative_l2(out, reference).max())
         per_batch[bs] = rel
         worst = max(worst, rel)
-    encoder.close()
     return ParityCheck(name, tuple(batch_sizes), len(inputs), worst, per_batch)
 
 

@@ -1,7 +1,7 @@
 """Runtime: the one preprocessing function and the Encoder interface over every backend."""
 
 from .encoder import EncodedFiles, Encoder, open_encoder, register_backend
-from .preprocess import (UnreadableImage, expand_image_paths, preprocess, preprocess_image, read_image, read_images,
+from ..preprocess import (UnreadableImage, expand_image_paths, preprocess, preprocess_image, read_image, read_images,
                          skipped_summary)
 
 __all__ = ["EncodedFiles", "Encoder", "UnreadableImage", "open_encoder", "register_backend", "expand_image_paths",

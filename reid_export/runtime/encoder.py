@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..data_config import DataConfig
 from ..errors import ReidExportError
-from .preprocess import ON_ERROR, ImageLike, UnreadableImage, preprocess, read_images, skipped_summary
+from ..preprocess import ON_ERROR, ImageLike, UnreadableImage, preprocess, read_images, skipped_summary
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Encoder(ABC):
     path: Path
     data_config: DataConfig
     device: str = "cpu"
-    # A deployment's preprocessing (reid_export.serve.deploy_preprocess), same signature as
+    # A deployment's preprocessing (reid_export.deploy_preprocess), same signature as
     # ``preprocess``; None: the model's own. ``encode_files`` uses it for every batch.
     preprocessing: Callable[[Sequence[ImageLike], DataConfig], np.ndarray] | None = None
 

@@ -16,83 +16,8 @@ import numpy as np
 
 from ..data_config import DataConfig
 from ..errors import ReidExportError
+from ..export.ort import OrtRunner, make_session
 from .encoder import Encoder
-
-
-def providers_for(device: str, trt_cache_dir: str | Path | None = None) -> list:
-    """ONNX Runtime providers (with options) for ``--device``; an unavailable one is an error.
-
-    With the TensorRT execution provider, engines (and timing data) are cached in
-    ``trt_cache_dir`` so that only the first session of a model pays for the engine build.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    kind, _, index = device.partition(":")
-    if index and not index.isdigit():
-        raise ReidExportError(f"--device {device}: the device index must be a number", exit_code=2)
-    device_id = int(index or 0)
-    if kind == "cpu" and not index:
-        return ["CPUExecutionProvider"]
-    wanted = {"cuda": ["CUDAExecutionProvider"],
-              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
-              "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(kind)
-    if wanted is None:
-        raise ReidExportError(f"--device must be cpu, cuda[:N] or tensorrt[:N] for ONNX models, got {device!r}",
-                              exit_code=2)
-    if wanted[0] not in available:
-        raise ReidExportError(
-            f"--device {device}: onnxruntime {ort.__version__} here has no {wanted[0]} "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu (pip install 'reid-export[gpu]') "
-            "or use --device cpu", exit_code=2)
-    providers = []
-    for name in wanted:
-        if name not in available:
-            continue
-        options = {"device_id": device_id}
-        if name == "TensorrtExecutionProvider" and trt_cache_dir is not None:
-            options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir),
-                            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(trt_cache_dir)})
-        providers.append((name, options))
-    return providers + ["CPUExecutionProvider"]
-
-
-def trt_cache_dir_for(model: str | Path | bytes, device: str) -> Path | None:
-    """``MODEL.trt-cache/`` beside a model file run with the TensorRT provider (None otherwise)."""
-    if isinstance(model, bytes) or device.partition(":")[0] not in ("tensorrt", "trt"):
-        return None
-    return Path(model).with_suffix(".trt-cache")
-
-
-def make_session(model: str | Path | bytes, device: str = "cpu", threads: int | None = None,
-                 optimization: str = "all"):
-    """An ``onnxruntime.InferenceSession`` for a file path or serialized model bytes."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # fatal only: the errors come back as exceptions, which the caller turns into one line; at
-    # level 3 ONNX Runtime would also print them on stderr itself
-    options.log_severity_level = 4
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    options.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        cache = trt_cache_dir_for(model, device)
-        providers = providers_for(device, cache)
-        if cache is not None:
-            cache.mkdir(exist_ok=True)
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
-    except ReidExportError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        where = model if not isinstance(model, bytes) else "model"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ReidExportError(f"{where}: ONNX Runtime cannot load it ({first[:300]})") from None
 
 
 class OnnxEncoder(Encoder):
@@ -101,18 +26,14 @@ class OnnxEncoder(Encoder):
     def __init__(self, session, data_config: DataConfig, path: str | Path, device: str = "cpu",
                  precision: str = "fp32"):
         self.session = session
+        self.runner = OrtRunner(session, path)
         self.data_config = data_config
         self.path = Path(path)
         self.device = device
         self.precision = precision
-        inp = session.get_inputs()[0]
-        self.input_name = inp.name
-        self.output_name = session.get_outputs()[0].name
-        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        shape = list(inp.shape)
-        if len(shape) != 4:
-            raise ReidExportError(f"{path}: the model input {inp.name} has shape {shape}; expected [N, 3, H, W]")
-        self.static_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self.input_name, self.output_name = self.runner.input_name, self.runner.output_name
+        self.static_batch = self.runner.static_batch
+        shape = self.runner.input_shape
         expected = (3, data_config.height, data_config.width)
         for axis, (got, want) in enumerate(zip(shape[1:], expected), start=1):
             if isinstance(got, int) and got > 0 and got != want:
@@ -125,18 +46,7 @@ class OnnxEncoder(Encoder):
         return self.static_batch
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        n = batch.shape[0]
-        if self.static_batch and n < self.static_batch:
-            pad = np.repeat(batch[-1:], self.static_batch - n, axis=0)
-            batch = np.concatenate([batch, pad])
-        feed = {self.input_name: batch.astype(self.input_dtype, copy=False)}
-        try:
-            out = self.session.run([self.output_name], feed)[0]
-        except Exception as exc:  # onnxruntime's own types (Fail, RuntimeException, ...): the graph cannot run
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ReidExportError(f"{self.path}: ONNX Runtime cannot run the model on a {list(batch.shape)} "
-                                  f"batch ({first[:300]})") from None
-        return np.asarray(out[:n], dtype=np.float32).reshape(n, -1)
+        return self.runner.run(batch)
 
     def describe(self) -> dict:
         info = super().describe()

@@ -5,7 +5,7 @@ and Q/DQ INT8 graphs as they are), writes the data config and the provenance int
 ``rt_info`` (section ``reid_export``), optionally compresses the weights to FP16, and proves the
 written IR before it is put in place: OpenVINO (CPU plugin, f32 inference precision) against ONNX
 Runtime on the same ONNX, at two batch sizes, with the parity gate of the IR's precision
-(``verify.parity``: FP32 cosine >= 0.99999 and relative L2 <= 1e-4 per image, as the ONNX export's
+(``reid_export.embeddings``: FP32 cosine >= 0.99999 and relative L2 <= 1e-4 per image, as the ONNX export's
 check; FP16 / INT8 on the embedding). A failing check writes nothing.
 
 The IR is two files; both are written into a temporary folder beside the output and renamed
@@ -29,9 +29,9 @@ from .. import __version__
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_input_file, check_output_path, sha256_file
-from ..runtime.openvino_backend import (RT_SECTION, _first_line, get_core, import_openvino, open_model, read_model,
+from .openvino_backend import (RT_SECTION, _first_line, get_core, import_openvino, open_model, read_model,
                                         read_data_config, static_shape)
-from ..runtime.preprocess import ImageLike, preprocess
+from ..preprocess import ImageLike, preprocess
 
 PARITY_BATCHES = (1, 3)
 
@@ -97,9 +97,9 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
                  log: Callable[[str], None] = print) -> ConvertReport:
     """Convert an ONNX model (with a reid-export data config) to an IR at ``output``; written only when
     the IR passes its parity check against ONNX Runtime."""
-    from ..runtime.onnx_backend import open_onnx
-    from ..verify.parity import Tolerances, compare
-    from .onnx_export import generated_images
+    from .onnx_backend import open_onnx
+    from ..embeddings import Tolerances, compare
+    from ..export.onnx_export import generated_images
 
     start = time.time()
     ov = import_openvino()
@@ -193,8 +193,8 @@ def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataCon
     The model is compiled and run once at the stated size before anything is written; the feature
     dimension is recorded from what it returns. The graph and its weights are saved unchanged.
     """
-    from ..runtime.openvino_backend import graph_precision
-    from .annotate import check_units
+    from .openvino_backend import graph_precision
+    from ..export.annotate import check_units
 
     output = _check_ir_output(output)
     model = read_model(model_path)

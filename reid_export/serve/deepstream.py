@@ -27,8 +27,8 @@ from .. import __version__
 from ..data_config import DataConfig
 from ..errors import ReidExportError
 from ..fileio import atomic_write_files, check_output_path, sha256_file
-from ..runtime.preprocess import ImageLike, expand_image_paths, read_images
-from .deploy_preprocess import Deployment, net_scale_factor
+from ..preprocess import ImageLike, expand_image_paths, read_images
+from ..deploy_preprocess import Deployment, net_scale_factor
 
 COLOR_FORMAT = {"rgb": 0, "bgr": 1}  # ReID colorFormat
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # ReID networkMode
@@ -204,7 +204,7 @@ class DeepStreamResult:
     yaml_path: Path
     section: dict
     folded: FoldedModel
-    parity: object  # verify.parity.ParityResult, folded vs original
+    parity: object  # embeddings.ParityResult, folded vs original
     scalar_parity: object  # NVIDIA's scalar approximation vs the model's own normalisation
     num_images: int
     notes: list[str] = field(default_factory=list)
@@ -222,7 +222,7 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
                                    require_data_config, set_metadata)
     from ..runtime import open_encoder
     from ..runtime.onnx_backend import OnnxEncoder, make_session
-    from ..verify.parity import Tolerances, compare
+    from ..embeddings import Tolerances, compare
 
     model_path = Path(model_path)
     if model_path.suffix.lower() != ".onnx":

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..data.market import MarketDataset, ReidItem
 from ..errors import ReidExportError
-from ..runtime.preprocess import skipped_summary
+from ..preprocess import skipped_summary
 from . import metrics
 from .rerank import average_query_expansion, k_reciprocal_rerank
 

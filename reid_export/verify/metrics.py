@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from reid_export.embeddings import l2_normalize
 from reid_export.errors import ReidExportError, UsageError
 
 __all__ = [
@@ -67,8 +68,7 @@ def compute_distance(qf, gf, metric: str = "cosine") -> np.ndarray:
     q = qf.astype(dtype, copy=False)
     g = gf.astype(dtype, copy=False)
     if metric == "cosine":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), np.finfo(dtype).tiny)
-        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), np.finfo(dtype).tiny)
+        q, g = l2_normalize(q, axis=1), l2_normalize(g, axis=1)
         dist = 1.0 - q @ g.T
     elif metric == "euclidean":
         q_sq = np.einsum("ij,ij->i", q, q)[:, None]
@@ -446,7 +446,7 @@ class MatrixDistances:
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
     # As compute_distance does it, so a chunk of rows gets the same values as the whole.
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
+    return l2_normalize(x, axis=1)
 
 
 class FeatureDistances:

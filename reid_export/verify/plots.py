@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from ..fileio import atomic_write_bytes
-from ..runtime.preprocess import read_image
+from ..preprocess import read_image
 
 GREEN = (40, 170, 40)   # RGB
 RED = (210, 40, 40)

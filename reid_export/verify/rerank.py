@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..embeddings import l2_normalize
+
 
 def _pairwise(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     if metric == "cosine":
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        a, b = l2_normalize(a, axis=1), l2_normalize(b, axis=1)
         return 1.0 - a @ b.T
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(sq, 0.0)
@@ -73,7 +74,7 @@ def average_query_expansion(qf: np.ndarray, gf: np.ndarray, qe_times: int = 1, q
     feats = np.concatenate([qf, gf]).astype(np.float64)
     k = min(qe_k, feats.shape[0])
     for _ in range(qe_times):
-        normed = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        normed = l2_normalize(feats, axis=1)
         sims = normed @ normed.T
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         weights = np.power(np.take_along_axis(sims, top, axis=1), alpha)[:, :, None]
@@ -99,8 +100,7 @@ def _pair_dist(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     if metric == "cosine":
-        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        a, b = l2_normalize(a, axis=1), l2_normalize(b, axis=1)
         return 1.0 - np.einsum("ij,ij->i", a, b)
     return np.maximum(np.einsum("ij,ij->i", a, a) + np.einsum("ij,ij->i", b, b) - 2.0 * np.einsum("ij,ij->i", a, b),
                       0.0)
@@ -116,7 +116,7 @@ def knn_lists(feats: np.ndarray, k: int, metric: str = "euclidean", margin: int 
     want = min(n, k + margin)
     x = np.ascontiguousarray(feats, dtype=np.float32)
     if metric == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = np.ascontiguousarray(l2_normalize(x, axis=1))
     try:
         import faiss
 
@@ -266,7 +266,7 @@ def average_query_expansion_knn(qf: np.ndarray, gf: np.ndarray, qe_times: int = 
     for _ in range(qe_times):
         top, dist = knn_lists(feats, k, "cosine")
         sims = 1.0 - dist
-        normed = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        normed = l2_normalize(feats, axis=1)
         # The dense code's similarity is a matrix product; recompute the chosen ones the same way.
         sims = np.einsum("ij,ikj->ik", normed, normed[top])
         weights = np.power(sims, alpha)[:, :, None]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.market import parse_name
 from ..errors import ReidExportError, UsageError
-from ..runtime.preprocess import expand_image_paths
+from ..preprocess import expand_image_paths
 from . import metrics
 
 

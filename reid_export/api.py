@@ -1,0 +1,41 @@
+"""The Python API: what a user scripts, each call returning a typed result with its gates and verdict.
+
+.. code-block:: python
+
+    from reid_export import api
+
+    api.export_onnx("model_final.pth", "model.onnx", config="configs/Market1501/bagtricks_R50.yml")
+    api.quantize("model.onnx", "model.int8.onnx", "int8", calib_dirs=["bounding_box_train/"])
+    report = api.parity("model_final.pth", ["model.onnx", "model.int8.onnx"], ["crops/"])
+    print(report.table()); assert report.passed
+    ev = api.evaluate(["model.onnx", "model.int8.onnx"], "Market-1501-v15.09.15",
+                      gates=api.EvalGates(max_map_drop=0.5))
+    bench = api.bench(["model.onnx", "model.int8.onnx"], batch_sizes=[1, 16], threads=2)
+
+Every result has ``passed`` (the gates' verdict), ``to_dict()`` (the JSON the CLI writes, with a
+``schema_version``) and, for the verifiers, ``table()`` (what the CLI prints). The CLI commands are
+thin wrappers around these calls: they parse options, call, print and set the exit code. A failed
+gate is not an exception (the report says why); bad input is a :class:`ReidExportError` with one
+line that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+from .bench.run import BenchReport
+from .bench.run import run_bench as bench
+from .embeddings import ParityResult, Tolerances
+from .errors import ReidExportError, UsageError
+from .export.onnx_export import ExportReport
+from .export.onnx_export import export_checkpoint as export_onnx
+from .export.quantize import QuantizeReport
+from .export.quantize import quantize_file as quantize
+from .runtime import Encoder, open_encoder
+from .verify.evaluate import EvalOptions
+from .verify.evaluation import EvalGates, EvalReport
+from .verify.evaluation import run_evaluation as evaluate
+from .verify.parity import ParityReport
+from .verify.parity import run_parity as parity
+
+__all__ = ["BenchReport", "Encoder", "EvalGates", "EvalOptions", "EvalReport", "ExportReport", "ParityReport",
+           "ParityResult", "QuantizeReport", "ReidExportError", "Tolerances", "UsageError", "bench", "evaluate",
+           "export_onnx", "open_encoder", "parity", "quantize"]

@@ -1,0 +1,201 @@
+"""``eval`` as a library call: models on a Market-1501-layout dataset, with deltas, gates and a verdict.
+
+:func:`run_evaluation` encodes and scores every model (and, per deployment, the model through that
+deployment's preprocessing), computes the deltas against the first model and the cost of each
+deployment, applies the gates and returns an :class:`EvalReport`. The CLI prints ``report.table()``
+and exits with ``report.exit_code``; the demo and the benchmarks read the same object.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..data.market import MarketDataset
+from ..report import format_table, report_header
+from ..runtime import open_encoder
+from ..runtime.encoder import configs_for
+from .evaluate import METRIC_KEYS, EvalOptions, check_queries_have_matches, evaluate_encoder
+from .parity import use_deployment
+
+
+@dataclass
+class EvalGates:
+    max_map_drop: float | None = None          # points below the first model
+    max_r1_drop: float | None = None
+    max_deployment_map_drop: float = 1.0       # points a deployment's preprocessing may cost
+    max_deployment_r1_drop: float = 2.0
+
+
+@dataclass
+class EvalReport:
+    dataset: MarketDataset
+    options: EvalOptions
+    gates: EvalGates
+    results: list[dict]                        # per model (and deployment): metrics, or "error"
+    deployments: list[str] = field(default_factory=list)
+    distractors: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def table(self) -> str:
+        results, base = self.results, self.results[0]
+        tpr_keys = [k for k in base if k.startswith("TPR@")] if "error" not in base else []
+        rows = []
+        for res in results:
+            name = [Path(res["model"]).name, res["backend"], res["precision"]]
+            if "error" in res:
+                rows.append(name + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 1) + ["ERROR"])
+            else:
+                rows.append(name + [res[k] for k in METRIC_KEYS] + [res.get(k) for k in tpr_keys[-1:]]
+                            + [res.get("delta_mAP"), "ok"])
+        o, ds = self.options, self.dataset
+        lines = [f"dataset: {ds.root} ({len(ds.query)} queries, {len(ds.gallery)} gallery); metric {o.metric}"
+                 f"{', flip' if o.flip_test else ''}{', AQE' if o.aqe else ''}{', re-rank' if o.rerank else ''}",
+                 format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "status"], rows,
+                              floatfmt=".2f")]
+        if self.distractors and "error" not in base:
+            lines.append(f"gallery + {base['num_distractors']} distractors = {base['num_gallery']} items, streamed "
+                         f"exact evaluation; peak RSS {max(r.get('peak_rss_mib', 0) for r in results):.0f} MiB")
+        if self.deployments:
+            g = self.gates
+            lines.append("\ncost of each deployment's preprocessing against the model's own (points; gates mAP "
+                         f"{g.max_deployment_map_drop:g}, Rank-1 {g.max_deployment_r1_drop:g}):")
+            lines.append(format_table(
+                ["model", "deployment", "Rank-1", "mAP", "cost Rank-1", "cost mAP", "result"],
+                [[Path(r["model"]).name.rpartition("@")[0], r["deployment"], r["Rank-1"], r["mAP"], r["cost_Rank-1"],
+                  r["cost_mAP"], "FAIL" if (r["cost_mAP"] > g.max_deployment_map_drop
+                                            or r["cost_Rank-1"] > g.max_deployment_r1_drop) else "PASS"]
+                 for r in results if r.get("deployment") and "cost_mAP" in r], floatfmt=".2f"))
+        lines += [f"FAIL {line}" for line in self.failures]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        doc = report_header("eval")
+        g = self.gates
+        gates = {"max_map_drop": g.max_map_drop, "max_r1_drop": g.max_r1_drop}
+        if self.deployments:
+            gates.update(max_deployment_map_drop=g.max_deployment_map_drop,
+                         max_deployment_r1_drop=g.max_deployment_r1_drop)
+        doc.update({"dataset": str(self.dataset.root), "num_query": len(self.dataset.query),
+                    "num_gallery": len(self.dataset.gallery), "options": self.options.__dict__, "gates": gates,
+                    "deployments": self.deployments,
+                    "models": [{k: _finite(v) for k, v in r.items() if not k.startswith("_")} for r in self.results],
+                    "failures": self.failures, "passed": self.passed})
+        return doc
+
+    def write_plots(self, folder: Path) -> None:
+        """``roc.png`` (every model) and the first model's best and worst rank lists."""
+        if "error" in self.results[0]:
+            return
+        from . import metrics
+        from .evaluate import per_query_ap
+        from .plots import rank_list_image, rank_list_rows, roc_plot, write_png
+
+        folder.mkdir(parents=True, exist_ok=True)
+        curves = {}
+        for i, res in enumerate(self.results):
+            if "error" in res:
+                continue
+            q, g = res["_query"], res["_gallery"]
+            curves[f"{i + 1}. {Path(res['model']).name} ({res['backend']}, {res['precision']})"] = metrics.roc_curve(
+                res["_distmat"], q.pids, g.pids, q.camids, g.camids)
+        roc_plot(curves, folder / "roc.png", title=f"ROC on {Path(self.dataset.root).name}")
+        base = self.results[0]
+        ap = per_query_ap(base["_distmat"], base["_query"], base["_gallery"])
+        valid = np.where(np.isfinite(ap))[0]
+        order = valid[np.argsort(ap[valid], kind="stable")]
+        for tag, idx in (("worst", order[:5]), ("best", order[::-1][:5])):
+            if len(idx):
+                rows = rank_list_rows(base["_distmat"], base["_query"], base["_gallery"], idx, topk=10, ap=ap)
+                write_png(folder / f"ranklist_{tag}.png", rank_list_image(rows))
+
+
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, options: EvalOptions | None = None,
+                   gates: EvalGates | None = None, *, config: str | Path | None = None,
+                   deployments: Sequence[str] = (), distractors: Sequence[str | Path] = (),
+                   chunk_elements: int = 1 << 25, device: str = "cpu", progress: bool = True,
+                   skip_bad_images: bool = False, warn: Callable[[str], None] = lambda line: None) -> EvalReport:
+    """Rank-1/5/10, mAP, mINP and TPR@FPR of ``models`` on ``dataset_root`` (Market-1501 protocol).
+
+    Deltas are against the first model; ``gates`` turn them into failures. With ``deployments`` each
+    model is also run through those preprocessings and their cost is gated. With ``distractors`` the
+    gallery grows by those images (pid 0) and the evaluation is streamed over gallery chunks.
+    ``warn`` gets the skipped-images lines."""
+    options = options or EvalOptions()
+    gates = gates or EvalGates()
+    dataset = MarketDataset(dataset_root)
+    check_queries_have_matches(dataset)
+    on_error = "skip" if skip_bad_images else "raise"
+    deployments = list(dict.fromkeys(deployments))
+    results, skip_notes = [], []
+    for model, model_config in zip(models, configs_for(models, config)):
+        with open_encoder(model, config=model_config, device=device) as enc:
+            own = None
+            for deployment in (None, *deployments):
+                use_deployment(enc, deployment)
+                if distractors:
+                    from .streamed import evaluate_encoder_streamed
+
+                    res = evaluate_encoder_streamed(enc, dataset, distractors, options, progress, on_error=on_error,
+                                                    chunk_elements=chunk_elements)
+                else:
+                    res = evaluate_encoder(enc, dataset, options, progress, on_error=on_error)
+                res.update({"model": str(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
+                            "precision": enc.precision, "deployment": deployment})
+                if deployment is None:
+                    own = res
+                elif "error" not in res and "error" not in own:
+                    res["cost_mAP"] = own["mAP"] - res["mAP"]
+                    res["cost_Rank-1"] = own["Rank-1"] - res["Rank-1"]
+                results.append(res)
+                if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
+                    skip_notes.append(res["skipped"])
+                    warn(res["skipped"])
+    report = EvalReport(dataset, options, gates, results, deployments, bool(distractors))
+    report.failures = _gate(results, gates)
+    return report
+
+
+def _gate(results: list[dict], gates: EvalGates) -> list[str]:
+    """Deltas against the first model (stored in each result) and every gate that fails."""
+    base, failed = results[0], []
+    for res in results:
+        if res.get("deployment") and "cost_mAP" in res:
+            own_name = Path(res["model"].rpartition("@")[0]).name
+            if res["cost_mAP"] > gates.max_deployment_map_drop:
+                failed.append(f"{res['model']}: the {res['deployment']} preprocessing costs {res['cost_mAP']:.2f} mAP "
+                              f"points against {own_name}'s own (gate {gates.max_deployment_map_drop})")
+            if res["cost_Rank-1"] > gates.max_deployment_r1_drop:
+                failed.append(f"{res['model']}: the {res['deployment']} preprocessing costs {res['cost_Rank-1']:.2f} "
+                              f"Rank-1 points against {own_name}'s own (gate {gates.max_deployment_r1_drop})")
+    for res in results:
+        if "error" in res:
+            failed.append(f"{res['model']}: {res['error']}")
+            continue
+        if "error" in base:
+            continue
+        res["delta_mAP"] = res["mAP"] - base["mAP"]
+        res["delta_Rank-1"] = res["Rank-1"] - base["Rank-1"]
+        if gates.max_map_drop is not None and -res["delta_mAP"] > gates.max_map_drop:
+            failed.append(f"{res['model']}: mAP {res['mAP']:.2f} is {-res['delta_mAP']:.2f} points below "
+                          f"{base['model']} (gate {gates.max_map_drop})")
+        if gates.max_r1_drop is not None and -res["delta_Rank-1"] > gates.max_r1_drop:
+            failed.append(f"{res['model']}: Rank-1 {res['Rank-1']:.2f} is {-res['delta_Rank-1']:.2f} points "
+                          f"below {base['model']} (gate {gates.max_r1_drop})")
+    return failed
