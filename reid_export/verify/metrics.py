@@ -485,7 +485,8 @@ class FeatureDistances:
     def block(self, start: int, stop: int) -> np.ndarray:
         g = self._gallery(slice(start, stop))
         if self.metric == "cosine":
-            return 1.0 - self.q @ g.T
+            dist = self.q @ g.T
+            return np.subtract(1.0, dist, out=dist)
         g_sq = np.einsum("ij,ij->i", g, g)[None, :]
         dist = self.q_sq[:, None] + g_sq - 2.0 * (self.q @ g.T)
         np.maximum(dist, 0, out=dist)
@@ -590,12 +591,12 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         rows, gcols = rows[keep], gcols[keep]
         d = dist[rows, gcols - start].astype(np.float64)
         del dist
-        # Bucket: estimates below d (rows come sorted, so one searchsorted per row segment).
+        # Bucket: the number of estimates below d (padding is +inf), in bounded sub-batches.
         b = np.empty(rows.size, dtype=np.int64)
-        seg = np.searchsorted(rows, np.arange(nv + 1))
-        for r in np.flatnonzero(np.diff(seg)):
-            s0, s1 = seg[r], seg[r + 1]
-            b[s0:s1] = np.searchsorted(ext[r, 1:n_pos[r] + 1], d[s0:s1], side="left")
+        sub = max(1, (1 << 22) // (p_max + 1))
+        for s0 in range(0, rows.size, sub):
+            r, dd = rows[s0:s0 + sub], d[s0:s0 + sub]
+            b[s0:s0 + sub] = (ext[r, 1:p_max + 1] < dd[:, None]).sum(axis=1)
         e = eps_row[rows]
         sure = ((d - ext[rows, b]) > e) & ((ext[rows, b + 1] - d) > e)
         hist += np.bincount(rows[sure] * (p_max + 1) + b[sure], minlength=hist.size)
