@@ -40,9 +40,12 @@ def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_si
     """The verifier's evaluation (cosine, no flip/AQE/re-ranking), plus what agreement() needs."""
     start = time.time()
     with open_encoder(model, config=config, opts=opts) as encoder:
-        metrics = evaluate_encoder(encoder, dataset, EvalOptions(batch_size=batch_size), progress=False)
-    metrics["seconds"] = round(time.time() - start, 1)
-    metrics["_top1"] = metrics["_distmat"].argmin(axis=1)
+        result = evaluate_encoder(encoder, dataset, EvalOptions(batch_size=batch_size), progress=False)
+    if not result.ok:
+        raise SystemExit(f"{model}: {result.error}")
+    metrics = dict(result.metrics, seconds=round(time.time() - start, 1))
+    metrics["_top1"] = result.distmat.argmin(axis=1)
+    metrics["_features"] = result.features
     return metrics
 
 

@@ -47,11 +47,10 @@ def evaluate(model: torch.nn.Module, cfg, data_config, device: str, progress: bo
             start = time.time()
             dataset = MarketDataset(resolve_dataset(name, root, "query"))
             scored = evaluate_encoder(encoder, dataset, opts, progress)
-            if "error" in scored:
-                raise ReidExportError(f"evaluation on {name}: {scored['error']} (the model diverged); lower "
+            if not scored.ok:
+                raise ReidExportError(f"evaluation on {name}: {scored.error} (the model diverged); lower "
                                       "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS and resume from the last checkpoint")
-            res = {k: float(v) if isinstance(v, (float, np.floating)) else v
-                   for k, v in scored.items() if not k.startswith("_")}
+            res = {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in scored.metrics.items()}
             res["metric"] = (res["Rank-1"] + res["mAP"]) / 2
             res["num_query"], res["num_gallery"] = len(dataset.query), len(dataset.gallery)
             res["seconds"] = round(time.time() - start, 2)

@@ -63,7 +63,7 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
     else:
         encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
         with encoder:
-            encoded = encoder.encode_files(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
+            encoded = encoder.encode_paths(paths, batch_size=batch_size, flip_test=flip_test, progress=progress,
                                            desc="extract", on_error="skip" if skip_bad_images else "raise")
         info = {"backend": encoder.backend, "precision": encoder.precision,
                 "data_config": encoder.data_config.to_dict()}

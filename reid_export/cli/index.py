@@ -30,14 +30,12 @@ def _encode(model, images, *, config, device, batch_size, flip_test, progress, s
         remove_shards(out)
         return feats, [str(p) for p in kept], info["data_config"]
     with open_encoder(model, config=config, opts=get_opts(), device=device) as enc:
-        res = enc.encode_files(paths, batch_size, flip_test, progress, desc="index (encode)",
+        res = enc.encode_paths(paths, batch_size, flip_test, progress, desc="index (encode)",
                                on_error="skip" if skip_bad_images else "raise")
         data_config = enc.data_config.to_dict()
-    if skip_bad_images:
-        if res.skipped:
-            click.echo(res.summary(), err=True)
-        return res.features, [str(paths[i]) for i in res.kept], data_config
-    return res, [str(p) for p in paths], data_config
+    if res.skipped:
+        click.echo(res.summary(), err=True)
+    return res.features, [str(paths[i]) for i in res.kept], data_config
 
 
 @cli.command(name="index")

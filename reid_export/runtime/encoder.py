@@ -27,7 +27,8 @@ from ..preprocess import ON_ERROR, ImageLike, UnreadableImage, preprocess, read_
 
 @dataclass
 class EncodedFiles:
-    """What ``encode_files(..., on_error="skip")`` returns: features of the images that were read."""
+    """What :meth:`Encoder.encode_paths` returns: features of the images that were read, which ones they are,
+    and why the others were left out (nothing is left out with ``on_error="raise"``)."""
 
     features: np.ndarray
     kept: list[int]  # indices, in the order given, of the images whose rows ``features`` holds
@@ -82,12 +83,18 @@ class Encoder(ABC):
         return feats
 
     def encode_files(self, images: Sequence[ImageLike], batch_size: int = 32, flip_test: bool = False,
-                     progress: bool = True, desc: str | None = None, on_error: str = "raise"):
-        """Decode, preprocess and encode ``images`` in order; float32 [len(images), D].
+                     progress: bool = True, desc: str | None = None) -> np.ndarray:
+        """Decode, preprocess and encode ``images`` in order: float32 [len(images), D]; an image that
+        cannot be read stops it with one line."""
+        return self.encode_paths(images, batch_size, flip_test, progress, desc).features
+
+    def encode_paths(self, images: Sequence[ImageLike], batch_size: int = 32, flip_test: bool = False,
+                     progress: bool = True, desc: str | None = None, on_error: str = "raise") -> EncodedFiles:
+        """Decode, preprocess and encode ``images`` in order, as an :class:`EncodedFiles`.
 
         With ``on_error="skip"`` an image that cannot be read is left out instead of stopping the
-        run, and the result is an :class:`EncodedFiles`: the features of the images kept, their
-        indices in ``images`` and why the others were skipped (``.summary()`` says it in one line).
+        run: the result holds the features of the images kept, their indices in ``images`` and why
+        the others were skipped (``.summary()`` says it in one line).
         """
         if batch_size < 1:
             raise ReidExportError(f"batch size must be >= 1, got {batch_size}", exit_code=2)
@@ -121,10 +128,7 @@ class Encoder(ABC):
         if not out:
             raise ReidExportError(f"none of the {len(images)} images could be read; "
                                   f"{skipped_summary(skipped)}")
-        features = np.concatenate(out)
-        if on_error == "raise":
-            return features
-        return EncodedFiles(features, kept, skipped)
+        return EncodedFiles(np.concatenate(out), kept, skipped)
 
     def describe(self) -> dict:
         return {"model": str(self.path), "backend": self.backend, "precision": self.precision,

@@ -71,7 +71,7 @@ class _ShardWorker:
             start = shard * self.shard_size
             files = self.paths[start:start + self.shard_size]
             try:
-                res = self.encoder.encode_files(files, self.batch_size, self.flip_test, progress=False,
+                res = self.encoder.encode_paths(files, self.batch_size, self.flip_test, progress=False,
                                                 on_error=self.on_error)
             except ReidExportError as exc:
                 if self.on_error == "skip" and str(exc).startswith("none of the"):
@@ -81,11 +81,9 @@ class _ShardWorker:
             if res is None:
                 feats, kept, skipped = np.zeros((0, 0), np.float32), [], [
                     {"file": str(f), "reason": "unreadable"} for f in files]
-            elif self.on_error == "skip":
+            else:
                 feats, kept = res.features, [start + i for i in res.kept]
                 skipped = [{"file": str(e.path), "reason": e.reason} for e in res.skipped]
-            else:
-                feats, kept, skipped = res, list(range(start, start + len(files))), []
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(feats, dtype=np.float32))
             meta = {"shard": shard, "kept": kept, "skipped": skipped, "backend": self.encoder.backend,

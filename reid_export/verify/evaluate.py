@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -46,6 +46,36 @@ class SplitArrays:
                    np.array([it.camid for it in items]))
 
 
+@dataclass
+class EvalResult:
+    """One model scored on one dataset: its metrics (percent), or why it could not be scored.
+
+    ``distmat``, ``query``, ``gallery`` and ``features`` are the arrays behind the metrics (for the
+    ROC and rank-list pictures); a streamed evaluation, which never holds the matrix, leaves them None.
+    """
+
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    nonfinite: int = 0
+    skipped: list = field(default_factory=list)       # the UnreadableImage of each image left out
+    distmat: np.ndarray | None = None
+    query: SplitArrays | None = None
+    gallery: SplitArrays | None = None
+    features: tuple | None = None                     # (query, gallery) features, not copied
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def row(self) -> dict:
+        """The JSON-able part: metrics, or the error and the NaN/Inf count; the skipped images."""
+        out = dict(self.metrics) if self.ok else {"error": self.error, "nonfinite": self.nonfinite}
+        if self.skipped:
+            out["skipped"] = skipped_summary(self.skipped)
+            out["skipped_images"] = [str(e.path) for e in self.skipped]
+        return out
+
+
 def distances(qf: np.ndarray, gf: np.ndarray, opts: EvalOptions) -> np.ndarray:
     """Query x gallery distances after the optional AQE and re-ranking."""
     if not (np.isfinite(qf).all() and np.isfinite(gf).all()):
@@ -87,35 +117,25 @@ def check_queries_have_matches(dataset: MarketDataset) -> None:
 
 
 def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progress: bool = True,
-                     on_error: str = "raise") -> dict:
-    """Encode query and gallery with ``encoder`` and score them; returns metrics plus the raw arrays.
+                     on_error: str = "raise") -> EvalResult:
+    """Encode query and gallery with ``encoder`` and score them (metrics plus the arrays behind them).
 
-    With ``on_error="skip"`` unreadable images are left out of their split (``result["skipped"]``
-    says how many) and the rest is scored.
+    With ``on_error="skip"`` unreadable images are left out of their split (``result.skipped``) and
+    the rest is scored. A model that outputs NaN/Inf gets ``result.error``, not metrics.
     """
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
-    qf = encoder.encode_files(query.paths, opts.batch_size, opts.flip_test, progress,
+    qe = encoder.encode_paths(query.paths, opts.batch_size, opts.flip_test, progress,
                               desc=f"query ({encoder.backend})", on_error=on_error)
-    gf = encoder.encode_files(gallery.paths, opts.batch_size, opts.flip_test, progress,
+    ge = encoder.encode_paths(gallery.paths, opts.batch_size, opts.flip_test, progress,
                               desc=f"gallery ({encoder.backend})", on_error=on_error)
-    skipped = []
-    if on_error == "skip":
-        query, gallery = query.subset(qf.kept), gallery.subset(gf.kept)
-        skipped = qf.skipped + gf.skipped
-        qf, gf = qf.features, gf.features
+    query, gallery = query.subset(qe.kept), gallery.subset(ge.kept)
+    qf, gf, skipped = qe.features, ge.features, qe.skipped + ge.skipped
     nonfinite = int((~np.isfinite(qf)).sum() + (~np.isfinite(gf)).sum())
     if nonfinite:
-        return {"error": f"{nonfinite} NaN/Inf values in the features", "nonfinite": nonfinite}
+        return EvalResult(error=f"{nonfinite} NaN/Inf values in the features", nonfinite=nonfinite, skipped=skipped)
     distmat = distances(qf, gf, opts)
-    result = score(distmat, query, gallery)
-    if skipped:
-        result["skipped"] = skipped_summary(skipped)
-        result["skipped_images"] = [str(e.path) for e in skipped]
-    result["_distmat"] = distmat
-    result["_features"] = (qf, gf)  # query and gallery features, not copied
-    result["_query"] = query
-    result["_gallery"] = gallery
-    return result
+    return EvalResult(metrics=score(distmat, query, gallery), skipped=skipped, distmat=distmat, query=query,
+                      gallery=gallery, features=(qf, gf))
 
 
 def options_dict(opts: EvalOptions) -> dict:

@@ -19,7 +19,7 @@ from ..data.market import MarketDataset
 from ..report import format_table, report_header
 from ..runtime import open_encoder
 from ..runtime.encoder import configs_for
-from .evaluate import METRIC_KEYS, EvalOptions, check_queries_have_matches, evaluate_encoder
+from .evaluate import METRIC_KEYS, EvalOptions, EvalResult, check_queries_have_matches, evaluate_encoder
 from .parity import use_deployment
 
 
@@ -36,7 +36,8 @@ class EvalReport:
     dataset: MarketDataset
     options: EvalOptions
     gates: EvalGates
-    results: list[dict]                        # per model (and deployment): metrics, or "error"
+    results: list[dict]                        # per model (and deployment): its row (metrics, or "error")
+    scored: list[EvalResult] = field(default_factory=list)  # the same, with the arrays behind them
     deployments: list[str] = field(default_factory=list)
     distractors: bool = False
     failures: list[str] = field(default_factory=list)
@@ -91,34 +92,34 @@ class EvalReport:
         doc.update({"dataset": str(self.dataset.root), "num_query": len(self.dataset.query),
                     "num_gallery": len(self.dataset.gallery), "options": self.options.__dict__, "gates": gates,
                     "deployments": self.deployments,
-                    "models": [{k: _finite(v) for k, v in r.items() if not k.startswith("_")} for r in self.results],
+                    "models": [{k: _finite(v) for k, v in r.items()} for r in self.results],
                     "failures": self.failures, "passed": self.passed})
         return doc
 
     def write_plots(self, folder: Path) -> None:
         """``roc.png`` (every model) and the first model's best and worst rank lists."""
-        if "error" in self.results[0]:
-            return
+        if not self.scored or self.scored[0].distmat is None:
+            return  # the first model failed, or a streamed evaluation (no matrix held)
         from . import metrics
         from .evaluate import per_query_ap
         from .plots import rank_list_image, rank_list_rows, roc_plot, write_png
 
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
-        for i, res in enumerate(self.results):
-            if "error" in res:
+        for i, (res, scored) in enumerate(zip(self.results, self.scored)):
+            if scored.distmat is None:
                 continue
-            q, g = res["_query"], res["_gallery"]
+            q, g = scored.query, scored.gallery
             curves[f"{i + 1}. {Path(res['model']).name} ({res['backend']}, {res['precision']})"] = metrics.roc_curve(
-                res["_distmat"], q.pids, g.pids, q.camids, g.camids)
+                scored.distmat, q.pids, g.pids, q.camids, g.camids)
         roc_plot(curves, folder / "roc.png", title=f"ROC on {Path(self.dataset.root).name}")
-        base = self.results[0]
-        ap = per_query_ap(base["_distmat"], base["_query"], base["_gallery"])
+        base = self.scored[0]
+        ap = per_query_ap(base.distmat, base.query, base.gallery)
         valid = np.where(np.isfinite(ap))[0]
         order = valid[np.argsort(ap[valid], kind="stable")]
         for tag, idx in (("worst", order[:5]), ("best", order[::-1][:5])):
             if len(idx):
-                rows = rank_list_rows(base["_distmat"], base["_query"], base["_gallery"], idx, topk=10, ap=ap)
+                rows = rank_list_rows(base.distmat, base.query, base.gallery, idx, topk=10, ap=ap)
                 write_png(folder / f"ranklist_{tag}.png", rank_list_image(rows))
 
 
@@ -143,7 +144,7 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
     check_queries_have_matches(dataset)
     on_error = "skip" if skip_bad_images else "raise"
     deployments = list(dict.fromkeys(deployments))
-    results, skip_notes = [], []
+    results, scored, skip_notes = [], [], []
     for model, model_config in zip(models, configs_for(models, config)):
         with open_encoder(model, config=model_config, device=device) as enc:
             own = None
@@ -152,10 +153,12 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                 if distractors:
                     from .streamed import evaluate_encoder_streamed
 
-                    res = evaluate_encoder_streamed(enc, dataset, distractors, options, progress, on_error=on_error,
-                                                    chunk_elements=chunk_elements)
+                    result = evaluate_encoder_streamed(enc, dataset, distractors, options, progress, on_error=on_error,
+                                                       chunk_elements=chunk_elements)
                 else:
-                    res = evaluate_encoder(enc, dataset, options, progress, on_error=on_error)
+                    result = evaluate_encoder(enc, dataset, options, progress, on_error=on_error)
+                scored.append(result)
+                res = result.row()
                 res.update({"model": str(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
                             "precision": enc.precision, "deployment": deployment})
                 if deployment is None:
@@ -167,7 +170,7 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                 if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
                     skip_notes.append(res["skipped"])
                     warn(res["skipped"])
-    report = EvalReport(dataset, options, gates, results, deployments, bool(distractors))
+    report = EvalReport(dataset, options, gates, results, scored, deployments, bool(distractors))
     report.failures = _gate(results, gates)
     return report
 

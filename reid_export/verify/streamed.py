@@ -20,6 +20,7 @@ from ..data.market import parse_name
 from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths
 from . import metrics
+from .evaluate import EvalResult, SplitArrays
 
 
 def peak_rss_mib() -> float:
@@ -134,30 +135,28 @@ def evaluate_feature_files(query_npy: Path, gallery_npys: Sequence[Path], metric
 
 
 def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opts, progress: bool = True,
-                              on_error: str = "raise", chunk_elements: int = 1 << 25) -> dict:
+                              on_error: str = "raise", chunk_elements: int = 1 << 25) -> EvalResult:
     """``eval MODEL --dataset-root D --distractors DIR...``: query and gallery of D plus distractor images."""
     if opts.rerank or opts.aqe:
         raise UsageError("--rerank/--aqe are not available with --distractors or feature files yet; "
                          "evaluate without them")
-    from .evaluate import SplitArrays
-
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
     d_paths = [str(p) for p in expand_image_paths(distractors)] if distractors else []
-    feats = {}
+    feats, skipped = {}, []
     for name, paths in (("query", query.paths), ("gallery", gallery.paths), ("distractors", d_paths)):
         if not paths:
             continue
-        enc = encoder.encode_files(paths, opts.batch_size, opts.flip_test, progress,
+        enc = encoder.encode_paths(paths, opts.batch_size, opts.flip_test, progress,
                                    desc=f"{name} ({encoder.backend})", on_error=on_error)
-        if on_error == "skip":
+        skipped += enc.skipped
+        if enc.skipped:
             if name == "query":
                 query = query.subset(enc.kept)
             elif name == "gallery":
                 gallery = gallery.subset(enc.kept)
             else:
                 d_paths = [d_paths[i] for i in enc.kept]
-            enc = enc.features
-        feats[name] = enc
+        feats[name] = enc.features
     d_pids, d_cams, _ = labels_from_names(d_paths, "distractors", distractor=True)
     parts = [feats["gallery"]] + ([feats["distractors"]] if d_paths else [])
     g = ConcatRows(parts) if len(parts) > 1 else parts[0]
@@ -165,4 +164,4 @@ def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opt
                             np.concatenate([gallery.pids, d_pids]), np.concatenate([gallery.camids, d_cams]),
                             opts.metric, chunk_elements, progress)
     res["num_distractors"] = len(d_paths)
-    return res
+    return EvalResult(metrics=res, skipped=skipped)

@@ -1,0 +1,113 @@
+"""reid_export.api: typed results that carry their gates and verdicts; the CLI prints the same objects."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, randomize_bn, run_cli, write_image
+from reid_export import api
+from reid_export.checkpoint import save_checkpoint
+from reid_export.config import load_config
+from reid_export.data_config import data_config_from_cfg
+from reid_export.modeling import build_model
+from reid_export.report import REPORT_SCHEMA_VERSION
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
+
+
+def _ckpt(path, seed=0, nudge=None):
+    cfg = load_config(R18, ["INPUT.SIZE_TEST", "[64, 32]"])
+    torch.manual_seed(seed)
+    model = randomize_bn(build_model(cfg), seed=seed, size=(64, 32))
+    if nudge:
+        with torch.no_grad():
+            model.backbone.layer4[1].bn2.weight.mul_(nudge)
+    save_checkpoint(path, model, cfg, data_config_from_cfg(cfg, model.feat_dim, path.stem))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    root = d / "market"
+    for split, cams in (("query", (1,)), ("bounding_box_test", (2, 3))):
+        for pid in (1, 2, 3):
+            for cam in cams:
+                write_image(root / split / f"{pid:04d}_c{cam}s1_000{pid}{cam}0_00.jpg", seed=pid * 10 + cam)
+    return {"a": _ckpt(d / "a.pth"), "near": _ckpt(d / "near.pth", nudge=1.02), "other": _ckpt(d / "other.pth", 1),
+            "root": root, "images": root / "query"}
+
+
+def test_parity_returns_a_typed_report_with_its_verdict(setup):
+    ok = api.parity(setup["a"], [setup["a"]], [setup["images"]], progress=False)
+    assert isinstance(ok, api.ParityReport) and ok.passed and ok.exit_code == 0
+    assert isinstance(ok.candidates[0], api.ParityResult) and ok.candidates[0].max_rel_l2 == 0.0
+    bad = api.parity(setup["a"], [setup["near"], setup["other"]], [setup["images"]], progress=False)
+    assert not bad.passed and bad.exit_code == 1  # a failed gate is a result, not an exception
+    assert [c.passed for c in bad.candidates] == [False, False]
+    assert all(c.failures for c in bad.candidates) and "FAIL" in bad.table()
+    doc = bad.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["command"] == "parity" and doc["passed"] is False
+    json.dumps(doc)  # JSON-able as it is
+    # a looser gate, through the API, passes the near miss
+    loose = api.parity(setup["a"], [setup["near"]], [setup["images"]], min_cosine=0.9, max_rel_l2=0.5,
+                       atol=10.0, rtol=10.0, progress=False)
+    assert loose.passed
+
+
+def test_the_cli_prints_and_writes_what_the_api_returns(setup, tmp_path):
+    report = tmp_path / "p.json"
+    res = run_cli("parity", setup["a"], setup["near"], "--images", setup["images"], "--report", report,
+                  "--no-progress")
+    assert res.code == 1
+    direct = api.parity(setup["a"], [setup["near"]], [setup["images"]], progress=False)
+    assert direct.table() in res.out
+    written = json.loads(report.read_text())
+    assert written["candidates"] == json.loads(json.dumps(direct.to_dict()))["candidates"]
+
+
+def test_evaluate_returns_gates_and_failures(setup):
+    ev = api.evaluate([setup["a"], setup["other"]], setup["root"], progress=False)
+    assert isinstance(ev, api.EvalReport) and ev.passed and len(ev.results) == 2
+    assert ev.scored[0].ok and ev.scored[0].distmat.shape == (3, 6)
+    # a gate the second model cannot meet (it would have to beat the first by a point more than it does)
+    gate = api.EvalGates(max_map_drop=-(abs(ev.results[1]["delta_mAP"]) + 1.0))
+    gated = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=gate, progress=False)
+    assert not gated.passed and gated.exit_code == 1 and "mAP" in gated.failures[0]
+    doc = gated.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["failures"] == gated.failures
+    assert all(not k.startswith("_") for m in doc["models"] for k in m)
+
+
+def test_bench_returns_results_and_environment(setup):
+    rep = api.bench([setup["a"]], [1, 2], iterations=2, warmup=0, rounds=1, threads=1, progress=False)
+    assert isinstance(rep, api.BenchReport) and rep.passed
+    assert [r["batch_size"] for r in rep.results] == [1, 2] and all(r["throughput_ips"] > 0 for r in rep.results)
+    assert rep.environment["cpu"] and rep.to_dict()["schema_version"] == REPORT_SCHEMA_VERSION
+
+
+def test_bad_input_is_one_error_not_a_report(setup, tmp_path):
+    with pytest.raises(api.ReidExportError, match="missing.onnx"):
+        api.parity(setup["a"], [tmp_path / "missing.onnx"], [setup["images"]], progress=False)
+    with pytest.raises(api.UsageError, match="--atol and --rtol"):
+        api.parity(setup["a"], [setup["a"]], [setup["images"]], atol=1e-3)
+    with pytest.raises(api.ReidExportError, match="nowhere"):
+        api.evaluate([setup["a"]], tmp_path / "nowhere", progress=False)
+
+
+def test_encode_paths_has_one_return_type(setup, tmp_path):
+    """encode_files always gives the array; encode_paths always an EncodedFiles, skipping or not."""
+    bad = tmp_path / "0009_c1s1_000000_00.jpg"
+    bad.write_bytes(b"not a jpeg")
+    files = sorted(setup["images"].iterdir())
+    with api.open_encoder(setup["a"]) as enc:
+        arr = enc.encode_files(files, progress=False)
+        all_ = enc.encode_paths(files, progress=False)
+        some = enc.encode_paths([*files, bad], progress=False, on_error="skip")
+    assert isinstance(arr, np.ndarray) and np.array_equal(all_.features, arr) and all_.kept == [0, 1, 2]
+    assert some.kept == [0, 1, 2] and len(some.skipped) == 1 and np.array_equal(some.features, arr)
