@@ -172,6 +172,14 @@ def test_mismatching_config_names_the_probable_config(tmp_path):
     assert_clean_error(result, "configs/torchreid/osnet_x0_5.yml")
 
 
+def test_config_goes_to_the_checkpoints_of_a_multi_model_command():
+    from reid_export.runtime.encoder import configs_for
+
+    assert configs_for(["a.pt", "a.onnx", "a.fp16.onnx@openvino", "b.pth"], "c.yml") == ["c.yml", None, None, "c.yml"]
+    assert configs_for(["a.onnx", "b.engine"], "c.yml") == ["c.yml", "c.yml"]  # the ONNX backend refuses it
+    assert configs_for(["a.pt", "a.onnx"], None) == [None, None]
+
+
 def test_bad_depth_is_one_line(tmp_path):
     cfg = tmp_path / "bad.yml"
     cfg.write_text(f"_BASE_: {TORCHREID / 'osnet_x0_25.yml'}\nMODEL:\n  BACKBONE:\n    DEPTH: x2_0\n")
