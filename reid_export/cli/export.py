@@ -131,7 +131,7 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
                         pixel_scale=float(pixel_scale), mean=mean, std=std, interpolation=interpolation,
                         normalized_inside=normalized_inside, model_name=model_name)
     if is_ir:
-        from ..export.openvino_export import annotate_ir
+        from ..runtime.openvino_convert import annotate_ir
 
         report = annotate_ir(model, output, config, log=_log)
     else:
@@ -161,11 +161,14 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
                                       "and minmax and keeps the one closest to FP32 on the held-out images.")
 @click.option("--percentile", type=float, default=None,
               help="For --method percentile (default 99.99); with auto, one more candidate.")
-@click.option("--min-cosine", type=float, default=None, help="Gate: lowest cosine to FP32 on a held-out image (0.95).")
-@click.option("--min-mean-cosine", type=float, default=None, help="Gate: mean cosine to FP32 (0.99).")
+@click.option("--min-cosine", type=float, default=None, help="Gate: lowest cosine to FP32 on a held-out image (0.90).")
+@click.option("--min-mean-cosine", type=float, default=None, help="Gate: mean cosine to FP32 (0.98).")
+@click.option("--max-pair-error", type=float, default=None,
+              help="Gate: RMS change of the cosine similarity of every two held-out images, over the spread of "
+                   "the FP32 similarities (0.20).")
 @click.option("--min-top1", type=float, default=None,
-              help="Gate: share of held-out images whose nearest other image stays the same (0.90).")
-@click.option("--min-top5", type=float, default=None, help="Gate: mean overlap of the 5 nearest (0.90).")
+              help="Gate: share of held-out images whose nearest other image stays the same (default: not gated).")
+@click.option("--min-top5", type=float, default=None, help="Gate: mean overlap of the 5 nearest (default: not gated).")
 @click.option("--max-float", type=int, default=None,
               help="Most nodes kept in float to meet the gate (default: a quarter of the quantizable ones; 0: none).")
 @click.option("--allow-below-gate", is_flag=True,
@@ -184,7 +187,7 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write what was tried and chosen as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, val_size, method, percentile,
-             min_cosine, min_mean_cosine, min_top1, min_top5, max_float, allow_below_gate, exclude, seed, num_bins,
+             min_cosine, min_mean_cosine, max_pair_error, min_top1, min_top5, max_float, allow_below_gate, exclude, seed, num_bins,
              calib_batch, reduce_range, threads, report_path, progress):
     """Make an FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model.
 
@@ -206,7 +209,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
 
     ctx = click.get_current_context()
     int8_only = ("target", "method", "percentile", "calib_size", "num_bins", "reduce_range", "seed", "val_dir",
-                 "val_size", "min_cosine", "min_mean_cosine", "min_top1", "min_top5", "max_float", "allow_below_gate")
+                 "val_size", "min_cosine", "min_mean_cosine", "max_pair_error", "min_top1", "min_top5", "max_float", "allow_below_gate")
     if precision == "fp16":
         ignored = [f"--{name.replace('_', '-')}" for name in int8_only
                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -219,6 +222,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
     defaults = Gate()
     gate = Gate(*(d if v is None else v for v, d in ((min_cosine, defaults.min_cosine),
                                                      (min_mean_cosine, defaults.mean_cosine),
+                                                     (max_pair_error, defaults.max_pair_error),
                                                      (min_top1, defaults.top1), (min_top5, defaults.top5))))
     report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
                            method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
@@ -226,13 +230,14 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
                            log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
                            allow_below_gate=allow_below_gate)
     if report.search:
-        rows = [[t["label"], t["kept_float"], t["objective"]["min_cosine"], t["objective"]["mean_cosine"],
+        rows = [[t["label"], t["kept_float"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
+                 t["objective"]["mean_cosine"],
                  f"{t['objective']['top1_agreement']:.1%}", f"{t['objective']['top5_agreement']:.1%}",
                  "pass" if t["passed"] else "below", ""] for t in report.search["tried"]]
         labels = [t["label"] for t in report.search["tried"]]
         if report.search["chosen"] in labels:
             rows[len(labels) - 1 - labels[::-1].index(report.search["chosen"])][-1] = "<- chosen"
-        _log(format_table(["candidate", "float nodes", "min cos", "mean cos", "top-1", "top-5", "gate", ""], rows,
+        _log(format_table(["candidate", "float nodes", "pair error", "min cos", "mean cos", "top-1", "top-5", "gate", ""], rows,
                           floatfmt=".4f"))
     if report.qdq is not None:
         _log(report.qdq.summary())

@@ -6,13 +6,14 @@ After one calibration pass (:func:`.int8.calibrate`) the search
    ranges, percentile at three levels and min/max: all from the same histograms, so a candidate
    costs one graph build and one run over the held-out images), and measures each against the
    FP32 graph on held-out real crops (never the calibration images) with the verifier's own
-   embedding comparison (:func:`reid_export.verify.parity.compare`): min and mean cosine, and
+   embedding comparison (:func:`reid_export.embeddings.compare`): min and mean cosine, and
    whether each image keeps its nearest neighbour (top-1) and its five nearest (top-5) among the
    others;
-2. keeps the candidate the objective prefers: the one that passes the gate, then the highest mean
-   cosine, then the highest min cosine;
+2. keeps the candidate the objective prefers: the one that passes the gate, then the smallest
+   change of the pairwise similarities between held-out images (what retrieval ranks by), then
+   the highest mean and min cosine;
 3. when even that one fails the gate, ranks the quantized nodes by the error each adds on top of
-   its inputs' (:func:`reid_export.verify.locate.locate`, the ``parity --locate`` machinery, on a
+   its inputs' (:func:`reid_export.export.locate.locate`, the ``parity --locate`` machinery, on a
    few held-out images), keeps the worst in float (1, then 2, 4, ... more per round, re-ranked
    after each), and when the gate holds, bisects the last round's nodes for the fewest that still
    pass;
@@ -41,12 +42,22 @@ DEFAULT_MAX_FALLBACK_FRACTION = 0.25
 
 @dataclass
 class Gate:
-    """What an INT8 graph must keep of the FP32 graph's embeddings on the held-out crops."""
+    """What an INT8 graph must keep of the FP32 graph's embeddings on the held-out crops.
 
-    min_cosine: float = 0.95
-    mean_cosine: float = 0.99
-    top1: float = 0.90
-    top5: float = 0.90
+    ``max_pair_error``: the RMS change of the cosine similarity between every two held-out
+    images, over the spread (standard deviation) of those similarities under FP32. Retrieval
+    ranks by these similarities, and on OSNet-x0.5 it ranked the candidates as their mAP on
+    CUHK03 did where the mean cosine did not (see benchmarks/RESULTS.md). Top-1/top-5 neighbour
+    agreement is measured and reported; it gates only when asked (``--min-top1`` / ``--min-top5``):
+    among a few hundred crops of mostly different people the nearest neighbour flips between
+    near-ties, so it is noisy.
+    """
+
+    min_cosine: float | None = 0.90
+    mean_cosine: float | None = 0.98
+    max_pair_error: float | None = 0.20
+    top1: float | None = None
+    top5: float | None = None
 
     def failures(self, objective: dict) -> list[str]:
         out = []
@@ -61,6 +72,10 @@ class Gate:
             if limit is not None and not (value is not None and value >= limit):
                 shown = "nan" if value is None or not np.isfinite(value) else fmt.format(value)
                 out.append(f"{label} {shown} < {fmt.format(limit)}")
+        value = objective.get("pair_error")
+        if self.max_pair_error is not None and not (value is not None and value <= self.max_pair_error):
+            shown = "nan" if value is None or not np.isfinite(value) else f"{value:.3f}"
+            out.append(f"pairwise similarity error {shown} > {self.max_pair_error:.3f}")
         return out
 
     def to_dict(self) -> dict:
@@ -84,12 +99,31 @@ class Trial:
     def score(self) -> tuple:
         o = self.objective
         finite = lambda v: v if v is not None and np.isfinite(v) else -np.inf  # noqa: E731
-        return (self.passed, finite(o.get("mean_cosine")), finite(o.get("min_cosine")))
+        # passes the gate, then the smallest pairwise similarity error, then the highest mean / min cosine
+        return (self.passed, -_or_inf(o.get("pair_error")), finite(o.get("mean_cosine")), finite(o.get("min_cosine")))
 
     def to_dict(self) -> dict:
         return {"label": self.label, "method": self.method, "percentile": self.percentile,
                 "kept_float": len(self.keep_float), "objective": self.objective, "passed": self.passed,
                 "failures": self.failures, "seconds": round(self.seconds, 2)}
+
+
+def _or_inf(value) -> float:
+    return value if value is not None and np.isfinite(value) else np.inf
+
+
+def pair_similarity_error(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(RMS change of the cosine similarity over all image pairs, that over the FP32 similarities' std)."""
+    def sims(x):
+        x = x.astype(np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return (x @ x.T)[np.triu_indices(len(x), 1)]
+
+    if not np.isfinite(candidate).all():
+        return float("inf"), float("inf")
+    ref, cand = sims(reference), sims(candidate)
+    rmse = float(np.sqrt(np.mean((cand - ref) ** 2)))
+    return rmse, rmse / max(float(np.std(ref)), 1e-12)
 
 
 def candidate_label(method: str, percentile: float | None) -> str:
@@ -110,18 +144,20 @@ class Objective:
         self.reference = self.features(fp32_model)
 
     def features(self, model: onnx.ModelProto | bytes) -> np.ndarray:
-        from ..runtime.onnx_backend import OnnxEncoder, make_session
+        from .ort import OrtRunner, make_session
 
         data = model if isinstance(model, bytes) else model.SerializeToString()
-        encoder = OnnxEncoder(make_session(data, threads=self.threads), self.data_config, "candidate")
+        encoder = OrtRunner(make_session(data, threads=self.threads), "candidate")
         step = self.batch_size
         return np.concatenate([encoder(self.inputs[i:i + step]) for i in range(0, len(self.inputs), step)])
 
     def measure(self, model: onnx.ModelProto | bytes) -> dict:
-        from ..verify.parity import Tolerances, compare
+        from ..embeddings import Tolerances, compare
 
-        result = compare(self.reference, self.features(model), Tolerances())
-        return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
+        features = self.features(model)
+        result = compare(self.reference, features, Tolerances())
+        rmse, relative = pair_similarity_error(self.reference, features)
+        return {"images": result.num_images, "pair_error": relative, "pair_rmse": rmse, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
                 "max_rel_l2": result.max_rel_l2, "mean_rel_l2": result.mean_rel_l2,
                 "top1_agreement": result.top1_agreement, "top5_agreement": result.top5_agreement,
                 "finite": result.nonfinite == 0}
@@ -171,7 +207,7 @@ def search(prepared: Prepared, calibration, objective: Objective, gate: Gate,
     try:
         for method, percentile in bar:
             t = trial(method, percentile, [])
-            bar.set_postfix_str(f"{t.label}: mean cos {t.objective['mean_cosine']:.4f}")
+            bar.set_postfix_str(f"{t.label}: pair error {t.objective['pair_error']:.3f}")
     finally:
         bar.close()
     first = max(trials, key=Trial.score)  # max keeps the first of equal scores
@@ -189,7 +225,7 @@ def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: i
     """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds."""
     from tqdm import tqdm
 
-    from ..verify.locate import locate
+    from .locate import locate
 
     pool = set(prepared.quantizable_nodes())
     current, keep, step, round_ = start, [], 1, 0
@@ -211,7 +247,7 @@ def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: i
             keep = keep + batch
             current = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float")
             bar.update(len(batch))
-            bar.set_postfix_str(f"mean cos {current.objective['mean_cosine']:.4f}")
+            bar.set_postfix_str(f"pair error {current.objective['pair_error']:.3f}")
             if current.passed and len(batch) > 1:
                 current, keep = _bisect(start, trial, previous, batch, current)
             step *= 2

@@ -26,7 +26,7 @@ from .. import __version__
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
-from ..runtime.preprocess import expand_image_paths, preprocess
+from ..preprocess import expand_image_paths, preprocess
 from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS
 from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, convert_fp16, converter_version, quiet_ort_tools
 from .graph import ensure_node_names, opset_of, resolve_excludes
@@ -150,15 +150,14 @@ def _file_list_digest(paths: Sequence[Path]) -> str:
 
 
 def _features(model_bytes: bytes, inputs: np.ndarray, data_config: DataConfig, name: str) -> np.ndarray:
-    from ..runtime.onnx_backend import OnnxEncoder, make_session
+    from .ort import OrtRunner, make_session
 
-    encoder = OnnxEncoder(make_session(model_bytes), data_config, name)
-    return encoder(inputs)
+    return OrtRunner(make_session(model_bytes), name)(inputs)
 
 
 def compare_features(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """The verifier's embedding comparison, without gates (quantize reports; ``verify parity`` judges)."""
-    from ..verify.parity import Tolerances, compare
+    from ..embeddings import Tolerances, compare
 
     result = compare(reference, candidate, Tolerances())
     return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
@@ -167,8 +166,8 @@ def compare_features(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 
 def _objective_text(o: dict) -> str:
-    return (f"min cosine {o['min_cosine']:.4f}, mean cosine {o['mean_cosine']:.4f}, top-1 {o['top1_agreement']:.0%}, "
-            f"top-5 {o['top5_agreement']:.0%}")
+    return (f"pair error {o['pair_error']:.3f}, min cosine {o['min_cosine']:.4f}, mean cosine {o['mean_cosine']:.4f}, "
+            f"top-1 {o['top1_agreement']:.0%}, top-5 {o['top5_agreement']:.0%}")
 
 
 def _parity_line(precision: str, parity: dict, source: str) -> str:
@@ -348,7 +347,8 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "gate": {**gate.to_dict(), "passed": chosen.passed, "below_gate": not chosen.passed},
         "objective": chosen.objective, "objective_before_fallback": first.objective,
         "tried": [{"label": t.label, "kept_float": len(t.keep_float), "passed": t.passed,
-                   "mean_cosine": t.objective["mean_cosine"], "min_cosine": t.objective["min_cosine"],
+                   "pair_error": t.objective["pair_error"], "mean_cosine": t.objective["mean_cosine"],
+                   "min_cosine": t.objective["min_cosine"],
                    "top1": t.objective["top1_agreement"], "top5": t.objective["top5_agreement"]}
                   for t in result.trials],
         "calibration": {"sources": [str(d) for d in calib_dirs], "images": len(calib_paths), "requested": calib_size,
