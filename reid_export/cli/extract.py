@@ -67,14 +67,10 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
                                            desc="extract", on_error="skip" if skip_bad_images else "raise")
         info = {"backend": encoder.backend, "precision": encoder.precision,
                 "data_config": encoder.data_config.to_dict()}
-        skipped = []
-        if skip_bad_images:
-            feats, skipped = encoded.features, [{"file": str(e.path), "reason": e.reason} for e in encoded.skipped]
-            paths = [paths[i] for i in encoded.kept]
-            if skipped:
-                click.echo(encoded.summary(), err=True)
-        else:
-            feats = encoded
+        feats, skipped = encoded.features, [{"file": str(e.path), "reason": e.reason} for e in encoded.skipped]
+        paths = [paths[i] for i in encoded.kept]
+        if skipped:
+            click.echo(encoded.summary(), err=True)
     if normalize:
         feats = l2_normalize(feats)
     feats = feats.astype(np.float32)
