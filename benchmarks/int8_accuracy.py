@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                    "bounding_box_train/)")
     parser.add_argument("-o", "--out-dir", type=Path, default=Path("int8_accuracy"))
     parser.add_argument("--config", type=Path, default=None, help="fast-reid config (checkpoints without one)")
-    parser.add_argument("--methods", default="entropy,percentile,minmax")
+    parser.add_argument("--methods", default="auto,entropy,mse,percentile,minmax")
     parser.add_argument("--targets", default="tensorrt,cpu")
     parser.add_argument("--calib-size", type=int, default=512)
     parser.add_argument("--percentile", type=float, default=None)
@@ -90,7 +90,10 @@ def main(argv=None) -> int:
             start = time.time()
             quantize_file(fp32, out, "int8", target=target, calib_dirs=[calib_dir], calib_size=args.calib_size,
                           method=method, percentile=args.percentile if method == "percentile" else None,
-                          seed=args.seed, progress=False, log=log)
+                          seed=args.seed, progress=False, log=log,
+                          # one method's own accuracy: no fallback to float, written whatever the gate says
+                          # ("auto" is quantize's default search, gated and with its fallback)
+                          max_fallback=None if method == "auto" else 0, allow_below_gate=method != "auto")
             log(f"{out.name}: quantized in {time.time() - start:.0f} s")
             variants.append(("onnx", "int8", target, method, out))
 
