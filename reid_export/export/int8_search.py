@@ -15,8 +15,9 @@ After one calibration pass (:func:`.int8.calibrate`) the search
 3. when even that one fails the gate, ranks the quantized nodes by the error each adds on top of
    its inputs' (:func:`reid_export.export.locate.locate`, the ``parity --locate`` machinery, on a
    few held-out images), keeps the worst in float (1, then 2, 4, ... more per round, re-ranked
-   after each), and when the gate holds, bisects the last round's nodes for the fewest that still
-   pass;
+   after each; a round that does not help is undone), and when the gate holds, bisects the last
+   round's nodes for the fewest that still pass; when it never holds, the trial closest to FP32
+   is the result;
 4. reports every trial; the caller refuses to write a model below the gate.
 """
 
@@ -217,40 +218,53 @@ def search(prepared: Prepared, calibration, objective: Objective, gate: Gate,
     if not best.passed and max_fallback > 0:
         best, keep, ranking = _fall_back(prepared, best, trial, built, gate, max_fallback, locate_inputs,
                                          progress)
+        if not best.passed:  # the gate is missed anyway: report (and write, if asked) the closest trial
+            best = max(trials, key=Trial.score)
+            keep = list(best.keep_float)
     return SearchResult(built[id(best)], best, first, trials, keep, ranking,
                         ranges_of[candidate_label(best.method, best.percentile)])
 
 
 def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: int, locate_inputs, progress):
-    """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds."""
+    """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds.
+
+    A round that does not bring the objective closer to FP32 is undone (its nodes are not tried
+    again); the search stops when the gate holds, ``max_fallback`` nodes are in float, twice that
+    many have been tried, or no quantized node adds error.
+    """
     from tqdm import tqdm
 
     from .locate import locate
 
     pool = set(prepared.quantizable_nodes())
     current, keep, step, round_ = start, [], 1, 0
+    tried: set[str] = set()
     ranking: list[dict] = []
     bar = tqdm(total=max_fallback, desc="fall back: nodes kept in float", unit="node", disable=not progress,
                leave=False)
     try:
-        while not current.passed and len(keep) < max_fallback:
+        while not current.passed and len(keep) < max_fallback and len(tried) < 2 * max_fallback:
             found = locate(prepared.model, built[id(current)], locate_inputs, top=10)
             ranked = sorted((l for l in found["layers"] if l["node"] in pool and l["node"] not in keep
-                             and l["added"] > 0), key=lambda l: -l["added"])
+                             and l["node"] not in tried and l["added"] > 0), key=lambda l: -l["added"])
             if not ranked:
                 break
             batch = [l["node"] for l in ranked[:min(step, max_fallback - len(keep))]]
+            tried.update(batch)
             round_ += 1
+            candidate = trial(start.method, start.percentile, keep + batch,
+                              f"{start.label}, {len(keep) + len(batch)} nodes in float")
+            accepted = candidate.score() > current.score()
             ranking.extend({"node": l["node"], "op_type": l["op_type"], "added_rel_error": round(l["added"], 5),
-                            "round": round_} for l in ranked[:len(batch)])
-            previous = keep
-            keep = keep + batch
-            current = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float")
+                            "round": round_, "kept": accepted} for l in ranked[:len(batch)])
+            step *= 2
+            if not accepted:
+                continue
+            previous, keep, current = keep, keep + batch, candidate
             bar.update(len(batch))
             bar.set_postfix_str(f"pair error {current.objective['pair_error']:.3f}")
             if current.passed and len(batch) > 1:
                 current, keep = _bisect(start, trial, previous, batch, current)
-            step *= 2
     finally:
         bar.close()
     return current, keep, ranking
