@@ -91,11 +91,12 @@ def test_annotate_quantize_extract(foreign, parity_images, tmp_path):
 
     # int8 per-channel needs opset 13: upgraded, and said so.
     q = tmp_path / "int8.onnx"
+    # (the accuracy gate on 2 held-out crops of a random net is not the point: tests/test_int8_gate.py)
     result = run_cli("quantize", annotated, "-o", q, "--precision", "int8", "--calib-dir",
-                     parity_images[0].parent, "--no-progress")
+                     parity_images[0].parent, "--no-progress", "--max-float", "0", "--allow-below-gate")
     assert result.code == 0, result
     assert "upgraded the model from opset 11 to 13" in result.err
-    assert "fewer than --calib-size 512; using all 5" in result.err
+    assert "fewer than --calib-size 512 plus the held-out ones; using 3" in result.err
     model = onnx.load(str(q))
     assert next(o.version for o in model.opset_import if o.domain == "") == 13
     report = check_tensorrt_qdq(model)

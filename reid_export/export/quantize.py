@@ -300,8 +300,12 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
     phase = time.time()
     val_inputs = preprocess(val_paths, data_config)
     objective = Objective(prepared.model, val_inputs, data_config, threads)
+    locate_inputs = val_inputs[:prepared.static_batch or LOCATE_IMAGES]
+    if prepared.static_batch and len(locate_inputs) < prepared.static_batch:  # a static batch takes exactly its size
+        locate_inputs = np.concatenate([locate_inputs, np.repeat(locate_inputs[-1:], prepared.static_batch
+                                                                 - len(locate_inputs), axis=0)])
     result = search(prepared, calibration, objective, gate, candidates, bool(reduce_range), max_fallback,
-                    val_inputs[:LOCATE_IMAGES], progress, note)
+                    locate_inputs, progress, note)
     search_seconds = time.time() - phase
     chosen, first = result.chosen, result.first_choice
     report.target, report.method = target, chosen.label
