@@ -19,7 +19,7 @@ from ..export.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
 from ..report import format_table, report_header
 from ..runtime import open_encoder
-from ..runtime.encoder import Encoder
+from ..runtime.encoder import Encoder, configs_for
 
 
 @dataclass
@@ -106,12 +106,13 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
     reference = Path(reference)
     encoders: list[Encoder] = []
     try:
-        ref_enc = open_encoder(reference, config=config, device=device)
+        model_configs = configs_for([reference, *candidates], config)  # --config: for the checkpoints
+        ref_enc = open_encoder(reference, config=model_configs[0], device=device)
         encoders.append(ref_enc)
         ref_feats = ref_enc.encode_files(arrays, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
         results = []
-        for cand_path in map(Path, candidates):
-            enc = use_deployment(open_encoder(cand_path, config=config, device=device), deployment)
+        for cand_path, cand_config in zip(map(Path, candidates), model_configs[1:]):
+            enc = use_deployment(open_encoder(cand_path, config=cand_config, device=device), deployment)
             encoders.append(enc)
             feats = enc.encode_files(arrays, batch_size, progress=progress, desc=f"{cand_path.name} ({enc.backend})")
             tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2, atol=atol,
