@@ -102,6 +102,9 @@ def test_our_checkpoint_embeds_config(tmp_path):
     obj = read_checkpoint(path)
     assert {"model", "cfg", "data_config", "epoch"} <= set(obj)
     loaded, cfg2, dc = load_model_from_checkpoint(path)  # no --config needed
+    # the same config, with the stem the model was built with recorded (the key was left unset)
+    assert cfg.MODEL.BACKBONE.STEM_POOL_PADDING is None and cfg2.MODEL.BACKBONE.STEM_POOL_PADDING == 0
+    cfg.MODEL.BACKBONE.STEM_POOL_PADDING = 0
     assert cfg2 == cfg and dc.model_name == "r18"
     x = torch.rand(1, 3, 256, 128) * 255
     assert torch.equal(_features(model, x), _features(loaded, x))
