@@ -330,7 +330,8 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
              f"{_objective_text(chosen.objective)}")
     if not chosen.passed:
         what = (f"best {chosen.label}: {'; '.join(chosen.failures)} on {len(val_paths)} held-out images; tried {tried}"
-                + (f" and up to {len(result.keep_float)} of {max_fallback} allowed nodes in float" if max_fallback
+                + (f" and up to {max((len(t.keep_float) for t in result.trials), default=0)} of {max_fallback} "
+                   "allowed nodes in float" if max_fallback
                    else ", no fallback to float (--max-float 0)"))
         if not allow_below_gate:
             raise ReidExportError(
