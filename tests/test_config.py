@@ -10,9 +10,18 @@ SHIPPED = sorted(CONFIGS.rglob("*.yml"))
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_load(path):
+    """Every shipped config loads and names a network this project builds (ResNet depths ``NNx``,
+    OSNet widths ``x1_0`` ... ``x0_25``, with an ``ain_`` prefix for OSNet-AIN)."""
+    from reid_export.modeling.osnet import OSNET_WIDTHS
+    from reid_export.modeling.resnet import ARCHS
+
     cfg = load_config(path)
+    bb = cfg.MODEL.BACKBONE
     assert cfg.MODEL.META_ARCHITECTURE == "Baseline"
-    assert cfg.MODEL.BACKBONE.DEPTH.endswith("x")
+    if bb.NAME == "build_resnet_backbone":
+        assert bb.DEPTH in ARCHS, bb.DEPTH
+    else:
+        assert bb.NAME == "build_osnet_backbone" and bb.DEPTH.removeprefix("ain_") in OSNET_WIDTHS, bb.DEPTH
 
 
 def test_base_inheritance_and_override():
