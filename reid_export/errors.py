@@ -24,5 +24,15 @@ class UsageError(ReidExportError):
     exit_code = 2
 
 
+def require_module(name: str, what: str, install: str):
+    """Import an optional dependency (an extra), or raise one line that names it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ReidExportError(f"{what} is not installed; install it with: {install}") from None
+
+
 class ReidExportNote(UserWarning):
     """Something the user should know that is not an error (the CLI prints it as one ``note:`` line)."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import builtins
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -103,14 +103,7 @@ def test_index_errors_are_one_line(tmp_path):
 
 
 def test_missing_faiss_is_one_line(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_faiss(name, *args, **kwargs):
-        if name == "faiss":
-            raise ImportError("No module named 'faiss'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # any import of faiss now raises ImportError
     assert_clean_error(run_cli("index", tmp_path / "idx", tmp_path / "f.npy"), "faiss is not installed",
                        "pip install 'reid-export[index]'")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embeddings import l2_normalize
-from ..errors import ReidExportError, UsageError
+from ..errors import ReidExportError, UsageError, require_module
 from ..fileio import atomic_open, atomic_write_json, check_input_file
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
@@ -37,11 +37,7 @@ INSTALL = "pip install 'reid-export[index]' (faiss-cpu; faiss-gpu on CUDA machin
 
 def require_faiss():
     """The faiss module, or one clear error with the install command."""
-    try:
-        import faiss
-    except ImportError:
-        raise ReidExportError(f"faiss is not installed; {INSTALL}") from None
-    return faiss
+    return require_module("faiss", "faiss", INSTALL)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..cpuinfo import has_bf16, isa_flags, read_cpu_flags
 from ..data_config import DataConfig
-from ..errors import ReidExportError
+from ..errors import ReidExportError, require_module
 from ..fileio import check_input_file
 from .encoder import Encoder
 
@@ -42,11 +42,7 @@ ENV_THREADS = "REID_OV_THREADS"
 
 def import_openvino():
     """The ``openvino`` module, or one line that says how to install it."""
-    try:
-        import openvino
-    except ImportError:
-        raise ReidExportError(f"OpenVINO is not installed; install it with: {INSTALL}") from None
-    return openvino
+    return require_module("openvino", "OpenVINO", INSTALL)
 
 
 _CORE = None

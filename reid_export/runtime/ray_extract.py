@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ReidExportError, UsageError
+from ..errors import ReidExportError, UsageError, require_module
 from ..fileio import atomic_write_files, atomic_write_json
 
 INSTALL = "pip install 'reid-export[ray]'"
@@ -27,12 +27,9 @@ PLAN = "plan.json"
 
 
 def require_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise ReidExportError(f"Ray (with Ray Data) is not installed; {INSTALL}") from None
-    return ray
+    """The ``ray`` module with Ray Data, or one line that says how to install it."""
+    require_module("ray.data", "Ray (with Ray Data)", INSTALL)
+    return require_module("ray", "Ray", INSTALL)
 
 
 def shards_dir(output: Path) -> Path:
