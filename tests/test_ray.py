@@ -101,15 +101,7 @@ def test_ray_options_errors(tiny, tmp_path, monkeypatch):
     (shards / "plan.json").write_text(json.dumps({"model": "other"}))
     assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "y.npy", "--engine", "ray",
                                "--batch-size", "4", "--shard-size", "8"), "another run", "remove that folder")
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+    for name in ("ray", "ray.data"):  # any import of Ray now raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "z.npy", "--engine", "ray",
                                "--batch-size", "4", "--shard-size", "8"), "pip install 'reid-export[ray]'")
