@@ -24,6 +24,25 @@ def _pairwise(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     return np.maximum(sq, 0.0)
 
 
+def expanded_reciprocal_neighbours(ranks: np.ndarray, i: int, k1: int) -> np.ndarray:
+    """Item ``i``'s k-reciprocal neighbours (within each other's ``k1`` nearest, ``ranks[i]`` in order,
+    the item itself first), expanded by the half-size sets of its members that share more than 2/3 with
+    them (Zhong et al. 2017); sorted, unique. ``ranks`` needs ``k1 + 1`` columns: a full argsort or kNN lists."""
+    def reciprocal(j: int, k: int) -> np.ndarray:
+        forward = ranks[j, :k + 1]
+        backward = ranks[forward, :k + 1]
+        return forward[np.any(backward == j, axis=1)]
+
+    k_rec = reciprocal(i, k1)
+    expansion = k_rec
+    half = int(np.around(k1 / 2.0))
+    for j in k_rec:
+        cand = reciprocal(j, half)
+        if len(np.intersect1d(cand, k_rec)) > 2.0 / 3.0 * len(cand):
+            expansion = np.append(expansion, cand)
+    return np.unique(expansion)
+
+
 def k_reciprocal_rerank(qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                         metric: str = "euclidean") -> np.ndarray:
     """Re-ranked query x gallery distance matrix [Q, G]."""
@@ -35,21 +54,8 @@ def k_reciprocal_rerank(qf: np.ndarray, gf: np.ndarray, k1: int = 20, k2: int = 
     original = original.T  # row i: distances scaled by the maxima seen from each other item
     initial_rank = np.argsort(original, axis=1, kind="stable")
     V = np.zeros((n, n), dtype=np.float64)
-    half = int(np.around(k1 / 2.0))
-
-    def reciprocal(i: int, k: int) -> np.ndarray:
-        forward = initial_rank[i, :k + 1]
-        backward = initial_rank[forward, :k + 1]
-        return forward[np.any(backward == i, axis=1)]
-
     for i in range(n):
-        k_rec = reciprocal(i, k1)
-        expansion = k_rec
-        for j in k_rec:
-            cand = reciprocal(j, half)
-            if len(np.intersect1d(cand, k_rec)) > 2.0 / 3.0 * len(cand):
-                expansion = np.append(expansion, cand)
-        expansion = np.unique(expansion)
+        expansion = expanded_reciprocal_neighbours(initial_rank, i, k1)
         weight = np.exp(-original[i, expansion])
         V[i, expansion] = weight / weight.sum()
     if k2 != 1:
@@ -156,22 +162,9 @@ class KnnRerank:
         self.shape = (self.num_q, n - self.num_q)
         self.scale = np.maximum(_row_max(self.feats, metric) if row_max is None else row_max, 1e-12)
         ids, _ = knn_lists(self.feats, k1 + 1, metric)
-        half = int(np.around(k1 / 2.0))
-
-        def reciprocal(i: int, k: int) -> np.ndarray:
-            forward = ids[i, :k + 1]
-            backward = ids[forward, :k + 1]
-            return forward[np.any(backward == i, axis=1)]
-
         rows = []
         for i in range(n):
-            k_rec = reciprocal(i, k1)
-            expansion = k_rec
-            for j in k_rec:
-                cand = reciprocal(j, half)
-                if len(np.intersect1d(cand, k_rec)) > 2.0 / 3.0 * len(cand):
-                    expansion = np.append(expansion, cand)
-            expansion = np.unique(expansion)
+            expansion = expanded_reciprocal_neighbours(ids, i, k1)
             weight = np.exp(-self._original(np.full(expansion.size, i), expansion))
             rows.append((expansion, weight / weight.sum()))
         if k2 != 1:
