@@ -151,6 +151,7 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     report = json.loads((tmp_path / "auto.json").read_text())
     assert report["written"] and report["search"]["chosen"] == info["candidate"]
     assert len(report["search"]["tried"]) == 6
+    assert report["schema_version"] >= 1 and report["command"] == "quantize"
 
 
 def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_like, tmp_path):

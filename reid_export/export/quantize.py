@@ -27,6 +27,7 @@ from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
 from ..preprocess import expand_image_paths, preprocess
+from ..report import report_header
 from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS
 from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, convert_fp16, converter_version, quiet_ort_tools
 from .graph import ensure_node_names, opset_of, resolve_excludes
@@ -67,7 +68,7 @@ class QuantizeReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"output": str(self.output), "written": self.written, "precision": self.precision,
+        return {**report_header("quantize"), "output": str(self.output), "written": self.written, "precision": self.precision,
                 "target": self.target, "method": self.method, "calibration_images": self.calibration_images,
                 "held_out_images": self.held_out_images, "kept_float": self.kept_float,
                 "fallback_float": self.fallback_float, "parity_vs_fp32": self.parity, "search": self.search,
