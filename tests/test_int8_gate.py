@@ -129,7 +129,8 @@ def _info(path) -> dict:
 def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_path):
     src, crops = osnet_like
     out = tmp_path / "entropy.onnx"
-    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--max-float", "0", *SMALL, *GATE)
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--no-equalize", "--max-float", "0",
+                       *SMALL, *GATE)
     assert result.code == 1, result
     assert_clean_error(result, "not written", "misses the accuracy gate", "best entropy", "pairwise similarity error")
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -140,7 +141,11 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     assert result.code == 0, result
     info = _info(out)
     tried = {t["label"]: t for t in info["tried"]}
-    assert set(tried) == {"entropy", "mse", "percentile 99.9", "percentile 99.99", "percentile 99.999", "minmax"}
+    methods = {"entropy", "mse", "percentile 99.9", "percentile 99.99", "percentile 99.999", "minmax"}
+    # every method on the graph as given and on the activation-equalised graph
+    assert set(tried) == methods | {f"{m}, equalised" for m in methods}
+    assert {t["variant"] for t in info["tried"]} == {"plain", "equalised"}
+    assert info["equalization"]["equalised"] > 0 and info["equalization"]["fp32_max_rel_l2"] < 1e-4
     assert not tried["entropy"]["passed"] and tried[info["candidate"]]["passed"]
     assert info["candidate"] != "entropy" and info["gate"]["passed"] and not info["gate"]["below_gate"]
     assert tried[info["candidate"]]["mean_cosine"] > tried["entropy"]["mean_cosine"] + 0.01
@@ -150,14 +155,14 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     assert "<- chosen" in result.err and "accuracy gate passed" in result.err
     report = json.loads((tmp_path / "auto.json").read_text())
     assert report["written"] and report["search"]["chosen"] == info["candidate"]
-    assert len(report["search"]["tried"]) == 6
+    assert len(report["search"]["tried"]) == 12 and report["search"]["variant"] in ("plain", "equalised")
     assert report["schema_version"] >= 1 and report["command"] == "quantize"
 
 
 def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_like, tmp_path):
     src, crops = osnet_like
     out = tmp_path / "fallback.onnx"
-    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", *SMALL, *GATE)
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--no-equalize", *SMALL, *GATE)
     assert result.code == 0, result
     info = _info(out)
     kept = info["fallback_float"]
@@ -254,3 +259,29 @@ def test_weight_range_follows_the_cpu(osnet_like, tmp_path, monkeypatch):
     assert "no VNNI/AMX int8 dot product" in result.err
     monkeypatch.setenv("REID_CPU_FLAGS", "avx2 avx512_vnni")
     assert model_weight_range_warning(outs["avx2 avx512f avx512_vnni"]) is None
+
+
+def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
+    """On the OSNet-like net (a few channels 8x larger) entropy calibration fails the gate on the
+    graph as given and passes on the equalised graph; --no-equalize tries the plain graph only."""
+    src, crops = osnet_like
+    out = tmp_path / "eq.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--max-float", "0", *SMALL)
+    assert result.code == 0, result
+    info = _info(out)
+    tried = {t["label"]: t for t in info["tried"]}
+    assert set(tried) == {"entropy", "entropy, equalised"}
+    assert not tried["entropy"]["passed"] and tried["entropy, equalised"]["passed"]
+    assert info["candidate"] == "entropy, equalised" and info["equalised"]
+    assert tried["entropy, equalised"]["pair_error"] < 0.5 * tried["entropy"]["pair_error"]
+    eq = info["equalization"]
+    assert eq["tried"] and eq["equalised"] > 0 and eq["fp32_max_rel_l2"] < 1e-4
+    assert "activation equalisation" in result.err
+    # the written graph computes the FP32 model's features up to INT8 rounding, not something else
+    assert info["objective"]["mean_cosine"] >= 0.98
+
+    out = tmp_path / "plain.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "entropy", "--max-float", "0", "--no-equalize",
+                       *SMALL)
+    assert result.code == 1 and not out.exists(), result
+    assert_clean_error(result, "not written", "best entropy")

@@ -12,6 +12,12 @@ the calibration images.
   ReLUs folded into the activation ranges: what ONNX Runtime's CPU provider fuses into
   QLinearConv & co.
 
+Both targets quantize an ``Add`` only where one of its inputs comes straight from a Conv/Gemm/MatMul
+(a residual connection, which TensorRT fuses into the convolution and ONNX Runtime runs as
+QLinearAdd). A sum of other tensors (OSNet's sum of gated streams: four ``Mul`` outputs) stays
+float: nothing fuses there, and rounding each stream before the sum cost OSNet-x0.5 a tenth of its
+INT8 error (pairwise similarity error 0.302 -> 0.285, benchmarks/RESULTS.md).
+
 Weight range (``reduce_range``, CPU target): x86 CPUs without VNNI multiply U8S8 with
 ``vpmaddubsw``, whose 16-bit intermediate saturates with full 8-bit weights; 7-bit weights avoid
 that at a cost in accuracy. Full-range weights are right for CPUs with an int8 dot product:
@@ -86,10 +92,11 @@ class Prepared:
     static_batch: int | None
     notes: list[str] = field(default_factory=list)
     opset_upgraded_from: int | None = None
+    float_sums: list[str] = field(default_factory=list)   # Add nodes kept float by policy (no Conv/Gemm input)
 
     def quantizable_nodes(self) -> list[str]:
         """Nodes the quantizer would give Q/DQ inputs (before any fallback)."""
-        skip = set(self.head) | set(self.user_excluded)
+        skip = set(self.head) | set(self.user_excluded) | set(self.float_sums)
         ops = set(self.op_types)
         return [n.name for n in self.model.graph.node if n.op_type in ops and n.name not in skip]
 
@@ -110,13 +117,28 @@ def prepare(model: onnx.ModelProto, target: str, exclude: Sequence[str] = ()) ->
     head = head_nodes(model)
     ops = [op for op in QDQ_OP_TYPES + (CPU_EXTRA_OP_TYPES if target == "cpu" else []) if op not in exclude_ops]
     model = onnx.shape_inference.infer_shapes(model)
-    excluded = list(dict.fromkeys(head + exclude_nodes))
+    sums = [name for name in float_sum_nodes(model) if name not in head and name not in exclude_nodes]
+    excluded = list(dict.fromkeys(head + exclude_nodes + sums))
     tensors = tensors_to_calibrate(model, ops, excluded)
     if not tensors:
         raise ReidExportError("nothing to quantize: no Conv/Gemm/MatMul/Add/pool node is left after --exclude")
     _, shape, _ = input_info(model)
     static = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    return Prepared(model, target, ops, head, list(dict.fromkeys(exclude_nodes)), tensors, static, notes, old_opset)
+    if sums:
+        notes.append(f"int8: {len(sums)} Add node(s) with no Conv/Gemm/MatMul input (sums of gated or pooled "
+                     "tensors) stay float; residual Adds are quantized")
+    return Prepared(model, target, ops, head, list(dict.fromkeys(exclude_nodes)), tensors, static, notes, old_opset,
+                    sums)
+
+
+LINEAR_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def float_sum_nodes(model: onnx.ModelProto) -> list[str]:
+    """``Add`` nodes none of whose inputs is produced by a Conv/ConvTranspose/Gemm/MatMul."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Add" and not any(producer.get(x) in LINEAR_PRODUCERS for x in n.input)]
 
 
 def calibration_batches(paths: Sequence[Path], data_config: DataConfig, batch: int, static: bool):
@@ -183,7 +205,7 @@ def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True}
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)  # the quantizer edits its model in place
-    excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + list(keep_float)))
+    excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums + list(keep_float)))
     _unshare_weights(model, set(excluded))
     with quiet_ort_tools():
         quantizer = _qdq_quantizer(model, reduce_range, weight, activation, tensors_range, excluded,
@@ -230,6 +252,7 @@ def describe(prepared: Prepared, reduce_range: bool) -> dict:
         "weights": "int8 symmetric per-channel" + (" (7-bit, reduce_range)" if reduce_range else ""),
         "bias": "int32" if cpu else "float",
         "op_types": prepared.op_types, "tensors_calibrated": len(prepared.tensors),
+        "float_sums": len(prepared.float_sums),
         "reduce_range": bool(reduce_range),
     }
     if cpu:
@@ -240,7 +263,7 @@ def describe(prepared: Prepared, reduce_range: bool) -> dict:
     return info
 
 
-__all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "calibrate", "build_qdq", "calibration_batches",
+__all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "float_sum_nodes", "calibrate", "build_qdq", "calibration_batches",
            "weight_range_for_cpu", "full_range_warning", "describe"]
 
 

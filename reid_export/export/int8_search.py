@@ -84,6 +84,16 @@ class Gate:
 
 
 @dataclass
+class Variant:
+    """One FP32 graph to quantize and its calibration: the model as given ("plain") or rescaled by
+    :mod:`.equalize` ("equalised")."""
+
+    name: str
+    prepared: Prepared
+    calibration: object
+
+
+@dataclass
 class Trial:
     label: str
     method: str
@@ -92,6 +102,7 @@ class Trial:
     objective: dict
     failures: list[str]
     seconds: float
+    variant: str = "plain"
 
     @property
     def passed(self) -> bool:
@@ -104,7 +115,7 @@ class Trial:
         return (self.passed, -_or_inf(o.get("pair_error")), finite(o.get("mean_cosine")), finite(o.get("min_cosine")))
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "method": self.method, "percentile": self.percentile,
+        return {"label": self.label, "method": self.method, "percentile": self.percentile, "variant": self.variant,
                 "kept_float": len(self.keep_float), "objective": self.objective, "passed": self.passed,
                 "failures": self.failures, "seconds": round(self.seconds, 2)}
 
@@ -127,8 +138,9 @@ def pair_similarity_error(reference: np.ndarray, candidate: np.ndarray) -> tuple
     return rmse, rmse / max(float(np.std(ref)), 1e-12)
 
 
-def candidate_label(method: str, percentile: float | None) -> str:
-    return f"percentile {percentile:g}" if method == "percentile" else method
+def candidate_label(method: str, percentile: float | None, variant: str = "plain") -> str:
+    label = f"percentile {percentile:g}" if method == "percentile" else method
+    return label if variant == "plain" else f"{label}, {variant}"
 
 
 class Objective:
@@ -173,41 +185,48 @@ class SearchResult:
     keep_float: list[str]
     ranking: list[dict] = field(default_factory=list)
     ranges: dict = field(default_factory=dict)
+    prepared: Prepared | None = None
 
     @property
     def passed(self) -> bool:
         return self.chosen.passed
 
 
-def search(prepared: Prepared, calibration, objective: Objective, gate: Gate,
+def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Gate,
            candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
            locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print) -> SearchResult:
-    """Try ``candidates``, keep the best by the objective, then keep nodes in float until ``gate`` holds."""
+    """Try ``candidates`` on every variant, keep the best by the objective, then keep nodes in float
+    until ``gate`` holds. ``variants`` may be one :class:`Prepared` (with its ``calibration``)."""
     from tqdm import tqdm
 
-    unsigned = prepared.target == "cpu"
+    if isinstance(variants, Prepared):
+        variants = [Variant("plain", variants, calibration)]
+    by_name = {v.name: v for v in variants}
     trials: list[Trial] = []
     built: dict[int, onnx.ModelProto] = {}
-    ranges_of: dict[str, dict] = {}
+    ranges_of: dict[tuple[str, str], dict] = {}
 
-    def trial(method, percentile, keep, label=None) -> Trial:
+    def trial(method, percentile, keep, label=None, variant="plain") -> Trial:
         start = time.time()
-        key = candidate_label(method, percentile)
+        v = by_name[variant]
+        key = (variant, candidate_label(method, percentile))
         if key not in ranges_of:
-            ranges_of[key] = calibration.ranges(method, percentile if percentile is not None else 99.99, unsigned)
-        model = build_qdq(prepared, ranges_of[key], reduce_range, keep)
+            ranges_of[key] = v.calibration.ranges(method, percentile if percentile is not None else 99.99,
+                                                  v.prepared.target == "cpu")
+        model = build_qdq(v.prepared, ranges_of[key], reduce_range, keep)
         measured = objective.measure(model)
-        t = Trial(label or key, method, percentile, list(keep), measured, gate.failures(measured),
-                  time.time() - start)
+        t = Trial(label or candidate_label(method, percentile, variant), method, percentile, list(keep), measured,
+                  gate.failures(measured), time.time() - start, variant)
         trials.append(t)
         built[id(t)] = model
         return t
 
-    bar = tqdm(candidates, desc=f"search: {len(candidates)} calibration methods on {len(objective.inputs)} "
-                                 "held-out images", unit="trial", disable=not progress, leave=False)
+    plan = [(v.name, m, p) for v in variants for m, p in candidates]
+    bar = tqdm(plan, desc=f"search: {len(plan)} candidates on {len(objective.inputs)} held-out images", unit="trial",
+               disable=not progress, leave=False)
     try:
-        for method, percentile in bar:
-            t = trial(method, percentile, [])
+        for variant, method, percentile in bar:
+            t = trial(method, percentile, [], variant=variant)
             bar.set_postfix_str(f"{t.label}: pair error {t.objective['pair_error']:.3f}")
     finally:
         bar.close()
@@ -216,13 +235,14 @@ def search(prepared: Prepared, calibration, objective: Objective, gate: Gate,
     ranking: list[dict] = []
     keep: list[str] = []
     if not best.passed and max_fallback > 0:
-        best, keep, ranking = _fall_back(prepared, best, trial, built, gate, max_fallback, locate_inputs,
-                                         progress)
+        best, keep, ranking = _fall_back(by_name[best.variant].prepared, best, trial, built, gate, max_fallback,
+                                         locate_inputs, progress)
         if not best.passed:  # the gate is missed anyway: report (and write, if asked) the closest trial
             best = max(trials, key=Trial.score)
             keep = list(best.keep_float)
     return SearchResult(built[id(best)], best, first, trials, keep, ranking,
-                        ranges_of[candidate_label(best.method, best.percentile)])
+                        ranges_of[(best.variant, candidate_label(best.method, best.percentile))],
+                        by_name[best.variant].prepared)
 
 
 def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: int, locate_inputs, progress):
@@ -253,7 +273,7 @@ def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: i
             tried.update(batch)
             round_ += 1
             candidate = trial(start.method, start.percentile, keep + batch,
-                              f"{start.label}, {len(keep) + len(batch)} nodes in float")
+                              f"{start.label}, {len(keep) + len(batch)} nodes in float", start.variant)
             accepted = candidate.score() > current.score()
             ranking.extend({"node": l["node"], "op_type": l["op_type"], "added_rel_error": round(l["added"], 5),
                             "round": round_, "kept": accepted} for l in ranked[:len(batch)])
@@ -276,7 +296,7 @@ def _bisect(start: Trial, trial, previous: list[str], batch: list[str], passing:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         keep = previous + batch[:mid]
-        t = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float")
+        t = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float", start.variant)
         if t.passed:
             hi, best = mid, t
         else:
@@ -298,4 +318,4 @@ def parse_methods(method: str, percentile: float | None) -> list[tuple[str, floa
              else None)]
 
 
-__all__ = ["Gate", "Trial", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]
+__all__ = ["Gate", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]

@@ -33,7 +33,7 @@ from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, convert_fp16, c
 from .graph import ensure_node_names, opset_of, resolve_excludes
 from .int8 import (MIN_QDQ_OPSET, QDQ_OP_TYPES, TARGETS, calibrate, calibration_batches, describe, prepare,
                    weight_range_for_cpu)
-from .int8_search import Gate, Objective, parse_methods, search
+from .int8_search import Gate, Objective, Variant, parse_methods, search
 from .metadata import (KEY_FP16, KEY_QUANTIZATION, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, get_metadata,
                        load_onnx, model_precision, require_data_config, save_onnx, set_metadata)
 from .qdq_check import FusionReport, QDQReport, check_ort_cpu_fusion, check_tensorrt_qdq
@@ -200,13 +200,15 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
                   seed: int = 0, num_bins: int = DEFAULT_NUM_BINS, batch_size: int = 8, reduce_range: bool | None = None,
                   threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
                   val_dirs: Sequence[str | Path] = (), val_size: int = DEFAULT_VAL_SIZE, gate: Gate | None = None,
-                  max_fallback: int | None = None, allow_below_gate: bool = False) -> QuantizeReport:
+                  max_fallback: int | None = None, allow_below_gate: bool = False,
+                  equalize: bool = True) -> QuantizeReport:
     """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only on success.
 
     INT8: ``method`` ``auto`` tries every calibration method; ``gate`` (default :class:`Gate`) is
     what the result must keep of the FP32 embeddings on the held-out images; ``max_fallback``
     nodes at most stay in float to meet it (default a quarter of the quantizable nodes; 0: none).
     Below the gate a :class:`ReidExportError` says what was tried, unless ``allow_below_gate``.
+    ``equalize``: also try every method on the activation-equalised graph (:mod:`.equalize`).
     """
     from .onnx_export import generated_images
 
@@ -239,7 +241,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
         converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
                                          val_size, method, percentile, exclude, seed, num_bins, batch_size,
                                          reduce_range, threads, progress, gate or Gate(), max_fallback,
-                                         allow_below_gate, note)
+                                         allow_below_gate, note, equalize)
         extra_meta = {KEY_QUANTIZATION: info}
         if target == "tensorrt":
             report.qdq = check_tensorrt_qdq(converted)
@@ -280,7 +282,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
 
 def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs, val_size, method, percentile,
                    exclude, seed, num_bins, batch_size, reduce_range, threads, progress, gate: Gate, max_fallback,
-                   allow_below_gate, note) -> tuple[onnx.ModelProto, dict]:
+                   allow_below_gate, note, equalize: bool = True) -> tuple[onnx.ModelProto, dict]:
     candidates = parse_methods(method, percentile)
     calib_paths, val_paths = select_images(calib_dirs, calib_size, val_dirs, val_size, seed, note)
     prepared = prepare(model, target, exclude)
@@ -301,18 +303,29 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
     phase = time.time()
     val_inputs = preprocess(val_paths, data_config)
     objective = Objective(prepared.model, val_inputs, data_config, threads)
+    variants = [Variant("plain", prepared, calibration)]
+    eq_summary: dict = {"tried": False}
+    if equalize:
+        eq_variant, eq_summary = _equalised_variant(prepared, calibration, objective, data_config, calib_paths,
+                                                    num_bins, batch_size, threads, progress)
+        if eq_variant is not None:
+            variants.append(eq_variant)
+        note(f"int8: activation equalisation: {eq_summary['what']}")
+    calib_seconds += eq_summary.get("seconds", 0.0)
+    search_start = time.time()
     locate_inputs = val_inputs[:prepared.static_batch or LOCATE_IMAGES]
     if prepared.static_batch and len(locate_inputs) < prepared.static_batch:  # a static batch takes exactly its size
         locate_inputs = np.concatenate([locate_inputs, np.repeat(locate_inputs[-1:], prepared.static_batch
                                                                  - len(locate_inputs), axis=0)])
-    result = search(prepared, calibration, objective, gate, candidates, bool(reduce_range), max_fallback,
+    result = search(variants, calibration, objective, gate, candidates, bool(reduce_range), max_fallback,
                     locate_inputs, progress, note)
-    search_seconds = time.time() - phase
+    search_seconds = time.time() - search_start
     chosen, first = result.chosen, result.first_choice
     report.target, report.method = target, chosen.label
     report.calibration_images, report.held_out_images = len(calib_paths), len(val_paths)
     report.fallback_float = list(result.keep_float)
-    report.kept_float = list(dict.fromkeys(prepared.head + prepared.user_excluded + result.keep_float))
+    report.kept_float = list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums
+                                           + result.keep_float))
     report.parity = dict(chosen.objective)
     report.gate_passed = chosen.passed
     tried = ", ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))
@@ -320,7 +333,8 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "gate": gate.to_dict(), "held_out_images": len(val_paths), "tried": [t.to_dict() for t in result.trials],
         "first_choice": first.label, "chosen": chosen.label, "objective_before_fallback": first.objective,
         "objective": chosen.objective, "passed": chosen.passed, "fallback_float": result.keep_float,
-        "fallback_ranking": result.ranking, "max_fallback": max_fallback,
+        "fallback_ranking": result.ranking, "max_fallback": max_fallback, "variant": chosen.variant,
+        "equalization": {k: v for k, v in eq_summary.items() if k != "what"},
         "seconds": {"calibration": round(calib_seconds, 1), "search": round(search_seconds, 1)},
     }
     for t in result.trials:
@@ -347,12 +361,15 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
     info = describe(prepared, bool(reduce_range))
     info.update({
         "method": chosen.method, "method_requested": method, "candidate": chosen.label,
+        "equalised": chosen.variant == "equalised",
+        "equalization": {k: v for k, v in eq_summary.items() if k not in ("what", "seconds")},
+        "float_sums": list(prepared.float_sums),
         "percentile": chosen.percentile if chosen.method == "percentile" else None,
         "num_bins": num_bins if chosen.method != "minmax" else None,
         "kept_float": report.kept_float, "fallback_float": result.keep_float,
         "gate": {**gate.to_dict(), "passed": chosen.passed, "below_gate": not chosen.passed},
         "objective": chosen.objective, "objective_before_fallback": first.objective,
-        "tried": [{"label": t.label, "kept_float": len(t.keep_float), "passed": t.passed,
+        "tried": [{"label": t.label, "variant": t.variant, "kept_float": len(t.keep_float), "passed": t.passed,
                    "pair_error": t.objective["pair_error"], "mean_cosine": t.objective["mean_cosine"],
                    "min_cosine": t.objective["min_cosine"],
                    "top1": t.objective["top1_agreement"], "top5": t.objective["top5_agreement"]}
@@ -363,6 +380,59 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
                      "files_sha256": _file_list_digest(val_paths)},
     })
     return result.model, info
+
+
+EQUALIZE_IMAGES = 128
+EQUALIZE_MAX_REL_L2 = 1e-4
+
+
+def _equalised_variant(prepared, calibration, objective: Objective, data_config: DataConfig, calib_paths, num_bins,
+                       batch_size, threads, progress):
+    """The activation-equalised graph and its calibration (None when nothing equalises), and a summary.
+
+    The per-channel statistics come from the first ``EQUALIZE_IMAGES`` calibration images; the
+    quantization step of each tensor in the plain graph (MSE-optimal range) weighs activation
+    against weight rounding. The equalised FP32 graph must give the FP32 features on the held-out
+    images (relative L2 <= ``EQUALIZE_MAX_REL_L2``) or it is not used."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from ..embeddings import Tolerances, compare
+    from .equalize import equalize as equalize_model
+
+    start = time.time()
+    unsigned = prepared.target == "cpu"
+    steps = {}
+    for name, (lo, hi) in calibration.ranges("mse", DEFAULT_PERCENTILE, unsigned).items():
+        steps[name] = (hi - lo) / 255.0 if unsigned else max(abs(lo), abs(hi)) / 127.0
+    paths = list(calib_paths[:EQUALIZE_IMAGES])
+    batch = prepared.static_batch or batch_size
+    bar = tqdm(total=len(paths), desc="equalise: per-channel ranges", unit="img", disable=not progress, leave=False)
+    try:
+        model, summary = equalize_model(prepared.model, calibration_batches(paths, data_config, batch,
+                                                                            prepared.static_batch is not None),
+                                        steps, prepared.head, threads, bar)
+    finally:
+        bar.close()
+    summary.update(tried=True, images=len(paths))
+    if not summary.get("equalised"):
+        summary.update(what=f"nothing to equalise ({summary['regions']} regions found)",
+                       seconds=round(time.time() - start, 1))
+        return None, summary
+    check = compare(objective.reference, objective.features(model), Tolerances())
+    summary["fp32_max_rel_l2"] = float(check.max_rel_l2)
+    if not np.isfinite(check.max_rel_l2) or check.max_rel_l2 > EQUALIZE_MAX_REL_L2:
+        summary.update(what=f"not used: the equalised FP32 graph differs from the original (relative L2 "
+                            f"{check.max_rel_l2:.2e} > {EQUALIZE_MAX_REL_L2:g})", seconds=round(time.time() - start, 1))
+        return None, summary
+    eq_prepared = dataclasses.replace(prepared, model=model)
+    eq_calibration = calibrate(eq_prepared, data_config, calib_paths, num_bins, batch_size, threads, progress)
+    summary.update(seconds=round(time.time() - start, 1),
+                   what=(f"{summary['equalised']} of {summary['regions']} channel regions rescaled "
+                         f"({summary['tensors']} tensors, FP32 relative L2 {check.max_rel_l2:.1e}); every method "
+                         "is tried on both graphs"))
+    return Variant("equalised", eq_prepared, eq_calibration), summary
 
 
 __all__ = ["quantize_file", "convert_fp16", "select_calibration_images", "select_images", "opset_of", "QDQ_OP_TYPES",
