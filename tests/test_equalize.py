@@ -157,3 +157,46 @@ def test_a_wrong_rescaling_changes_fp32(tmp_path, broken):
         region.producers = []
     ref, got = _run(model, x), _run(apply(model, [region]), x)
     assert np.abs(got - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
+    """A conv whose weights sit between grid steps: rounding shifts every output channel by
+    sum(dW * E[x]); the corrected bias cancels it on average, and only for quantized nodes."""
+    from onnx import numpy_helper
+
+    from reid_export.export.int8 import conv_input_means, correct_biases
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+    model = _export(net, tmp_path)
+    x = np.abs(_x(16)) + 0.5  # positive inputs with a large mean: where the shift shows
+    means = conv_input_means(model, [(x, len(x))])
+    assert set(means) == {n.input[0] for n in model.graph.node if n.op_type == "Conv"}
+    relu_out = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    assert np.allclose(means["x"], x.mean(axis=(0, 2, 3)), rtol=1e-6)
+
+    def rounded(m):  # the same graph with int8-rounded weights (what the quantizer computes with)
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        for init in out.graph.initializer:
+            w = numpy_helper.to_array(init)
+            if w.ndim == 4:
+                step = np.abs(w).reshape(len(w), -1).max(axis=1).reshape(-1, 1, 1, 1) / 127
+                init.CopyFrom(numpy_helper.from_array((np.round(w / step) * step).astype(np.float32), init.name))
+        return out
+
+    ref = _run(model, x)
+    plain_shift = np.abs((_run(rounded(model), x) - ref).mean(axis=(0, 2, 3))).max()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    assert correct_biases(fixed, means, set()) == 2  # the bias-less first conv gets a bias
+    fixed_shift = np.abs((_run(rounded(fixed), x) - ref).mean(axis=(0, 2, 3))).max()
+    assert plain_shift > 1e-4 and fixed_shift < 0.2 * plain_shift, (plain_shift, fixed_shift)
+    # a node kept in float keeps its bias
+    untouched = onnx.ModelProto()
+    untouched.CopyFrom(model)
+    names = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert correct_biases(untouched, means, set(names)) == 0
+    assert np.array_equal(_run(untouched, x), ref) and relu_out in means

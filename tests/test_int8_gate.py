@@ -143,7 +143,9 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     tried = {t["label"]: t for t in info["tried"]}
     methods = {"entropy", "mse", "percentile 99.9", "percentile 99.99", "percentile 99.999", "minmax"}
     # every method on the graph as given and on the activation-equalised graph
-    assert set(tried) == methods | {f"{m}, equalised" for m in methods}
+    assert {t for t in tried if not t.endswith(", bias-corrected")} == methods | {f"{m}, equalised" for m in methods}
+    corrected = [t for t in tried if t.endswith(", bias-corrected")]  # the best candidate, bias-corrected
+    assert len(corrected) == 1 and tried[corrected[0]]["bias_corrected"]
     assert {t["variant"] for t in info["tried"]} == {"plain", "equalised"}
     assert info["equalization"]["equalised"] > 0 and info["equalization"]["fp32_max_rel_l2"] < 1e-4
     assert not tried["entropy"]["passed"] and tried[info["candidate"]]["passed"]
@@ -155,7 +157,7 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     assert "<- chosen" in result.err and "accuracy gate passed" in result.err
     report = json.loads((tmp_path / "auto.json").read_text())
     assert report["written"] and report["search"]["chosen"] == info["candidate"]
-    assert len(report["search"]["tried"]) == 12 and report["search"]["variant"] in ("plain", "equalised")
+    assert len(report["search"]["tried"]) == 13 and report["search"]["variant"] in ("plain", "equalised")
     assert report["schema_version"] >= 1 and report["command"] == "quantize"
 
 
@@ -270,10 +272,11 @@ def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
     assert result.code == 0, result
     info = _info(out)
     tried = {t["label"]: t for t in info["tried"]}
-    assert set(tried) == {"entropy", "entropy, equalised"}
+    assert {"entropy", "entropy, equalised"} <= set(tried) <= {"entropy", "entropy, equalised",
+                                                               "entropy, equalised, bias-corrected"}
     assert not tried["entropy"]["passed"] and tried["entropy, equalised"]["passed"]
-    assert info["candidate"] == "entropy, equalised" and info["equalised"]
-    assert tried["entropy, equalised"]["pair_error"] < 0.5 * tried["entropy"]["pair_error"]
+    assert info["candidate"].startswith("entropy, equalised") and info["equalised"]
+    assert tried[info["candidate"]]["pair_error"] < 0.5 * tried["entropy"]["pair_error"]
     eq = info["equalization"]
     assert eq["tried"] and eq["equalised"] > 0 and eq["fp32_max_rel_l2"] < 1e-4
     assert "activation equalisation" in result.err

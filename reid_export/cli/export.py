@@ -174,6 +174,9 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="int8: also try every method on the graph with activation ranges equalised per channel "
                    "(rescaled across convolutions, FP32 output unchanged) and keep whichever is closer to FP32.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="int8: also try the best candidate with each convolution's bias corrected for the mean shift "
+                   "its weight rounding causes, and keep it when closer to FP32.")
 @click.option("--allow-below-gate", is_flag=True,
               help="Write the INT8 model even when it misses the gate (marked below-gate in its metadata).")
 @click.option("--exclude", multiple=True, help="Node name or op type to keep in float; repeatable.")
@@ -190,8 +193,8 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write what was tried and chosen as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, val_size, method, percentile,
-             min_cosine, min_mean_cosine, max_pair_error, min_top1, min_top5, max_float, equalize, allow_below_gate,
-             exclude, seed, num_bins,
+             min_cosine, min_mean_cosine, max_pair_error, min_top1, min_top5, max_float, equalize, bias_correction,
+             allow_below_gate, exclude, seed, num_bins,
              calib_batch, reduce_range, threads, report_path, progress):
     """Make an FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model.
 
@@ -213,7 +216,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
 
     ctx = click.get_current_context()
     int8_only = ("target", "method", "percentile", "calib_size", "num_bins", "reduce_range", "seed", "val_dir",
-                 "val_size", "min_cosine", "min_mean_cosine", "max_pair_error", "min_top1", "min_top5", "max_float", "equalize", "allow_below_gate")
+                 "val_size", "min_cosine", "min_mean_cosine", "max_pair_error", "min_top1", "min_top5", "max_float", "equalize", "bias_correction", "allow_below_gate")
     if precision == "fp16":
         ignored = [f"--{name.replace('_', '-')}" for name in int8_only
                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -232,7 +235,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
                            method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
                            batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
                            log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
-                           allow_below_gate=allow_below_gate, equalize=equalize)
+                           allow_below_gate=allow_below_gate, equalize=equalize, bias_correction=bias_correction)
     if report.search:
         rows = [[t["label"], t["kept_float"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
                  t["objective"]["mean_cosine"],

@@ -91,6 +91,13 @@ class Variant:
     name: str
     prepared: Prepared
     calibration: object
+    input_means: Callable[[], dict] | None = None   # per-channel Conv input means, for bias correction
+    _means: dict | None = field(default=None, repr=False)
+
+    def means(self) -> dict | None:
+        if self._means is None and self.input_means is not None:
+            self._means = self.input_means()
+        return self._means
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Trial:
     failures: list[str]
     seconds: float
     variant: str = "plain"
+    bias_corrected: bool = False
 
     @property
     def passed(self) -> bool:
@@ -116,6 +124,7 @@ class Trial:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "method": self.method, "percentile": self.percentile, "variant": self.variant,
+                "bias_corrected": self.bias_corrected,
                 "kept_float": len(self.keep_float), "objective": self.objective, "passed": self.passed,
                 "failures": self.failures, "seconds": round(self.seconds, 2)}
 
@@ -138,9 +147,10 @@ def pair_similarity_error(reference: np.ndarray, candidate: np.ndarray) -> tuple
     return rmse, rmse / max(float(np.std(ref)), 1e-12)
 
 
-def candidate_label(method: str, percentile: float | None, variant: str = "plain") -> str:
+def candidate_label(method: str, percentile: float | None, variant: str = "plain", corrected: bool = False) -> str:
     label = f"percentile {percentile:g}" if method == "percentile" else method
-    return label if variant == "plain" else f"{label}, {variant}"
+    label = label if variant == "plain" else f"{label}, {variant}"
+    return f"{label}, bias-corrected" if corrected else label
 
 
 class Objective:
@@ -194,9 +204,11 @@ class SearchResult:
 
 def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Gate,
            candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
-           locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print) -> SearchResult:
-    """Try ``candidates`` on every variant, keep the best by the objective, then keep nodes in float
-    until ``gate`` holds. ``variants`` may be one :class:`Prepared` (with its ``calibration``)."""
+           locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print,
+           bias_correction: bool = True) -> SearchResult:
+    """Try ``candidates`` on every variant, keep the best by the objective, then the same with the
+    weight-rounding bias corrected (kept when closer), then keep nodes in float until ``gate``
+    holds. ``variants`` may be one :class:`Prepared` (with its ``calibration``)."""
     from tqdm import tqdm
 
     if isinstance(variants, Prepared):
@@ -206,17 +218,17 @@ def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objec
     built: dict[int, onnx.ModelProto] = {}
     ranges_of: dict[tuple[str, str], dict] = {}
 
-    def trial(method, percentile, keep, label=None, variant="plain") -> Trial:
+    def trial(method, percentile, keep, label=None, variant="plain", corrected=False) -> Trial:
         start = time.time()
         v = by_name[variant]
         key = (variant, candidate_label(method, percentile))
         if key not in ranges_of:
             ranges_of[key] = v.calibration.ranges(method, percentile if percentile is not None else 99.99,
                                                   v.prepared.target == "cpu")
-        model = build_qdq(v.prepared, ranges_of[key], reduce_range, keep)
+        model = build_qdq(v.prepared, ranges_of[key], reduce_range, keep, v.means() if corrected else None)
         measured = objective.measure(model)
-        t = Trial(label or candidate_label(method, percentile, variant), method, percentile, list(keep), measured,
-                  gate.failures(measured), time.time() - start, variant)
+        t = Trial(label or candidate_label(method, percentile, variant, corrected), method, percentile, list(keep),
+                  measured, gate.failures(measured), time.time() - start, variant, corrected)
         trials.append(t)
         built[id(t)] = model
         return t
@@ -231,6 +243,10 @@ def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objec
     finally:
         bar.close()
     first = max(trials, key=Trial.score)  # max keeps the first of equal scores
+    if bias_correction and by_name[first.variant].input_means is not None:
+        corrected = trial(first.method, first.percentile, [], variant=first.variant, corrected=True)
+        if corrected.score() > first.score():
+            first = corrected
     best = first
     ranking: list[dict] = []
     keep: list[str] = []
@@ -273,7 +289,8 @@ def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: i
             tried.update(batch)
             round_ += 1
             candidate = trial(start.method, start.percentile, keep + batch,
-                              f"{start.label}, {len(keep) + len(batch)} nodes in float", start.variant)
+                              f"{start.label}, {len(keep) + len(batch)} nodes in float", start.variant,
+                              start.bias_corrected)
             accepted = candidate.score() > current.score()
             ranking.extend({"node": l["node"], "op_type": l["op_type"], "added_rel_error": round(l["added"], 5),
                             "round": round_, "kept": accepted} for l in ranked[:len(batch)])
@@ -296,7 +313,8 @@ def _bisect(start: Trial, trial, previous: list[str], batch: list[str], passing:
     while hi - lo > 1:
         mid = (lo + hi) // 2
         keep = previous + batch[:mid]
-        t = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float", start.variant)
+        t = trial(start.method, start.percentile, keep, f"{start.label}, {len(keep)} nodes in float", start.variant,
+                  start.bias_corrected)
         if t.passed:
             hi, best = mid, t
         else:

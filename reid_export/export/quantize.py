@@ -31,8 +31,8 @@ from ..report import report_header
 from .calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, METHODS
 from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, convert_fp16, converter_version, quiet_ort_tools
 from .graph import ensure_node_names, opset_of, resolve_excludes
-from .int8 import (MIN_QDQ_OPSET, QDQ_OP_TYPES, TARGETS, calibrate, calibration_batches, describe, prepare,
-                   weight_range_for_cpu)
+from .int8 import (MIN_QDQ_OPSET, QDQ_OP_TYPES, TARGETS, calibrate, calibration_batches, conv_input_means, describe,
+                   prepare, weight_range_for_cpu)
 from .int8_search import Gate, Objective, Variant, parse_methods, search
 from .metadata import (KEY_FP16, KEY_QUANTIZATION, KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, get_metadata,
                        load_onnx, model_precision, require_data_config, save_onnx, set_metadata)
@@ -201,14 +201,15 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
                   threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
                   val_dirs: Sequence[str | Path] = (), val_size: int = DEFAULT_VAL_SIZE, gate: Gate | None = None,
                   max_fallback: int | None = None, allow_below_gate: bool = False,
-                  equalize: bool = True) -> QuantizeReport:
+                  equalize: bool = True, bias_correction: bool = True) -> QuantizeReport:
     """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only on success.
 
     INT8: ``method`` ``auto`` tries every calibration method; ``gate`` (default :class:`Gate`) is
     what the result must keep of the FP32 embeddings on the held-out images; ``max_fallback``
     nodes at most stay in float to meet it (default a quarter of the quantizable nodes; 0: none).
     Below the gate a :class:`ReidExportError` says what was tried, unless ``allow_below_gate``.
-    ``equalize``: also try every method on the activation-equalised graph (:mod:`.equalize`).
+    ``equalize``: also try every method on the activation-equalised graph (:mod:`.equalize`);
+    ``bias_correction``: also try the best candidate with its weight-rounding bias corrected.
     """
     from .onnx_export import generated_images
 
@@ -241,7 +242,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
         converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
                                          val_size, method, percentile, exclude, seed, num_bins, batch_size,
                                          reduce_range, threads, progress, gate or Gate(), max_fallback,
-                                         allow_below_gate, note, equalize)
+                                         allow_below_gate, note, equalize, bias_correction)
         extra_meta = {KEY_QUANTIZATION: info}
         if target == "tensorrt":
             report.qdq = check_tensorrt_qdq(converted)
@@ -282,7 +283,8 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
 
 def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs, val_size, method, percentile,
                    exclude, seed, num_bins, batch_size, reduce_range, threads, progress, gate: Gate, max_fallback,
-                   allow_below_gate, note, equalize: bool = True) -> tuple[onnx.ModelProto, dict]:
+                   allow_below_gate, note, equalize: bool = True, bias_correction: bool = True
+                   ) -> tuple[onnx.ModelProto, dict]:
     candidates = parse_methods(method, percentile)
     calib_paths, val_paths = select_images(calib_dirs, calib_size, val_dirs, val_size, seed, note)
     prepared = prepare(model, target, exclude)
@@ -303,12 +305,22 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
     phase = time.time()
     val_inputs = preprocess(val_paths, data_config)
     objective = Objective(prepared.model, val_inputs, data_config, threads)
-    variants = [Variant("plain", prepared, calibration)]
+    means_paths = list(calib_paths[:EQUALIZE_IMAGES])
+
+    def means_of(prep):
+        def run():
+            batches = calibration_batches(means_paths, data_config, prep.static_batch or batch_size,
+                                          prep.static_batch is not None)
+            return conv_input_means(prep.model, batches, threads, prep.head)
+        return run if bias_correction else None
+
+    variants = [Variant("plain", prepared, calibration, means_of(prepared))]
     eq_summary: dict = {"tried": False}
     if equalize:
         eq_variant, eq_summary = _equalised_variant(prepared, calibration, objective, data_config, calib_paths,
                                                     num_bins, batch_size, threads, progress)
         if eq_variant is not None:
+            eq_variant.input_means = means_of(eq_variant.prepared)
             variants.append(eq_variant)
         note(f"int8: activation equalisation: {eq_summary['what']}")
     calib_seconds += eq_summary.get("seconds", 0.0)
@@ -318,7 +330,7 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         locate_inputs = np.concatenate([locate_inputs, np.repeat(locate_inputs[-1:], prepared.static_batch
                                                                  - len(locate_inputs), axis=0)])
     result = search(variants, calibration, objective, gate, candidates, bool(reduce_range), max_fallback,
-                    locate_inputs, progress, note)
+                    locate_inputs, progress, note, bias_correction)
     search_seconds = time.time() - search_start
     chosen, first = result.chosen, result.first_choice
     report.target, report.method = target, chosen.label
@@ -334,6 +346,7 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "first_choice": first.label, "chosen": chosen.label, "objective_before_fallback": first.objective,
         "objective": chosen.objective, "passed": chosen.passed, "fallback_float": result.keep_float,
         "fallback_ranking": result.ranking, "max_fallback": max_fallback, "variant": chosen.variant,
+        "bias_corrected": chosen.bias_corrected,
         "equalization": {k: v for k, v in eq_summary.items() if k != "what"},
         "seconds": {"calibration": round(calib_seconds, 1), "search": round(search_seconds, 1)},
     }
@@ -361,7 +374,7 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
     info = describe(prepared, bool(reduce_range))
     info.update({
         "method": chosen.method, "method_requested": method, "candidate": chosen.label,
-        "equalised": chosen.variant == "equalised",
+        "equalised": chosen.variant == "equalised", "bias_corrected": chosen.bias_corrected,
         "equalization": {k: v for k, v in eq_summary.items() if k not in ("what", "seconds")},
         "float_sums": list(prepared.float_sums),
         "percentile": chosen.percentile if chosen.method == "percentile" else None,
@@ -369,7 +382,8 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "kept_float": report.kept_float, "fallback_float": result.keep_float,
         "gate": {**gate.to_dict(), "passed": chosen.passed, "below_gate": not chosen.passed},
         "objective": chosen.objective, "objective_before_fallback": first.objective,
-        "tried": [{"label": t.label, "variant": t.variant, "kept_float": len(t.keep_float), "passed": t.passed,
+        "tried": [{"label": t.label, "variant": t.variant, "bias_corrected": t.bias_corrected,
+                   "kept_float": len(t.keep_float), "passed": t.passed,
                    "pair_error": t.objective["pair_error"], "mean_cosine": t.objective["mean_cosine"],
                    "min_cosine": t.objective["min_cosine"],
                    "top1": t.objective["top1_agreement"], "top5": t.objective["top5_agreement"]}
