@@ -1,17 +1,19 @@
 """Accuracy-guarded INT8: measure every candidate against FP32, keep the best, fall back where it hurts.
 
-After one calibration pass (:func:`.int8.calibrate`) the search
+After one calibration pass per graph (:func:`.int8.calibrate`; two graphs by default: the FP32
+model as given and its activation-equalised copy, :mod:`.equalize`) the search
 
-1. builds a Q/DQ graph for each calibration method asked for (by default entropy, MSE-optimal
-   ranges, percentile at three levels and min/max: all from the same histograms, so a candidate
-   costs one graph build and one run over the held-out images), and measures each against the
-   FP32 graph on held-out real crops (never the calibration images) with the verifier's own
-   embedding comparison (:func:`reid_export.embeddings.compare`): min and mean cosine, and
-   whether each image keeps its nearest neighbour (top-1) and its five nearest (top-5) among the
-   others;
+1. builds a Q/DQ graph for each calibration method asked for on each graph (by default entropy,
+   MSE-optimal ranges, percentile at three levels and min/max: all from the same histograms, so a
+   candidate costs one graph build and one run over the held-out images), and measures each
+   against the FP32 graph on held-out real crops (never the calibration images) with the
+   verifier's own embedding comparison (:func:`reid_export.embeddings.compare`): min and mean
+   cosine, and whether each image keeps its nearest neighbour (top-1) and its five nearest (top-5)
+   among the others;
 2. keeps the candidate the objective prefers: the one that passes the gate, then the smallest
    change of the pairwise similarities between held-out images (what retrieval ranks by), then
-   the highest mean and min cosine;
+   the highest mean and min cosine; then tries that candidate with the weight-rounding bias
+   corrected (:func:`.int8.correct_biases`) and keeps whichever is closer;
 3. when even that one fails the gate, ranks the quantized nodes by the error each adds on top of
    its inputs' (:func:`reid_export.export.locate.locate`, the ``parity --locate`` machinery, on a
    few held-out images), keeps the worst in float (1, then 2, 4, ... more per round, re-ranked

@@ -1,10 +1,12 @@
 """``reid-export quantize``: the FP16 or INT8 (Q/DQ) variant of an FP32 ONNX model, written only when it is good.
 
 - FP16: :mod:`.fp16` (float16 graph, float32 I/O, head in float32).
-- INT8: one calibration pass (:func:`.int8.calibrate`) on real crops, then the accuracy-guarded
-  search of :mod:`.int8_search`: every calibration method is tried and measured against the FP32
-  graph on held-out crops (not the calibration images), the best is kept, and nodes that add the
-  most error stay in float until the gate holds. Below the gate nothing is written (exit 1) unless
+- INT8: one calibration pass (:func:`.int8.calibrate`) on real crops for the FP32 graph and one
+  for its activation-equalised copy (:mod:`.equalize`), then the accuracy-guarded search of
+  :mod:`.int8_search`: every calibration method is tried on both graphs and measured against the
+  FP32 graph on held-out crops (not the calibration images), the best is kept (and tried with its
+  weight-rounding bias corrected), and nodes that add the most error stay in float until the gate
+  holds. Below the gate nothing is written (exit 1) unless
   ``allow_below_gate``; then the model is marked below-gate in its metadata.
   Targets: :mod:`.int8` (TensorRT S8S8, checked by :func:`.qdq_check.check_tensorrt_qdq`; CPU U8S8,
   fusion counted by :func:`.qdq_check.check_ort_cpu_fusion`).
