@@ -57,15 +57,16 @@ class EvalReport:
         for res in results:
             name = [Path(res["model"]).name, res["backend"], res["precision"]]
             if "error" in res:
-                rows.append(name + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 1) + ["ERROR"])
+                rows.append(name + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 2) + ["ERROR"])
             else:
+                ci = res.get("delta_mAP_ci95")
                 rows.append(name + [res[k] for k in METRIC_KEYS] + [res.get(k) for k in tpr_keys[-1:]]
-                            + [res.get("delta_mAP"), "ok"])
+                            + [res.get("delta_mAP"), f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", "ok"])
         o, ds = self.options, self.dataset
         lines = [f"dataset: {ds.root} ({len(ds.query)} queries, {len(ds.gallery)} gallery); metric {o.metric}"
                  f"{', flip' if o.flip_test else ''}{', AQE' if o.aqe else ''}{', re-rank' if o.rerank else ''}",
-                 format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "status"], rows,
-                              floatfmt=".2f")]
+                 format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "d mAP 95% CI",
+                               "status"], rows, floatfmt=".2f")]
         if self.distractors and "error" not in base:
             lines.append(f"gallery + {base['num_distractors']} distractors = {base['num_gallery']} items, streamed "
                          f"exact evaluation; peak RSS {max(r.get('peak_rss_mib', 0) for r in results):.0f} MiB")
@@ -172,7 +173,53 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                     warn(res["skipped"])
     report = EvalReport(dataset, options, gates, results, scored, deployments, bool(distractors))
     report.failures = _gate(results, gates)
+    _delta_intervals(results, scored)
     return report
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def per_query_scores(distmat: np.ndarray, query, gallery) -> tuple[np.ndarray, np.ndarray]:
+    """(AP, Rank-1 hit) of each query, in percent, NaN where the query has no valid match; the
+    Market-1501 protocol (gallery items of the query's identity from its own camera left out)."""
+    from .evaluate import per_query_ap
+
+    ap = per_query_ap(distmat, query, gallery) * 100.0
+    hit = np.full(len(ap), np.nan)
+    for i in np.where(np.isfinite(ap))[0]:
+        keep = ~((gallery.pids == query.pids[i]) & (gallery.camids == query.camids[i]))
+        row = distmat[i][keep]
+        hit[i] = 100.0 * float(gallery.pids[keep][int(np.argmin(row))] == query.pids[i])
+    return ap, hit
+
+
+def paired_interval(base: np.ndarray, other: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(other - base) over queries, by the paired bootstrap (queries resampled)."""
+    valid = np.isfinite(base) & np.isfinite(other)
+    diff = (other - base)[valid]
+    if diff.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _delta_intervals(results: list[dict], scored: list) -> None:
+    """For every model against the first: the 95% bootstrap interval of d mAP and d Rank-1 over the
+    queries (how far the same two models could differ on another draw of as many queries)."""
+    if len(results) < 2 or "error" in results[0] or not scored or getattr(scored[0], "distmat", None) is None:
+        return
+    base = scored[0]
+    base_ap, base_hit = per_query_scores(base.distmat, base.query, base.gallery)
+    for res, sc in zip(results[1:], scored[1:]):
+        if "error" in res or res.get("deployment") or getattr(sc, "distmat", None) is None:
+            continue
+        ap, hit = per_query_scores(sc.distmat, sc.query, sc.gallery)
+        res["delta_mAP_ci95"] = [round(v, 3) for v in paired_interval(base_ap, ap)]
+        res["delta_Rank-1_ci95"] = [round(v, 3) for v in paired_interval(base_hit, hit)]
 
 
 def _gate(results: list[dict], gates: EvalGates) -> list[str]:
