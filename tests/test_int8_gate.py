@@ -194,6 +194,15 @@ def test_impossible_gate_refuses_and_the_override_marks_the_model(osnet_like, tm
                        "2 of 2 allowed nodes in float", "--allow-below-gate")
     assert list(folder.iterdir()) == []
 
+    # --report still says what was tried (the model is not written)
+    report_path = tmp_path / "refused.json"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", "--target", "cpu", *SMALL, *impossible,
+                       "--report", report_path)
+    assert result.code == 1 and list(folder.iterdir()) == []
+    doc = json.loads(report_path.read_text())
+    assert doc["written"] is False and doc["gate_passed"] is False and doc["search"]["tried"]
+    assert not doc["search"]["passed"] and doc["search"]["gate"]["mean_cosine"] == 1.001
+
     result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", *SMALL, *impossible, "--allow-below-gate")
     assert result.code == 0, result
     assert "BELOW THE ACCURACY GATE" in result.err

@@ -190,7 +190,7 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
                    "products of full-range weights). Recorded in the metadata; bench/doctor warn on a CPU "
                    "without VNNI.")
 @click.option("--threads", type=int, default=None, callback=positive_int, help="ONNX Runtime intra-op threads.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write what was tried and chosen as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write what was tried and chosen as JSON (also when the gate refuses the model).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, val_size, method, percentile,
              min_cosine, min_mean_cosine, max_pair_error, min_top1, min_top5, max_float, equalize, bias_correction,
@@ -210,7 +210,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
       reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
     """
     from ..export.int8_search import Gate
-    from ..export.quantize import quantize_file
+    from ..export.quantize import GateRefused, quantize_file
     from ..fileio import atomic_write_json, check_output_path
     from ..report import format_table
 
@@ -231,11 +231,16 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
                                                      (min_mean_cosine, defaults.mean_cosine),
                                                      (max_pair_error, defaults.max_pair_error),
                                                      (min_top1, defaults.top1), (min_top5, defaults.top5))))
-    report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
-                           method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
-                           batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
-                           log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
-                           allow_below_gate=allow_below_gate, equalize=equalize, bias_correction=bias_correction)
+    try:
+        report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
+                               method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
+                               batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
+                               log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
+                               allow_below_gate=allow_below_gate, equalize=equalize, bias_correction=bias_correction)
+    except GateRefused as refused:  # the model is not written; what was tried still goes to --report
+        if report_path is not None:
+            atomic_write_json(report_path, refused.report.to_dict())
+        raise
     if report.search:
         rows = [[t["label"], t["kept_float"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
                  t["objective"]["mean_cosine"],

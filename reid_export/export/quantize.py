@@ -79,6 +79,14 @@ class QuantizeReport:
                 "size_mb": round(self.size_mb, 3), "seconds": round(self.seconds, 1), "notes": self.notes}
 
 
+class GateRefused(ReidExportError):
+    """The INT8 model missed the accuracy gate and was not written; ``report`` says what was tried."""
+
+    def __init__(self, message: str, report: QuantizeReport):
+        super().__init__(message)
+        self.report = report
+
+
 def _load_fp32(model_path: str | Path) -> tuple[onnx.ModelProto, DataConfig]:
     model = load_onnx(model_path)
     data_config = require_data_config(model, model_path)
@@ -364,10 +372,11 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
                    "allowed nodes in float" if max_fallback
                    else ", no fallback to float (--max-float 0)"))
         if not allow_below_gate:
-            raise ReidExportError(
+            report.written = False
+            raise GateRefused(
                 f"{report.output}: not written: the INT8 model misses the accuracy gate ({what}); try more or other "
                 "--calib-dir crops, a larger --max-float, --exclude the layers `reid-export parity --locate` names, "
-                "--precision fp16, or --allow-below-gate to write it anyway")
+                "--precision fp16, or --allow-below-gate to write it anyway", report)
         note(f"warning: BELOW THE ACCURACY GATE ({what}); written because of --allow-below-gate and marked so "
              "in its metadata")
     else:
@@ -451,5 +460,5 @@ def _equalised_variant(prepared, calibration, objective: Objective, data_config:
     return Variant("equalised", eq_prepared, eq_calibration), summary
 
 
-__all__ = ["quantize_file", "convert_fp16", "select_calibration_images", "select_images", "opset_of", "QDQ_OP_TYPES",
+__all__ = ["quantize_file", "GateRefused", "QuantizeReport", "convert_fp16", "select_calibration_images", "select_images", "opset_of", "QDQ_OP_TYPES",
            "MIN_QDQ_OPSET", "FP16_MAX", "FP16_MIN_NORMAL", "FP16_MIN_SUBNORMAL", "Gate"]
