@@ -1,9 +1,9 @@
 """Activation range equalisation: per-channel rescaling of an FP32 graph that leaves its output unchanged.
 
 INT8 activations are quantized per tensor: one step for every channel. In OSNet-like networks the
-channels of one tensor span ranges a few to a hundred times apart (median channel max about a
-third to a tenth of the tensor's range on OSNet-x0.5), so the small channels get a few levels
-each. Weights are quantized per output channel. So where a tensor's channels can be rescaled
+channels of one tensor differ widely in range (on OSNet-x0.5 the median channel max is a third to
+a tenth of the tensor's calibrated range, the smaller channels less still), so the small channels
+get a few levels each. Weights are quantized per output channel. So where a tensor's channels can be rescaled
 without changing what the network computes, a channel ``c`` divided by ``s_c`` in every tensor
 of a *region* and compensated at the region's borders costs nothing in the FP32 graph and evens
 out the per-tensor range:

@@ -231,8 +231,14 @@ def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objec
         measured = objective.measure(model)
         t = Trial(label or candidate_label(method, percentile, variant, corrected), method, percentile, list(keep),
                   measured, gate.failures(measured), time.time() - start, variant, corrected)
+        # keep the graphs the result can still be: the best so far and those that pass (the bisection
+        # may end on a passing trial with fewer float nodes); the others are dropped (memory)
+        best_so_far = max(trials, key=Trial.score) if trials else None
         trials.append(t)
-        built[id(t)] = model
+        if best_so_far is None or t.score() > best_so_far.score() or t.passed:
+            built[id(t)] = model
+            for old in [o for o in trials[:-1] if id(o) in built and not o.passed and o.score() < t.score()]:
+                del built[id(old)]
         return t
 
     plan = [(v.name, m, p) for v in variants for m, p in candidates]
