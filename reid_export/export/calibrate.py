@@ -272,3 +272,37 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[tuple[
         if progress is not None:
             progress.update(valid)
     return result
+
+
+def channel_statistics(model: onnx.ModelProto, tensors, batches, threads: int | None = None,
+                       progress=None) -> dict[str, dict[str, np.ndarray]]:
+    """Per channel (axis 1) of each of ``tensors`` (the graph input may be one) over ``batches`` of
+    (inputs, valid count): ``max`` of |x|, ``mean`` and ``meansq`` (mean of x^2)."""
+    from .ort import make_session
+
+    tensors = list(dict.fromkeys(tensors))
+    graph_inputs = {i.name for i in model.graph.input}
+    session = make_session(augmented_model(model, [t for t in tensors if t not in graph_inputs]).SerializeToString(),
+                           threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+    acc: dict[str, list] = {}
+    for chunk, valid in batches:
+        values = dict(zip(names, session.run(None, {input_name: chunk})))
+        values[input_name] = chunk
+        for name in tensors:
+            value = values.get(name)
+            if value is None or value.ndim < 2:
+                continue
+            v = np.asarray(value[:valid]).reshape(valid, value.shape[1], -1)
+            wide = v.astype(np.float64)  # sums in float64; the max in the tensor's own type
+            stats = (np.abs(v).max(axis=(0, 2)), wide.sum(axis=(0, 2)), (wide ** 2).sum(axis=(0, 2)),
+                     v.shape[0] * v.shape[2])
+            if name in acc:
+                old = acc[name]
+                acc[name] = [np.maximum(old[0], stats[0]), old[1] + stats[1], old[2] + stats[2], old[3] + stats[3]]
+            else:
+                acc[name] = list(stats)
+        if progress is not None:
+            progress.update(valid)
+    return {name: {"max": m, "mean": total / max(n, 1), "meansq": sq / max(n, 1)} for name, (m, total, sq, n) in acc.items()}

@@ -46,6 +46,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .graph import unshare_initializers
+
 # ops f with f(x / s) == f(x) / s for a positive per-channel s (channel axis 1 kept)
 HOMOGENEOUS_UNARY = ("Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                      "Identity", "Dropout")
@@ -276,7 +278,7 @@ def apply(model: onnx.ModelProto, regions: Sequence[Region]) -> onnx.ModelProto:
     graph = model_out.graph
     nodes = {n.name: n for n in graph.node}
     touched = {name for r in regions for name in r.producers + r.consumers}
-    _unshare(model_out, touched)
+    unshare_initializers(model_out, touched, "eq")
     inits = {i.name: i for i in graph.initializer}
     arrays = {}
 
@@ -306,56 +308,13 @@ def apply(model: onnx.ModelProto, regions: Sequence[Region]) -> onnx.ModelProto:
     return model_out
 
 
-def _unshare(model: onnx.ModelProto, nodes: set[str]) -> None:
-    """Each touched node gets its own copy of a weight or bias it shares with another node."""
-    inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name in inits:
-                readers[name] = readers.get(name, 0) + 1
-    for node in model.graph.node:
-        if node.name not in nodes:
-            continue
-        for i, name in enumerate(node.input):
-            if name in inits and readers[name] > 1:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = f"{name}__eq_{node.name}"
-                model.graph.initializer.append(copy)
-                node.input[i] = copy.name
-                readers[name] -= 1
-
-
 def channel_ranges(model: onnx.ModelProto, tensors: Sequence[str], batches, threads: int | None = None,
                    progress=None) -> dict[str, dict]:
-    """Per-channel ``max`` and ``meansq`` (mean of x^2) over axis 1 of ``tensors``, over ``batches`` of
-    (inputs, valid count)."""
-    from .calibrate import augmented_model
-    from .ort import make_session
+    """Per-channel ``max`` of |x|, ``mean`` and ``meansq`` over axis 1 of ``tensors``, over ``batches`` of
+    (inputs, valid count): :func:`.calibrate.channel_statistics`."""
+    from .calibrate import channel_statistics
 
-    wanted = set(tensors)
-    session = make_session(augmented_model(model, list(tensors)).SerializeToString(), threads=threads)
-    names = [o.name for o in session.get_outputs()]
-    input_name = session.get_inputs()[0].name
-    out: dict[str, np.ndarray] = {}
-    for chunk, valid in batches:
-        for name, value in zip(names, session.run(None, {input_name: chunk})):
-            if name not in wanted or value.ndim < 2:
-                continue
-            value = np.abs(value[:valid]).reshape(valid, value.shape[1], -1)
-            m, sq, n = value.max(axis=(0, 2)), (value.astype(np.float64) ** 2).sum(axis=(0, 2)), value.shape[0] * value.shape[2]
-            if name in out:
-                out[name]["max"] = np.maximum(out[name]["max"], m)
-                out[name]["sumsq"] += sq
-                out[name]["n"] += n
-            else:
-                out[name] = {"max": m, "sumsq": sq, "n": n}
-        if progress is not None:
-            progress.update(valid)
-    for value in out.values():
-        value["meansq"] = value.pop("sumsq") / max(value.pop("n"), 1)
-    return out
+    return channel_statistics(model, tensors, batches, threads, progress)
 
 
 def equalize(model: onnx.ModelProto, batches, steps: dict[str, float], skip_nodes: Iterable[str] = (),

@@ -75,6 +75,36 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return table
 
 
+def unshare_initializers(model: onnx.ModelProto, nodes, tag: str, inputs=None) -> int:
+    """Give each node in ``nodes`` its own copy of every initializer it shares with another node
+    (``inputs``: only at these input positions); in place, returns how many copies were made.
+
+    OSNet applies one channel gate to all its streams: four Conv nodes read the same weight and
+    bias initializers. Whatever treats one of them on its own (keeps it in float, rescales or
+    corrects it) must not change the others."""
+    nodes = set(nodes)
+    inits = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers[name] = readers.get(name, 0) + 1
+    copies = 0
+    for node in model.graph.node:
+        if node.name not in nodes:
+            continue
+        for i, name in enumerate(node.input):
+            if (inputs is None or i in inputs) and name in inits and readers.get(name, 0) > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__{tag}_{node.name}"
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name
+                readers[name] -= 1
+                copies += 1
+    return copies
+
+
 def head_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes after the backbone: pooling (GeM's clip/pow/mean), the BNNeck and the flatten.
 

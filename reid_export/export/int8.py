@@ -40,7 +40,7 @@ from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..preprocess import preprocess
 from .fp16 import quiet_ort_tools
-from .graph import head_nodes, resolve_excludes, upgrade_opset
+from .graph import head_nodes, resolve_excludes, unshare_initializers, upgrade_opset
 
 TARGETS = ("tensorrt", "cpu")
 QDQ_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
@@ -209,7 +209,7 @@ def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)  # the quantizer edits its model in place
     excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums + list(keep_float)))
-    _unshare_weights(model, set(excluded))
+    unshare_initializers(model, excluded, "float")  # a node kept in float keeps float weights
     if input_means is not None and "Conv" in prepared.op_types:
         correct_biases(model, input_means, set(excluded), weight_levels(prepared.target, reduce_range))
     with quiet_ort_tools():
@@ -239,14 +239,14 @@ def correct_biases(model: onnx.ModelProto, input_means: dict[str, np.ndarray], f
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    targets = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in float_nodes
+               and len(n.input) >= 2 and n.input[1] in inits and n.input[0] in input_means]
+    unshare_initializers(model, targets, "bc", inputs=(2,))  # each Conv sees other inputs: its own bias
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(targets)
     done = 0
     for node in model.graph.node:
-        if (node.op_type != "Conv" or node.name in float_nodes or len(node.input) < 2 or node.input[1] not in inits
-                or node.input[0] not in input_means):
+        if node.name not in wanted:
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         groups = next((int(a.i) for a in node.attribute if a.name == "group"), 1)
@@ -261,7 +261,7 @@ def correct_biases(model: onnx.ModelProto, input_means: dict[str, np.ndarray], f
                           .reshape(groups, per_out, w.shape[1]), mean.reshape(groups, w.shape[1])).reshape(-1)
         if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
             bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-            name = node.input[2] if readers.get(node.input[2], 0) == 1 else f"{node.input[2]}__bc_{node.name}"
+            name = node.input[2]
         else:
             bias, name = np.zeros(w.shape[0]), f"{node.name}__bias_corrected"
         tensor = numpy_helper.from_array((bias - shift).astype(np.float32), name)
@@ -281,59 +281,11 @@ def correct_biases(model: onnx.ModelProto, input_means: dict[str, np.ndarray], f
 def conv_input_means(model: onnx.ModelProto, batches, threads: int | None = None, skip_nodes: Sequence[str] = (),
                      progress=None) -> dict[str, np.ndarray]:
     """Per-channel mean of every Conv input (graph input included) over ``batches`` of (inputs, valid)."""
-    from .calibrate import augmented_model
-    from .ort import make_session
+    from .calibrate import channel_statistics
 
     skip = set(skip_nodes)
     wanted = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.name not in skip))
-    inputs = {i.name for i in model.graph.input}
-    session = make_session(augmented_model(model, [t for t in wanted if t not in inputs]).SerializeToString(),
-                           threads=threads)
-    names = [o.name for o in session.get_outputs()]
-    input_name = session.get_inputs()[0].name
-    sums: dict[str, tuple[np.ndarray, int]] = {}
-    for chunk, valid in batches:
-        values = dict(zip(names, session.run(None, {input_name: chunk})))
-        values[input_name] = chunk
-        for name in wanted:
-            v = values.get(name)
-            if v is None or v.ndim < 3:
-                continue
-            v = v[:valid].reshape(valid, v.shape[1], -1)
-            total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + v.astype(np.float64).sum(axis=(0, 2)), count + v.shape[0] * v.shape[2])
-        if progress is not None:
-            progress.update(valid)
-    return {name: total / max(count, 1) for name, (total, count) in sums.items()}
-
-
-def _unshare_weights(model: onnx.ModelProto, float_nodes: set[str]) -> int:
-    """Give each float node its own copy of a weight it shares with other nodes; returns how many.
-
-    OSNet applies one channel gate to all its streams: four Conv nodes read the same weight
-    initializer. The quantizer rounds a shared weight once, for every reader, so a node kept in
-    float would still compute with the int8-rounded weight unless it has its own copy.
-    """
-    inits = {init.name: init for init in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in set(node.input):
-            if name in inits:
-                readers[name] = readers.get(name, 0) + 1
-    copies = 0
-    for node in model.graph.node:
-        if node.name not in float_nodes:
-            continue
-        for i, name in enumerate(node.input):
-            if name in inits and readers.get(name, 0) > 1:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(inits[name])
-                copy.name = f"{name}__float_{node.name}"
-                model.graph.initializer.append(copy)
-                node.input[i] = copy.name
-                readers[name] -= 1
-                copies += 1
-    return copies
+    return {name: stats["mean"] for name, stats in channel_statistics(model, wanted, batches, threads, progress).items()}
 
 
 def describe(prepared: Prepared, reduce_range: bool) -> dict:
