@@ -297,3 +297,26 @@ def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
                        *SMALL)
     assert result.code == 1 and not out.exists(), result
     assert_clean_error(result, "not written", "best entropy")
+
+
+def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, monkeypatch):
+    """The quantizer's own check: if the rescaling went wrong (here: the consumers are not
+    compensated), the equalised graph's FP32 features differ and only the plain graph is searched."""
+    import reid_export.export.equalize as equalize_module
+
+    real_apply = equalize_module.apply
+
+    def broken_apply(model, regions):
+        for region in regions:
+            region.consumers = []
+        return real_apply(model, regions)
+
+    monkeypatch.setattr(equalize_module, "apply", broken_apply)
+    src, crops = osnet_like
+    out = tmp_path / "q.onnx"
+    result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", "--max-float", "0", *SMALL)
+    assert result.code == 0, result  # mse passes on the plain graph (test above)
+    assert "not used: the equalised FP32 graph differs from the original" in result.err
+    info = _info(out)
+    assert {t["variant"] for t in info["tried"]} == {"plain"} and not info["equalised"]
+    assert info["equalization"]["fp32_max_rel_l2"] > 1e-4
