@@ -201,6 +201,7 @@ def test_impossible_gate_refuses_and_the_override_marks_the_model(osnet_like, tm
     assert result.code == 1 and list(folder.iterdir()) == []
     doc = json.loads(report_path.read_text())
     assert doc["written"] is False and doc["gate_passed"] is False and doc["search"]["tried"]
+    assert doc["seconds"] > 0
     assert not doc["search"]["passed"] and doc["search"]["gate"]["mean_cosine"] == 1.001
 
     result = _quantize(src, out, "--calib-dir", crops, "--method", "mse", *SMALL, *impossible, "--allow-below-gate")

@@ -249,10 +249,14 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
         report.parity = compare_features(reference, _features(converted_bytes, inputs, data_config, str(output)))
         note(_parity_line(precision, report.parity, what))
     else:
-        converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
-                                         val_size, method, percentile, exclude, seed, num_bins, batch_size,
-                                         reduce_range, threads, progress, gate or Gate(), max_fallback,
-                                         allow_below_gate, note, equalize, bias_correction)
+        try:
+            converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
+                                             val_size, method, percentile, exclude, seed, num_bins, batch_size,
+                                             reduce_range, threads, progress, gate or Gate(), max_fallback,
+                                             allow_below_gate, note, equalize, bias_correction)
+        except GateRefused:
+            report.seconds = time.time() - start
+            raise
         extra_meta = {KEY_QUANTIZATION: info}
         if target == "tensorrt":
             report.qdq = check_tensorrt_qdq(converted)
