@@ -38,6 +38,19 @@ def _encode(model, images, *, config, device, batch_size, flip_test, progress, s
     return res.features, [str(paths[i]) for i in res.kept], data_config
 
 
+def _encoder_options(command):
+    """The options both commands use to run the model on images: --config, --flip-test, --batch-size,
+    --device, --progress."""
+    for option in reversed([
+            click.option("--config", type=click.Path(path_type=Path)),
+            click.option("--flip-test", is_flag=True),
+            click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int),
+            click.option("--device", default="cpu", show_default=True),
+            click.option("--progress/--no-progress", default=True)]):
+        command = option(command)
+    return command
+
+
 @cli.command(name="index")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -55,11 +68,7 @@ def _encode(model, images, *, config, device, batch_size, flip_test, progress, s
 @click.option("--add", is_flag=True, help="Add to the index in FOLDER instead of building a new one.")
 @click.option("--recall-sample", default=1000, show_default=True, type=int,
               help="Rows used as queries to measure recall@10 against exact search (approximate kinds).")
-@click.option("--config", type=click.Path(path_type=Path))
-@click.option("--flip-test", is_flag=True)
-@click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--progress/--no-progress", default=True)
+@_encoder_options
 @ray_engine_options
 @skip_bad_images_option
 def index_cmd(folder, inputs, model, kind, nlist, nprobe, pq_m, hnsw_m, ef_search, index_shard_size, add,
@@ -126,11 +135,7 @@ def index_cmd(folder, inputs, model, kind, nlist, nprobe, pq_m, hnsw_m, ef_searc
 @click.option("--ef-search", type=int, help="HNSW search breadth (default: the index's).")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--ranklist", type=click.Path(path_type=Path), help="Write the rank-list picture (PNG).")
-@click.option("--config", type=click.Path(path_type=Path))
-@click.option("--flip-test", is_flag=True)
-@click.option("--batch-size", default=32, show_default=True, type=int, callback=positive_int)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--progress/--no-progress", default=True)
+@_encoder_options
 @skip_bad_images_option
 def search(index_folder, images, model, query_features, k, nprobe, ef_search, report, ranklist, config, flip_test,
            batch_size, device, progress, skip_bad_images):

@@ -31,6 +31,7 @@ from ..errors import ReidExportError, UsageError
 from ..fileio import check_input_file, check_output_path, sha256_file
 from .openvino_backend import (RT_SECTION, _first_line, get_core, import_openvino, open_model, read_model,
                                         read_data_config, static_shape)
+from ..export.annotate import AnnotateReport
 from ..preprocess import ImageLike, preprocess
 
 PARITY_BATCHES = (1, 3)
@@ -178,16 +179,8 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     return report
 
 
-@dataclass
-class AnnotateIRReport:
-    output: Path
-    data_config: DataConfig
-    replaced: bool
-    precision: str
-
-
 def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataConfig,
-                log: Callable[[str], None] = print) -> AnnotateIRReport:
+                log: Callable[[str], None] = print) -> AnnotateReport:
     """Write ``data_config`` into an IR from elsewhere (e.g. an Open Model Zoo model) as ``output``.
 
     The model is compiled and run once at the stated size before anything is written; the feature
@@ -229,7 +222,7 @@ def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataCon
     save_ir(model, output, compress_to_fp16=False)  # FP16 weights of an FP16 IR stay FP16
     if previous is not None:
         log(f"note: replaced the data config that {model_path} already had")
-    return AnnotateIRReport(output, data_config, previous is not None, precision)
+    return AnnotateReport(output, data_config, previous is not None, precision)
 
 
 def core_info() -> dict:
