@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from reid_export.export.equalize import apply, channel_ranges, equalize, find_regions, region_scales
+from reid_export.export.calibrate import channel_statistics as channel_ranges
+from reid_export.export.equalize import apply, equalize, find_regions, region_scales
 from reid_export.export.int8 import float_sum_nodes, prepare
 
 

@@ -33,7 +33,7 @@ Equalization and Bias Correction"), with the scale chosen from measured activati
 per-channel weights and per-tensor activations.
 
 The statistics are per-channel max |x| and mean x^2 over a few calibration images
-(:func:`channel_ranges`); the caller recalibrates the equalised graph (its tensors' ranges
+(:func:`.calibrate.channel_statistics`); the caller recalibrates the equalised graph (its tensors' ranges
 changed), checks that its FP32 output is unchanged, and measures both graphs.
 """
 
@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .calibrate import channel_statistics
 from .graph import unshare_initializers
 
 # ops f with f(x / s) == f(x) / s for a positive per-channel s (channel axis 1 kept)
@@ -206,7 +207,7 @@ def region_scales(regions: Sequence[Region], stats: dict[str, dict], model: onnx
                   steps: dict[str, float], max_amplification: float = MAX_AMPLIFICATION) -> list[Region]:
     """Set each region's ``scale``; regions without statistics, or where no channel gains, drop.
 
-    ``stats[t]``: per-channel ``max`` and ``meansq`` of |x| (:func:`channel_ranges`); ``steps[t]``:
+    ``stats[t]``: per-channel ``max`` and ``meansq`` of |x| (:func:`.calibrate.channel_statistics`); ``steps[t]``:
     the quantization step the plain graph gives tensor ``t`` (its calibrated range over the
     levels). Dividing channel ``c`` by ``s_c`` multiplies the activation rounding noise it sends
     through each consumer by ``s_c`` and the rounding noise of the consumer's weights for that
@@ -308,15 +309,6 @@ def apply(model: onnx.ModelProto, regions: Sequence[Region]) -> onnx.ModelProto:
     return model_out
 
 
-def channel_ranges(model: onnx.ModelProto, tensors: Sequence[str], batches, threads: int | None = None,
-                   progress=None) -> dict[str, dict]:
-    """Per-channel ``max`` of |x|, ``mean`` and ``meansq`` over axis 1 of ``tensors``, over ``batches`` of
-    (inputs, valid count): :func:`.calibrate.channel_statistics`."""
-    from .calibrate import channel_statistics
-
-    return channel_statistics(model, tensors, batches, threads, progress)
-
-
 def equalize(model: onnx.ModelProto, batches, steps: dict[str, float], skip_nodes: Iterable[str] = (),
              threads: int | None = None, progress=None) -> tuple[onnx.ModelProto, dict]:
     """(the equalised model, a summary); the model is ``model`` itself when nothing can be equalised.
@@ -326,7 +318,7 @@ def equalize(model: onnx.ModelProto, batches, steps: dict[str, float], skip_node
     summary = {"regions": len(regions), "equalised": 0, "tensors": 0, "channels": 0}
     if not regions:
         return model, summary
-    stats = channel_ranges(model, [t for r in regions for t in r.tensors], batches, threads, progress)
+    stats = channel_statistics(model, [t for r in regions for t in r.tensors], batches, threads, progress)
     regions = region_scales(regions, stats, model, steps)
     summary.update(equalised=len(regions), tensors=sum(len(r.tensors) for r in regions),
                    channels=sum(r.channels for r in regions),
@@ -337,4 +329,4 @@ def equalize(model: onnx.ModelProto, batches, steps: dict[str, float], skip_node
     return apply(model, regions), summary
 
 
-__all__ = ["Region", "find_regions", "region_scales", "apply", "channel_ranges", "equalize", "MAX_AMPLIFICATION"]
+__all__ = ["Region", "find_regions", "region_scales", "apply", "equalize", "MAX_AMPLIFICATION"]
