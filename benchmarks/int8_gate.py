@@ -6,7 +6,8 @@ from elsewhere) and a Market-1501-layout dataset root, runs with the defaults on
 1. ``quantize --precision int8`` for both targets (TensorRT S8S8 and CPU U8S8), calibrated on
    ``ROOT/bounding_box_train`` (the gate's held-out crops come from there too), with ``--report``;
 2. ``quantize --precision fp16`` and ``parity`` of it against the FP32 model on ``ROOT/query``;
-3. ``eval`` of FP32 and both INT8 graphs on ROOT (Rank-1/mAP, drops against FP32);
+3. ``eval`` of FP32, FP16 and both INT8 graphs on ROOT (Rank-1/mAP, drops against FP32), and on
+   each ``--also-eval`` root (a second test set, e.g. from ``benchmarks/retrieval_split.py``);
 4. ``bench`` of ORT FP32 and both INT8 graphs side by side at ``--batch`` (default 16).
 
 Each step is the CLI a user would type (printed before it runs); the JSON report collects the
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="bench seconds per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--also-eval", type=Path, action="append", default=[],
+                        help="another Market-layout root to evaluate the same models on (repeatable)")
     args = parser.parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     out = args.out_dir
@@ -74,11 +77,15 @@ def main(argv=None) -> int:
         code, secs = run(exe + ["parity", args.model, fp16, "--images", args.dataset / "query", "--no-progress",
                                 "--report", out / "parity-fp16.json"], log)
         doc["steps"]["parity-fp16"] = {"exit": code, "report": json.loads((out / "parity-fp16.json").read_text())}
-    code, secs = run(exe + ["eval", *models.values(), "--dataset-root", args.dataset, "--no-progress",
-                            "--report", out / "eval.json"], log)
-    doc["steps"]["eval"] = {"exit": code, "seconds": round(secs, 1),
-                            "report": json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists()
-                            else None}
+    if (out / "parity-fp16.json").exists() and doc["steps"]["quantize-fp16"]["exit"] == 0:
+        models["fp16"] = fp16
+    for index, root in enumerate([args.dataset] + list(args.also_eval)):
+        step, report = ("eval", out / "eval.json") if index == 0 else (f"eval-{index}", out / f"eval-{index}.json")
+        code, secs = run(exe + ["eval", *models.values(), "--dataset-root", root, "--no-progress",
+                                "--report", report], log)
+        doc["steps"][step] = {"exit": code, "seconds": round(secs, 1), "dataset": str(root),
+                              "report": json.loads(report.read_text()) if report.exists() else None}
+    models.pop("fp16", None)  # the bench compares ORT FP32 with the INT8 graphs
     if not args.skip_bench:
         code, secs = run(exe + ["bench", *models.values(), "--batch-sizes", str(args.batch), "--threads",
                                 str(args.threads), "--duration", str(args.duration), "--no-progress",

@@ -257,7 +257,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
         _log(report.fusion.summary())
     if report_path is not None:
         atomic_write_json(report_path, report.to_dict())
-    what = precision if precision == "fp16" else (f"int8 {report.target}, {report.method} calibration on "
+    what = precision if precision == "fp16" else (f"int8 {report.target}: {report.method}; calibrated on "
                                                   f"{report.calibration_images} images")
     gate_text = "" if report.gate_passed is None else (
         "; accuracy gate passed" if report.gate_passed else "; BELOW THE ACCURACY GATE")
