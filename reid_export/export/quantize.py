@@ -354,7 +354,7 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
                                            + result.keep_float))
     report.parity = dict(chosen.objective)
     report.gate_passed = chosen.passed
-    tried = ", ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))
+    tried = " / ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))  # labels hold commas
     report.search = {
         "gate": gate.to_dict(), "held_out_images": len(val_paths), "tried": [t.to_dict() for t in result.trials],
         "first_choice": first.label, "chosen": chosen.label, "objective_before_fallback": first.objective,
