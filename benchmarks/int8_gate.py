@@ -77,15 +77,12 @@ def main(argv=None) -> int:
         code, secs = run(exe + ["parity", args.model, fp16, "--images", args.dataset / "query", "--no-progress",
                                 "--report", out / "parity-fp16.json"], log)
         doc["steps"]["parity-fp16"] = {"exit": code, "report": json.loads((out / "parity-fp16.json").read_text())}
-    if (out / "parity-fp16.json").exists() and doc["steps"]["quantize-fp16"]["exit"] == 0:
-        models["fp16"] = fp16
+    evaluated = list(models.values()) + ([fp16] if doc["steps"]["quantize-fp16"]["exit"] == 0 else [])
     for index, root in enumerate([args.dataset] + list(args.also_eval)):
         step, report = ("eval", out / "eval.json") if index == 0 else (f"eval-{index}", out / f"eval-{index}.json")
-        code, secs = run(exe + ["eval", *models.values(), "--dataset-root", root, "--no-progress",
-                                "--report", report], log)
+        code, secs = run(exe + ["eval", *evaluated, "--dataset-root", root, "--no-progress", "--report", report], log)
         doc["steps"][step] = {"exit": code, "seconds": round(secs, 1), "dataset": str(root),
                               "report": json.loads(report.read_text()) if report.exists() else None}
-    models.pop("fp16", None)  # the bench compares ORT FP32 with the INT8 graphs
     if not args.skip_bench:
         code, secs = run(exe + ["bench", *models.values(), "--batch-sizes", str(args.batch), "--threads",
                                 str(args.threads), "--duration", str(args.duration), "--no-progress",

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
-
-NAME = re.compile(r"^(-?\d+)_c(\d+)")
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val-size", type=int, default=None, help="as given to quantize (default: its default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from reid_export.data.market import parse_name
     from reid_export.export.quantize import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, select_images
     from reid_export.preprocess import expand_image_paths
 
@@ -45,10 +42,10 @@ def main(argv=None) -> int:
     used = {p.resolve() for p in calib + val}
     by_id: dict[int, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for path in expand_image_paths([train]):
-        match = NAME.match(path.name)
-        if path.resolve() in used or match is None or int(match.group(1)) <= 0:
+        parsed = parse_name(path.name)
+        if path.resolve() in used or parsed is None or parsed[0] <= 0:  # junk (-1) and distractors (0) left out
             continue
-        by_id[int(match.group(1))][int(match.group(2))].append(path)
+        by_id[parsed[0]][parsed[1]].append(path)
     query_dir, gallery_dir = args.out / "query", args.out / "bounding_box_test"
     for folder in (query_dir, gallery_dir):
         folder.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,16 @@ def parity_images() -> list[Path]:
     return sorted(folder.glob("*.jpg"))
 
 
+def load_benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_image(path: Path, seed: int = 0, size=(160, 64)) -> Path:
     rng = np.random.default_rng(seed)
     h, w = size

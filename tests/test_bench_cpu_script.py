@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cpu_bench():
-    spec = importlib.util.spec_from_file_location("cpu_bench", REPO / "benchmarks" / "cpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cpu_bench")
 
 
 def test_dry_run_prints_every_command(cpu_bench, tmp_path, capsys):

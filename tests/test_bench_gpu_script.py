@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, randomize_bn
+from conftest import CONFIGS, load_benchmark, randomize_bn
 from reid_export.config import load_config
 from reid_export.modeling import build_model
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_bench")
 
 
 def test_defaults_are_the_issue_run(gpu_bench):

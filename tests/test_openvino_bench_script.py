@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ov_bench():
-    spec = importlib.util.spec_from_file_location("openvino_bench", REPO / "benchmarks" / "openvino_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("openvino_bench")
 
 
 def test_dry_run_prints_every_route(ov_bench, tmp_path, capsys):

@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import REPO
+from conftest import load_benchmark, write_image
 
 
 @pytest.fixture(scope="module")
 def split():
-    spec = importlib.util.spec_from_file_location("retrieval_split", REPO / "benchmarks" / "retrieval_split.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("retrieval_split")
 
 
 def _train_folder(root, ids=40):
     train = root / "bounding_box_train"
     train.mkdir(parents=True)
-    rng = np.random.default_rng(0)
     for pid in range(1, ids + 1):
         cams = [1] if pid % 10 == 0 else [1, 2]  # every tenth identity is seen by one camera only
         for cam in cams:
             for k in range(1 + pid % 3):
-                Image.fromarray(rng.integers(0, 255, (16, 8, 3), dtype=np.uint8)).save(
-                    train / f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg")
+                write_image(train / f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg", seed=pid * 10 + cam, size=(16, 8))
     return train
 
 
@@ -64,7 +56,7 @@ def test_split_without_usable_identities_fails(split, tmp_path):
     train = tmp_path / "data" / "bounding_box_train"
     train.mkdir(parents=True)
     for k in range(12):  # one identity, one camera
-        Image.new("RGB", (8, 16)).save(train / f"0001_c1s1_{k:06d}_00.jpg")
+        write_image(train / f"0001_c1s1_{k:06d}_00.jpg", seed=k, size=(16, 8))
     assert split.main([str(tmp_path / "data"), "-o", str(tmp_path / "split"), "--calib-size", "4",
                        "--val-size", "2"]) == 1
 
@@ -72,6 +64,6 @@ def test_split_without_usable_identities_fails(split, tmp_path):
 def test_split_refuses_a_folder_with_real_images(split, tmp_path):
     _train_folder(tmp_path / "data", ids=12)
     (tmp_path / "out" / "query").mkdir(parents=True)
-    Image.new("RGB", (8, 16)).save(tmp_path / "out" / "query" / "0001_c1s1_000000_00.jpg")
+    write_image(tmp_path / "out" / "query" / "0001_c1s1_000000_00.jpg", size=(16, 8))
     assert split.main([str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--calib-size", "4", "--val-size", "2"]) == 2
     assert (tmp_path / "out" / "query" / "0001_c1s1_000000_00.jpg").is_file()  # left alone
