@@ -174,3 +174,58 @@ def data_config_differences(ref_dc, cand_dc) -> list[str]:
         if a.get(key) != b.get(key):
             out.append(f"{key}: reference {a.get(key)} vs candidate {b.get(key)}")
     return out
+
+
+# A model fed the wrong convention (normalised twice, 0..255 into a 0..1 graph) often maps every
+# crop to nearly the same direction: the features still look like numbers, every comparison runs,
+# and a tracker can no longer tell people apart. Different crops of trained ReID models score
+# mean pairwise cosine of about 0.3-0.8; a collapsed model scores >= 0.99 on every pair.
+COLLAPSE_COSINE = 0.99
+
+
+@dataclass
+class CollapseStats:
+    """Pairwise cosine similarity of the features of different images (upper triangle only)."""
+
+    num_images: int
+    min_pair_cosine: float
+    mean_pair_cosine: float
+    collapsed: bool
+    threshold: float = COLLAPSE_COSINE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def warning(self, name: str) -> str:
+        return (f"warning: {name}: collapsed embeddings: every pair of the {self.num_images} different images "
+                f"scores cosine >= {self.min_pair_cosine:.3f} (mean {self.mean_pair_cosine:.3f}); the model "
+                "cannot tell them apart. Is the input normalised twice or in the wrong pixel scale? Check the "
+                "data config (reid-export annotate --detect finds a foreign model's convention)")
+
+
+def collapse_stats(features: np.ndarray, threshold: float = COLLAPSE_COSINE) -> CollapseStats | None:
+    """Whether ``features`` (one row per *different* image) are nearly constant in direction.
+
+    Collapsed means the *least* similar pair of images still scores cosine >= ``threshold``:
+    one distinct pair is enough to clear a model, so a few near-duplicate crops in a folder
+    never raise it, and a model that separates anything at all is not flagged. Needs at least 3
+    images (with 2 the single pair says too little); returns None below that. Rows that are all
+    zero or not finite count as collapsed with everything (they carry no direction).
+    """
+    feats = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    n = feats.shape[0]
+    if n < 3:
+        return None
+    finite = np.isfinite(feats).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], feats, 0.0), axis=1)
+    good = finite & (norms > 0)
+    unit = np.zeros_like(feats)
+    unit[good] = feats[good] / norms[good, None]
+    sims = unit @ unit.T
+    bad = ~good
+    sims[bad, :] = 1.0  # a row without a direction cannot be told from any other
+    sims[:, bad] = 1.0
+    iu = np.triu_indices(n, k=1)
+    pairs = sims[iu]
+    low, mean = float(pairs.min()), float(pairs.mean())
+    return CollapseStats(n, low, mean, bool(low >= threshold), threshold)

@@ -106,3 +106,24 @@ def test_parity_cli_bad_inputs(tmp_path, image_dir):
     empty.mkdir()
     assert_clean_error(run_cli("parity", a, a, "--images", empty), "holds no images")
     assert_clean_error(run_cli("parity", a, a, "--images", image_dir, "--atol", "1e-3"), "--atol and --rtol")
+
+
+def test_collapse_stats_flags_nearly_constant_features_only():
+    from reid_export.embeddings import collapse_stats
+
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(8, 64)).astype(np.float32)
+    stats = collapse_stats(distinct)
+    assert not stats.collapsed and stats.min_pair_cosine < 0.5
+    # one shared direction plus a little noise: what a twice-normalised input gives
+    common = rng.normal(size=(1, 64))
+    collapsed = common + 0.01 * rng.normal(size=(8, 64))
+    stats = collapse_stats(collapsed)
+    assert stats.collapsed and stats.min_pair_cosine >= 0.99
+    assert "collapsed embeddings" in stats.warning("m.onnx")
+    # a folder of near-duplicates plus one distinct crop is not collapsed
+    mixed = np.vstack([collapsed[:5], distinct[:1]])
+    assert not collapse_stats(mixed).collapsed
+    # zero rows carry no direction
+    assert collapse_stats(np.zeros((4, 8))).collapsed
+    assert collapse_stats(distinct[:2]) is None
