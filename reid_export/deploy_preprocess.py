@@ -17,6 +17,12 @@ error before anyone ships:
   NVIDIA's scalar.
 - ``bilinear``: a plain bilinear resize (OpenCV ``INTER_LINEAR``) instead of the model's own
   interpolation, the model's own normalisation (a client that resizes that way).
+- ``boxmot``: BoxMOT 25's ReID input (``boxmot/reid/core/crops.py``): the BGR crop resized with
+  ``cv2.resize`` ``INTER_LINEAR``, BGR->RGB, ``/255``, ImageNet mean/std, in float32, mapped to the
+  model's input by the per-channel affine that ``reid-export boxmot`` folds into its graph: what
+  BoxMOT computes with that hand-off.
+- ``boxmot-unfolded``: the same BoxMOT tensor fed to the model as it is: what BoxMOT computes with a
+  model that expects another input (e.g. a plain ``reid-export onnx`` export, which normalises again).
 
 Each variant changes only the geometry (letterbox or resize mode) or the normalisation and hands
 the rest (colour order, pixel scale, mean/std, layout) to
@@ -48,6 +54,7 @@ class Deployment:
     letterbox: bool  # DeepStream keepAspc: 1
     resize: str  # the deployment's interpolation (a DataConfig interpolation name)
     scalar_normalisation: bool  # one netScaleFactor for all channels
+    feeder: str | None = None  # a client that normalises its own way (FEEDERS); None: the model's own
 
     def preprocess(self, images: Sequence[ImageLike], data_config: DataConfig) -> np.ndarray:
         """A batch as this deployment feeds the model: float32 [N, 3, H, W] in the model's input units."""
@@ -55,7 +62,17 @@ class Deployment:
             raise ReidExportError("preprocess got no images")
         return np.stack([self.preprocess_image(image, data_config) for image in images])
 
+    def _fed(self, image: ImageLike, data_config: DataConfig) -> np.ndarray:
+        rgb = read_image(image) if not isinstance(image, np.ndarray) else image
+        feeder = FEEDERS[self.feeder.removesuffix("-unfolded")]
+        fed = feeder_tensor(rgb, feeder, data_config.input_size)
+        if self.feeder.endswith("-unfolded"):
+            return fed
+        return apply_affine(fed, input_affine(data_config, feeder))
+
     def preprocess_image(self, image: ImageLike, data_config: DataConfig) -> np.ndarray:
+        if self.feeder is not None:
+            return self._fed(image, data_config)
         rgb = read_image(image) if not isinstance(image, np.ndarray) else image
         own = replace(data_config, interpolation=self.resize)
         if self.letterbox:
@@ -74,6 +91,76 @@ class Deployment:
             mean = np.asarray(data_config.mean, dtype=np.float32)[:, None, None]
             y = y * std + mean
         return np.ascontiguousarray(y, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- clients that normalise themselves
+
+# BoxMOT 25 (boxmot/reid/core/crops.py prepare_crop_batch, reid/backends/base_backend.py): cv2.resize
+# INTER_LINEAR of the BGR uint8 crop, BGR->RGB, float32 / 255, minus ImageNet mean, over ImageNet std
+# (no option turns it off). As a data config: what that client hands a model.
+BOXMOT_INPUT = DataConfig(height=256, width=128, channel_order="rgb", pixel_scale=1.0, mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225), interpolation="linear", normalized_inside=False,
+                          model_name="boxmot-input")
+FEEDERS: dict[str, DataConfig] = {"boxmot": BOXMOT_INPUT}
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``model_input[:, m] = scale[m] * fed[:, src[m]] + bias[m]`` per channel m of the model's input."""
+    scale: tuple[float, float, float]
+    bias: tuple[float, float, float]
+    swap: bool  # the model's channel m is the feeder's channel 2 - m (RGB <-> BGR)
+
+    @property
+    def identity(self) -> bool:
+        return not self.swap and all(abs(a - 1.0) < 1e-12 for a in self.scale) and not any(self.bias)
+
+
+def input_affine(model: DataConfig, feeder: DataConfig) -> Affine:
+    """The per-channel map from what ``feeder`` hands over (its channel order, pixel scale and, when it
+    normalises outside, its mean/std) to the input ``model``'s data config asks for (its channel order,
+    pixel scale and, when its normalisation is outside the model, its mean/std)."""
+    swap = feeder.channel_order != model.channel_order
+    scale, bias = [], []
+    for m in range(3):
+        c = 2 - m if swap else m
+        k = model.pixel_scale / feeder.pixel_scale  # feeder units -> model pixel units
+        a, b = (feeder.std[c] * k, feeder.mean[c] * k) if not feeder.normalized_inside else (k, 0.0)
+        if not model.normalized_inside:
+            a, b = a / model.std[m], (b - model.mean[m]) / model.std[m]
+        scale.append(float(a))
+        bias.append(float(b))
+    return Affine(tuple(scale), tuple(bias), swap)
+
+
+def apply_affine(x: np.ndarray, affine: Affine) -> np.ndarray:
+    """What a graph with the folded affine computes at its input (float32: a Gather, a Mul, an Add)."""
+    if affine.identity:
+        return x
+    if affine.swap:
+        x = x[..., ::-1, :, :] if x.ndim == 3 else x[:, ::-1]
+    y = x * np.asarray(affine.scale, np.float32).reshape(3, 1, 1)
+    y = y + np.asarray(affine.bias, np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def feeder_tensor(rgb: np.ndarray, feeder: DataConfig, size: tuple[int, int]) -> np.ndarray:
+    """The float32 CHW tensor ``feeder`` builds from an RGB uint8 crop, in its own operation order
+    (BoxMOT: resize, /255, -mean, /std in float32, as its in-place torch ops)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ReidExportError(f"arrays given to preprocess must be RGB uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
+    height, width = size
+    interp = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}[feeder.interpolation]
+    resized = rgb if rgb.shape[:2] == (height, width) else cv2.resize(rgb, (width, height), interpolation=interp)
+    if feeder.channel_order == "bgr":
+        resized = resized[:, :, ::-1]
+    x = np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32)
+    if feeder.pixel_scale != 255.0:
+        x /= np.float32(255.0 / feeder.pixel_scale)
+    if not feeder.normalized_inside:
+        x -= np.asarray(feeder.mean, np.float32).reshape(3, 1, 1)
+        x /= np.asarray(feeder.std, np.float32).reshape(3, 1, 1)
+    return x
 
 
 def mean_std(data_config: DataConfig) -> float:
@@ -112,6 +199,12 @@ DEPLOYMENTS: dict[str, Deployment] = {d.name: d for d in (
                "1/mean(std)", letterbox=False, resize="linear", scalar_normalisation=True),
     Deployment("bilinear", "a plain bilinear resize (OpenCV INTER_LINEAR), the model's own normalisation",
                letterbox=False, resize="linear", scalar_normalisation=False),
+    Deployment("boxmot", "BoxMOT ReID with reid-export boxmot's hand-off: cv2 INTER_LINEAR resize, /255, ImageNet "
+               "mean/std outside, mapped back inside the graph", letterbox=False, resize="linear",
+               scalar_normalisation=False, feeder="boxmot"),
+    Deployment("boxmot-unfolded", "BoxMOT ReID with the model as it is (no hand-off): BoxMOT's ImageNet-normalised "
+               "input fed straight in (a model that normalises inside normalises twice)", letterbox=False,
+               resize="linear", scalar_normalisation=False, feeder="boxmot-unfolded"),
 )}
 
 

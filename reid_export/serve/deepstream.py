@@ -21,14 +21,13 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from .. import __version__
 from ..data_config import DataConfig
 from ..errors import ReidExportError
 from ..fileio import atomic_write_files, check_output_path, sha256_file
 from ..preprocess import ImageLike, expand_image_paths, read_images
-from ..deploy_preprocess import Deployment, net_scale_factor
+from ..deploy_preprocess import Deployment, input_affine, net_scale_factor
 
 COLOR_FORMAT = {"rgb": 0, "bgr": 1}  # ReID colorFormat
 NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}  # ReID networkMode
@@ -48,53 +47,17 @@ class FoldedModel:
 def fold_normalisation(model: onnx.ModelProto, data_config: DataConfig, color_order: str) -> FoldedModel:
     """A copy of ``model`` whose input is 0..255 pixels in ``color_order`` with the model's own
     preprocessing after the resize (channel order, pixel scale, per-channel mean/std) inside."""
-    from ..export.metadata import input_info
+    from .fold import check_image_input, prepend_affine
 
     if color_order not in COLOR_FORMAT:
         raise ReidExportError(f"colour order must be rgb or bgr, got {color_order!r}", exit_code=2)
-    name, shape, elem_type = input_info(model)
-    if elem_type != onnx.TensorProto.FLOAT:
-        raise ReidExportError(f"the ONNX input {name} is not float32; DeepStream feeds float32 "
-                              "(FP16 and INT8 ONNX from reid-export keep float32 inputs)")
-    if len(shape) != 4:
-        raise ReidExportError(f"the ONNX input {name} has shape {shape}; expected [N, 3, H, W]")
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    graph = folded.graph
-    k = data_config.pixel_scale / 255.0
-    if data_config.normalized_inside:
-        scale, bias = [k] * 3, [0.0] * 3
-    else:
-        scale = [k / s for s in data_config.std]
-        bias = [-m / s for m, s in zip(data_config.mean, data_config.std)]
-    swap = color_order != data_config.channel_order
-    identity = not swap and all(abs(a - 1.0) < 1e-12 for a in scale) and not any(bias)
-    if not identity:
-        inner = _unique(graph, f"{name}__model_input")
-        for node in graph.node:
-            for i, value in enumerate(node.input):
-                if value == name:
-                    node.input[i] = inner
-        for out in graph.output:
-            if out.name == name:
-                raise ReidExportError(f"the ONNX input {name} is also an output; cannot fold a normalisation into it")
-        nodes, current = [], name
-        if swap:
-            idx = _unique(graph, f"{name}__channel_swap")
-            graph.initializer.append(numpy_helper.from_array(np.array([2, 1, 0], dtype=np.int64), idx))
-            swapped = _unique(graph, f"{name}__swapped")
-            nodes.append(helper.make_node("Gather", [current, idx], [swapped], axis=1,
-                                          name=_unique(graph, "deepstream_channel_swap")))
-            current = swapped
-        s_name, b_name = _unique(graph, f"{name}__scale"), _unique(graph, f"{name}__offset")
-        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32).reshape(1, 3, 1, 1), s_name))
-        graph.initializer.append(numpy_helper.from_array(np.array(bias, np.float32).reshape(1, 3, 1, 1), b_name))
-        scaled = _unique(graph, f"{name}__scaled")
-        nodes.append(helper.make_node("Mul", [current, s_name], [scaled], name=_unique(graph, "deepstream_scale")))
-        nodes.append(helper.make_node("Add", [scaled, b_name], [inner], name=_unique(graph, "deepstream_offset")))
-        old = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes + old)
+    check_image_input(model, "DeepStream")
+    # what the tracker hands over: 0..255 pixels in its colour order, nothing subtracted or divided
+    tracker = replace(data_config, channel_order=color_order, pixel_scale=255.0, mean=(0.0, 0.0, 0.0),
+                      std=(1.0, 1.0, 1.0), normalized_inside=False)
+    affine = input_affine(data_config, tracker)
+    folded = prepend_affine(model, affine, "deepstream", "DeepStream")
+    scale, bias, swap = list(affine.scale), list(affine.bias), affine.swap
     # the folded model's data config: 0..255 in the tracker's colour order, normalisation inside
     # (mean/std recorded in pixel units and that order, for reference)
     to_px = 255.0 / data_config.pixel_scale
@@ -108,15 +71,6 @@ def fold_normalisation(model: onnx.ModelProto, data_config: DataConfig, color_or
     if swap:
         scale, bias = scale[::-1], bias[::-1]
     return FoldedModel(folded, new_dc, [float(v) for v in scale], [float(v) for v in bias], swap)
-
-
-def _unique(graph: onnx.GraphProto, base: str) -> str:
-    taken = {i.name for i in graph.initializer} | {v.name for v in graph.input} | {v.name for v in graph.output}
-    taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def reid_section(data_config: DataConfig, feature_size: int, onnx_file: str, network_mode: str = "fp32",
