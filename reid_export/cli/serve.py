@@ -1,4 +1,4 @@
-"""``reid-export triton`` and ``deepstream``: hand a verified model to a server or a tracker."""
+"""``reid-export triton``, ``deepstream`` and ``boxmot``: hand a verified model to a server or a tracker."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from ..errors import ReidExportError
 from ..report import format_table
-from .common import positive_int
+from .common import OptsCommand, get_opts, positive_int
 from .main import cli
 
 
@@ -142,4 +142,69 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
     click.echo(f"wrote {res.onnx_path} and {res.yaml_path} (ReID: reidFeatureSize {res.section['reidFeatureSize']}, "
                f"inferDims {res.section['inferDims']}, colorFormat {res.section['colorFormat']}, keepAspc "
                f"{res.section['keepAspc']})")
+    return 0
+
+
+@cli.command(cls=OptsCommand)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for NAME.onnx, NAME_openvino_model/ and their .metadata.json sidecars (created).")
+@click.option("--config", type=click.Path(path_type=Path), help="fast-reid/torchreid YAML config for a checkpoint "
+                                                                 "that lacks one (e.g. configs/torchreid/osnet_x0_25.yml).")
+@click.option("--images", "image_inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Crops for the self-check (default: 8 generated images of varied aspect ratios).")
+@click.option("--name", help="Output file stem (default: the model's). BoxMOT reads the architecture from the "
+                             "sidecar, else from a backbone name in the file name.")
+@click.option("--boxmot-arch", "architecture", help="BoxMOT backbone name to write into the sidecars (default: "
+                                                    "found for OSNet models; none for architectures BoxMOT lacks).")
+@click.option("--openvino/--no-openvino", default=True, show_default=True,
+              help="Also write NAME_openvino_model/ (needs the [openvino] extra).")
+@click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
+@click.option("--progress/--no-progress", default=False)
+def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, max_rel_l2, progress):
+    """An ONNX and an OpenVINO IR that BoxMOT's ReID backends load as they are.
+
+    BoxMOT (StrongSORT, BoT-SORT, DeepOCSORT, ...) normalises every crop itself: cv2 INTER_LINEAR
+    resize, BGR->RGB, /255, ImageNet mean/std. The map from that input back to what MODEL needs
+    (pixel scale, per-channel mean/std, channel swap) is folded into the graph (Q/DQ scales of INT8
+    graphs untouched, FP16 graphs keep float32 I/O); the files get BoxMOT's names and
+    .metadata.json sidecars (architecture, input size: BoxMOT's OpenVINO backend reads it only
+    there). MODEL is a checkpoint (with --config where it lacks one) or an ONNX with a data config.
+    The folded model on BoxMOT-style input must reproduce MODEL on its own preprocessing (FP32
+    tolerance) and the IR the folded ONNX, or nothing is written (exit 1).
+
+    \b
+    Example:
+      reid-export boxmot osnet_x0_25_market1501.pt --config configs/torchreid/osnet_x0_25.yml -o boxmot/
+      reid-export eval osnet_x0_25_market1501.pt --config configs/torchreid/osnet_x0_25.yml \\
+          --dataset-root Market-1501 --deployment boxmot
+    """
+    from ..serve.boxmot import build
+
+    res = build(model, out_dir, config=config, opts=get_opts(), images=image_inputs, name=name,
+                architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress,
+                log=lambda line: click.echo(line, err=True))
+    p, a = res.parity, res.affine
+    src = res.source_config
+    click.echo(f"model input: {src.height}x{src.width} {src.channel_order.upper()}, pixel scale {src.pixel_scale:g}, "
+               f"mean {list(src.mean)}, std {list(src.std)}, normalised "
+               f"{'inside' if src.normalized_inside else 'outside'}; BoxMOT feeds RGB /255 with ImageNet mean/std")
+    click.echo("folded into the graph, per model input channel: "
+               + ", ".join(f"{s:.6g} * x{'[' + str(2 - i) + ']' if a.swap else ''} + {b:.6g}"
+                           for i, (s, b) in enumerate(zip(a.scale, a.bias)))
+               + ("" if not a.identity else " (identity: the model already takes BoxMOT's input)"))
+    click.echo(format_table(["check", "min cos", "max rel L2", "top-1", "result"],
+                            [[f"folded {res.precision} ONNX on BoxMOT input vs original ({res.num_images} images)",
+                              p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}", "PASS"]], floatfmt=".6g"))
+    for line in res.openvino_lines:
+        click.echo(line)
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    arch = res.architecture or "none (a model BoxMOT does not know)"
+    click.echo(f"wrote {res.onnx_path}" + (f", {res.openvino_xml.parent}/" if res.openvino_xml else "")
+               + f" and {len(res.sidecars)} sidecar(s) (BoxMOT architecture: {arch}, input "
+               f"{res.data_config.height}x{res.data_config.width}, {res.data_config.feat_dim}-d)")
+    click.echo("verify:")
+    for command in res.verify_commands(model, config):
+        click.echo(f"  {command}")
     return 0

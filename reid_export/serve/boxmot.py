@@ -1,0 +1,282 @@
+"""BoxMOT hand-off: an ONNX and an OpenVINO IR that BoxMOT 25's ReID backends load as they are.
+
+BoxMOT (StrongSORT, BoT-SORT, DeepOCSORT, ... through ``boxmot.reid``) prepares every crop itself
+(``boxmot/reid/core/crops.py``): ``cv2.resize`` INTER_LINEAR of the BGR crop, BGR->RGB, ``/255``,
+ImageNet mean/std, float32 NCHW; no setting turns the normalisation off. A graph that normalises
+inside (every ``reid-export onnx`` export) normalises twice there. Here the per-channel map from
+BoxMOT's input back to the model's own input (scale, mean/std, channel swap for BGR models) is folded
+into the graph (:mod:`reid_export.serve.fold`), and the files get the names and the
+``.metadata.json`` sidecars that make BoxMOT pick the input size and architecture:
+
+- ``NAME.onnx`` + ``NAME.onnx.metadata.json``: BoxMOT's ONNX backend takes H x W from the graph's
+  fixed input dims (set here), the architecture from the sidecar's ``model_name``.
+- ``NAME_openvino_model/NAME.xml`` (+ ``.bin``) with ``manifest.json`` (read when BoxMOT is given
+  the folder) and ``NAME.xml.metadata.json`` (when given the ``.xml``): BoxMOT's OpenVINO backend
+  does not read the size from the IR; without ``model_kwargs.img_size`` it uses the backbone's
+  default or 256x128, which is wrong for a 384x128 model.
+
+BoxMOT resolves the architecture from the sidecar's ``model_name``, else from the checkpoint, else
+from the longest known backbone name in the file name (``boxmot/reid/core/registry.py``). Its ONNX and
+OpenVINO backends never build the architecture, so an architecture BoxMOT does not know runs all the
+same; only its PyTorch backend needs one of its own backbones.
+
+Before anything is written the folded ONNX runs on BoxMOT-style input and must reproduce the
+original on its own preprocessing (same resize) at the FP32 parity tolerance; the IR is checked
+against the folded ONNX by :func:`reid_export.runtime.openvino_convert.convert_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+
+from .. import __version__
+from ..data_config import DataConfig
+from ..deploy_preprocess import BOXMOT_INPUT, Affine, input_affine
+from ..errors import ReidExportError, UsageError
+from ..fileio import atomic_write_files, check_output_path, sha256_file
+from ..preprocess import ImageLike, expand_image_paths, read_images
+
+BOXMOT_VERSION = "25.0.0"
+KEY_BOXMOT = "reid_export.boxmot"
+# boxmot 25.0.0 registered_backbone_names(): what its file-name rule can match
+BOXMOT_BACKBONES = (
+    "csl_tinyvit_11m", "csl_tinyvit_11m_lmbn", "csl_tinyvit_11m_v20", "csl_tinyvit_23m", "csl_tinyvit_23m_lmbn",
+    "csl_tinyvit_7m", "csl_tinyvit_7m_lmbn", "csl_tinyvit_7m_v20", "csl_tinyvit_large", "csl_tinyvit_lmbn",
+    "csl_tinyvit_normal", "csl_tinyvit_small", "hacnn", "hi_afa", "lmbn_ain_n", "lmbn_n", "mlfn", "mobilenetv2_x1_0",
+    "mobilenetv2_x1_4", "mobilenetv4_conv_large", "mobilenetv4_conv_medium", "mobilenetv4_conv_medium_v20",
+    "mobilenetv4_conv_small", "mobilenetv4_hybrid_large", "mobilenetv4_hybrid_medium",
+    "mobilenetv4_hybrid_medium_v20", "osnet_ain_x0_25", "osnet_ain_x0_5", "osnet_ain_x0_75", "osnet_ain_x1_0",
+    "osnet_ibn_x1_0", "osnet_x0_25", "osnet_x0_5", "osnet_x0_75", "osnet_x1_0", "resnet101", "resnet152", "resnet18",
+    "resnet34", "resnet50", "resnet50_fc512", "resnext101_32x8d", "resnext50_32x4d",
+)
+# the BoxMOT backbones reid-export builds as torchreid (and BoxMOT) do: safe to name from a file name
+SAME_NETWORK = tuple(n for n in BOXMOT_BACKBONES if n.startswith("osnet_"))
+# BoxMOT tracker config keys that take an appearance (cosine-distance) threshold, for a reference
+# threshold to be written later (boxmot/configs/trackers/*.yaml): None until eval measures one
+TRACKER_THRESHOLD_KEYS = {"strongsort": "max_cos_dist", "botsort": "appearance_thresh",
+                          "deepocsort": "w_association_emb (a weight, not a threshold)"}
+
+
+def file_name_backbone(name: str) -> str | None:
+    """BoxMOT's last resort: the longest known backbone name in the (lower-cased) file name."""
+    lowered = name.lower()
+    for candidate in sorted(BOXMOT_BACKBONES, key=len, reverse=True):
+        if candidate in lowered:
+            return candidate
+    return None
+
+
+@dataclass
+class BoxmotResult:
+    onnx_path: Path
+    openvino_xml: Path | None
+    sidecars: list[Path]
+    data_config: DataConfig  # of the written files: BoxMOT's input
+    source_config: DataConfig  # the original model's
+    affine: Affine
+    parity: object  # embeddings.ParityResult: folded ONNX on BoxMOT input vs the original on its own
+    openvino_lines: list[str]
+    architecture: str | None  # the BoxMOT backbone name written into the sidecars, None: not one of BoxMOT's
+    precision: str
+    num_images: int
+    notes: list[str] = field(default_factory=list)
+
+    def verify_commands(self, model: str | Path, config: str | Path | None) -> list[str]:
+        cfg = f" --config {config}" if config else ""
+        out = [f"reid-export parity {model} {self.onnx_path}"
+               + (f" {self.openvino_xml}" if self.openvino_xml else "") + f"{cfg} --images CROPS/",
+               f"reid-export eval {model}{cfg} --dataset-root Market-1501 --deployment boxmot"]
+        return out
+
+
+def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataConfig, feat_dim: int,
+             precision: str, source: Path, source_sha: str, input_name: str, parity) -> dict:
+    """What BoxMOT reads (``boxmot/reid/core/artifacts.py`` / ``registry.py``): ``model_name`` and
+    ``model_kwargs`` (schema 1; ``img_size`` sets the crop size), plus our own record under ``reid_export``."""
+    return {
+        "schema_version": 1,
+        "format": fmt,
+        "model_name": architecture or label,
+        "model_kwargs_schema_version": 1,
+        "model_kwargs": {"img_size": [data_config.height, data_config.width]},
+        "img_size": [data_config.height, data_config.width],
+        "preprocess": "resize",
+        "input_name": input_name,
+        "precision": {"fp32": "float32", "fp16": "float16"}.get(precision, precision),
+        "dynamic_batch": True,
+        "source": source.name,
+        "source_sha256": source_sha,
+        "reid_export": {
+            "version": __version__,
+            "boxmot_version": BOXMOT_VERSION,
+            "known_to_boxmot": architecture is not None,
+            "feature_dim": feat_dim,
+            "input": "RGB, cv2 INTER_LINEAR resize, /255, ImageNet mean/std outside (BoxMOT's own); "
+                     "the graph maps it back to the model's input",
+            "data_config": data_config.to_dict(),
+            "self_check": {"min_cosine": parity.min_cosine, "max_rel_l2": parity.max_rel_l2,
+                           "images": parity.num_images},
+            # a reference appearance threshold (cosine distance at a false-match rate, from eval) goes here
+            # and into the tracker config key named below; not measured by this command
+            "tracker_threshold": None,
+            "tracker_config_keys": TRACKER_THRESHOLD_KEYS,
+        },
+    }
+
+
+def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | None = None, opts: Sequence[str] = (),
+          images: Sequence[str | Path] = (), name: str | None = None, architecture: str | None = None,
+          openvino: bool = True, max_rel_l2: float | None = None, progress: bool = False,
+          log: Callable[[str], None] = lambda line: None) -> BoxmotResult:
+    """Fold BoxMOT's input convention into MODEL, self-check, and write the ONNX, the OpenVINO IR and
+    their sidecars into ``out_dir``. Nothing is written when a check fails."""
+    from ..embeddings import Tolerances, compare
+    from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, input_info, load_onnx,
+                                   model_precision, require_data_config, set_metadata)
+    from ..runtime import open_encoder
+    from ..runtime.onnx_backend import OnnxEncoder, make_session
+    from .deepstream import sample_images
+    from .fold import fix_spatial_dims, prepend_affine
+
+    model_path = Path(model_path)
+    suffix = model_path.suffix.lower()
+    if suffix not in (".onnx", ".pt", ".pth", ".pkl"):
+        raise UsageError(f"{model_path}: boxmot takes a checkpoint (.pth/.pt) or an ONNX (FP32, FP16 or INT8 "
+                         "from reid-export, or one with a data config from reid-export annotate)")
+    if not model_path.is_file():
+        raise ReidExportError(f"{model_path}: no such file; check the path")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReidExportError(f"{out_dir}: is a file; give a folder for -o")
+    if architecture is not None and architecture not in BOXMOT_BACKBONES:
+        raise UsageError(f"--boxmot-arch {architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it out "
+                         "for a model BoxMOT does not know (its ONNX/OpenVINO backends do not need one)")
+    if openvino:
+        try:
+            import openvino as _ov  # noqa: F401
+        except ImportError:
+            raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
+                                  "(or write only the ONNX with --no-openvino)") from None
+    stem = name or model_path.stem
+    if not stem or "/" in stem:
+        raise UsageError(f"--name {stem!r}: give a plain file stem")
+
+    inputs: list[ImageLike]
+    if images:
+        inputs, _, _ = read_images(expand_image_paths(images))
+    else:
+        inputs = sample_images()
+
+    with tempfile.TemporaryDirectory(prefix=".reid-export-boxmot.") as tmp_name:
+        tmp = Path(tmp_name)
+        if suffix == ".onnx":
+            onnx_source = model_path
+        else:  # a checkpoint: export it first (checked against torch there)
+            from ..export.onnx_export import export_checkpoint
+
+            onnx_source = tmp / f"{stem}.source.onnx"
+            export_checkpoint(model_path, onnx_source, config=config, opts=opts, log=log)
+        model = load_onnx(onnx_source)
+        source_dc = require_data_config(model, onnx_source if suffix != ".onnx" else model_path)
+        precision = model_precision(model)
+        affine = input_affine(source_dc, BOXMOT_INPUT)
+        folded = prepend_affine(model, affine, "boxmot", "BoxMOT")
+        fix_spatial_dims(folded, source_dc.height, source_dc.width)
+        # the written model's data config: BoxMOT's input; the resize stays the model's own (the graph is
+        # checked against the original on the same pixels; eval --deployment boxmot measures BoxMOT's resize)
+        written_dc = replace(source_dc, channel_order="rgb", pixel_scale=BOXMOT_INPUT.pixel_scale,
+                             mean=BOXMOT_INPUT.mean, std=BOXMOT_INPUT.std, normalized_inside=False,
+                             extra=dict(source_dc.extra, boxmot={"source_data_config": source_dc.to_dict(),
+                                                                 "client_resize": "linear"}))
+
+        # self-check: the original on its own preprocessing vs the folded graph on BoxMOT-style input
+        reference = open_encoder(model_path, config=config, opts=opts) if suffix != ".onnx" else open_encoder(model_path)
+        try:
+            ref = reference.encode_files(inputs, batch_size=8, progress=progress, desc="original (own preprocessing)")
+        finally:
+            reference.close()
+        candidate = OnnxEncoder(make_session(folded.SerializeToString()), written_dc, stem + ".onnx",
+                                precision=precision)
+        try:
+            got = candidate.encode_files(inputs, batch_size=8, progress=progress, desc="folded (BoxMOT input)")
+        finally:
+            candidate.close()
+        onnx_out = out_dir / f"{stem}.onnx"
+        tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
+        parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
+        if not parity.passed:
+            raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on BoxMOT-style "
+                                  f"input ({'; '.join(parity.failures)}); nothing written")
+        feat_dim = int(ref.shape[1])
+        written_dc = replace(written_dc, feat_dim=feat_dim)
+        source_sha = sha256_file(model_path)
+        set_metadata(folded, {
+            **base_metadata(written_dc, precision),
+            KEY_SOURCE: model_path.name, KEY_SOURCE_SHA256: source_sha,
+            KEY_BOXMOT: {"boxmot_version": BOXMOT_VERSION, "scale": list(affine.scale), "bias": list(affine.bias),
+                         "swapped_channels": affine.swap, "architecture": architecture},
+        })
+        input_name = input_info(folded)[0]
+
+        # architecture: given, else BoxMOT's own file-name rule where reid-export builds that network as BoxMOT does
+        notes: list[str] = []
+        label = source_dc.model_name or model_path.stem
+        if architecture is None:
+            guess = file_name_backbone(label) or file_name_backbone(model_path.name)
+            if guess in SAME_NETWORK:
+                architecture = guess
+        named = file_name_backbone(stem)
+        if architecture is None:
+            notes.append(f"BoxMOT {BOXMOT_VERSION} does not know this architecture ({label}): its ONNX and OpenVINO "
+                         "backends run the written graph as it is (crop size from the sidecars), its PyTorch backend "
+                         "cannot build it; keep each .metadata.json / manifest.json beside its model"
+                         + (f" (without them BoxMOT would take the file name for {named})" if named else
+                            ", without them BoxMOT's OpenVINO backend feeds 256x128"))
+        elif named != architecture:
+            notes.append(f"the file name {stem!r} " + (f"names BoxMOT's {named}" if named else
+                         "names no BoxMOT backbone") + f"; the sidecars say {architecture}: keep them beside the files")
+        if (source_dc.height, source_dc.width) != (256, 128):
+            notes.append(f"input {source_dc.height}x{source_dc.width}: BoxMOT's OpenVINO backend takes it from the "
+                         "sidecar (model_kwargs.img_size), its ONNX backend from the graph")
+        if source_dc.interpolation != "linear":
+            notes.append(f"BoxMOT resizes with cv2 INTER_LINEAR, the model's own resize is {source_dc.interpolation}: "
+                         "measure the cost with eval --deployment boxmot")
+
+        files: dict[Path, bytes] = {}
+        files[onnx_out] = folded.SerializeToString()
+        meta = dict(fmt="onnx", architecture=architecture, label=label, data_config=written_dc, feat_dim=feat_dim,
+                    precision=precision, source=model_path, source_sha=source_sha, input_name=input_name,
+                    parity=parity)
+        sidecars = [out_dir / f"{stem}.onnx.metadata.json"]
+        files[sidecars[0]] = (json.dumps(_sidecar(**meta), indent=2, sort_keys=True) + "\n").encode()
+        ov_lines: list[str] = []
+        xml_out = None
+        if openvino:
+            from ..runtime.openvino_convert import convert_file
+
+            tmp_onnx = tmp / f"{stem}.onnx"
+            tmp_onnx.write_bytes(files[onnx_out])
+            tmp_xml = tmp / "ir" / f"{stem}.xml"
+            tmp_xml.parent.mkdir()
+            report = convert_file(tmp_onnx, tmp_xml, log=log)
+            ov_lines = report.lines()
+            ov_dir = out_dir / f"{stem}_openvino_model"
+            xml_out = ov_dir / f"{stem}.xml"
+            files[xml_out.with_suffix(".bin")] = tmp_xml.with_suffix(".bin").read_bytes()
+            files[xml_out] = tmp_xml.read_bytes()
+            ov_meta = (json.dumps(_sidecar(**{**meta, "fmt": "openvino"}), indent=2, sort_keys=True) + "\n").encode()
+            for path in (ov_dir / "manifest.json", ov_dir / f"{stem}.xml.metadata.json"):
+                files[path] = ov_meta
+                sidecars.append(path)
+        for path in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_output_path(path)
+        atomic_write_files(files)
+    return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, source_dc, affine, parity, ov_lines, architecture,
+                        precision, len(inputs), notes)
