@@ -45,10 +45,15 @@ def main(argv: list[str]) -> int:
     arrays, info = {}, []
     for i, w in enumerate(weights):
         reid = ReID(weights=w, device=torch.device("cpu"), half=False)
-        feats = reid(crops)
-        arrays[f"f{i}"] = np.asarray(feats, dtype=np.float32)
-        info.append({"weights": w, "backend": type(reid.model).__name__, "input_shape": list(reid.model.input_shape),
-                     "model_name": reid.model.model_name})
+        entry = {"weights": w, "backend": type(reid.model).__name__, "input_shape": list(reid.model.input_shape),
+                 "model_name": reid.model.model_name}
+        try:
+            arrays[f"f{i}"] = np.asarray(reid(crops), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - recorded: a model BoxMOT feeds the wrong size fails here
+            if "tried to pip-install" in str(exc):
+                raise
+            entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        info.append(entry)
     import onnxruntime
 
     extra = {"onnxruntime": onnxruntime.__version__,

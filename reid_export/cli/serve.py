@@ -159,9 +159,11 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
                                                     "found for OSNet models; none for architectures BoxMOT lacks).")
 @click.option("--openvino/--no-openvino", default=True, show_default=True,
               help="Also write NAME_openvino_model/ (needs the [openvino] extra).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.onnx exporter for a checkpoint (as in reid-export onnx).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
 @click.option("--progress/--no-progress", default=False)
-def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, max_rel_l2, progress):
+def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, exporter, max_rel_l2, progress):
     """An ONNX and an OpenVINO IR that BoxMOT's ReID backends load as they are.
 
     BoxMOT (StrongSORT, BoT-SORT, DeepOCSORT, ...) normalises every crop itself: cv2 INTER_LINEAR
@@ -182,7 +184,7 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, m
     from ..serve.boxmot import build
 
     res = build(model, out_dir, config=config, opts=get_opts(), images=image_inputs, name=name,
-                architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress,
+                architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
                 log=lambda line: click.echo(line, err=True))
     p, a = res.parity, res.affine
     src = res.source_config

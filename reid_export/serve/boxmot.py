@@ -132,7 +132,7 @@ def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataCo
 
 def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | None = None, opts: Sequence[str] = (),
           images: Sequence[str | Path] = (), name: str | None = None, architecture: str | None = None,
-          openvino: bool = True, max_rel_l2: float | None = None, progress: bool = False,
+          openvino: bool = True, max_rel_l2: float | None = None, progress: bool = False, exporter: str = "dynamo",
           log: Callable[[str], None] = lambda line: None) -> BoxmotResult:
     """Fold BoxMOT's input convention into MODEL, self-check, and write the ONNX, the OpenVINO IR and
     their sidecars into ``out_dir``. Nothing is written when a check fails."""
@@ -181,7 +181,7 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             from ..export.onnx_export import export_checkpoint
 
             onnx_source = tmp / f"{stem}.source.onnx"
-            export_checkpoint(model_path, onnx_source, config=config, opts=opts, log=log)
+            export_checkpoint(model_path, onnx_source, config=config, opts=opts, exporter=exporter, log=log)
         model = load_onnx(onnx_source)
         source_dc = require_data_config(model, onnx_source if suffix != ".onnx" else model_path)
         precision = model_precision(model)
@@ -250,7 +250,7 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
 
         files: dict[Path, bytes] = {}
         files[onnx_out] = folded.SerializeToString()
-        meta = dict(fmt="onnx", architecture=architecture, label=label, data_config=written_dc, feat_dim=feat_dim,
+        meta = dict(fmt="onnx", architecture=architecture, label=stem, data_config=written_dc, feat_dim=feat_dim,
                     precision=precision, source=model_path, source_sha=source_sha, input_name=input_name,
                     parity=parity)
         sidecars = [out_dir / f"{stem}.onnx.metadata.json"]
