@@ -11,7 +11,7 @@ from conftest import REPO, run_cli
 from reid_export.cli.main import COMMAND_MODULES, cli
 
 COMMANDS = {"annotate", "bench", "demo", "doctor", "eval", "extract", "fp16-check", "onnx", "openvino", "parity",
-            "quantize", "synth", "trt", "triton", "deepstream", "index", "search"}
+            "quantize", "synth", "trt", "triton", "deepstream", "boxmot", "index", "search"}
 
 
 def test_every_command_is_registered():

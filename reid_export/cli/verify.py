@@ -48,7 +48,9 @@ def _deployment_names():
 @click.option("--locate", is_flag=True, help="For ONNX FP16/INT8 candidates: list the layers where the error grows.")
 @click.option("--deployment", type=click.Choice(_deployment_names()),
               help="Feed the candidates a deployment's preprocessing (deepstream: keepAspc letterbox + NVIDIA's "
-                   "scalar normalisation; deepstream-folded; deepstream-stretch; bilinear); the reference keeps its own.")
+                   "scalar normalisation; deepstream-folded; deepstream-stretch; bilinear; boxmot: BoxMOT's cv2 "
+                   "bilinear resize and ImageNet input through reid-export boxmot's fold; boxmot-unfolded: that input "
+                   "fed to the model as it is); the reference keeps its own.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
@@ -109,7 +111,9 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @click.option("--deployment", "deployments", multiple=True, type=click.Choice(_deployment_names()),
               help="Also run each model through a deployment's preprocessing (repeatable): deepstream (keepAspc "
                    "letterbox + NVIDIA's scalar normalisation), deepstream-folded (letterbox, exact), "
-                   "deepstream-stretch, bilinear; its cost is against the model's own preprocessing.")
+                   "deepstream-stretch, bilinear, boxmot (BoxMOT's cv2 bilinear resize + ImageNet input through "
+                   "reid-export boxmot's fold), boxmot-unfolded (BoxMOT's input fed as it is: a model that normalises "
+                   "inside normalises twice); its cost is against the model's own preprocessing.")
 @click.option("--max-deployment-map-drop", default=1.0, show_default=True, type=float,
               help="With --deployment: fail when a deployment costs a model more mAP points than this.")
 @click.option("--max-deployment-r1-drop", default=2.0, show_default=True, type=float,
