@@ -3,6 +3,7 @@
 Run with the BoxMOT venv's python (``.ci/boxmot-venv``), never in the main environment:
 
     python tests/boxmot_client.py OUT.npz CROP.png ... -- WEIGHTS ...
+    python tests/boxmot_client.py --guard-check      # must fail: BoxMOT asked to install is refused
 
 For each WEIGHTS (a .pt, an .onnx or an ``*_openvino_model`` folder / ``.xml``) it builds
 ``boxmot.reid.core.runtime.ReID`` (the runtime BoxMOT's trackers use: it picks the backend from the
@@ -30,6 +31,9 @@ def main(argv: list[str]) -> int:
 
     checks.RequirementsChecker._run_install = refuse
     checks.RequirementsChecker._install_packages = refuse
+    if argv[:1] == ["--guard-check"]:  # prove the guard: a requirement this venv lacks must be refused
+        checks.RequirementsChecker().check_packages(("onnxruntime==0.0.1",))
+        return 0
 
     import cv2
     import numpy as np

@@ -305,6 +305,13 @@ def test_boxmot_runs_in_its_own_environment_without_installing(boxmot_run):
     assert onnxruntime.__version__ != "1.24.3" or "boxmot" in sys.prefix  # the main environment keeps its own
 
 
+def test_the_install_guard_refuses_what_boxmot_would_install(boxmot_python, tmp_path):
+    env = dict(os.environ, PIP_NO_INDEX="1", PYTHONNOUSERSITE="1")
+    proc = subprocess.run([str(boxmot_python), str(REPO / "tests" / "boxmot_client.py"), "--guard-check"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and "tried to pip-install" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_boxmot_onnx_and_openvino_backends_match_its_pytorch_backend_on_the_handoff(boxmot_run):
     ref = boxmot_run["pt"]
     assert (ref["backend"], ref["model_name"]) == ("PyTorchBackend", "osnet_x0_25")
