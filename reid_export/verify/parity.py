@@ -127,7 +127,8 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
                                            rtol=rtol, min_top1_agreement=min_top1_agreement)
             res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
-            collapse[res.candidate] = _collapse(feats, res.candidate, warn)
+            if res.candidate not in collapse:  # the reference again: checked and said once
+                collapse[res.candidate] = _collapse(feats, res.candidate, warn)
             if not res.passed:
                 res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
             results.append(res)

@@ -69,7 +69,7 @@ class TrackerThreshold:
 
     def describe(self) -> str:
         return (f"cosine distance {self.distance:.4f} (similarity {self.similarity:.4f}) at FMR {self.fmr:g}, "
-                f"TMR {self.tmr:.1f}% on {Path(self.dataset).name} ({self.num_negative_pairs} negative, "
+                f"TMR {self.tmr:.1f}% on {self.dataset} ({self.num_negative_pairs} negative, "
                 f"{self.num_positive_pairs} positive pairs)"
                 + (f", {self.deployment} preprocessing" if self.deployment else ""))
 
