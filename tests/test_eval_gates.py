@@ -160,6 +160,24 @@ def test_eval_fails_a_collapsed_model_even_alone(small, tmp_path):
     assert json.loads(report.read_text())["models"][0]["collapse"]["collapsed"] is False
 
 
+def test_the_hand_offs_functions_agree_with_eval(small, tmp_path):
+    from reid_export import api
+
+    images = sorted(data_dir("parity-images").glob("*.jpg"))
+    assert api.check_collapse(small["twice"], images).collapsed
+    assert not api.check_collapse(small["good"], images).collapsed
+    assert api.check_collapse(small["good"], images[:2]) is None  # two images say too little
+    # reference_threshold is the distance eval reports for the same model, set and FMR
+    root = data_dir("market1501-mini")
+    thr = api.reference_threshold(small["good"], root, 0.1)
+    ev = api.evaluate([small["good"]], root, progress=False)
+    point = next(p for p in ev.results[0]["thresholds"]["points"] if p["fmr"] == 0.1)
+    assert thr.distance == pytest.approx(point["distance"]) and thr.tmr == pytest.approx(point["tmr"])
+    assert thr.similarity == pytest.approx(1.0 - thr.distance) and thr.num_negative_pairs == 131
+    with pytest.raises(api.ReidExportError, match="needs >= 1000"):
+        api.reference_threshold(small["good"], root, 1e-3)
+
+
 # --------------------------------------------------------------------------- default gates, real model
 
 @pytest.fixture(scope="module")

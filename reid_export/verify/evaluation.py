@@ -127,7 +127,7 @@ class EvalReport:
         """The compact thresholds table: per model (and deployment) the cosine distance at each FMR,
         the true-match rate there and the shift against the first model."""
         rows, notes, fmrs = [], [], None
-        for i, res in enumerate(self.results):
+        for res in self.results:
             th = res.get("thresholds")
             if not th:
                 continue
@@ -147,8 +147,9 @@ class EvalReport:
         if not rows:
             return []
         first = Path(self.results[0]["model"]).name
-        return ["\ncosine distance (1 - cos of L2-normalised features) where trackers gate: a pair is a match below "
-                "it; (TMR = same-identity pairs accepted) and shift against " + first + ":",
+        return ["\ntracker thresholds: the cosine distance (1 - cos of L2-normalised features) below which a pair "
+                f"matches at each false-match rate, (the share of same-identity pairs it accepts) and its shift "
+                f"against {first}:",
                 format_table(["model", "prec", "deployment", *[f"FMR {f:.0e}" for f in fmrs]], rows)] + notes
 
     def to_dict(self) -> dict:
