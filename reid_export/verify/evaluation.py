@@ -55,8 +55,8 @@ class EvalGates:
         return cls(None, None, None, None, False)
 
     def is_exempt(self, model: str) -> bool:
-        own = str(model).rpartition("@")[0] if "@" in str(model) else str(model)
-        return any(Path(own) == Path(e) for e in self.exempt)
+        own = str(model).rpartition("@")[0] if "@" in str(model) else str(model)  # a deployment row: its model
+        return any(Path(m) == Path(e) for e in self.exempt for m in (str(model), own))
 
     def describe(self) -> str:
         parts = []
