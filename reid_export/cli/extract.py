@@ -73,8 +73,6 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         if skipped:
             click.echo(encoded.summary(), err=True)
     collapse = collapse_of(feats)
-    if collapse and collapse.collapsed:
-        click.echo(collapse.warning(str(model)), err=True)
     if normalize:
         feats = l2_normalize(feats)
     feats = feats.astype(np.float32)
@@ -102,3 +100,5 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
 
         remove_shards(output)
     click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)
+    if collapse and collapse.collapsed:  # after the files: a failed write stays one line
+        click.echo(collapse.warning(str(model)), err=True)

@@ -76,6 +76,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     click.echo(result.table())
     if report:
         atomic_write_json(report, result.to_dict())
+    for line in result.collapse_warnings():
+        click.echo(line, err=True)
     return result.exit_code
 
 
@@ -178,6 +180,8 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
         result.write_plots(plots)
     if report:
         atomic_write_json(report, result.to_dict())
+    for line in result.collapse_warnings():
+        click.echo(line, err=True)
     return result.exit_code
 
 

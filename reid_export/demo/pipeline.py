@@ -490,6 +490,8 @@ class Demo:
                 r.log("matplotlib is not installed: no ROC/rank-list plots (pip install matplotlib)")
             report = self.call(r, "eval", args, lambda: api.evaluate(models, self.dataset_root(), gates=gates,
                                                                       progress=self.progress, warn=r.log))
+            for line in report.collapse_warnings():
+                r.log(line)
             if self.plots:
                 report.write_plots(self.path("plots"))
             atomic_write_json(self.path("eval.json"), report.to_dict())

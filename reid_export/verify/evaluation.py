@@ -123,6 +123,12 @@ class EvalReport:
         lines += [f"FAIL {line}" for line in self.failures]
         return "\n".join(lines)
 
+    def collapse_warnings(self) -> list[str]:
+        """One warning line per model (or deployment row) whose embeddings collapsed (the CLI prints them
+        once the report is written; the gate's FAIL line is in the table)."""
+        return [CollapseStats(**r["collapse"]).warning(r["model"]) for r in self.results
+                if r.get("collapse") and r["collapse"]["collapsed"]]
+
     def threshold_lines(self) -> list[str]:
         """The compact thresholds table: per model (and deployment) the cosine distance at each FMR,
         the true-match rate there and the shift against the first model."""
@@ -246,9 +252,6 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                     res["cost_mAP"] = own["mAP"] - res["mAP"]
                     res["cost_Rank-1"] = own["Rank-1"] - res["Rank-1"]
                 results.append(res)
-                collapse = res.get("collapse")
-                if collapse and collapse["collapsed"]:
-                    warn(CollapseStats(**collapse).warning(res["model"]))
                 if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
                     skip_notes.append(res["skipped"])
                     warn(res["skipped"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..deploy_preprocess import get_deployment
-from ..embeddings import ParityResult, Tolerances, compare, data_config_differences
+from ..embeddings import CollapseStats, ParityResult, Tolerances, compare, data_config_differences
 from ..errors import ReidExportError, UsageError
 from ..export.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
@@ -36,6 +36,10 @@ class ParityReport:
     def collapsed(self) -> list[str]:
         """The models (reference or candidates) whose embeddings collapsed on these images."""
         return [model for model, c in self.collapse.items() if c and c["collapsed"]]
+
+    def collapse_warnings(self) -> list[str]:
+        """One warning line per collapsed model (the CLI prints them once the report is written)."""
+        return [CollapseStats(**self.collapse[m]).warning(m) for m in self.collapsed()]
 
     @property
     def passed(self) -> bool:
@@ -117,7 +121,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
         ref_enc = open_encoder(reference, config=model_configs[0], device=device)
         encoders.append(ref_enc)
         ref_feats = ref_enc.encode_files(arrays, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
-        collapse = {str(reference): _collapse(ref_feats, str(reference), warn)}
+        collapse = {str(reference): _collapse(ref_feats)}
         results = []
         for cand_path, cand_config in zip(map(Path, candidates), model_configs[1:]):
             enc = use_deployment(open_encoder(cand_path, config=cand_config, device=device), deployment)
@@ -127,8 +131,8 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
                                            rtol=rtol, min_top1_agreement=min_top1_agreement)
             res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
-            if res.candidate not in collapse:  # the reference again: checked and said once
-                collapse[res.candidate] = _collapse(feats, res.candidate, warn)
+            if res.candidate not in collapse:  # the reference again: checked once
+                collapse[res.candidate] = _collapse(feats)
             if not res.passed:
                 res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
             results.append(res)
@@ -143,12 +147,10 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
             enc.close()
 
 
-def _collapse(features, name: str, warn: Callable[[str], None]) -> dict | None:
-    """The collapse check of one model's features on the parity images (a warning line when collapsed:
-    two models fed the same wrong convention agree with each other and still tell nobody apart)."""
+def _collapse(features) -> dict | None:
+    """The collapse check of one model's features on the parity images (two models fed the same wrong
+    convention agree with each other and still tell nobody apart)."""
     stats = collapse_of(features)
-    if stats and stats.collapsed:
-        warn(stats.warning(name))
     return stats.to_dict() if stats else None
 
 
