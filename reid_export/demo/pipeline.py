@@ -446,6 +446,8 @@ class Demo:
             report = self.call(r, "parity", args, lambda: api.parity(models[0], models[1:], images,
                                                                       progress=self.progress, warn=r.log))
             atomic_write_json(self.path("parity.json"), report.to_dict())
+            for line in report.collapse_warnings():
+                r.log(line)
             failures = [f"{Path(c.candidate).name}: {'; '.join(c.failures)}" for c in report.candidates if not c.passed]
             return {"exit_code": report.exit_code, "passed": report.passed, "failures": failures,
                     "images": len(report.images),
