@@ -31,11 +31,14 @@ from .export.quantize import QuantizeReport
 from .export.quantize import quantize_file as quantize
 from .runtime import Encoder, open_encoder
 from .verify.evaluate import EvalOptions
-from .verify.evaluation import EvalGates, EvalReport
+from .verify.evaluation import DEFAULT_MAX_MAP_DROP, DEFAULT_MAX_R1_DROP, EvalGates, EvalReport
 from .verify.evaluation import run_evaluation as evaluate
 from .verify.parity import ParityReport
+from .verify.collapse import check_collapse
 from .verify.parity import run_parity as parity
+from .verify.thresholds import TrackerThreshold, reference_threshold
 
-__all__ = ["BenchReport", "Encoder", "EvalGates", "EvalOptions", "EvalReport", "ExportReport", "ParityReport",
-           "ParityResult", "QuantizeReport", "ReidExportError", "Tolerances", "UsageError", "bench", "evaluate",
-           "export_onnx", "open_encoder", "parity", "quantize"]
+__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "Encoder", "EvalGates", "EvalOptions",
+           "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeReport", "ReidExportError",
+           "Tolerances", "TrackerThreshold", "UsageError", "bench", "check_collapse", "evaluate", "export_onnx",
+           "open_encoder", "parity", "quantize", "reference_threshold"]

@@ -72,13 +72,14 @@ def test_the_cli_prints_and_writes_what_the_api_returns(setup, tmp_path):
 
 
 def test_evaluate_returns_gates_and_failures(setup):
-    ev = api.evaluate([setup["a"], setup["other"]], setup["root"], progress=False)
+    ev = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
     assert isinstance(ev, api.EvalReport) and ev.passed and len(ev.results) == 2
     assert ev.scored[0].ok and ev.scored[0].distmat.shape == (3, 6)
-    # a gate the second model cannot meet (it would have to beat the first by a point more than it does)
-    gate = api.EvalGates(max_map_drop=-(abs(ev.results[1]["delta_mAP"]) + 1.0))
-    gated = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=gate, progress=False)
+    assert ev.results[1]["delta_mAP"] < -api.DEFAULT_MAX_MAP_DROP, "fixture: the other model must rank worse"
+    # the default gates: the second model is more than 2 mAP points below the first
+    gated = api.evaluate([setup["a"], setup["other"]], setup["root"], progress=False)
     assert not gated.passed and gated.exit_code == 1 and "mAP" in gated.failures[0]
+    assert [r["status"] for r in gated.results] == ["ok", "FAIL"]
     doc = gated.to_dict()
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["failures"] == gated.failures
     assert all(not k.startswith("_") for m in doc["models"] for k in m)

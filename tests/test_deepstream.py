@@ -253,9 +253,14 @@ def test_eval_deployment_cost_gate_fails_a_letterbox_that_loses_the_features(tmp
     assert rows["deepstream-folded"]["cost_mAP"] > 1.0
     assert rows["bilinear"]["cost_mAP"] == pytest.approx(0.0)  # the model's own resize is bilinear too
     assert doc["passed"] is False and doc["deployments"] == ["deepstream-folded", "bilinear"]
-    # a looser gate passes the same measurement
+    # the padding left nothing of the features: every crop gets the same embedding, and even a loose
+    # cost gate fails the collapsed deployment; --no-gate reports it and passes
     res = run_cli("eval", model, "--dataset-root", tall, "--deployment", "deepstream-folded", "--no-progress",
                   "--max-deployment-map-drop", "100", "--max-deployment-r1-drop", "100")
+    assert res.code == 1 and "corner.onnx@deepstream-folded: collapsed embeddings" in res.out, res
+    assert "preprocessing costs" not in res.out
+    res = run_cli("eval", model, "--dataset-root", tall, "--deployment", "deepstream-folded", "--no-progress",
+                  "--no-gate")
     assert res.code == 0, res
     # on 2:1 crops the letterbox is a plain resize: no cost, the default gate passes
     square = _colour_dataset(tmp_path / "twotoone", (128, 64))

@@ -40,14 +40,15 @@ def _nan(model):
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     return {"good": _ckpt(folder / "good.pth"), "const": _ckpt(folder / "const.pth", mutate=_constant),
-            "nan": _ckpt(folder / "nan.pth", mutate=_nan)}
+            "nan": _ckpt(folder / "nan.pth", mutate=_nan), "other": _ckpt(folder / "other.pth", seed=1)}
 
 
 def test_eval_report_gates_and_plots(models, tmp_path):
     root = data_dir("market1501-mini")
     report, plots = tmp_path / "eval.json", tmp_path / "plots"
+    # --no-gate: a report only (the constant model fails the default gates: test_eval_gates.py)
     res = run_cli("eval", models["good"], models["const"], "--dataset-root", root, "--report", report,
-                  "--plots", plots, "--no-progress")
+                  "--plots", plots, "--no-progress", "--no-gate")
     assert res.code == 0, res
     doc = json.loads(report.read_text())
     assert doc["num_query"] == 3 and doc["num_gallery"] == 54
@@ -61,21 +62,24 @@ def test_eval_report_gates_and_plots(models, tmp_path):
     assert first["mAP"] == pytest.approx(map_good, abs=1e-3) and second["mAP"] == pytest.approx(map_const, abs=1e-3)
     assert second["delta_mAP"] == pytest.approx(map_const - map_good, abs=1e-3)
     assert second["delta_Rank-1"] == pytest.approx(r1_const - r1_good, abs=1e-3)
-    assert abs(second["delta_mAP"]) > 1.0, "fixture: the two models must rank differently"
-    better, worse = (models["good"], models["const"]) if second["delta_mAP"] < 0 else (models["const"], models["good"])
-    drop = abs(second["delta_mAP"])
     for name in ("roc.png", "ranklist_worst.png", "ranklist_best.png"):
         img = cv2.imread(str(plots / name))
         assert img is not None and img.shape[0] > 100 and img.shape[1] > 300, name
-    # the same run with a gate below the drop fails and says which model and by how much
+    # two working models: a mAP gate below their difference fails and says which model and by how
+    # much; one above it passes
+    assert run_cli("eval", models["good"], models["other"], "--dataset-root", root, "--report", report,
+                   "--no-progress", "--no-gate").code == 0
+    delta = json.loads(report.read_text())["models"][1]["delta_mAP"]
+    assert abs(delta) > 1.0, "fixture: the two models must rank differently"
+    better, worse = (models["good"], models["other"]) if delta < 0 else (models["other"], models["good"])
+    drop = abs(delta)
     gated = run_cli("eval", better, worse, "--dataset-root", root, "--max-map-drop",
-                    f"{drop / 2:.3f}", "--report", report, "--no-progress")
+                    f"{drop / 2:.3f}", "--max-r1-drop", "100", "--report", report, "--no-progress")
     assert gated.code == 1
     assert "FAIL" in gated.out and worse.name in gated.out and "mAP" in gated.out
     assert json.loads(report.read_text())["passed"] is False
-    # and a gate above it passes
     assert run_cli("eval", better, worse, "--dataset-root", root, "--max-map-drop",
-                   f"{drop + 1:.3f}", "--no-progress").code == 0
+                   f"{drop + 1:.3f}", "--max-r1-drop", "100", "--no-progress").code == 0
 
 
 def test_eval_nan_model_fails_with_count(models, tmp_path):

@@ -15,6 +15,7 @@ from ..fileio import atomic_write_files, check_output_path
 from ..runtime import expand_image_paths, open_encoder
 from ..embeddings import l2_normalize
 from ..report import REPORT_SCHEMA_VERSION
+from ..verify.collapse import collapse_of
 from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
 from .ray_options import ray_engine_options
 from .main import cli
@@ -71,6 +72,7 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         paths = [paths[i] for i in encoded.kept]
         if skipped:
             click.echo(encoded.summary(), err=True)
+    collapse = collapse_of(feats)
     if normalize:
         feats = l2_normalize(feats)
     feats = feats.astype(np.float32)
@@ -87,6 +89,7 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         "shape": list(feats.shape),
         "data_config": info["data_config"],
         "files": [str(p) for p in paths],
+        "collapse": collapse.to_dict() if collapse else None,  # verify.collapse: None below 3 images
     }
     if skip_bad_images:
         meta["skipped"] = skipped
@@ -97,3 +100,5 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
 
         remove_shards(output)
     click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)
+    if collapse and collapse.collapsed:  # after the files: a failed write stays one line
+        click.echo(collapse.warning(str(model)), err=True)

@@ -110,20 +110,29 @@ def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, i
                    "CUHK03 it costs a stretch-trained OSNet about 22 mAP points (benchmarks/RESULTS.md).")
 @click.option("--name", help="Output file stem (default: the model's).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
+@click.option("--threshold-dataset", type=click.Path(path_type=Path),
+              help="Market-1501-layout folder with identities: measure the model's cosine distance at "
+                   "--threshold-fmr on it (crops resized as the tracker will) and write minMatchingScore4ReidSimilarity "
+                   "(1 - distance) into the config.")
+@click.option("--threshold-fmr", default=1e-2, show_default=True, type=float,
+              help="With --threshold-dataset: the false-match rate (share of different-identity pairs accepted).")
 @click.option("--progress/--no-progress", default=False)
 def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_type, batch_size, workspace_mb,
-               history_size, keep_aspect, name, max_rel_l2, progress):
+               history_size, keep_aspect, name, max_rel_l2, threshold_dataset, threshold_fmr, progress):
     """An ONNX for DeepStream's tracker ReID and the nvtracker ReID: section for it.
 
     The model's exact per-channel normalisation (and pixel scale, and a channel swap for
     --color-format) is folded into the graph, so offsets [0, 0, 0] and netScaleFactor 1.0 are exact
     instead of NVIDIA's one-scalar approximation. A self-check runs the original on its own
     preprocessing and the folded model on DeepStream-style input (0..255, the tracker's colour
-    order) and writes nothing unless they agree (exit 1).
+    order) and writes nothing unless they agree (exit 1). With --threshold-dataset the model's
+    cosine distance at --threshold-fmr is measured there and written as the tracker's
+    minMatchingScore4ReidSimilarity (DataAssociator; TrajectoryManagement for re-association).
 
     \b
     Example:
       reid-export deepstream model.onnx -o deepstream/ --network-mode fp16
+      reid-export deepstream model.onnx -o deepstream/ --threshold-dataset Market-1501 --threshold-fmr 0.01
       reid-export eval model.onnx --dataset-root Market-1501 --deployment deepstream --deployment deepstream-folded
     """
     from ..serve.deepstream import build
@@ -131,7 +140,8 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
 
     res = build(model, out_dir, images=image_inputs, color_order=color_format, network_mode=network_mode,
                 reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb, history_size=history_size,
-                keep_aspect=keep_aspect, name=name, progress=progress, max_rel_l2=max_rel_l2)
+                keep_aspect=keep_aspect, name=name, progress=progress, max_rel_l2=max_rel_l2,
+                threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
     p, s = res.parity, res.scalar_parity
     click.echo(f"self-check on {res.num_images} images (same resize, DeepStream-style input for the folded model):")
     click.echo(format_table(
@@ -139,6 +149,11 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
         [["folded ONNX, offsets 0, netScaleFactor 1", p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}", "PASS"],
          [f"NVIDIA scalar {net_scale_factor(res.folded.data_config):.8f} (not used)", s.min_cosine, s.max_rel_l2,
           f"{s.top1_agreement:.0%}", "-"]], floatfmt=".6g"))
+    if res.collapse is not None and res.collapse.collapsed:
+        click.echo(res.collapse.warning(str(model)), err=True)
+    if res.threshold is not None:
+        click.echo(f"threshold: {res.threshold.describe()}; minMatchingScore4ReidSimilarity "
+                   f"{res.threshold.similarity:.4f}")
     click.echo(f"wrote {res.onnx_path} and {res.yaml_path} (ReID: reidFeatureSize {res.section['reidFeatureSize']}, "
                f"inferDims {res.section['inferDims']}, colorFormat {res.section['colorFormat']}, keepAspc "
                f"{res.section['keepAspc']})")

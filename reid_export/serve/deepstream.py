@@ -162,14 +162,22 @@ class DeepStreamResult:
     scalar_parity: object  # NVIDIA's scalar approximation vs the model's own normalisation
     num_images: int
     notes: list[str] = field(default_factory=list)
+    threshold: object = None  # verify.thresholds.TrackerThreshold written into the config, or None
+    collapse: object = None  # embeddings.CollapseStats of the self-check crops when they were real (--images)
 
 
 def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Path] = (), color_order: str | None = None,
           network_mode: str | None = None, reid_type: str = "deepsort", batch_size: int = 100,
           workspace_mb: int = 1000, history_size: int = 100, keep_aspect: bool = False,
-          name: str | None = None, progress: bool = False, max_rel_l2: float | None = None) -> DeepStreamResult:
+          name: str | None = None, progress: bool = False, max_rel_l2: float | None = None,
+          threshold_dataset: str | Path | None = None, threshold_fmr: float = 1e-2) -> DeepStreamResult:
     """Fold, self-check and write ``OUT_DIR/NAME.deepstream.onnx`` and ``NAME.tracker-reid.yml``.
 
+    With ``threshold_dataset`` (a Market-1501-layout folder) the model's cosine distance at false-match
+    rate ``threshold_fmr`` is measured on it (:func:`~reid_export.verify.thresholds.reference_threshold`,
+    the crops resized as the tracker will: letterbox with ``keep_aspect``, else stretched, bilinear)
+    and written as ``minMatchingScore4ReidSimilarity`` (the similarity ``1 - distance``) in the
+    ``DataAssociator`` section (NvDeepSORT association) and/or ``TrajectoryManagement`` (re-association).
     Nothing is written when the self-check fails (the error says by how much).
     """
     from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, load_onnx, model_precision,
@@ -222,6 +230,18 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
     if not parity.passed:
         raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on DeepStream-style "
                               f"input ({'; '.join(parity.failures)}); nothing written")
+    collapse = None
+    if images:  # real crops: are they told apart? (the generated ones are noise; they prove nothing here)
+        from ..verify.collapse import collapse_of
+
+        collapse = collapse_of(ref)
+    threshold = None
+    if threshold_dataset is not None:
+        from ..verify.thresholds import reference_threshold
+
+        threshold = reference_threshold(model_path, threshold_dataset, threshold_fmr,
+                                        deployment="deepstream-folded" if keep_aspect else "bilinear",
+                                        progress=progress)
     feature_size = int(ref.shape[1])
     section = reid_section(folded.data_config, feature_size, onnx_out.name, network_mode, reid_type, batch_size,
                            workspace_mb, history_size, keep_aspect)
@@ -229,7 +249,8 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
         **base_metadata(replace(folded.data_config, feat_dim=feature_size), precision),
         KEY_SOURCE: str(model_path), KEY_SOURCE_SHA256: sha256_file(model_path),
         KEY_DEEPSTREAM: {"color_format": color_order, "scale": folded.scale, "bias": folded.bias,
-                         "swapped_channels": folded.swapped_channels, "reid": section},
+                         "swapped_channels": folded.swapped_channels, "reid": section,
+                         "threshold": threshold.to_dict() if threshold else None},
     })
     header = [f"DeepStream nvtracker ReID section for {onnx_out.name}, written by reid-export {__version__}",
               f"from {model_path.name}'s data config ({data_config.height}x{data_config.width}, "
@@ -241,8 +262,29 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
               f"max relative L2 {parity.max_rel_l2:.2e};",
               f"NVIDIA's sample scalar (offsets = mean, netScaleFactor {net_scale_factor(data_config):.8f}) instead: "
               f"max relative L2 {scalar_parity.max_rel_l2:.3g}."]
+    text = format_reid_yaml(section, header) + (threshold_yaml(threshold, reid_type) if threshold else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_path(onnx_out)
-    atomic_write_files({onnx_out: folded.model.SerializeToString(),
-                        yaml_out: format_reid_yaml(section, header).encode("utf-8")})
-    return DeepStreamResult(onnx_out, yaml_out, section, folded, parity, scalar_parity, len(inputs))
+    atomic_write_files({onnx_out: folded.model.SerializeToString(), yaml_out: text.encode("utf-8")})
+    return DeepStreamResult(onnx_out, yaml_out, section, folded, parity, scalar_parity, len(inputs),
+                            threshold=threshold, collapse=collapse)
+
+
+# Where NvMultiObjectTracker reads the least ReID similarity of a match (its sample configs and
+# docs): DataAssociator for NvDeepSORT's association, TrajectoryManagement for re-association.
+# The score is the dot product of the L2-normalised features (addFeatureNormalization: 1), so the
+# cosine similarity, 1 - the cosine distance eval reports.
+THRESHOLD_SECTIONS = {"deepsort": ("DataAssociator",), "reassoc": ("TrajectoryManagement",),
+                      "both": ("DataAssociator", "TrajectoryManagement")}
+
+
+def threshold_yaml(threshold, reid_type: str) -> str:
+    """The ``minMatchingScore4ReidSimilarity`` key(s) for a measured threshold, as YAML sections to merge
+    into the tracker config's own (its other keys there stay as they are)."""
+    lines = ["", f"# Measured by reid-export: {threshold.describe()}.",
+             "# minMatchingScore4ReidSimilarity = 1 - cosine distance. Merge into the config's own section(s)."]
+    for section in THRESHOLD_SECTIONS[reid_type]:
+        lines += [f"{section}:",
+                  f"  minMatchingScore4ReidSimilarity: {threshold.similarity:.4f}  # cosine distance "
+                  f"{threshold.distance:.4f} at FMR {threshold.fmr:g}, TMR {threshold.tmr:.1f}%"]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Market-1501-protocol evaluation of any Encoder: features -> distances -> Rank-k/mAP/mINP/ROC."""
+"""Market-1501-protocol evaluation of any Encoder: features -> distances -> Rank-k/mAP/mINP/ROC,
+the cosine-distance thresholds at a few false-match rates (for trackers) and the collapse check."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from ..data.market import MarketDataset, ReidItem
 from ..errors import ReidExportError
 from ..preprocess import skipped_summary
 from . import metrics
+from .collapse import collapse_of
 from .rerank import average_query_expansion, k_reciprocal_rerank
+from .thresholds import cosine_thresholds
 
 METRIC_KEYS = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
 FPRS = (1e-4, 1e-3, 1e-2)
@@ -134,8 +137,18 @@ def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progres
     if nonfinite:
         return EvalResult(error=f"{nonfinite} NaN/Inf values in the features", nonfinite=nonfinite, skipped=skipped)
     distmat = distances(qf, gf, opts)
-    return EvalResult(metrics=score(distmat, query, gallery), skipped=skipped, distmat=distmat, query=query,
+    scores = score(distmat, query, gallery)
+    plain_cosine = opts.metric == "cosine" and not (opts.rerank or opts.aqe)
+    scores["thresholds"] = cosine_thresholds(qf, gf, query, gallery, distmat=distmat if plain_cosine else None)
+    scores["collapse"] = collapse_dict(np.concatenate([qf, gf]))
+    return EvalResult(metrics=scores, skipped=skipped, distmat=distmat, query=query,
                       gallery=gallery, features=(qf, gf))
+
+
+def collapse_dict(features: np.ndarray) -> dict | None:
+    """The collapse check of an evaluation's features (query and gallery), as JSON."""
+    stats = collapse_of(features)
+    return stats.to_dict() if stats else None
 
 
 def options_dict(opts: EvalOptions) -> dict:

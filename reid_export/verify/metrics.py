@@ -37,6 +37,7 @@ __all__ = [
     "compute_distance",
     "evaluate_rank",
     "evaluate_rank_streamed",
+    "fmr_thresholds",
     "rank_metrics",
     "rank_metrics_streamed",
     "roc_curve",
@@ -355,22 +356,16 @@ def _allowed(f: float, n_neg: int) -> int:
     return int(np.floor(f * n_neg * (1 + 1e-12)))
 
 
-def roc_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids,
-                   fprs=(1e-4, 1e-3, 1e-2)) -> dict:
-    """TPR (percent) at each target FPR, keys like ``"TPR@FPR=1e-04"``.
-
-    TPR@FPR=f is the highest TPR of any distance threshold whose FPR is <= f (the best point
-    of :func:`roc_curve` with fpr <= f).  fast-reid instead reports the ROC point whose FPR
-    is nearest to f, so its numbers can differ slightly.
-    """
-    fprs = tuple(float(f) for f in fprs)
+def _pairs_and_smallest_negatives(distmat, q_pids, g_pids, q_camids, g_camids, keep_for):
+    """(positive distances, sorted smallest negative distances, number of negatives) of the valid
+    pairs; only as many negatives are kept as the largest ``_allowed(f) + 1`` of ``keep_for`` needs."""
     distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
         distmat, q_pids, g_pids, q_camids, g_camids
     )
     groups = _Groups(q_pids, g_pids, q_camids, g_camids)
     n_neg = int((distmat.shape[1] - groups.same_pid).sum())
     # Only the smallest negative distances matter: keep that many from each chunk.
-    keep = min(n_neg, max(_allowed(f, n_neg) + 1 for f in fprs))
+    keep = min(n_neg, max(_allowed(f, n_neg) + 1 for f in keep_for))
     pos_parts = []
     pool = np.empty(0, dtype=distmat.dtype)  # the `keep` smallest negatives seen so far
     for pos, neg in _pair_chunks(distmat, q_pids, g_pids, q_camids, g_camids):
@@ -388,7 +383,20 @@ def roc_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids,
             "no query has a matching gallery image from another camera: "
             "check the dataset's pids/camera ids"
         )
-    neg = np.sort(pool)
+    return pos, np.sort(pool), n_neg
+
+
+def roc_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids,
+                   fprs=(1e-4, 1e-3, 1e-2)) -> dict:
+    """TPR (percent) at each target FPR, keys like ``"TPR@FPR=1e-04"``.
+
+    TPR@FPR=f is the highest TPR of any distance threshold whose FPR is <= f (the best point
+    of :func:`roc_curve` with fpr <= f).  fast-reid instead reports the ROC point whose FPR
+    is nearest to f, so its numbers can differ slightly.  :func:`fmr_thresholds` gives the
+    distance of that operating point as well.
+    """
+    fprs = tuple(float(f) for f in fprs)
+    pos, neg, n_neg = _pairs_and_smallest_negatives(distmat, q_pids, g_pids, q_camids, g_camids, fprs)
     out = {}
     for f in fprs:
         allowed = _allowed(f, n_neg)  # negatives that may be accepted
@@ -399,6 +407,41 @@ def roc_tpr_at_fpr(distmat, q_pids, g_pids, q_camids, g_camids,
             tpr = float(np.mean(pos < v))
         out[f"TPR@FPR={f:.0e}"] = tpr * 100.0
     return out
+
+
+def fmr_thresholds(distmat, q_pids, g_pids, q_camids, g_camids, fmrs=(1e-1, 1e-2, 1e-3)) -> dict:
+    """The distance threshold of each false-match rate, for trackers that gate on a distance.
+
+    Pairs as in ranking (and :func:`roc_curve`): every (query, gallery) pair except those with the
+    same pid AND the same camera; positive = same pid, negative = different pids. For a target
+    FMR ``f`` the threshold ``t`` is the ``(floor(f * N) + 1)``-th smallest negative distance
+    (N negatives): accepting the pairs with distance ``< t`` accepts at most ``f * N`` negatives,
+    and ``t`` is the largest threshold that does. ``tmr`` is the percentage of positive pairs
+    below ``t`` (the TPR@FPR of :func:`roc_tpr_at_fpr`).
+
+    An FMR below ``1 / N`` cannot be told apart from 0 on this set (the threshold would only be
+    "below the closest negative pair"): its ``distance`` and ``tmr`` are None and ``note`` says
+    how many negative pairs it needs.
+
+    Returns ``{"num_positive_pairs", "num_negative_pairs", "points": [{"fmr", "distance", "tmr",
+    "accepted_negatives", "note"}]}`` (one point per ``fmrs``, in order).
+    """
+    fmrs = tuple(float(f) for f in fmrs)
+    pos, neg, n_neg = _pairs_and_smallest_negatives(distmat, q_pids, g_pids, q_camids, g_camids, fmrs)
+    points = []
+    for f in fmrs:
+        allowed = _allowed(f, n_neg)
+        point = {"fmr": f, "distance": None, "tmr": None, "accepted_negatives": None, "note": None}
+        if allowed < 1 or allowed >= n_neg:
+            need = int(np.ceil(1.0 / f - 1e-9)) if f > 0 else None
+            point["note"] = (f"FMR {f:g} is below what {n_neg} negative pairs resolve (needs >= {need})"
+                             if allowed < 1 else f"FMR {f:g} accepts every negative pair")
+        else:
+            t = neg[allowed]
+            point.update(distance=float(t), tmr=float(np.mean(pos < t)) * 100.0,
+                         accepted_negatives=int(np.sum(neg < t)))
+        points.append(point)
+    return {"num_positive_pairs": int(pos.size), "num_negative_pairs": n_neg, "points": points}
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..deploy_preprocess import get_deployment
-from ..embeddings import ParityResult, Tolerances, compare, data_config_differences
+from ..embeddings import CollapseStats, ParityResult, Tolerances, compare, data_config_differences
 from ..errors import ReidExportError, UsageError
 from ..export.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
 from ..report import format_table, report_header
 from ..runtime import open_encoder
 from ..runtime.encoder import Encoder, configs_for
+from .collapse import collapse_of
 
 
 @dataclass
@@ -30,6 +31,15 @@ class ParityReport:
     skipped_images: list[str] = field(default_factory=list)
     deployment: str | None = None
     locate: dict = field(default_factory=dict)
+    collapse: dict = field(default_factory=dict)  # model -> CollapseStats.to_dict() (None below 3 images)
+
+    def collapsed(self) -> list[str]:
+        """The models (reference or candidates) whose embeddings collapsed on these images."""
+        return [model for model, c in self.collapse.items() if c and c["collapsed"]]
+
+    def collapse_warnings(self) -> list[str]:
+        """One warning line per collapsed model (the CLI prints them once the report is written)."""
+        return [CollapseStats(**self.collapse[m]).warning(m) for m in self.collapsed()]
 
     @property
     def passed(self) -> bool:
@@ -70,7 +80,8 @@ class ParityReport:
         doc = report_header("parity")
         doc.update({"reference": self.reference, "images": self.images, "skipped_images": self.skipped_images,
                     "deployment": self.deployment, "candidates": [r.to_dict() for r in self.candidates],
-                    "locate": self.locate, "passed": self.passed})
+                    "locate": self.locate, "collapse": self.collapse, "collapsed": self.collapsed(),
+                    "passed": self.passed})
         return doc
 
 
@@ -110,6 +121,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
         ref_enc = open_encoder(reference, config=model_configs[0], device=device)
         encoders.append(ref_enc)
         ref_feats = ref_enc.encode_files(arrays, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
+        collapse = {str(reference): _collapse(ref_feats)}
         results = []
         for cand_path, cand_config in zip(map(Path, candidates), model_configs[1:]):
             enc = use_deployment(open_encoder(cand_path, config=cand_config, device=device), deployment)
@@ -119,6 +131,8 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
                                            rtol=rtol, min_top1_agreement=min_top1_agreement)
             res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
+            if res.candidate not in collapse:  # the reference again: checked once
+                collapse[res.candidate] = _collapse(feats)
             if not res.passed:
                 res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
             results.append(res)
@@ -126,10 +140,18 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
         return ParityReport(reference={"model": str(reference), "backend": ref_enc.backend,
                                        "precision": ref_enc.precision},
                             images=[str(p) for p in paths], candidates=results,
-                            skipped_images=[str(e.path) for e in skipped], deployment=deployment, locate=located)
+                            skipped_images=[str(e.path) for e in skipped], deployment=deployment, locate=located,
+                            collapse=collapse)
     finally:
         for enc in encoders:
             enc.close()
+
+
+def _collapse(features) -> dict | None:
+    """The collapse check of one model's features on the parity images (two models fed the same wrong
+    convention agree with each other and still tell nobody apart)."""
+    stats = collapse_of(features)
+    return stats.to_dict() if stats else None
 
 
 def _locate(reference: Path, ref_enc: Encoder, candidates: list[Encoder], arrays) -> dict:

@@ -20,7 +20,8 @@ from ..data.market import parse_name
 from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths
 from . import metrics
-from .evaluate import EvalResult, SplitArrays
+from .evaluate import EvalResult, SplitArrays, collapse_dict
+from .thresholds import cosine_thresholds
 
 
 def peak_rss_mib() -> float:
@@ -164,4 +165,8 @@ def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opt
                             np.concatenate([gallery.pids, d_pids]), np.concatenate([gallery.camids, d_cams]),
                             opts.metric, chunk_elements, progress)
     res["num_distractors"] = len(d_paths)
+    # tracker thresholds and the collapse check on the dataset's own query x gallery pairs (the
+    # distractors have no identity to pair with)
+    res["thresholds"] = cosine_thresholds(feats["query"], feats["gallery"], query, gallery)
+    res["collapse"] = collapse_dict(np.concatenate([feats["query"], feats["gallery"]]))
     return EvalResult(metrics=res, skipped=skipped)
