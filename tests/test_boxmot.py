@@ -357,3 +357,49 @@ def test_boxmot_backends_on_a_384x128_handoff_match_our_extract(boxmot_run, tmp_
     # without its sidecars BoxMOT's OpenVINO backend takes 256x128 for this 384x128 model
     bare = boxmot_run["bot_bare"]
     assert bare["input_shape"] == [256, 128] or bare.get("error"), bare
+
+
+# --------------------------------------------------------------------------- tracker thresholds
+
+def test_handoff_writes_the_measured_threshold_where_boxmot_trackers_read_it(raw_onnx, tmp_path, boxmot_python):
+    from reid_export.data.market import MarketDataset
+    from reid_export.runtime import open_encoder
+    from reid_export.verify.metrics import compute_distance
+
+    root = data_dir("market1501-mini")
+    model = _annotated(raw_onnx, tmp_path, "fastreid")
+    out = tmp_path / "bx"
+    res = run_cli("boxmot", model, "-o", out, "--no-openvino", "--threshold-dataset", root, "--threshold-fmr", "0.1")
+    assert res.code == 0, res
+    # the same threshold computed here, independently: BoxMOT's preprocessing (bilinear, /255, ImageNet),
+    # cosine distances of query x gallery, the 14th smallest of the 131 different-identity pairs
+    ds = MarketDataset(root)
+    with open_encoder(out / "small_fastreid.onnx") as enc:  # the hand-off file on its own data config
+        enc.preprocessing = DEPLOYMENTS["boxmot"].preprocess
+        qf = enc.encode_files([it.path for it in ds.query], progress=False)
+        gf = enc.encode_files([it.path for it in ds.gallery], progress=False)
+    dist = compute_distance(qf, gf)
+    q_pid, g_pid = np.array([it.pid for it in ds.query]), np.array([it.pid for it in ds.gallery])
+    neg = np.sort(dist[q_pid[:, None] != g_pid[None]])
+    assert neg.size == 131
+    expected = float(neg[13])
+    side = json.loads((out / "small_fastreid.onnx.metadata.json").read_text())
+    assert side["reid_export"]["tracker_threshold"]["distance"] == pytest.approx(expected, abs=1e-4)
+    # BoxMOT's own tracker-config loader overlays the written files on its defaults
+    script = ("import json, sys\nfrom boxmot.trackers.config import load_tracker_config\n"
+              "print(json.dumps({t: load_tracker_config(t, sys.argv[i + 1]) for i, t in "
+              "enumerate(['strongsort', 'botsort'])}))")
+    env = dict(os.environ, PIP_NO_INDEX="1", PYTHONNOUSERSITE="1")
+    proc = subprocess.run([str(boxmot_python), "-c", script, str(out / "strongsort.reid-export.yaml"),
+                           str(out / "botsort.reid-export.yaml")], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert resolved["strongsort"]["max_cos_dist"] == pytest.approx(expected, abs=1e-4)
+    assert resolved["botsort"]["appearance_thresh"] == pytest.approx(expected, abs=1e-4)
+    assert resolved["strongsort"]["max_iou_dist"] == 0.7  # the tracker's other defaults stay
+    # an FMR the set cannot resolve: one line, nothing written
+    res = run_cli("boxmot", model, "-o", tmp_path / "bx2", "--no-openvino", "--threshold-dataset", root,
+                  "--threshold-fmr", "0.001")
+    assert_clean_error(res, "131 negative pairs")
+    assert not (tmp_path / "bx2").exists() or not any((tmp_path / "bx2").iterdir())

@@ -177,8 +177,15 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter for a checkpoint (as in reid-export onnx).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
+@click.option("--threshold-dataset", type=click.Path(path_type=Path),
+              help="A Market-1501-layout folder: measure the model's cosine distance at --threshold-fmr on it "
+                   "(BoxMOT's bilinear resize) and write it as StrongSORT's max_cos_dist and BoT-SORT's "
+                   "appearance_thresh in strongsort/botsort.reid-export.yaml.")
+@click.option("--threshold-fmr", default=1e-2, show_default=True, type=float,
+              help="With --threshold-dataset: the false-match rate (share of different-identity pairs accepted).")
 @click.option("--progress/--no-progress", default=False)
-def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, exporter, max_rel_l2, progress):
+def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, exporter, max_rel_l2,
+           threshold_dataset, threshold_fmr, progress):
     """An ONNX and an OpenVINO IR that BoxMOT's ReID backends load as they are.
 
     BoxMOT (StrongSORT, BoT-SORT, DeepOCSORT, ...) normalises every crop itself: cv2 INTER_LINEAR
@@ -200,6 +207,7 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
 
     res = build(model, out_dir, config=config, opts=get_opts(), images=image_inputs, name=name,
                 architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
+                threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr,
                 log=lambda line: click.echo(line, err=True))
     p, a = res.parity, res.affine
     src = res.source_config
@@ -221,6 +229,10 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
     click.echo(f"wrote {res.onnx_path}" + (f", {res.openvino_xml.parent}/" if res.openvino_xml else "")
                + f" and {len(res.sidecars)} sidecar(s) (BoxMOT architecture: {arch}, input "
                f"{res.data_config.height}x{res.data_config.width}, {res.data_config.feat_dim}-d)")
+    if res.threshold is not None:
+        click.echo(f"threshold: {res.threshold.describe()}")
+        click.echo("wrote " + ", ".join(str(p) for p in res.tracker_configs)
+                   + " (BoxMOT tracker configs: pass one as the tracker config)")
     click.echo("verify:")
     for command in res.verify_commands(model, config):
         click.echo(f"  {command}")

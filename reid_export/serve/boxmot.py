@@ -57,10 +57,24 @@ BOXMOT_BACKBONES = (
 )
 # the BoxMOT backbones reid-export builds as torchreid (and BoxMOT) do: safe to name from a file name
 SAME_NETWORK = tuple(n for n in BOXMOT_BACKBONES if n.startswith("osnet_"))
-# BoxMOT tracker config keys that take an appearance (cosine-distance) threshold, for a reference
-# threshold to be written later (boxmot/configs/trackers/*.yaml): None until eval measures one
-TRACKER_THRESHOLD_KEYS = {"strongsort": "max_cos_dist", "botsort": "appearance_thresh",
-                          "deepocsort": "w_association_emb (a weight, not a threshold)"}
+# BoxMOT tracker config keys that take an appearance threshold, a cosine distance (1 - cos of the
+# L2-normalised features: scipy's cdist "cosine" in boxmot/trackers/common/association/matching.py,
+# StrongSORT's NearestNeighborDistanceMetric("cosine", max_cos_dist)); a pair farther apart is not
+# matched by appearance. DeepOCSORT has only a weight (w_association_emb), no threshold.
+TRACKER_THRESHOLD_KEYS = {"strongsort": "max_cos_dist", "botsort": "appearance_thresh"}
+
+
+def tracker_config_yaml(tracker: str, threshold) -> str:
+    """A partial BoxMOT tracker config (``boxmot.trackers.config.load_tracker_config`` overlays it on
+    the tracker's defaults: scalar values only, ``tracker:`` names the tracker it is for) holding the
+    reference threshold (a :class:`reid_export.verify.thresholds.TrackerThreshold`)."""
+    key = TRACKER_THRESHOLD_KEYS[tracker]
+    return "\n".join([
+        f"# {tracker} overrides written by reid-export {__version__} for this ReID model: pass this file as",
+        f"# the tracker config (BoxMOT overlays it on {tracker}'s defaults). Measured: {threshold.describe()}.",
+        f"tracker: {tracker}",
+        f"{key}: {threshold.distance:.4f}  # cosine distance at FMR {threshold.fmr:g}, TMR {threshold.tmr:.1f}%",
+    ]) + "\n"
 
 
 def file_name_backbone(name: str) -> str | None:
@@ -86,6 +100,8 @@ class BoxmotResult:
     precision: str
     num_images: int
     notes: list[str] = field(default_factory=list)
+    threshold: object = None  # verify.thresholds.TrackerThreshold written into the tracker configs, or None
+    tracker_configs: list[Path] = field(default_factory=list)
 
     def verify_commands(self, model: str | Path, config: str | Path | None) -> list[str]:
         cfg = f" --config {config}" if config else ""
@@ -96,7 +112,7 @@ class BoxmotResult:
 
 
 def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataConfig, feat_dim: int,
-             precision: str, source: Path, source_sha: str, input_name: str, parity) -> dict:
+             precision: str, source: Path, source_sha: str, input_name: str, parity, threshold=None) -> dict:
     """What BoxMOT reads (``boxmot/reid/core/artifacts.py`` / ``registry.py``): ``model_name`` and
     ``model_kwargs`` (schema 1; ``img_size`` sets the crop size), plus our own record under ``reid_export``."""
     return {
@@ -122,9 +138,9 @@ def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataCo
             "data_config": data_config.to_dict(),
             "self_check": {"min_cosine": parity.min_cosine, "max_rel_l2": parity.max_rel_l2,
                            "images": parity.num_images},
-            # a reference appearance threshold (cosine distance at a false-match rate, from eval) goes here
-            # and into the tracker config key named below; not measured by this command
-            "tracker_threshold": None,
+            # the reference appearance threshold (--threshold-dataset), also in the *.reid-export.yaml
+            # tracker configs under the keys named below; None when not measured
+            "tracker_threshold": threshold.to_dict() if threshold is not None else None,
             "tracker_config_keys": TRACKER_THRESHOLD_KEYS,
         },
     }
@@ -133,9 +149,16 @@ def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataCo
 def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | None = None, opts: Sequence[str] = (),
           images: Sequence[str | Path] = (), name: str | None = None, architecture: str | None = None,
           openvino: bool = True, max_rel_l2: float | None = None, progress: bool = False, exporter: str = "dynamo",
+          threshold_dataset: str | Path | None = None, threshold_fmr: float = 1e-2,
           log: Callable[[str], None] = lambda line: None) -> BoxmotResult:
     """Fold BoxMOT's input convention into MODEL, self-check, and write the ONNX, the OpenVINO IR and
-    their sidecars into ``out_dir``. Nothing is written when a check fails."""
+    their sidecars into ``out_dir``. Nothing is written when a check fails.
+
+    With ``threshold_dataset`` (a Market-1501-layout folder) the model's cosine distance at false-match
+    rate ``threshold_fmr`` is measured there on BoxMOT's own preprocessing (``--deployment boxmot``:
+    its bilinear resize) and written as ``strongsort.reid-export.yaml`` (``max_cos_dist``) and
+    ``botsort.reid-export.yaml`` (``appearance_thresh``), partial tracker configs BoxMOT overlays on
+    its defaults, and into the sidecars."""
     from ..embeddings import Tolerances, compare
     from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, input_info, load_onnx,
                                    model_precision, require_data_config, set_metadata)
@@ -215,6 +238,18 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
                                   f"input ({'; '.join(parity.failures)}); nothing written")
         feat_dim = int(ref.shape[1])
         written_dc = replace(written_dc, feat_dim=feat_dim)
+        threshold = None
+        if threshold_dataset is not None:
+            from ..verify.thresholds import reference_threshold
+
+            # the original on BoxMOT's preprocessing computes what the folded files compute in BoxMOT
+            enc = open_encoder(model_path, config=config, opts=opts) if suffix != ".onnx" else open_encoder(model_path)
+            try:
+                threshold = reference_threshold(enc, threshold_dataset, threshold_fmr, deployment="boxmot",
+                                                progress=progress)
+            finally:
+                enc.close()
+            threshold.model = model_path.name
         source_sha = sha256_file(model_path)
         set_metadata(folded, {
             **base_metadata(written_dc, precision),
@@ -252,7 +287,7 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
         files[onnx_out] = folded.SerializeToString()
         meta = dict(fmt="onnx", architecture=architecture, label=stem, data_config=written_dc, feat_dim=feat_dim,
                     precision=precision, source=model_path, source_sha=source_sha, input_name=input_name,
-                    parity=parity)
+                    parity=parity, threshold=threshold)
         sidecars = [out_dir / f"{stem}.onnx.metadata.json"]
         files[sidecars[0]] = (json.dumps(_sidecar(**meta), indent=2, sort_keys=True) + "\n").encode()
         ov_lines: list[str] = []
@@ -274,9 +309,15 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             for path in (ov_dir / "manifest.json", ov_dir / f"{stem}.xml.metadata.json"):
                 files[path] = ov_meta
                 sidecars.append(path)
+        tracker_configs = []
+        if threshold is not None:
+            for tracker in TRACKER_THRESHOLD_KEYS:
+                path = out_dir / f"{tracker}.reid-export.yaml"
+                files[path] = tracker_config_yaml(tracker, threshold).encode("utf-8")
+                tracker_configs.append(path)
         for path in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             check_output_path(path)
         atomic_write_files(files)
     return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, source_dc, affine, parity, ov_lines, architecture,
-                        precision, len(inputs), notes)
+                        precision, len(inputs), notes, threshold, tracker_configs)
