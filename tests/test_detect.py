@@ -25,7 +25,7 @@ from reid_export.verify.detect import Convention, _as_convention, conventions, d
 MODELS = Path(os.environ.get("REID_MODELS", DATA.parent / "models"))
 OSNET = MODELS / "osnet_x0_5_msmt17_combineall.onnx"
 OMZ = MODELS / "person-reidentification-retail-0288.FP32.xml"
-QUERIES = 14  # whole identities of CUHK03 with their gallery images: ~70 crops, 9 trials each
+QUERIES = 10  # whole identities of CUHK03 with their gallery images: ~50 crops, 9 trials each
 
 
 def real_model(path: Path) -> Path:
@@ -186,7 +186,7 @@ def test_double_normalised_graph_is_flagged(cuhk03, tmp_path):
     assert run_cli("annotate", plain, "-o", wrong, "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
                    "--pixel-scale", "1", "--channel-order", "rgb", "--interpolation", "linear").code == 0
 
-    report = detect_convention(wrong, cuhk03, max_queries=QUERIES, progress=False)
+    report = detect_convention(wrong, cuhk03, max_queries=6, progress=False, resizes=())
     assert report.current is not None and report.current.convention.imagenet_outside
     assert report.chosen.convention.channel_order == "rgb" and not report.chosen.convention.imagenet_outside
     assert report.chosen.convention.pixel_scale == 255.0

@@ -386,9 +386,12 @@ def _as_convention(config: DataConfig) -> Convention | None:
 
 def detect_convention(model: str | Path, images: str | Path, input_size: tuple[int, int] | None = None,
                       max_queries: int = DEFAULT_MAX_QUERIES, max_unlabelled: int = DEFAULT_MAX_UNLABELLED,
-                      batch_size: int = 32, progress: bool = True,
+                      batch_size: int = 32, progress: bool = True, resizes: tuple[str, ...] = RESIZES,
                       log: Callable[[str], None] = print) -> DetectReport:
-    """Try the conventions on the crops in ``images`` and choose one (see the module text)."""
+    """Try the conventions on the crops in ``images`` and choose one (see the module text).
+
+    ``resizes``: the interpolations tried for the winning convention (the search itself resizes with
+    ``SEARCH_RESIZE``); an empty tuple keeps that one."""
     start = time.time()
     model = Path(model)
     if max_queries < 1:
@@ -409,7 +412,7 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
         out = [encoder(_inputs(arrays[i:i + batch_size], config)) for i in range(0, len(arrays), batch_size)]
         return np.concatenate(out)
 
-    bar = tqdm(total=len(conventions()) + len(RESIZES) - 1 + (current_config is not None), desc="detect",
+    bar = tqdm(total=len(conventions()) + len(set(resizes) - {SEARCH_RESIZE}) + (current_config is not None), desc="detect",
                unit="trial", disable=not progress, leave=False)
 
     def run(convention: Convention, stage: str) -> Trial:
@@ -462,7 +465,7 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
                 report.convention_margin = Margin(others[0].convention.label, best.mAP - others[0].mAP, (lo, hi))
             resize_trials = [best] + [run(Convention(best.convention.channel_order, best.convention.pixel_scale,
                                                      best.convention.imagenet_outside, r), "resize")
-                                      for r in RESIZES if r != best.convention.interpolation]
+                                      for r in dict.fromkeys(resizes) if r != best.convention.interpolation]
             report.trials.extend(resize_trials[1:])
             resize_ranked = sorted((t for t in resize_trials if not t.collapsed), key=lambda t: -t.mAP)
             report.chosen = resize_ranked[0]
@@ -491,21 +494,20 @@ def _preference(t: Trial) -> tuple:
 def _choose_among_equals(ranked: list[Trial], report: DetectReport) -> Trial:
     """The best mAP, unless the model cannot tell it from other conventions: when conventions give the
     same features (mean cosine >= SAME_FEATURES crop by crop; a model that normalises its input itself
-    does not see a change of scale) and the same retrieval within noise, retrieval cannot choose and
-    the one with the least preprocessing is taken (no normalisation outside, 0..255 pixels: what
-    models that normalise inside, fast-reid's and Open Model Zoo's, take)."""
+    barely sees a change of scale or shift), their mAP differs by rounding only, retrieval cannot
+    choose, and the one with the least preprocessing is taken (no normalisation outside, 0..255
+    pixels: what models that normalise inside, fast-reid's and Open Model Zoo's, take)."""
     best = ranked[0]
     for t in ranked:
         t.agreement = float(np.mean(np.sum(t.features * best.features, axis=1)))
-    equals = [t for t in ranked if t is best or (t.agreement >= SAME_FEATURES
-                                                   and paired_interval(t.ap, best.ap)[0] <= 0)]
+    equals = [t for t in ranked if t is best or t.agreement >= SAME_FEATURES]
     if len(equals) == 1:
         return best
     chosen = min(equals, key=_preference)
     names = " / ".join(t.convention.label for t in equals)
-    report.notes.append(f"note: {len(equals)} conventions give the same features (mean cosine >= {SAME_FEATURES:g}) "
-                        f"and mAP within noise ({names}): the model normalises its input itself; chosen by rule, the "
-                        "least preprocessing (no normalisation outside, then 0..255)")
+    report.notes.append(f"note: {len(equals)} conventions give the same features (mean cosine >= {SAME_FEATURES:g}: "
+                        f"{names}): the model normalises its input itself; chosen by rule, the least preprocessing "
+                        "(no normalisation outside, then 0..255)")
     if chosen is not best:
         for t in ranked:
             t.agreement = float(np.mean(np.sum(t.features * chosen.features, axis=1)))
