@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_clean_error, run_cli
+from conftest import command_lines, parse_command_line, assert_clean_error, run_cli
 from reid_export.demo import PRESETS, Preset, run_demo
 from reid_export.demo.stages import Stage, StageFailed, StageRunner
 from reid_export.errors import ReidExportError
@@ -231,3 +231,12 @@ def test_runner_turns_any_exception_into_one_line_naming_the_stage(tmp_path):
     assert "logs/explode.log" in message and isinstance(info.value, ReidExportError)
     with pytest.raises(StageFailed, match="finished without writing x"):
         runner.run(2, Stage("lazy", "lazy", ["x"], lambda: {}, lambda r: {}))
+
+
+def test_every_command_the_report_shows_parses(tiny_run):
+    """The Reproduce section's reid-export commands are real: every option exists, every argument is there."""
+    workdir, _, _ = tiny_run
+    shown = command_lines((workdir / "report.md").read_text())
+    assert len(shown) >= 5, shown
+    for line in shown:
+        parse_command_line(line)

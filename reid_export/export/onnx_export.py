@@ -292,6 +292,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     """Export a checkpoint to ``output`` (written only when every check passes)."""
     from ..checkpoint import load_model_from_checkpoint
 
+    from .metadata import refuse_openvino_ir
+
+    refuse_openvino_ir(checkpoint, "onnx")
     start = time.time()
     output = check_output_path(output)
     if batch is not None and batch < 1:
