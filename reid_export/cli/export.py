@@ -177,31 +177,21 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
 
 def _annotate_detected(model, output, input_size, images, max_queries, report_path, model_name, progress) -> None:
     from ..fileio import atomic_write_json, check_output_path
-    from ..verify.detect import detect_convention
+    from ..verify.detect import detect_and_annotate
 
-    check_output_path(output)
     if report_path is not None:
         check_output_path(report_path)
-    report = detect_convention(model, images, input_size=tuple(input_size) if input_size else None,
-                               max_queries=max_queries, progress=progress, log=_log)
+    report = detect_and_annotate(model, output, images, input_size=tuple(input_size) if input_size else None,
+                                 max_queries=max_queries, model_name=model_name, progress=progress, log=_log)
     click.echo(report.table())
     for line in report.lines():
         click.echo(line)
     if report_path is not None:
         atomic_write_json(report_path, report.to_dict())
-    if report.chosen is None:
+    if not report.passed:
         raise ReidExportError(report.refusal + "; nothing written")
-    config = report.data_config(model_name)
-    if model.suffix.lower() == ".xml":
-        from ..runtime.openvino_convert import annotate_ir
-
-        written = annotate_ir(model, output, config, log=_log)
-    else:
-        from ..export.annotate import annotate_file
-
-        written = annotate_file(model, output, config, log=_log)
-    c = written.data_config
-    _log(f"wrote {written.output}: detected input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
+    c = report.written_config
+    _log(f"wrote {report.output}: detected input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
          f"mean {list(c.mean)}, std {list(c.std)} ({'none outside' if c.normalized_inside else 'applied before it'}), "
          f"{c.interpolation} resize, {c.feat_dim}-d features")
 

@@ -176,6 +176,13 @@ class DetectReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    output: Path | None = None                  # the annotated model, when written
+    written_config: DataConfig | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
     @property
     def exit_code(self) -> int:
         return 1 if self.chosen is None else 0
@@ -232,6 +239,7 @@ class DetectReport:
             "current_data_config": self.current_config.to_dict() if self.current_config else None,
             "current": self.current.row() if self.current else None,
             "refusal": self.refusal, "notes": self.notes, "seconds": round(self.seconds, 1),
+            "output": str(self.output) if self.output else None,
         })
         return out
 
@@ -537,3 +545,31 @@ def _judge_current(report: DetectReport, config: DataConfig, run) -> Trial | Non
             report.notes.append(f"warning: the data config {report.model} carries ({convention.label}) scores mAP "
                                 f"{trial.mAP:.2f}, {margin.delta:.2f} below the detected one: it is wrong")
     return trial
+
+
+def detect_and_annotate(model: str | Path, output: str | Path, images: str | Path,
+                        input_size: tuple[int, int] | None = None, max_queries: int = DEFAULT_MAX_QUERIES,
+                        model_name: str = "", progress: bool = True,
+                        log: Callable[[str], None] = print) -> DetectReport:
+    """:func:`detect_convention`, then the chosen data config written into ``output`` as ``annotate``
+    writes it (ONNX metadata, or an IR's rt_info). Nothing is written when nothing was chosen
+    (``report.passed`` is False and ``report.refusal`` says why)."""
+    from ..fileio import check_output_path
+
+    model = Path(model)
+    check_output_path(output)
+    report = detect_convention(model, images, input_size=input_size, max_queries=max_queries, progress=progress,
+                               log=log)
+    if report.chosen is None:
+        return report
+    config = report.data_config(model_name)
+    if model.suffix.lower() == ".xml":
+        from ..runtime.openvino_convert import annotate_ir
+
+        written = annotate_ir(model, output, config, log=log)
+    else:
+        from ..export.annotate import annotate_file
+
+        written = annotate_file(model, output, config, log=log)
+    report.output, report.written_config = written.output, written.data_config
+    return report
