@@ -105,6 +105,16 @@ def test_first_run_writes_report_and_json_reports(tiny_run):
     assert not leftovers, leftovers
 
 
+def test_every_command_the_report_shows_parses(tiny_run):
+    """The Reproduce section's reid-export commands are real: every option exists, every argument is there."""
+    workdir, _, _ = tiny_run
+    shown = command_lines((workdir / "report.md").read_text())  # the first run's report: every stage ran
+    assert len(shown) == len(STAGES) - 2, shown  # all but the trainer's (reid-train) and the untrained model's (none)
+    assert any(line.startswith("reid-export onnx ") for line in shown)
+    for line in shown:
+        parse_command_line(line)
+
+
 def test_second_run_reuses_every_stage(tiny_run):
     workdir, _, _ = tiny_run
     before = _manifests(workdir)
@@ -231,12 +241,3 @@ def test_runner_turns_any_exception_into_one_line_naming_the_stage(tmp_path):
     assert "logs/explode.log" in message and isinstance(info.value, ReidExportError)
     with pytest.raises(StageFailed, match="finished without writing x"):
         runner.run(2, Stage("lazy", "lazy", ["x"], lambda: {}, lambda r: {}))
-
-
-def test_every_command_the_report_shows_parses(tiny_run):
-    """The Reproduce section's reid-export commands are real: every option exists, every argument is there."""
-    workdir, _, _ = tiny_run
-    shown = command_lines((workdir / "report.md").read_text())
-    assert len(shown) >= 5, shown
-    for line in shown:
-        parse_command_line(line)

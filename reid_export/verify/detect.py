@@ -420,8 +420,8 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
         out = [encoder(_inputs(arrays[i:i + batch_size], config)) for i in range(0, len(arrays), batch_size)]
         return np.concatenate(out)
 
-    bar = tqdm(total=len(conventions()) + len(set(resizes) - {SEARCH_RESIZE}) + (current_config is not None), desc="detect",
-               unit="trial", disable=not progress, leave=False)
+    trials = len(conventions()) + len(set(resizes) - {SEARCH_RESIZE}) + (current_config is not None)
+    bar = tqdm(total=trials, desc="detect", unit="trial", disable=not progress, leave=False)
 
     def run(convention: Convention, stage: str) -> Trial:
         feats = features(convention)
