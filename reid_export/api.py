@@ -11,6 +11,7 @@
     ev = api.evaluate(["model.onnx", "model.int8.onnx"], "Market-1501-v15.09.15",
                       gates=api.EvalGates(max_map_drop=0.5))
     bench = api.bench(["model.onnx", "model.int8.onnx"], batch_sizes=[1, 16], threads=2)
+    found = api.annotate_detected("vendor.onnx", "vendor.reid.onnx", "Market-1501-v15.09.15")  # --detect
 
 Every result has ``passed`` (the gates' verdict), ``to_dict()`` (the JSON the CLI writes, with a
 ``schema_version``) and, for the verifiers, ``table()`` (what the CLI prints). The CLI commands are
@@ -30,6 +31,8 @@ from .export.onnx_export import export_checkpoint as export_onnx
 from .export.quantize import QuantizeReport
 from .export.quantize import quantize_file as quantize
 from .runtime import Encoder, open_encoder
+from .verify.detect import DetectReport
+from .verify.detect import detect_and_annotate as annotate_detected
 from .verify.evaluate import EvalOptions
 from .verify.evaluation import DEFAULT_MAX_MAP_DROP, DEFAULT_MAX_R1_DROP, EvalGates, EvalReport
 from .verify.evaluation import run_evaluation as evaluate
@@ -38,7 +41,7 @@ from .verify.collapse import check_collapse
 from .verify.parity import run_parity as parity
 from .verify.thresholds import TrackerThreshold, reference_threshold
 
-__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "Encoder", "EvalGates", "EvalOptions",
-           "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeReport", "ReidExportError",
-           "Tolerances", "TrackerThreshold", "UsageError", "bench", "check_collapse", "evaluate", "export_onnx",
-           "open_encoder", "parity", "quantize", "reference_threshold"]
+__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "DetectReport", "Encoder", "EvalGates",
+           "EvalOptions", "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeReport",
+           "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
+           "check_collapse", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold"]

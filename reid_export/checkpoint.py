@@ -235,3 +235,22 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
                                   f"config INPUT.SIZE_TEST {data_config.input_size}; re-save the checkpoint")
         data_config = stored
     return model, cfg, data_config
+
+
+def trained_preprocessing(path: str | Path, config: str | Path | None = None) -> tuple[DataConfig, tuple, tuple]:
+    """How the checkpoint's model was trained to see pixels, before any ``--opts``: (its data config,
+    the model's own pixel mean, pixel std). The export self-check feeds the model this way to get
+    the features an exported model with its data config must reproduce."""
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if config is not None:
+        cfg = load_config(config)
+    elif isinstance(obj.get("cfg"), str):
+        cfg = load_config_text(obj["cfg"], source=f"{path} (embedded config)")
+    else:
+        raise ReidExportError(
+            f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)")
+    data_config = data_config_from_cfg(cfg)
+    if config is None and isinstance(obj.get("data_config"), dict):
+        data_config = DataConfig.from_dict(obj["data_config"], f"{path} (embedded data config)")
+    return data_config, tuple(cfg.MODEL.PIXEL_MEAN), tuple(cfg.MODEL.PIXEL_STD)

@@ -152,3 +152,33 @@ def pytest_collection_modifyitems(session, config, items):
         return getattr(case, "covered_by", None) is not None
 
     items[:] = [it for it in items if not covered(it)] + [it for it in items if covered(it)]
+
+
+def command_lines(text: str) -> list[str]:
+    """Every ``reid-export ...`` command a generated file shows: lines of code blocks, and `inline` code
+    with arguments (a bare `reid-export eval` in a sentence names a command, it shows no command line)."""
+    import re
+
+    found = []
+    for line in text.splitlines():
+        stripped = line.strip().lstrip("$ ").strip()
+        if stripped.startswith("reid-export "):
+            found.append(stripped)
+        found += [m for m in re.findall(r"`(reid-export [^`]+)`", line) if len(m.split()) > 2]
+    return list(dict.fromkeys(found))
+
+
+def parse_command_line(line: str):
+    """Parse a shown ``reid-export SUB ARGS`` with the real CLI (every option must exist, every required
+    argument be there); returns the click context. Raises click's UsageError otherwise."""
+    import shlex
+
+    import click
+
+    from reid_export.cli.main import cli
+
+    argv = shlex.split(line)
+    assert argv[0] == "reid-export", line
+    command = cli.get_command(click.Context(cli), argv[1])
+    assert command is not None, f"no command {argv[1]!r}: {line}"
+    return command.make_context(argv[1], argv[2:])

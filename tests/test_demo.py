@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_clean_error, run_cli
+from conftest import command_lines, parse_command_line, assert_clean_error, run_cli
 from reid_export.demo import PRESETS, Preset, run_demo
 from reid_export.demo.stages import Stage, StageFailed, StageRunner
 from reid_export.errors import ReidExportError
@@ -103,6 +103,16 @@ def test_first_run_writes_report_and_json_reports(tiny_run):
     assert not torch.equal(untrained["model"]["backbone.conv1.weight"], trained["model"]["backbone.conv1.weight"])
     leftovers = [p for p in workdir.rglob("*") if p.name.endswith(".tmp") or ".synth-" in p.name]
     assert not leftovers, leftovers
+
+
+def test_every_command_the_report_shows_parses(tiny_run):
+    """The Reproduce section's reid-export commands are real: every option exists, every argument is there."""
+    workdir, _, _ = tiny_run
+    shown = command_lines((workdir / "report.md").read_text())  # the first run's report: every stage ran
+    assert len(shown) == len(STAGES) - 2, shown  # all but the trainer's (reid-train) and the untrained model's (none)
+    assert any(line.startswith("reid-export onnx ") for line in shown)
+    for line in shown:
+        parse_command_line(line)
 
 
 def test_second_run_reuses_every_stage(tiny_run):

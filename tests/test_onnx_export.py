@@ -302,3 +302,28 @@ def test_backend_errors(tmp_path, r18_onnx, parity_images):
     result = run_cli("extract", good, *parity_images, "-o", tmp_path / "f.npy", "--config", CONFIGS / "Base-AGW.yml")
     assert_clean_error(result, "--config")
     assert not (tmp_path / "f.npy").exists()
+
+
+def test_self_check_runs_from_pixels_through_the_written_data_config(r18_small, r18_onnx, tmp_path):
+    """The export self-check is end to end: a normal export passes it; an export whose --opts change the
+    graph's normalisation (so the data config written with it no longer describes what the graph
+    computes) fails with one line and writes nothing; another input size is a legitimate export."""
+    ckpt, _, _ = r18_small
+    _, result = r18_onnx
+    assert "parity pixels: ONNX through its written data config vs the checkpoint as trained" in result.err
+
+    out = tmp_path / "zero_mean.onnx"
+    broken = run_cli("onnx", ckpt, "-o", out, "--no-simplify", "--exporter", "torchscript",
+                     "--opts", "MODEL.PIXEL_MEAN", "[0,0,0]", "MODEL.PIXEL_STD", "[1,1,1]")
+    assert broken.code == 1 and "Traceback" not in broken.err
+    last = broken.err.strip().splitlines()[-1]  # progress lines come before it
+    for needle in ("zero_mean.onnx", "does not reproduce the checkpoint as trained", "MODEL.PIXEL_MEAN", "not written"):
+        assert needle in last, last
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "taller.onnx"
+    resized = run_cli("onnx", ckpt, "-o", out, "--no-simplify", "--exporter", "torchscript",
+                      "--opts", "INPUT.SIZE_TEST", "[160, 64]")
+    assert resized.code == 0, resized
+    assert "parity pixels" in resized.err
+    assert open_encoder(out).data_config.input_size == (160, 64)

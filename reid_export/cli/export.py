@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..data_config import INTERPOLATIONS, DataConfig
-from ..errors import UsageError
+from ..errors import ReidExportError, UsageError
 from .common import OptsCommand, get_opts, positive_int
 from .main import cli
 
@@ -65,7 +65,11 @@ def onnx_command(model, output, config, opset, batch, simplify, exporter, parity
 
     The data config, the checkpoint's sha256 and the tool version go into the model's metadata.
     The export is checked (onnx.checker, shape inference) and run through ONNX Runtime against
-    torch at two batch sizes; it fails when the max relative L2 exceeds 1e-4.
+    torch at two batch sizes; it fails when the max relative L2 exceeds 1e-4. It is also checked end
+    to end from image pixels: the ONNX fed through the data config written with it against the
+    checkpoint's model fed the way it was trained (its own config, before --opts); --opts that make
+    the data config wrong (e.g. MODEL.PIXEL_MEAN) fail it (relative L2 above 1e-3). Nothing is
+    written when a check fails.
 
     \b
     Example:
@@ -84,22 +88,35 @@ def onnx_command(model, output, config, opset, batch, simplify, exporter, parity
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Annotated ONNX file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Annotated ONNX file (or .xml IR) to write.")
 @click.option("--input-size", nargs=2, type=int, default=None,
               help="Input height and width (default: the model's, when fixed).")
-@click.option("--mean", callback=_parse_triple, required=True, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", callback=_parse_triple, required=True, help="Per-channel std, e.g. 0.229,0.224,0.225.")
-@click.option("--pixel-scale", type=click.Choice(["255", "1"]), required=True,
+@click.option("--mean", callback=_parse_triple, help="Per-channel mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", callback=_parse_triple, help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--pixel-scale", type=click.Choice(["255", "1"]),
               help="Value of a white pixel at the input: 255 (0..255) or 1 (0..1).")
-@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), required=True)
-@click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), required=True,
+@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]))
+@click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)),
               help="Resize interpolation the model was trained with (torchreid: pil-bilinear, fast-reid demo: cubic).")
 @click.option("--normalized-inside", is_flag=True,
               help="The model subtracts mean / divides by std itself (fast-reid exports).")
+@click.option("--detect", "detect_dir", type=click.Path(path_type=Path), default=None,
+              help="Find the convention instead of stating it: try RGB/BGR, 0..1/0..255, ImageNet mean/std outside "
+                   "or none, then four resizes, on these crops (a Market-1501 layout or a folder of PPPP_cC... "
+                   "named crops: best mAP wins; crops without identities: only collapsed conventions are ruled out).")
+@click.option("--max-queries", default=100, show_default=True, type=int, callback=positive_int,
+              help="--detect: queries (whole identities, with their gallery images) to score each trial on.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="--detect: write the trials as JSON here.")
+@click.option("--progress/--no-progress", default=True, help="--detect: show progress bars.")
 @click.option("--model-name", default="", help="Name recorded in the data config (default: the file name).")
 def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, interpolation, normalized_inside,
-             model_name):
+             detect_dir, max_queries, report_path, progress, model_name):
     """Write a data config into an ONNX model (or OpenVINO .xml IR) that came from elsewhere.
+
+    State the convention (--mean, --std, --pixel-scale, --channel-order, --interpolation,
+    [--normalized-inside]), or let --detect CROPS find it by retrieval on labelled crops.
 
     \b
     Example (a torchreid export, input (pixels/255 - mean) / std):
@@ -109,7 +126,23 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
       # an Open Model Zoo IR (BGR, 0..255, normalised inside)
       reid-export annotate person-reidentification-retail-0288.xml -o omz-0288.xml --mean 0,0,0 \\
           --std 1,1,1 --pixel-scale 255 --channel-order bgr --interpolation linear --normalized-inside
+      # or find it: the conventions tried on labelled crops, the best mAP wins
+      reid-export annotate osnet.onnx -o osnet.reid.onnx --detect Market-1501/ --report detect.json
     """
+    stated = {"--mean": mean, "--std": std, "--pixel-scale": pixel_scale, "--channel-order": channel_order,
+              "--interpolation": interpolation}
+    if detect_dir is not None:
+        given = [k for k, v in stated.items() if v is not None] + (["--normalized-inside"] if normalized_inside else [])
+        if given:
+            raise UsageError(f"--detect finds the convention itself; drop {' '.join(given)} (or drop --detect)")
+        _annotate_detected(model, output, input_size, detect_dir, max_queries, report_path, model_name, progress)
+        return
+    missing = [k for k, v in stated.items() if v is None]
+    if missing:
+        raise UsageError(f"annotate needs {' '.join(missing)} (the model's preprocessing), or --detect CROPS to "
+                         "find it on labelled crops")
+    if report_path is not None:
+        raise UsageError("--report goes with --detect")
     from ..export.annotate import annotate_file
     from ..export.metadata import input_info, load_onnx
 
@@ -140,6 +173,27 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
     _log(f"wrote {report.output}: input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
          f"mean {list(c.mean)}, std {list(c.std)} ({'inside the model' if c.normalized_inside else 'applied before it'}), "
          f"{c.interpolation} resize, {c.feat_dim}-d features ({report.precision})")
+
+
+def _annotate_detected(model, output, input_size, images, max_queries, report_path, model_name, progress) -> None:
+    from ..fileio import atomic_write_json, check_output_path
+    from ..verify.detect import detect_and_annotate
+
+    if report_path is not None:
+        check_output_path(report_path)
+    report = detect_and_annotate(model, output, images, input_size=tuple(input_size) if input_size else None,
+                                 max_queries=max_queries, model_name=model_name, progress=progress, log=_log)
+    click.echo(report.table())
+    for line in report.lines():
+        click.echo(line)
+    if report_path is not None:
+        atomic_write_json(report_path, report.to_dict())
+    if not report.passed:
+        raise ReidExportError(report.refusal + "; nothing written")
+    c = report.written_config
+    _log(f"wrote {report.output}: detected input {c.height}x{c.width} {c.channel_order} 0..{c.pixel_scale:g}, "
+         f"mean {list(c.mean)}, std {list(c.std)} ({'none outside' if c.normalized_inside else 'applied before it'}), "
+         f"{c.interpolation} resize, {c.feat_dim}-d features")
 
 
 @cli.command()

@@ -38,25 +38,28 @@ def _int_list(ctx, param, value):
 @click.option("--instances", default=1, show_default=True, type=int, callback=positive_int,
               help="instance_group count.")
 @click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="instance_group kind for ONNX models (plans always run on a GPU).")
+              help="instance_group kind for ONNX models (plans always run on a GPU, OpenVINO IR on the CPU).")
 @click.option("--gpus", callback=_int_list, help="GPU ids for the instance group, comma-separated (default: all).")
 @click.option("--tensorrt-accelerator", type=click.Choice(["fp32", "fp16", "int8"]),
               help="ONNX on GPU: run it through ONNX Runtime's TensorRT accelerator at this precision.")
 @click.option("--force", is_flag=True, help="Replace model folders that already exist.")
 def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, instances, kind, gpus,
            tensorrt_accelerator, force):
-    """Write a Triton Inference Server model repository for MODELS (.onnx, .engine/.plan).
+    """Write a Triton Inference Server model repository for MODELS (.onnx, .engine/.plan, OpenVINO .xml IR).
 
     Each model gets REPO/NAME/config.pbtxt (max_batch_size, input/output dims, dynamic batching,
     instance group, optionally ONNX Runtime's TensorRT accelerator), its file in REPO/NAME/1/, its
     data config and a README that tells a client how to preprocess. TensorRT plans built from one
     ONNX for several GPU architectures become one model with cc_model_filenames. Every config is
     checked with Triton's ModelConfig protobuf where tritonclient is installed (the triton extra).
+    An OpenVINO IR (annotated with a data config) is served by Triton's openvino backend on CPU
+    instances (model.xml and model.bin in REPO/NAME/1/).
 
     \b
     Examples:
       reid-export triton model.onnx model.fp16.onnx -o repo/ --tensorrt-accelerator fp16
       reid-export triton model.sm86.engine model.sm90.engine -o repo/ --name reid_trt
+      reid-export triton omz-0288.xml -o repo/
     """
     from ..serve.triton import RepoOptions, collect, write_repository
 

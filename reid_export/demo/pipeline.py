@@ -358,7 +358,7 @@ class Demo:
             self.path("models").mkdir(exist_ok=True)
             crops = list_images(self.split_dir("query"))[:8]
             self.commands["onnx"] = ["onnx", str(self.path(CHECKPOINT)), "-o", str(self.path(ONNX_FP32)),
-                                     "--parity-images", *map(str, crops)]
+                                     *[arg for crop in crops for arg in ("--parity-images", str(crop))]]
             r.log("$ reid-export " + command_line(self.commands["onnx"], self.workdir))
             rep = export_checkpoint(self.path(CHECKPOINT), self.path(ONNX_FP32), parity_images=crops, log=r.log)
             for note in rep.notes:

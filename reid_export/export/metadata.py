@@ -125,7 +125,8 @@ def annotate_command(path: str | Path, input_shape=None) -> str:
     path = Path(path)
     out = path.with_name(path.stem + ".annotated.onnx")
     return (f"reid-export annotate {path} -o {out} --input-size {size} --mean R,G,B --std R,G,B "
-            "--pixel-scale 255|1 --channel-order rgb|bgr --interpolation cubic|linear [--normalized-inside]")
+            "--pixel-scale 255|1 --channel-order rgb|bgr --interpolation cubic|linear [--normalized-inside] "
+            f"(or find them: reid-export annotate {path} -o {out} --detect LABELLED_CROPS/)")
 
 
 def require_data_config(model: onnx.ModelProto | dict, path: str | Path, input_shape=None) -> DataConfig:
@@ -160,3 +161,24 @@ def model_precision(model: onnx.ModelProto) -> str:
 
 def base_metadata(data_config: DataConfig, precision: str) -> dict[str, Any]:
     return {KEY_DATA_CONFIG: data_config.to_json(), KEY_VERSION: __version__, KEY_PRECISION: precision}
+
+
+IR_DEAD_ENDS = {
+    "onnx": ("an OpenVINO IR is already an exported model: `reid-export onnx` exports PyTorch checkpoints and there is "
+             "no IR -> ONNX route; use the IR as it is (annotate, extract, parity, eval, bench and triton take .xml) "
+             "or export the checkpoint it came from"),
+    "quantize": ("an OpenVINO IR cannot be quantized here (quantize rewrites ONNX graphs); quantize the ONNX it came "
+                 "from (reid-export quantize model.onnx ...; reid-export openvino converts the result), or quantize "
+                 "the IR with OpenVINO's NNCF (nncf.quantize); for FP16 use reid-export openvino --fp16 on the ONNX "
+                 "or run the IR with --device openvino:bf16"),
+    "deepstream": ("DeepStream's nvinfer takes ONNX (or a TensorRT engine), not an OpenVINO IR; give the ONNX it "
+                   "came from (reid-export deepstream model.onnx ...)"),
+    "trt": ("TensorRT builds engines from ONNX, not from an OpenVINO IR; build from the ONNX it came from "
+            "(reid-export trt model.onnx ...)"),
+}
+
+
+def refuse_openvino_ir(path: str | Path, command: str) -> None:
+    """One line, and what to do instead, when ``path`` is an OpenVINO IR and ``command`` has no IR route."""
+    if Path(path).suffix.lower() == ".xml":
+        raise ReidExportError(f"{path}: {IR_DEAD_ENDS[command]}", exit_code=2)

@@ -4,7 +4,11 @@ Normalisation stays inside the graph; the data config, the tool version and the 
 sha256 go into ``metadata_props``. Every export is checked (``onnx.checker`` with full shape
 inference, the output shape) and proven against torch with ONNX Runtime at two batch sizes; an
 optional onnxslim pass is proven the same way, and a simplification that fails either check is
-dropped (the verified unsimplified graph is written, with a warning).
+dropped (the verified unsimplified graph is written, with a warning). The graph that is written is
+then checked end to end from image pixels: fed through the data config written with it, it must
+give the features of the checkpoint's model fed the way it was trained (its own config before
+``--opts``, at the export's input size and resize); a data config that does not describe what the
+graph computes fails the export.
 
 The exporter is torch's ``torch.export``-based one (``dynamo=True``, needs onnxscript) by default:
 it is the maintained path since PyTorch 2.9 (the TorchScript exporter is deprecated), and with a
@@ -45,6 +49,7 @@ MIN_OPSET = 13
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 PARITY_TOLERANCE = 1e-4
+PIXELS_TOLERANCE = 1e-3  # end to end: the same pixels, two preprocessing routes (float order differs)
 
 
 def max_opset() -> int:
@@ -198,6 +203,66 @@ def onnx_vs_torch(model_bytes: bytes, reference: np.ndarray, inputs: np.ndarray,
     return ParityCheck(name, tuple(batch_sizes), len(inputs), worst, per_batch)
 
 
+def trained_reference(model: torch.nn.Module, checkpoint, config, images, data_config: DataConfig) -> np.ndarray:
+    """Features of ``images`` from the checkpoint's model as trained: its own stored preprocessing and
+    the pixel mean/std it was trained with (``--opts`` may have changed both), at the export's input
+    size and resize (a legitimate export choice: the model is fully convolutional)."""
+    from dataclasses import replace
+
+    from ..checkpoint import trained_preprocessing
+
+    trained, mean, std = trained_preprocessing(checkpoint, config)
+    trained = replace(trained, height=data_config.height, width=data_config.width,
+                      interpolation=data_config.interpolation, extra=dict(trained.extra))
+    inputs = preprocess(images, trained)
+    saved = {}
+    for name, value in (("pixel_mean", mean), ("pixel_std", std)):
+        buffer = getattr(model, name, None)
+        if isinstance(buffer, torch.Tensor) and buffer.numel() == 3:
+            saved[name] = buffer.clone()
+            buffer.copy_(torch.tensor(value, dtype=buffer.dtype).view_as(buffer))
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(inputs)).numpy()
+    finally:
+        for name, value in saved.items():
+            getattr(model, name).copy_(value)
+
+
+@dataclass
+class PixelsCheck:
+    """End to end from image pixels: the written ONNX fed through the data config written with it,
+    against the checkpoint's model fed the way it was trained. Fails when the data config does not
+    describe what the graph computes (e.g. ``--opts MODEL.PIXEL_MEAN [0,0,0]``)."""
+
+    source: str
+    data_config: DataConfig
+    reference: np.ndarray | None = None
+    max_rel_l2: float = float("nan")
+    min_cosine: float = float("nan")
+    name: str = "pixels"
+
+    def run(self, model_bytes: bytes, inputs: np.ndarray, output) -> None:
+        from ..embeddings import compare, Tolerances
+        from .ort import OrtRunner, make_session
+
+        out = OrtRunner(make_session(model_bytes), "model.onnx")(inputs)
+        result = compare(self.reference, out, Tolerances(), "export")
+        self.max_rel_l2, self.min_cosine = result.max_rel_l2, result.min_cosine
+        if not self.max_rel_l2 <= PIXELS_TOLERANCE:
+            c = self.data_config
+            raise ReidExportError(
+                f"{output}: the data config written with it ({c.channel_order} 0..{c.pixel_scale:g}, mean "
+                f"{[round(v, 3) for v in c.mean]}, std {[round(v, 3) for v in c.std]}, "
+                f"{'inside' if c.normalized_inside else 'outside'} the graph) does not reproduce the checkpoint as "
+                f"trained from image pixels (max relative L2 {self.max_rel_l2:.3g}, min cosine {self.min_cosine:.3f}); "
+                "drop the --opts that change MODEL.PIXEL_MEAN / MODEL.PIXEL_STD; not written")
+
+    def line(self) -> str:
+        return (f"parity {self.name}: ONNX through its written data config vs the checkpoint as trained, from the "
+                f"pixels of {self.source}: max relative L2 {self.max_rel_l2:.2e}")
+
+
 @dataclass
 class ExportReport:
     output: Path
@@ -227,6 +292,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     """Export a checkpoint to ``output`` (written only when every check passes)."""
     from ..checkpoint import load_model_from_checkpoint
 
+    from .metadata import refuse_openvino_ir
+
+    refuse_openvino_ir(checkpoint, "onnx")
     start = time.time()
     output = check_output_path(output)
     if batch is not None and batch < 1:
@@ -250,6 +318,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     inputs = preprocess(images, data_config)
     with torch.no_grad():
         reference = model(torch.from_numpy(inputs)).numpy()
+
+    pixels_check = PixelsCheck(source, data_config)
+    if list(opts):  # --opts may change what the graph computes from pixels: the reference is the model as trained
+        pixels_check.reference = trained_reference(model, checkpoint, config, images, data_config)
+    else:
+        pixels_check.reference = reference
 
     metadata = base_metadata(data_config, "fp32")
     metadata.update({KEY_SOURCE: Path(checkpoint).name, KEY_SOURCE_SHA256: sha256_file(checkpoint)})
@@ -286,12 +360,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         for note in report.notes:
             log(note)
 
+    pixels_check.run(final.SerializeToString(), inputs, output)
+    report.checks.append(pixels_check)
+    log(pixels_check.line())
+
     final.graph.name = data_config.model_name or "reid"
     final.doc_string = f"reid-export {__version__}: {Path(checkpoint).name} -> ONNX (fp32)"
     metadata[KEY_EXPORT] = {
         "exporter": exporter, "opset": opset, "batch": report.batch, "simplified": report.simplified,
         "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
-        "parity_max_rel_l2": max(c.max_rel_l2 for c in report.checks), "parity_images": source,
+        "parity_max_rel_l2": max(c.max_rel_l2 for c in report.checks if isinstance(c, ParityCheck)),
+        "parity_images": source, "pixels_max_rel_l2": pixels_check.max_rel_l2,
     }
     set_metadata(final, metadata)
     save_onnx(final, output)

@@ -221,7 +221,10 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     ``equalize``: also try every method on the activation-equalised graph (:mod:`.equalize`);
     ``bias_correction``: also try the best candidate with its weight-rounding bias corrected.
     """
+    from .metadata import refuse_openvino_ir
     from .onnx_export import generated_images
+
+    refuse_openvino_ir(model_path, "quantize")
 
     start = time.time()
     _check_options(precision, target, method, percentile, reduce_range, calib_dirs)

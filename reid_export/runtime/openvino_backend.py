@@ -143,6 +143,7 @@ def annotate_hint(path: str | Path, shape=None) -> str:
     out = path.with_name(path.stem + ".annotated" + path.suffix)
     hint = (f"reid-export annotate {path} -o {out} --input-size {size} --mean R,G,B --std R,G,B "
             "--pixel-scale 255|1 --channel-order rgb|bgr --interpolation cubic|linear [--normalized-inside]")
+    hint += f" (or find them: reid-export annotate {path} -o {out} --detect LABELLED_CROPS/)"
     if path.suffix.lower() == ".xml":
         hint += (" (Open Model Zoo person-reidentification IRs take BGR 0..255 and normalise inside: --mean 0,0,0 "
                  "--std 1,1,1 --pixel-scale 255 --channel-order bgr --interpolation linear --normalized-inside)")

@@ -181,12 +181,13 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
     Nothing is written when the self-check fails (the error says by how much).
     """
     from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, load_onnx, model_precision,
-                                   require_data_config, set_metadata)
+                                   refuse_openvino_ir, require_data_config, set_metadata)
     from ..runtime import open_encoder
     from ..runtime.onnx_backend import OnnxEncoder, make_session
     from ..embeddings import Tolerances, compare
 
     model_path = Path(model_path)
+    refuse_openvino_ir(model_path, "deepstream")
     if model_path.suffix.lower() != ".onnx":
         raise ReidExportError(f"{model_path}: deepstream takes an ONNX model; export a checkpoint first with "
                               f"`reid-export onnx {model_path} -o model.onnx`", exit_code=2)

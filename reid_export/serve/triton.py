@@ -29,6 +29,7 @@ from ..errors import ReidExportError
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 PLAN_PLATFORM = "tensorrt_plan"
+OPENVINO_BACKEND = "openvino"  # Triton's OpenVINO backend: an IR (model.xml + model.bin), CPU instances
 ACCELERATOR_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -100,6 +101,30 @@ def _onnx_entry(path: Path, name: str) -> ModelEntry:
     return entry
 
 
+def _ir_entry(path: Path, name: str) -> ModelEntry:
+    """An OpenVINO IR for Triton's openvino backend (CPU); it must carry a data config (annotate it)."""
+    from ..runtime.openvino_backend import graph_precision, read_model, require_data_config, static_shape
+
+    model = read_model(path)
+    data_config = require_data_config(model, path)
+    if len(model.inputs) != 1:
+        raise ReidExportError(f"{path}: {len(model.inputs)} inputs; a ReID model here has one image input")
+    shape = static_shape(model)
+    out_shape = model.outputs[0].get_partial_shape()
+    last = out_shape[out_shape.rank.get_length() - 1] if out_shape.rank.is_static else None
+    feat = int(last.get_length()) if last is not None and last.is_static else data_config.feat_dim
+    if not feat:
+        raise ReidExportError(f"{path}: the output size is unknown; re-annotate the model with reid-export annotate")
+    entry = ModelEntry(name, OPENVINO_BACKEND, graph_precision(model), data_config,
+                       model.inputs[0].get_any_name(), model.outputs[0].get_any_name(), int(feat),
+                       {"model.xml": path, "model.bin": path.with_suffix(".bin")})
+    if shape and shape[0] is not None:
+        entry.fixed_batch = int(shape[0])
+        entry.notes.append(f"{path.name}: fixed batch {shape[0]}; max_batch_size 0 (no dynamic batching)")
+    entry.notes.append(f"{path.name}: served by Triton's openvino backend on CPU instances (KIND_CPU)")
+    return entry
+
+
 def _plan_entries(paths: list[Path]) -> list[ModelEntry]:
     """Plans built from the same ONNX for different GPU architectures become one model."""
     from ..trt.sidecar import read_sidecar
@@ -148,7 +173,7 @@ def _plan_entries(paths: list[Path]) -> list[ModelEntry]:
 
 
 def collect(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[ModelEntry]:
-    onnx_paths, plan_paths = [], []
+    onnx_paths, plan_paths, ir_paths = [], [], []
     for item in models:
         path = Path(item)
         suffix = path.suffix.lower()
@@ -156,10 +181,14 @@ def collect(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[Mod
             onnx_paths.append(path)
         elif suffix in (".engine", ".plan"):
             plan_paths.append(path)
+        elif suffix == ".xml":
+            ir_paths.append(path)
         else:
-            raise ReidExportError(f"{path}: Triton serves ONNX (.onnx) and TensorRT plans (.engine/.plan) here; "
-                                  f"export a checkpoint first with `reid-export onnx {path} -o model.onnx`", exit_code=2)
+            raise ReidExportError(f"{path}: Triton serves ONNX (.onnx), TensorRT plans (.engine/.plan) and OpenVINO IR "
+                                  f"(.xml) here; export a checkpoint first with `reid-export onnx {path} -o model.onnx`",
+                                  exit_code=2)
     entries = [_onnx_entry(p, model_name(p)) for p in onnx_paths] + (_plan_entries(plan_paths) if plan_paths else [])
+    entries += [_ir_entry(p, model_name(p)) for p in ir_paths]
     if names:
         if len(names) != len(entries):
             raise ReidExportError(f"--name given {len(names)} times for {len(entries)} models (plans of one ONNX for "
@@ -207,10 +236,13 @@ def _list(values) -> str:
 
 def config_text(entry: ModelEntry, opts: RepoOptions) -> str:
     """``config.pbtxt`` in protobuf text format."""
-    kind = "gpu" if entry.platform == PLAN_PLATFORM else opts.kind
+    kind = "gpu" if entry.platform == PLAN_PLATFORM else "cpu" if entry.platform == OPENVINO_BACKEND else opts.kind
     if entry.platform == PLAN_PLATFORM and opts.kind == "cpu":
         raise ReidExportError(f"{entry.name}: a TensorRT plan runs on a GPU; --kind cpu applies to ONNX models",
                               exit_code=2)
+    if entry.platform == OPENVINO_BACKEND and opts.tensorrt_accelerator is not None:
+        raise ReidExportError(f"{entry.name}: an OpenVINO IR is served by Triton's openvino backend on the CPU; "
+                              "--tensorrt-accelerator applies to ONNX models", exit_code=2)
     accel = opts.tensorrt_accelerator if entry.platform == ONNX_PLATFORM else None
     if accel is not None:
         if kind != "gpu":
@@ -223,7 +255,11 @@ def config_text(entry: ModelEntry, opts: RepoOptions) -> str:
     if entry.max_batch_size == 0 and entry.fixed_batch:
         dims_in = [entry.fixed_batch, *dims_in]
         dims_out = [entry.fixed_batch, *dims_out]
-    lines = [f'name: "{entry.name}"', f'platform: "{entry.platform}"', f"max_batch_size: {entry.max_batch_size}"]
+    serving = (f'backend: "{entry.platform}"' if entry.platform == OPENVINO_BACKEND
+               else f'platform: "{entry.platform}"')
+    lines = [f'name: "{entry.name}"', serving, f"max_batch_size: {entry.max_batch_size}"]
+    if entry.platform == OPENVINO_BACKEND:
+        lines.append('default_model_filename: "model.xml"')
     if entry.cc_model_filenames:
         first = sorted(entry.cc_model_filenames)[0]
         lines.append(f'default_model_filename: "{entry.cc_model_filenames[first]}"')
@@ -288,6 +324,9 @@ def client_readme(entry: ModelEntry) -> str:
     steps.append(f"6. Send it as input `{entry.input_name}` (TYPE_FP32); output `{entry.output_name}` is [N, "
                  f"{entry.feature_dim}] raw features: L2-normalise them before cosine matching.")
     files = ", ".join(f"`{entry_name}`" for entry_name in sorted(entry.sources))
+    local = sorted(entry.sources)[0] if entry.sources else sorted(entry.cc_model_filenames.values())[0]
+    if "model.xml" in entry.sources:
+        local = "model.xml"
     return "\n".join([
         f"# {entry.name}", "",
         f"Written by reid-export {__version__}: platform `{entry.platform}`, precision {entry.precision}, "
@@ -298,8 +337,8 @@ def client_readme(entry: ModelEntry) -> str:
            "TensorRT must be that version (engines are not portable across versions or architectures).", ""]
           if entry.platform == PLAN_PLATFORM else []),
         "## Client preprocessing", "", *steps, "",
-        "`reid-export extract MODEL --images crops/` computes the same features locally, to compare with "
-        "what the server returns.", ""])
+        f"`reid-export extract 1/{local} crops/ -o features.npy` (run in this folder; `crops/` a folder of "
+        "crops) computes the same features locally, to compare with what the server returns.", ""])
 
 
 def repository_readme(repo: Path) -> str:

@@ -72,7 +72,10 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
 
 def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions, log=print) -> dict:
     """Build ``output`` (engine) and ``output.json`` (sidecar) from ``onnx_path``; returns the sidecar."""
-    from ..export.metadata import graph_precision, input_info, load_onnx, output_info, require_data_config
+    from ..export.metadata import (graph_precision, input_info, load_onnx, output_info, refuse_openvino_ir,
+                                   require_data_config)
+
+    refuse_openvino_ir(onnx_path, "trt")
     from ..export.qdq_check import check_tensorrt_qdq
 
     onnx_path, output = Path(onnx_path), check_output_path(output)
