@@ -403,3 +403,19 @@ def test_handoff_writes_the_measured_threshold_where_boxmot_trackers_read_it(raw
                   "--threshold-fmr", "0.001")
     assert_clean_error(res, "131 negative pairs")
     assert not (tmp_path / "bx2").exists() or not any((tmp_path / "bx2").iterdir())
+
+
+def test_handoff_warns_when_the_model_collapses_on_the_given_crops(raw_onnx, tmp_path, parity_images):
+    # the same small graph annotated as taking ImageNet-normalised input although it expects 0..255:
+    # every real crop lands near one vector, and the hand-off says so (it still writes: the fold is exact)
+    twice = tmp_path / "twice.onnx"
+    assert run_cli("annotate", raw_onnx, "-o", twice, "--input-size", "64", "32", "--mean", "0.485,0.456,0.406",
+                   "--std", "0.229,0.224,0.225", "--pixel-scale", "1", "--channel-order", "rgb",
+                   "--interpolation", "linear").code == 0
+    res = run_cli("boxmot", twice, "-o", tmp_path / "a", "--no-openvino", "--images", parity_images[0].parent)
+    assert res.code == 0, res
+    assert "collapsed embeddings" in res.err
+    good = _annotated(raw_onnx, tmp_path, "fastreid")
+    res = run_cli("boxmot", good, "-o", tmp_path / "b", "--no-openvino", "--images", parity_images[0].parent)
+    assert res.code == 0, res
+    assert "collapsed" not in res.err

@@ -236,6 +236,8 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
         click.echo(f"threshold: {res.threshold.describe()}")
         click.echo("wrote " + ", ".join(str(p) for p in res.tracker_configs)
                    + " (BoxMOT tracker configs: pass one as the tracker config)")
+    if res.collapse is not None and res.collapse.collapsed:
+        click.echo(res.collapse.warning(str(model)), err=True)
     click.echo("verify:")
     for command in res.verify_commands(model, config):
         click.echo(f"  {command}")

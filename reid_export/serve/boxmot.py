@@ -102,6 +102,7 @@ class BoxmotResult:
     notes: list[str] = field(default_factory=list)
     threshold: object = None  # verify.thresholds.TrackerThreshold written into the tracker configs, or None
     tracker_configs: list[Path] = field(default_factory=list)
+    collapse: object = None  # embeddings.CollapseStats of the original on the given crops, or None
 
     def verify_commands(self, model: str | Path, config: str | Path | None) -> list[str]:
         cfg = f" --config {config}" if config else ""
@@ -238,6 +239,11 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
                                   f"input ({'; '.join(parity.failures)}); nothing written")
         feat_dim = int(ref.shape[1])
         written_dc = replace(written_dc, feat_dim=feat_dim)
+        collapse = None
+        if images:  # real crops: does the model tell them apart? (the generated ones are noise: they prove nothing)
+            from ..verify.collapse import collapse_of
+
+            collapse = collapse_of(ref)
         threshold = None
         if threshold_dataset is not None:
             from ..verify.thresholds import reference_threshold
@@ -320,4 +326,4 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             check_output_path(path)
         atomic_write_files(files)
     return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, source_dc, affine, parity, ov_lines, architecture,
-                        precision, len(inputs), notes, threshold, tracker_configs)
+                        precision, len(inputs), notes, threshold, tracker_configs, collapse)
