@@ -1,9 +1,13 @@
-"""Read and write fast-reid-layout checkpoints, safely.
+"""Read and write checkpoints fast-reid's ``Checkpointer`` loads, safely.
 
 Files are read with ``torch.load(weights_only=True)``: a checkpoint that tries to run code is
-refused. fast-reid's layout is a dict with ``model`` (state dict) plus ``optimizer``,
-``scheduler``, ``epoch``/``iteration``; ours adds ``cfg`` (the YAML text of the config) and
-``data_config`` so that a checkpoint alone rebuilds its model.
+refused. A checkpoint is a dict with ``model`` (a state dict with fast-reid's key names) plus, in
+ours, ``cfg`` (the YAML text of the config, fast-reid's keys only, so that fast-reid's
+``merge_from_file`` takes it unchanged), ``reid_export_cfg`` (our keys: the stem padding, the resize
+interpolation, the dataset root, the seed) and ``data_config``, so that a checkpoint alone rebuilds
+its model. Checkpoints written before ``reid_export_cfg`` existed carry our keys inside ``cfg``;
+they load as before. The training state (``optimizer``, ``scheduler``, ``epoch``, ...) is
+reid-train's own: fast-reid's ``Checkpointer`` loads the weights but cannot resume it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import CfgNode, load_config, load_config_text
+from .config import CfgNode, fastreid_dump, load_config, load_config_text, split_own
 from .data_config import DataConfig, data_config_from_cfg
 from .errors import ReidExportError, ReidExportNote
 from .fileio import atomic_write_bytes, check_input_file
@@ -148,10 +152,11 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data_config: DataConfig,
                     **extra) -> Path:
-    """A fast-reid-layout checkpoint with our embedded config, written atomically.
+    """A checkpoint with our embedded config, written atomically.
 
-    The embedded config records the stem the model was built with (``STEM_POOL_PADDING``), so that
-    the file loads with the stem its weights were trained with whatever the defaults become.
+    ``cfg`` holds fast-reid's keys only; ``reid_export_cfg`` ours, among them the stem the model was
+    built with (``STEM_POOL_PADDING``), so that the file loads with the stem its weights were trained
+    with whatever the defaults become.
     """
     padding = getattr(getattr(model, "backbone", None), "stem_pool_padding", None)
     if padding is not None and cfg.MODEL.BACKBONE.get("STEM_POOL_PADDING") != padding:
@@ -159,7 +164,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data
         cfg.MODEL.BACKBONE.STEM_POOL_PADDING = int(padding)
     obj = {
         "model": model.state_dict(),
-        "cfg": cfg.dump(),
+        "cfg": fastreid_dump(cfg),
+        "reid_export_cfg": split_own(cfg)[1],
         "data_config": data_config.to_dict(),
         "reid_export_version": __version__,
     }
@@ -172,6 +178,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data
 def is_reid_train_checkpoint(obj: dict) -> bool:
     """Written by :func:`save_checkpoint` (reid-train, the demo), not by fast-reid."""
     return "reid_export_version" in obj and isinstance(obj.get("cfg"), str)
+
+
+def embedded_config(obj: dict, opts=(), source: str = "checkpoint") -> CfgNode:
+    """The config a checkpoint carries: ``cfg`` (YAML text), then our keys in ``reid_export_cfg``, then ``opts``."""
+    own = obj.get("reid_export_cfg")
+    return load_config_text(obj["cfg"], opts, source=f"{source} (embedded config)",
+                            own=own if isinstance(own, dict) else None)
 
 
 def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
@@ -187,9 +200,9 @@ def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
         return bb.get("STEM_POOL_PADDING") or 0
     padding = 0
     if is_reid_train_checkpoint(obj):
-        stored = load_config_text(obj["cfg"], source=f"{source} (embedded config)").MODEL.BACKBONE
+        stored = embedded_config(obj, source=source).MODEL.BACKBONE
         padding = stored.get("STEM_POOL_PADDING")
-        if padding is None and "STEM_POOL_PADDING:" in obj["cfg"]:
+        if padding is None and (isinstance(obj.get("reid_export_cfg"), dict) or "STEM_POOL_PADDING:" in obj["cfg"]):
             padding = 0  # written by 0.2.0 or later with the key unset: fast-reid's stem
         elif padding is None:
             padding = 1
@@ -216,7 +229,7 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
     if config is not None:
         cfg = load_config(config, opts)
     elif isinstance(obj.get("cfg"), str):
-        cfg = load_config_text(obj["cfg"], opts, source=f"{path} (embedded config)")
+        cfg = embedded_config(obj, opts, str(path))
     else:
         raise ReidExportError(
             f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)"
