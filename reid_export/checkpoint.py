@@ -115,11 +115,12 @@ def _short(keys: list[str], n: int = 6) -> str:
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                 allow_partial: bool = False) -> dict:
+                 allow_partial: bool = False, advice: str = "") -> dict:
     """Load ``state`` into ``model`` strictly, except for the classifier (unused at inference).
 
     Returns a small report: which keys were skipped. Any other missing/unexpected key or shape
-    mismatch raises one error that lists them and names the config option that probably differs.
+    mismatch raises one error that lists them and names the config option that probably differs,
+    or ``advice`` when the caller knows better what to do.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state and k != CLASSIFIER_KEY]
@@ -139,6 +140,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         from .modeling.osnet import osnet_hint  # reid-export: name the OSNet config the key shapes fit
         probable = osnet_hint(state)
         hint = f"; {probable}" if probable else hint
+        if advice:
+            raise ReidExportError(f"{source}: checkpoint does not match the config ({'; '.join(parts)}); {advice}")
         raise ReidExportError(
             f"{source}: checkpoint does not match the config ({'; '.join(parts)}){hint}; "
             "pass the config it was trained with (or --allow-partial to load what matches)"
@@ -224,20 +227,26 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
     """
     from .modeling import build_model
 
+    from .modeling.osnet import osnet_hint
+
     path = Path(path)
     obj = read_checkpoint(path)
+    state = extract_state_dict(obj, str(path))
+    carries = isinstance(obj.get("cfg"), str)
     if config is not None:
         cfg = load_config(config, opts)
-    elif isinstance(obj.get("cfg"), str):
+    elif carries:
         cfg = embedded_config(obj, opts, str(path))
     else:
-        raise ReidExportError(
-            f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)"
-        )
-    state = extract_state_dict(obj, str(path))
+        probable = osnet_hint(state)  # a torchreid OSNet file: name the configs/torchreid/*.yml its shapes fit
+        raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
+            probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
     resolve_stem(cfg, obj, str(path))
     model = build_model(cfg)
-    load_weights(model, state, str(path), allow_partial=allow_partial)
+    # A checkpoint that carries its own config and does not fit the one given: the given one is the mistake.
+    advice = (f"this checkpoint carries the config it was trained with: drop --config {config}"
+              if config is not None and carries else "")
+    load_weights(model, state, str(path), allow_partial=allow_partial, advice=advice)
     model.eval()
     name = Path(config).stem if config is not None else path.stem
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=name)
