@@ -110,6 +110,38 @@ def test_our_checkpoint_embeds_config(tmp_path):
     assert torch.equal(_features(model, x), _features(loaded, x))
 
 
+@pytest.mark.parametrize("opts", [[], ["INPUT.SIZE_TEST", "[128, 64]"]])
+def test_our_keys_travel_beside_the_config_and_older_checkpoints_load_as_before(tmp_path, opts):
+    """New checkpoints keep our keys out of ``cfg`` (fast-reid's merge_from_file refuses them) and in
+    ``reid_export_cfg``; a checkpoint of the earlier layout (our keys inside ``cfg``) gives the same
+    model, config and preprocessing, with or without --opts (the data config then comes from the config)."""
+    from reid_export.config import OWN_KEYS
+
+    model, cfg = _r18("INPUT.INTERPOLATION", "pil-lanczos", "SEED", "5", "DATASETS.ROOT", "/data")
+    new = tmp_path / "new.pth"
+    save_checkpoint(new, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"), epoch=3)
+    obj = read_checkpoint(new)
+    assert not any(key.split(".")[-1] + ":" in obj["cfg"] for key in OWN_KEYS)
+    assert obj["reid_export_cfg"] == {"INPUT": {"INTERPOLATION": "pil-lanczos"}, "SEED": 5,
+                                      "DATASETS": {"ROOT": "/data"}, "MODEL": {"BACKBONE": {"STEM_POOL_PADDING": 0}}}
+    old = tmp_path / "old.pth"
+    full = cfg.clone()
+    full.MODEL.BACKBONE.STEM_POOL_PADDING = 0
+    legacy = {k: v for k, v in obj.items() if k != "reid_export_cfg"}
+    torch.save(dict(legacy, cfg=full.dump(), reid_export_version="0.2.0"), old)
+    x = torch.rand(2, 3, 256, 128) * 255
+    results = [load_model_from_checkpoint(p, opts=opts) for p in (new, old)]
+    for loaded, cfg2, dc in results:
+        assert cfg2.INPUT.INTERPOLATION == dc.interpolation == "pil-lanczos"
+        assert cfg2.SEED == 5 and cfg2.DATASETS.ROOT == "/data" and cfg2.MODEL.BACKBONE.STEM_POOL_PADDING == 0
+        assert torch.equal(_features(model, x), _features(loaded, x))
+    assert results[0][1] == results[1][1]
+    assert dict(results[0][2].to_dict(), model_name="") == dict(results[1][2].to_dict(), model_name="")
+    # and without reid_export_cfg the new file's keys are lost: the check above can fail
+    torch.save(legacy, tmp_path / "stripped.pth")
+    assert load_model_from_checkpoint(tmp_path / "stripped.pth", opts=opts)[1].INPUT.INTERPOLATION != "pil-lanczos"
+
+
 def test_checkpoint_without_config_asks_for_one(tmp_path):
     model, _ = _r18()
     path = tmp_path / "bare.pth"
