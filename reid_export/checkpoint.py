@@ -158,13 +158,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data
     """A checkpoint with our embedded config, written atomically.
 
     ``cfg`` holds fast-reid's keys only; ``reid_export_cfg`` ours, among them the stem the model was
-    built with (``STEM_POOL_PADDING``), so that the file loads with the stem its weights were trained
-    with whatever the defaults become.
+    built with (``STEM_POOL_PADDING``) and the resize of ``data_config`` (``INTERPOLATION``), so that
+    the file loads with the stem and resize its weights were trained with whatever the defaults become.
     """
     padding = getattr(getattr(model, "backbone", None), "stem_pool_padding", None)
     if padding is not None and cfg.MODEL.BACKBONE.get("STEM_POOL_PADDING") != padding:
         cfg = cfg.clone()
         cfg.MODEL.BACKBONE.STEM_POOL_PADDING = int(padding)
+    if not cfg.INPUT.get("INTERPOLATION"):  # the resize the data config says, recorded in the config too
+        cfg = cfg.clone()
+        cfg.INPUT.INTERPOLATION = data_config.interpolation
     obj = {
         "model": model.state_dict(),
         "cfg": fastreid_dump(cfg),
@@ -219,6 +222,30 @@ def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
     return bb.STEM_POOL_PADDING
 
 
+def resolve_interpolation(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> str:
+    """Set ``cfg.INPUT.INTERPOLATION`` to the resize the checkpoint's weights go with, when the config leaves it unset.
+
+    An explicit value (config file, its sidecar, ``--opts``) is kept. Otherwise a reid-train checkpoint
+    gets the one it records (every one written so far records it), a fast-reid file (weights without
+    our config) Pillow bicubic, the resize fast-reid trained and evaluates it with, and a new run (no
+    checkpoint) reid-train's OpenCV cubic.
+    """
+    from .data_config import FASTREID_INTERPOLATION, TRAIN_INTERPOLATION
+
+    if cfg.INPUT.get("INTERPOLATION"):
+        return cfg.INPUT.INTERPOLATION
+    if is_reid_train_checkpoint(obj):
+        stored = embedded_config(obj, source=source).INPUT.get("INTERPOLATION")
+        recorded = (obj.get("data_config") or {}).get("interpolation") if isinstance(obj.get("data_config"), dict) else None
+        value = stored or recorded or TRAIN_INTERPOLATION
+    elif obj:
+        value = FASTREID_INTERPOLATION
+    else:
+        value = TRAIN_INTERPOLATION
+    cfg.INPUT.INTERPOLATION = value
+    return value
+
+
 def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
                                allow_partial: bool = False):
     """(model in eval mode, cfg, data config) from a checkpoint plus its config.
@@ -242,6 +269,7 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
         raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
             probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
     resolve_stem(cfg, obj, str(path))
+    resolve_interpolation(cfg, obj, str(path))
     model = build_model(cfg)
     # A checkpoint that carries its own config and does not fit the one given: the given one is the mistake.
     advice = (f"this checkpoint carries the config it was trained with: drop --config {config}"

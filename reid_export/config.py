@@ -129,8 +129,11 @@ def _C() -> CfgNode:  # noqa: N802 - fast-reid's name for the default node
         "INPUT": {
             "SIZE_TRAIN": [256, 128],
             "SIZE_TEST": [256, 128],
-            # reid-export: resize interpolation at test time (fast-reid's demo uses bicubic).
-            "INTERPOLATION": "cubic",
+            # reid-export: the resize (data_config.INTERPOLATIONS), in training and at test time. None:
+            # decided by the checkpoint (checkpoint.resolve_interpolation): the one a reid-train checkpoint
+            # records, fast-reid's evaluation resize (pil-bicubic) for a fast-reid file, OpenCV cubic for
+            # a new reid-train run.
+            "INTERPOLATION": None,
             "CROP": {"ENABLED": False, "SIZE": [224, 224], "SCALE": [0.16, 1], "RATIO": [3.0 / 4.0, 4.0 / 3.0]},
             "FLIP": {"ENABLED": False, "PROB": 0.5},
             "PADDING": {"ENABLED": False, "MODE": "constant", "SIZE": 10},

@@ -105,6 +105,7 @@ def test_our_checkpoint_embeds_config(tmp_path):
     # the same config, with the stem the model was built with recorded (the key was left unset)
     assert cfg.MODEL.BACKBONE.STEM_POOL_PADDING is None and cfg2.MODEL.BACKBONE.STEM_POOL_PADDING == 0
     cfg.MODEL.BACKBONE.STEM_POOL_PADDING = 0
+    cfg.INPUT.INTERPOLATION = "cubic"  # and the resize of its data config
     assert cfg2 == cfg and dc.model_name == "r18"
     x = torch.rand(1, 3, 256, 128) * 255
     assert torch.equal(_features(model, x), _features(loaded, x))
@@ -141,7 +142,29 @@ def test_our_keys_travel_beside_the_config_and_older_checkpoints_load_as_before(
     torch.save(legacy, tmp_path / "stripped.pth")
     with pytest.warns(ReidExportNote):  # and it looks like a file from before the stem was recorded
         stripped = load_model_from_checkpoint(tmp_path / "stripped.pth", opts=opts)[1]
-    assert stripped.INPUT.INTERPOLATION != "pil-lanczos"
+    assert stripped.SEED != 5 and stripped.DATASETS.ROOT != "/data"
+
+
+def test_interpolation_left_unset_follows_the_checkpoint(tmp_path):
+    """INPUT.INTERPOLATION unset: a fast-reid file gets fast-reid's evaluation resize (Pillow bicubic), a new
+    reid-train model OpenCV cubic (recorded in its checkpoint), and an explicit value wins over both."""
+    from reid_export.checkpoint import resolve_interpolation
+    from reid_export.config import get_cfg
+
+    model, cfg = _r18()
+    assert cfg.INPUT.INTERPOLATION is None
+    fastreid_file = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 9}, fastreid_file)
+    assert load_model_from_checkpoint(fastreid_file, R18)[2].interpolation == "pil-bicubic"
+    assert load_model_from_checkpoint(fastreid_file, R18, ["INPUT.INTERPOLATION", "cubic"])[2].interpolation == "cubic"
+    assert resolve_interpolation(get_cfg(), {}, "new run") == "cubic"  # what reid-train does for a new run
+    ours = tmp_path / "ours.pth"
+    resolve_interpolation(cfg, {}, "new run")
+    save_checkpoint(ours, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
+    assert read_checkpoint(ours)["reid_export_cfg"]["INPUT"]["INTERPOLATION"] == "cubic"
+    assert load_model_from_checkpoint(ours)[2].interpolation == "cubic"
+    assert load_model_from_checkpoint(ours, R18)[2].interpolation == "cubic"  # the config leaves it to the file
+    assert load_model_from_checkpoint(ours, opts=["INPUT.INTERPOLATION", "pil-bicubic"])[2].interpolation == "pil-bicubic"
 
 
 def test_checkpoint_without_config_asks_for_one(tmp_path):

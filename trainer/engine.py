@@ -37,8 +37,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_export.checkpoint import (embedded_config, extract_state_dict, load_weights, read_checkpoint, resolve_stem,
-                                    save_checkpoint)
+from reid_export.checkpoint import (embedded_config, extract_state_dict, load_weights, read_checkpoint,
+                                    resolve_interpolation, resolve_stem, save_checkpoint)
 from reid_export.config import CfgNode, write_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportError
@@ -255,6 +255,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     # The stem the weights were trained with: fast-reid's for a new run (recorded in the checkpoints'
     # config), the checkpoint's own when resuming one written before 0.2.0.
     resolve_stem(cfg, state if state is not None else {}, str(ckpt_path))
+    resolve_interpolation(cfg, state if state is not None else {}, str(ckpt_path))
     if state is not None and isinstance(state.get("cfg"), str):
         old = _flatten(embedded_config(state, source=str(ckpt_path)).to_dict())
         new = _flatten(cfg.to_dict())
@@ -442,15 +443,18 @@ def _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_
         if isinstance(obj.get("cfg"), str) and int(cfg.MODEL.HEADS.NUM_CLASSES) == 0:
             cfg.MODEL.HEADS.NUM_CLASSES = int(embedded_config(obj, source=source).MODEL.HEADS.NUM_CLASSES)
         resolve_stem(cfg, obj, source)
+        resolve_interpolation(cfg, obj, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(obj, source), source)
     elif state is not None:
         source = str(ckpt_path)
         resolve_stem(cfg, state, source)
+        resolve_interpolation(cfg, state, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(state, source), source)
     else:
         resolve_stem(cfg, {}, "untrained")
+        resolve_interpolation(cfg, {}, "untrained")
         model = build_model(cfg)
         source = "untrained:" + _init_weights(cfg, model)
         log.warning("--eval-only without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)
