@@ -10,7 +10,8 @@ For a ResNet BoT and an OSNet BoT trained for one epoch on generated data:
 on the files as written, then fast-reid's eval-mode features of the very pixels ``extract`` used
 agree with ``extract``'s within 1e-5 relative L2. And the failure side: a config holding one of our
 keys is refused by fast-reid (so the check can fail), and fast-reid's own optimizer cannot resume
-from reid-train's training state (the README says so).
+from reid-train's training state (the README says so). That the package computes what fast-reid's
+code computed is checked on ../shared/golden (its features reproduced within 1e-5).
 """
 
 from __future__ import annotations
@@ -157,3 +158,27 @@ def test_fastreid_cannot_resume_reid_trains_optimizer(case):
     state; its Checkpointer, given its own optimizer, refuses reid-train's (other parameter groups)."""
     answer = case["answers"]["resume"]
     assert not answer["ok"] and "parameter group" in answer["error"], answer
+
+
+def test_fastreid_package_reproduces_the_golden_features(tmp_path):
+    """The PyPI package stands for fast-reid's code: fed the golden pixels (OpenCV cubic, as the golden
+    features were made), its merge_from_file, build_model and Checkpointer reproduce ../shared/golden."""
+    from reid_export.data_config import DataConfig
+    from reid_export.preprocess import preprocess
+
+    golden = Path(os.environ.get("REID_GOLDEN", REPO.parent / "shared" / "golden")) / "fastreid"
+    names = ["bot_R18", "agw_R50-ibn"]
+    if not all((golden / n / "features.npy").is_file() for n in names):
+        pytest.skip(f"golden data {golden} not present (set REID_GOLDEN to the folder holding fastreid/)")
+    fastreid_python()
+    jobs = {}
+    for name in names:
+        order = json.loads((golden / name / "inputs.json").read_text())["images"]
+        np.save(tmp_path / f"{name}.npy", preprocess([golden / "images" / n for n in order], DataConfig(interpolation="cubic")))
+        jobs[name] = ["features", golden / name / "config.yaml", golden / name / "model_final.fp16.pth",
+                      tmp_path / f"{name}.npy", tmp_path / f"{name}.out.npy"]
+    answers = fastreid(jobs, tmp_path)
+    for name in names:
+        assert answers[name]["missing"] == [] and answers[name]["unexpected"] == [], answers[name]
+        theirs = np.load(tmp_path / f"{name}.out.npy")
+        assert rel_l2(theirs, np.load(golden / name / "features.npy")) <= TOLERANCE, name
