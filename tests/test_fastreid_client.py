@@ -174,7 +174,8 @@ def test_fastreid_package_reproduces_the_golden_features(tmp_path):
     jobs = {}
     for name in names:
         order = json.loads((golden / name / "inputs.json").read_text())["images"]
-        np.save(tmp_path / f"{name}.npy", preprocess([golden / "images" / n for n in order], DataConfig(interpolation="cubic")))
+        pixels = preprocess([golden / "images" / n for n in order], DataConfig(interpolation="cubic"))
+        np.save(tmp_path / f"{name}.npy", pixels)
         jobs[name] = ["features", golden / name / "config.yaml", golden / name / "model_final.fp16.pth",
                       tmp_path / f"{name}.npy", tmp_path / f"{name}.out.npy"]
     answers = fastreid(jobs, tmp_path)
