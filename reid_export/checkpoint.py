@@ -236,7 +236,8 @@ def resolve_interpolation(cfg: CfgNode, obj: dict, source: str = "checkpoint") -
         return cfg.INPUT.INTERPOLATION
     if is_reid_train_checkpoint(obj):
         stored = embedded_config(obj, source=source).INPUT.get("INTERPOLATION")
-        recorded = (obj.get("data_config") or {}).get("interpolation") if isinstance(obj.get("data_config"), dict) else None
+        data_config = obj.get("data_config")
+        recorded = data_config.get("interpolation") if isinstance(data_config, dict) else None
         value = stored or recorded or TRAIN_INTERPOLATION
     elif obj:
         value = FASTREID_INTERPOLATION

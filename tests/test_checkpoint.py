@@ -164,7 +164,8 @@ def test_interpolation_left_unset_follows_the_checkpoint(tmp_path):
     assert read_checkpoint(ours)["reid_export_cfg"]["INPUT"]["INTERPOLATION"] == "cubic"
     assert load_model_from_checkpoint(ours)[2].interpolation == "cubic"
     assert load_model_from_checkpoint(ours, R18)[2].interpolation == "cubic"  # the config leaves it to the file
-    assert load_model_from_checkpoint(ours, opts=["INPUT.INTERPOLATION", "pil-bicubic"])[2].interpolation == "pil-bicubic"
+    explicit = load_model_from_checkpoint(ours, opts=["INPUT.INTERPOLATION", "pil-bicubic"])[2]
+    assert explicit.interpolation == "pil-bicubic"
 
 
 def test_checkpoint_without_config_asks_for_one(tmp_path):

@@ -47,8 +47,9 @@ def fastreid_python() -> str:
     candidates = [named] if named else [str(REPO / ".venv-fastreid" / "bin" / "python"), sys.executable]
     for python in candidates:
         if python and Path(python).exists():
-            probe = subprocess.run([python, "-c", "import fastreid.config, fastreid.modeling, fastreid.utils.checkpoint"],
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [python, "-c", "import fastreid.config, fastreid.modeling, fastreid.utils.checkpoint"],
+                capture_output=True, text=True)
             if probe.returncode == 0:
                 return python
     pytest.skip("fast-reid's package is not installed: .ci/run makes .venv-fastreid with it (python3 -m venv "

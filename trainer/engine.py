@@ -11,8 +11,8 @@ Output folder (OUTPUT_DIR, or ``--output-dir``):
   them), ``model_final.pth`` at the end, ``model_best.pth`` at the best ``(Rank-1 + mAP) / 2``;
   each holds ``model`` (fast-reid's key names: its ``Checkpointer`` loads it), reid-train's own
   training state (``optimizer``, ``scheduler``, ``epoch``, ``iteration``: fast-reid cannot resume
-  from it), the embedded config (``cfg``, fast-reid's keys; ``reid_export_cfg``, ours) and data config, the seed and sampler position, the torch RNG state and
-  the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
+  from it), the embedded config (``cfg``, fast-reid's keys; ``reid_export_cfg``, ours) and data
+  config, the seed and sampler position, the torch RNG state and the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
 * ``metrics_{epoch:04d}.json`` per evaluation (``metrics_eval.json`` for ``--eval-only``);
 * ``history.jsonl``: one line of training statistics per epoch (losses, lr, img/s, seconds).
 
