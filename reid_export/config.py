@@ -421,13 +421,6 @@ def load_config(path: str | Path, opts: Iterable[str] = ()) -> CfgNode:
     return merge_opts(cfg, opts)
 
 
-def config_names(path: str | Path, key: str, opts: Iterable[str] = ()) -> bool:
-    """Whether the config file (its bases, its sidecar) or ``opts`` set ``key`` (``A.B.C``) themselves."""
-    if any(k == key for k, _ in parse_opts(opts)):
-        return True
-    return any(key in _flat_keys(data) for data, _ in config_layers(path))
-
-
 def load_config_text(text: str, opts: Iterable[str] = (), source: str = "<embedded config>",
                      own: dict | None = None) -> CfgNode:
     """A config from YAML text (the copy embedded in our checkpoints), then ``own`` (our keys kept
