@@ -1,9 +1,13 @@
-"""Read and write fast-reid-layout checkpoints, safely.
+"""Read and write checkpoints fast-reid's ``Checkpointer`` loads, safely.
 
 Files are read with ``torch.load(weights_only=True)``: a checkpoint that tries to run code is
-refused. fast-reid's layout is a dict with ``model`` (state dict) plus ``optimizer``,
-``scheduler``, ``epoch``/``iteration``; ours adds ``cfg`` (the YAML text of the config) and
-``data_config`` so that a checkpoint alone rebuilds its model.
+refused. A checkpoint is a dict with ``model`` (a state dict with fast-reid's key names) plus, in
+ours, ``cfg`` (the YAML text of the config, fast-reid's keys only, so that fast-reid's
+``merge_from_file`` takes it unchanged), ``reid_export_cfg`` (our keys: the stem padding, the resize
+interpolation, the dataset root, the seed) and ``data_config``, so that a checkpoint alone rebuilds
+its model. Checkpoints written before ``reid_export_cfg`` existed carry our keys inside ``cfg``;
+they load as before. The training state (``optimizer``, ``scheduler``, ``epoch``, ...) is
+reid-train's own: fast-reid's ``Checkpointer`` loads the weights but cannot resume it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import CfgNode, load_config, load_config_text
+from .config import CfgNode, fastreid_dump, load_config, load_config_text, split_own
 from .data_config import DataConfig, data_config_from_cfg
 from .errors import ReidExportError, ReidExportNote
 from .fileio import atomic_write_bytes, check_input_file
@@ -111,11 +115,12 @@ def _short(keys: list[str], n: int = 6) -> str:
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                 allow_partial: bool = False) -> dict:
+                 allow_partial: bool = False, advice: str = "") -> dict:
     """Load ``state`` into ``model`` strictly, except for the classifier (unused at inference).
 
     Returns a small report: which keys were skipped. Any other missing/unexpected key or shape
-    mismatch raises one error that lists them and names the config option that probably differs.
+    mismatch raises one error that lists them and names the config option that probably differs,
+    or ``advice`` when the caller knows better what to do.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state and k != CLASSIFIER_KEY]
@@ -135,6 +140,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         from .modeling.osnet import osnet_hint  # reid-export: name the OSNet config the key shapes fit
         probable = osnet_hint(state)
         hint = f"; {probable}" if probable else hint
+        if advice:
+            raise ReidExportError(f"{source}: checkpoint does not match the config ({'; '.join(parts)}); {advice}")
         raise ReidExportError(
             f"{source}: checkpoint does not match the config ({'; '.join(parts)}){hint}; "
             "pass the config it was trained with (or --allow-partial to load what matches)"
@@ -148,18 +155,23 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data_config: DataConfig,
                     **extra) -> Path:
-    """A fast-reid-layout checkpoint with our embedded config, written atomically.
+    """A checkpoint with our embedded config, written atomically.
 
-    The embedded config records the stem the model was built with (``STEM_POOL_PADDING``), so that
-    the file loads with the stem its weights were trained with whatever the defaults become.
+    ``cfg`` holds fast-reid's keys only; ``reid_export_cfg`` ours, among them the stem the model was
+    built with (``STEM_POOL_PADDING``) and the resize of ``data_config`` (``INTERPOLATION``), so that
+    the file loads with the stem and resize its weights were trained with whatever the defaults become.
     """
     padding = getattr(getattr(model, "backbone", None), "stem_pool_padding", None)
     if padding is not None and cfg.MODEL.BACKBONE.get("STEM_POOL_PADDING") != padding:
         cfg = cfg.clone()
         cfg.MODEL.BACKBONE.STEM_POOL_PADDING = int(padding)
+    if not cfg.INPUT.get("INTERPOLATION"):  # the resize the data config says, recorded in the config too
+        cfg = cfg.clone()
+        cfg.INPUT.INTERPOLATION = data_config.interpolation
     obj = {
         "model": model.state_dict(),
-        "cfg": cfg.dump(),
+        "cfg": fastreid_dump(cfg),
+        "reid_export_cfg": split_own(cfg)[1],
         "data_config": data_config.to_dict(),
         "reid_export_version": __version__,
     }
@@ -172,6 +184,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: CfgNode, data
 def is_reid_train_checkpoint(obj: dict) -> bool:
     """Written by :func:`save_checkpoint` (reid-train, the demo), not by fast-reid."""
     return "reid_export_version" in obj and isinstance(obj.get("cfg"), str)
+
+
+def embedded_config(obj: dict, opts=(), source: str = "checkpoint") -> CfgNode:
+    """The config a checkpoint carries: ``cfg`` (YAML text), then our keys in ``reid_export_cfg``, then ``opts``."""
+    own = obj.get("reid_export_cfg")
+    return load_config_text(obj["cfg"], opts, source=f"{source} (embedded config)",
+                            own=own if isinstance(own, dict) else None)
 
 
 def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
@@ -187,9 +206,9 @@ def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
         return bb.get("STEM_POOL_PADDING") or 0
     padding = 0
     if is_reid_train_checkpoint(obj):
-        stored = load_config_text(obj["cfg"], source=f"{source} (embedded config)").MODEL.BACKBONE
+        stored = embedded_config(obj, source=source).MODEL.BACKBONE
         padding = stored.get("STEM_POOL_PADDING")
-        if padding is None and "STEM_POOL_PADDING:" in obj["cfg"]:
+        if padding is None and (isinstance(obj.get("reid_export_cfg"), dict) or "STEM_POOL_PADDING:" in obj["cfg"]):
             padding = 0  # written by 0.2.0 or later with the key unset: fast-reid's stem
         elif padding is None:
             padding = 1
@@ -203,6 +222,31 @@ def resolve_stem(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> int:
     return bb.STEM_POOL_PADDING
 
 
+def resolve_interpolation(cfg: CfgNode, obj: dict, source: str = "checkpoint") -> str:
+    """Set ``cfg.INPUT.INTERPOLATION`` to the resize the checkpoint's weights go with, when the config leaves it unset.
+
+    An explicit value (config file, its sidecar, ``--opts``) is kept. Otherwise a reid-train checkpoint
+    gets the one it records (every one written so far records it), a fast-reid file (weights without
+    our config) Pillow bicubic, the resize fast-reid trained and evaluates it with, and a new run (no
+    checkpoint) reid-train's OpenCV cubic.
+    """
+    from .data_config import FASTREID_INTERPOLATION, TRAIN_INTERPOLATION
+
+    if cfg.INPUT.get("INTERPOLATION"):
+        return cfg.INPUT.INTERPOLATION
+    if is_reid_train_checkpoint(obj):
+        stored = embedded_config(obj, source=source).INPUT.get("INTERPOLATION")
+        data_config = obj.get("data_config")
+        recorded = data_config.get("interpolation") if isinstance(data_config, dict) else None
+        value = stored or recorded or TRAIN_INTERPOLATION
+    elif obj:
+        value = FASTREID_INTERPOLATION
+    else:
+        value = TRAIN_INTERPOLATION
+    cfg.INPUT.INTERPOLATION = value
+    return value
+
+
 def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
                                allow_partial: bool = False):
     """(model in eval mode, cfg, data config) from a checkpoint plus its config.
@@ -211,20 +255,27 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
     """
     from .modeling import build_model
 
+    from .modeling.osnet import osnet_hint
+
     path = Path(path)
     obj = read_checkpoint(path)
+    state = extract_state_dict(obj, str(path))
+    carries = isinstance(obj.get("cfg"), str)
     if config is not None:
         cfg = load_config(config, opts)
-    elif isinstance(obj.get("cfg"), str):
-        cfg = load_config_text(obj["cfg"], opts, source=f"{path} (embedded config)")
+    elif carries:
+        cfg = embedded_config(obj, opts, str(path))
     else:
-        raise ReidExportError(
-            f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)"
-        )
-    state = extract_state_dict(obj, str(path))
+        probable = osnet_hint(state)  # a torchreid OSNet file: name the configs/torchreid/*.yml its shapes fit
+        raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
+            probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
     resolve_stem(cfg, obj, str(path))
+    resolve_interpolation(cfg, obj, str(path))
     model = build_model(cfg)
-    load_weights(model, state, str(path), allow_partial=allow_partial)
+    # A checkpoint that carries its own config and does not fit the one given: the given one is the mistake.
+    advice = (f"this checkpoint carries the config it was trained with: drop --config {config}"
+              if config is not None and carries else "")
+    load_weights(model, state, str(path), allow_partial=allow_partial, advice=advice)
     model.eval()
     name = Path(config).stem if config is not None else path.stem
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=name)

@@ -4,6 +4,12 @@ The defaults below carry every key of fast-reid's (v1.x) ``fastreid/config/defau
 full dump that fast-reid writes next to its checkpoints (``cfg.dump()``) loads as it is. A key that
 is not known is an error that suggests the closest known key; a value of the wrong type is an
 error that names the key and the type it expects.
+
+reid-export adds a few keys (:data:`OWN_KEYS`). fast-reid's ``get_cfg().merge_from_file`` rejects
+any key it does not know, so what we write for fast-reid (:func:`fastreid_dump`: ``config.yaml``
+and the config embedded in checkpoints) leaves them out; they travel beside it, in a sidecar file
+(``config.reid-export.yaml`` next to ``config.yaml``, read by :func:`load_config`) and in the
+checkpoint's own ``reid_export_cfg`` dict.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import yaml
 from .errors import ReidExportError, UsageError
 
 BASE_KEY = "_BASE_"
+# The keys reid-export adds to fast-reid's config (fast-reid's merge_from_file rejects them).
+OWN_KEYS = ("MODEL.BACKBONE.STEM_POOL_PADDING", "INPUT.INTERPOLATION", "DATASETS.ROOT", "SEED")
+SIDECAR_SUFFIX = ".reid-export.yaml"
 
 
 class CfgNode(dict):
@@ -120,8 +129,11 @@ def _C() -> CfgNode:  # noqa: N802 - fast-reid's name for the default node
         "INPUT": {
             "SIZE_TRAIN": [256, 128],
             "SIZE_TEST": [256, 128],
-            # reid-export: resize interpolation at test time (fast-reid's demo uses bicubic).
-            "INTERPOLATION": "cubic",
+            # reid-export: the resize (data_config.INTERPOLATIONS), in training and at test time. None:
+            # decided by the checkpoint (checkpoint.resolve_interpolation): the one a reid-train checkpoint
+            # records, fast-reid's evaluation resize (pil-bicubic) for a fast-reid file, OpenCV cubic for
+            # a new reid-train run.
+            "INTERPOLATION": None,
             "CROP": {"ENABLED": False, "SIZE": [224, 224], "SCALE": [0.16, 1], "RATIO": [3.0 / 4.0, 4.0 / 3.0]},
             "FLIP": {"ENABLED": False, "PROB": 0.5},
             "PADDING": {"ENABLED": False, "MODE": "constant", "SIZE": 10},
@@ -364,20 +376,101 @@ def merge_opts(cfg: CfgNode, opts: Iterable[str]) -> CfgNode:
     return cfg
 
 
+def sidecar_path(path: str | Path) -> Path:
+    """``logs/x/config.yaml`` -> ``logs/x/config.reid-export.yaml`` (our keys for that config)."""
+    path = Path(path)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+def _own_layer(data: dict, source: str) -> dict:
+    """The sidecar's content, checked to hold only :data:`OWN_KEYS`."""
+    flat = _flat_keys(data)
+    foreign = [k for k in flat if k not in OWN_KEYS]
+    if foreign:
+        raise ReidExportError(f"{source}: holds {', '.join(foreign)}, which belong in the config file itself; "
+                              f"this file takes only {', '.join(OWN_KEYS)}")
+    return data
+
+
+def _flat_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def config_layers(path: str | Path) -> list[tuple[dict, str]]:
+    """The YAML mappings that make up a config file, in merge order: its ``_BASE_`` chain, the file,
+    then the sidecar with our keys beside it (when there is one)."""
+    path = Path(path).expanduser()
+    layers = _load_with_bases(path)
+    side = sidecar_path(path)
+    if path.is_file() and side.is_file():
+        layers.append((_own_layer(_read_yaml(side), str(side)), str(side)))
+    return layers
+
+
 def load_config(path: str | Path, opts: Iterable[str] = ()) -> CfgNode:
-    """Defaults <- ``_BASE_`` chain <- the file <- ``opts``."""
+    """Defaults <- ``_BASE_`` chain <- the file <- its sidecar (``NAME.reid-export.yaml``) <- ``opts``."""
     cfg = get_cfg()
-    for data, source in _load_with_bases(Path(path).expanduser()):
+    for data, source in config_layers(path):
         _merge(cfg, data, source)
     return merge_opts(cfg, opts)
 
 
-def load_config_text(text: str, opts: Iterable[str] = (), source: str = "<embedded config>") -> CfgNode:
-    """A config from YAML text (the copy embedded in our checkpoints)."""
+def load_config_text(text: str, opts: Iterable[str] = (), source: str = "<embedded config>",
+                     own: dict | None = None) -> CfgNode:
+    """A config from YAML text (the copy embedded in our checkpoints), then ``own`` (our keys kept
+    beside it: the checkpoint's ``reid_export_cfg``), then ``opts``."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError:
         raise ReidExportError(f"{source}: embedded config is not valid YAML; pass --config") from None
+    if not isinstance(data, dict):
+        raise ReidExportError(f"{source}: embedded config is not a YAML mapping; pass --config")
     cfg = get_cfg()
     _merge(cfg, data, source)
+    if own:
+        _merge(cfg, _own_layer(own, f"{source} (reid_export_cfg)"), f"{source} (reid_export_cfg)")
     return merge_opts(cfg, opts)
+
+
+def split_own(cfg: CfgNode) -> tuple[dict, dict]:
+    """(the config as fast-reid knows it, :data:`OWN_KEYS` as a nested dict), both plain dicts."""
+    theirs = cfg.to_dict()
+    own: dict = {}
+    for key in OWN_KEYS:
+        *parents, leaf = key.split(".")
+        node, target = theirs, own
+        for part in parents:
+            node = node.get(part, {})
+            target = target.setdefault(part, {})
+        if leaf in node:
+            target[leaf] = node.pop(leaf)
+    return theirs, own
+
+
+def fastreid_dump(cfg: CfgNode) -> str:
+    """YAML that fast-reid's ``get_cfg().merge_from_file`` accepts unchanged: the config without our keys."""
+    return yaml.safe_dump(split_own(cfg)[0], sort_keys=True)
+
+
+def own_dump(cfg: CfgNode) -> str:
+    """The sidecar's YAML: only our keys, with a line that says what the file is."""
+    header = ("# reid-export's own settings for the config.yaml beside this file (fast-reid's config does not\n"
+              "# know these keys, so they are kept here); reid-export merges this file after that one.\n")
+    return header + yaml.safe_dump(split_own(cfg)[1], sort_keys=True)
+
+
+def write_config(path: str | Path, cfg: CfgNode) -> Path:
+    """Write ``path`` (fast-reid's keys only: its ``merge_from_file`` takes it unchanged) and its sidecar
+    (our keys), together and atomically; :func:`load_config` of ``path`` gives ``cfg`` back."""
+    from .fileio import atomic_write_files
+
+    path = Path(path)
+    atomic_write_files({path: fastreid_dump(cfg).encode("utf-8"),
+                        sidecar_path(path): own_dump(cfg).encode("utf-8")})
+    return path

@@ -21,6 +21,11 @@ OPENCV_INTERPOLATIONS = ("cubic", "linear", "nearest", "area", "lanczos")
 # scale): torchreid's test transform is pil-bilinear, fast-reid's evaluation transform pil-bicubic.
 PIL_INTERPOLATIONS = ("pil-bilinear", "pil-bicubic", "pil-nearest", "pil-lanczos", "pil-box", "pil-hamming")
 INTERPOLATIONS = OPENCV_INTERPOLATIONS + PIL_INTERPOLATIONS
+# INPUT.INTERPOLATION left unset: reid-train trains (and evaluates) with OpenCV cubic, fast-reid's
+# demo/deployment resize; a fast-reid checkpoint is evaluated with Pillow bicubic, the resize fast-reid
+# trained it with and evaluates it with (measured: benchmarks/RESULTS.md, "fast-reid's two resizes").
+TRAIN_INTERPOLATION = "cubic"
+FASTREID_INTERPOLATION = "pil-bicubic"
 SCHEMA_VERSION = 1
 
 
@@ -120,7 +125,7 @@ def data_config_from_cfg(cfg, feat_dim: int | None = None, model_name: str = "")
         pixel_scale=255.0,
         mean=tuple(cfg.MODEL.PIXEL_MEAN),
         std=tuple(cfg.MODEL.PIXEL_STD),
-        interpolation=cfg.INPUT.INTERPOLATION,
+        interpolation=cfg.INPUT.get("INTERPOLATION") or TRAIN_INTERPOLATION,
         normalized_inside=True,
         feat_dim=feat_dim,
         model_name=model_name,

@@ -8,7 +8,7 @@ from reid_export.checkpoint import (extract_state_dict, load_model_from_checkpoi
                                     read_checkpoint, save_checkpoint)
 from reid_export.config import load_config
 from reid_export.data_config import data_config_from_cfg
-from reid_export.errors import ReidExportError
+from reid_export.errors import ReidExportError, ReidExportNote
 from reid_export.modeling import build_model
 
 R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
@@ -105,9 +105,67 @@ def test_our_checkpoint_embeds_config(tmp_path):
     # the same config, with the stem the model was built with recorded (the key was left unset)
     assert cfg.MODEL.BACKBONE.STEM_POOL_PADDING is None and cfg2.MODEL.BACKBONE.STEM_POOL_PADDING == 0
     cfg.MODEL.BACKBONE.STEM_POOL_PADDING = 0
+    cfg.INPUT.INTERPOLATION = "cubic"  # and the resize of its data config
     assert cfg2 == cfg and dc.model_name == "r18"
     x = torch.rand(1, 3, 256, 128) * 255
     assert torch.equal(_features(model, x), _features(loaded, x))
+
+
+@pytest.mark.parametrize("opts", [[], ["INPUT.SIZE_TEST", "[128, 64]"]])
+def test_our_keys_travel_beside_the_config_and_older_checkpoints_load_as_before(tmp_path, opts):
+    """New checkpoints keep our keys out of ``cfg`` (fast-reid's merge_from_file refuses them) and in
+    ``reid_export_cfg``; a checkpoint of the earlier layout (our keys inside ``cfg``) gives the same
+    model, config and preprocessing, with or without --opts (the data config then comes from the config)."""
+    from reid_export.config import OWN_KEYS
+
+    model, cfg = _r18("INPUT.INTERPOLATION", "pil-lanczos", "SEED", "5", "DATASETS.ROOT", "/data")
+    new = tmp_path / "new.pth"
+    save_checkpoint(new, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"), epoch=3)
+    obj = read_checkpoint(new)
+    assert not any(key.split(".")[-1] + ":" in obj["cfg"] for key in OWN_KEYS)
+    assert obj["reid_export_cfg"] == {"INPUT": {"INTERPOLATION": "pil-lanczos"}, "SEED": 5,
+                                      "DATASETS": {"ROOT": "/data"}, "MODEL": {"BACKBONE": {"STEM_POOL_PADDING": 0}}}
+    old = tmp_path / "old.pth"
+    full = cfg.clone()
+    full.MODEL.BACKBONE.STEM_POOL_PADDING = 0
+    legacy = {k: v for k, v in obj.items() if k != "reid_export_cfg"}
+    torch.save(dict(legacy, cfg=full.dump(), reid_export_version="0.2.0"), old)
+    x = torch.rand(2, 3, 256, 128) * 255
+    results = [load_model_from_checkpoint(p, opts=opts) for p in (new, old)]
+    for loaded, cfg2, dc in results:
+        assert cfg2.INPUT.INTERPOLATION == dc.interpolation == "pil-lanczos"
+        assert cfg2.SEED == 5 and cfg2.DATASETS.ROOT == "/data" and cfg2.MODEL.BACKBONE.STEM_POOL_PADDING == 0
+        assert torch.equal(_features(model, x), _features(loaded, x))
+    assert results[0][1] == results[1][1]
+    assert dict(results[0][2].to_dict(), model_name="") == dict(results[1][2].to_dict(), model_name="")
+    # and without reid_export_cfg the new file's keys are lost: the check above can fail
+    torch.save(legacy, tmp_path / "stripped.pth")
+    with pytest.warns(ReidExportNote):  # and it looks like a file from before the stem was recorded
+        stripped = load_model_from_checkpoint(tmp_path / "stripped.pth", opts=opts)[1]
+    assert stripped.SEED != 5 and stripped.DATASETS.ROOT != "/data"
+
+
+def test_interpolation_left_unset_follows_the_checkpoint(tmp_path):
+    """INPUT.INTERPOLATION unset: a fast-reid file gets fast-reid's evaluation resize (Pillow bicubic), a new
+    reid-train model OpenCV cubic (recorded in its checkpoint), and an explicit value wins over both."""
+    from reid_export.checkpoint import resolve_interpolation
+    from reid_export.config import get_cfg
+
+    model, cfg = _r18()
+    assert cfg.INPUT.INTERPOLATION is None
+    fastreid_file = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 9}, fastreid_file)
+    assert load_model_from_checkpoint(fastreid_file, R18)[2].interpolation == "pil-bicubic"
+    assert load_model_from_checkpoint(fastreid_file, R18, ["INPUT.INTERPOLATION", "cubic"])[2].interpolation == "cubic"
+    assert resolve_interpolation(get_cfg(), {}, "new run") == "cubic"  # what reid-train does for a new run
+    ours = tmp_path / "ours.pth"
+    resolve_interpolation(cfg, {}, "new run")
+    save_checkpoint(ours, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
+    assert read_checkpoint(ours)["reid_export_cfg"]["INPUT"]["INTERPOLATION"] == "cubic"
+    assert load_model_from_checkpoint(ours)[2].interpolation == "cubic"
+    assert load_model_from_checkpoint(ours, R18)[2].interpolation == "cubic"  # the config leaves it to the file
+    explicit = load_model_from_checkpoint(ours, opts=["INPUT.INTERPOLATION", "pil-bicubic"])[2]
+    assert explicit.interpolation == "pil-bicubic"
 
 
 def test_checkpoint_without_config_asks_for_one(tmp_path):

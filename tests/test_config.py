@@ -107,3 +107,26 @@ def test_missing_and_broken_files(tmp_path):
     (tmp_path / "loop.yml").write_text("_BASE_: loop.yml\n")
     with pytest.raises(ReidExportError, match="includes itself"):
         load_config(tmp_path / "loop.yml")
+
+
+def test_sidecar_holds_our_keys_and_load_config_merges_it(tmp_path):
+    """write_config: config.yaml with fast-reid's keys only, config.reid-export.yaml with ours; load_config
+    of config.yaml gives the whole config back; the sidecar takes nothing but our keys."""
+    from reid_export.config import OWN_KEYS, sidecar_path, write_config
+
+    cfg = load_config(CONFIGS / "CUHK03" / "bagtricks_R18_cpu.yml",
+                      ["INPUT.INTERPOLATION", "pil-bicubic", "DATASETS.ROOT", "/data", "SEED", "3"])
+    path = write_config(tmp_path / "config.yaml", cfg)
+    text = path.read_text()
+    assert not any(key.split(".")[-1] + ":" in text for key in OWN_KEYS)
+    assert sidecar_path(path).name == "config.reid-export.yaml"
+    assert load_config(path) == cfg
+    assert load_config(path, ["SEED", "4"]).SEED == 4  # --opts still come last
+    without = tmp_path / "alone" / "config.yaml"
+    without.parent.mkdir()
+    without.write_text(text)
+    assert load_config(without).SEED == -1  # the sidecar is what restores them
+    side = sidecar_path(path)
+    side.write_text(side.read_text() + "SOLVER:\n  BASE_LR: 0.1\n")
+    with pytest.raises(ReidExportError, match="config.reid-export.yaml: holds SOLVER.BASE_LR"):
+        load_config(path)

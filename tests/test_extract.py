@@ -33,8 +33,8 @@ def test_extract_equals_fastreid_computation(bot_r50, parity_images, tmp_path):
     """The extract CLI output for a fast-reid BoT-R50 checkpoint = fast-reid's demo path, transcribed."""
     ckpt, model, cfg = bot_r50
     out = tmp_path / "feats.npy"
-    result = run_cli("extract", ckpt, *parity_images, "-o", out, "--config",
-                     CONFIGS / "Market1501/bagtricks_R50.yml", "--no-progress")
+    result = run_cli("extract", ckpt, *parity_images, "-o", out, "--config",  # the demo path's resize
+                     CONFIGS / "Market1501/bagtricks_R50.yml", "--no-progress", "--opts", "INPUT.INTERPOLATION", "cubic")
     assert result.code == 0, result
     feats = np.load(out)
     with torch.no_grad():
@@ -61,7 +61,8 @@ def test_batch_size_does_not_change_features(bot_r18, parity_images, tmp_path, f
     for bs in (1, 5):
         out = tmp_path / f"f{bs}.npy"
         args = ["extract", ckpt, parity_images[0].parent, "-o", out, "--config", cfg_path,
-                "--batch-size", bs, "--no-progress"] + (["--flip-test"] if flip else [])
+                "--batch-size", bs, "--no-progress"] + (["--flip-test"] if flip else []) + [
+                "--opts", "INPUT.INTERPOLATION", "cubic"]  # the demo path's resize, as ref.demo_preprocess
         assert run_cli(*args).code == 0
         outs.append(np.load(out))
     diff = np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max()
@@ -69,7 +70,7 @@ def test_batch_size_does_not_change_features(bot_r18, parity_images, tmp_path, f
     if flip:
         plain = tmp_path / "plain.npy"
         assert run_cli("extract", ckpt, parity_images[0].parent, "-o", plain, "--config", cfg_path,
-                       "--no-progress").code == 0
+                       "--no-progress", "--opts", "INPUT.INTERPOLATION", "cubic").code == 0
         assert np.abs(np.load(plain) - outs[0]).max() > 1e-3  # the flip actually did something
         # and it is fast-reid's definition: mean of raw features of image and mirror
         x = ref.demo_preprocess(parity_images[0], (256, 128))

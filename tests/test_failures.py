@@ -99,6 +99,11 @@ def artifacts(tmp_path_factory) -> SimpleNamespace:
     a.pickle_marker = root / "pickle-code-ran"
     a.pickle_pth = root / "code.pth"
     torch.save({"model": _Evil(str(a.pickle_marker))}, a.pickle_pth)
+    a.r50_cfg = CONFIGS / "Market1501" / "bagtricks_R50.yml"
+    # a torchreid OSNet-x0.5 file: torchreid's key names (no backbone./heads. prefix), plain state dict
+    osnet = build_model(load_config(CONFIGS / "torchreid" / "osnet_x0_5.yml"))
+    a.torchreid_pt = root / "osnet_x0_5.pt"
+    torch.save({k.split(".", 1)[1]: v for k, v in osnet.state_dict().items()}, a.torchreid_pt)
     a.typo_yml = root / "typo.yml"
     a.typo_yml.write_text(f"_BASE_: {R18_CFG}\nMODEL:\n  BACKBONE:\n    DEPHT: 18x\n")
 

@@ -30,6 +30,9 @@ from reid_export.preprocess import preprocess, read_images
 GOLDEN = Path(os.environ.get("REID_GOLDEN", REPO.parent / "shared" / "golden")) / "fastreid"
 MODELS = ["bot_R18", "agw_R50-ibn"]
 TOLERANCE = 1e-5
+# The golden features were computed on fast-reid's demo-predictor pixels (OpenCV cubic); a fast-reid file
+# left to its default gets fast-reid's evaluation resize (Pillow bicubic), so these tests name the resize.
+DEMO_RESIZE = ["INPUT.INTERPOLATION", "cubic"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +67,7 @@ def case(request):
 
 def test_torch_backend_reproduces_fastreid(case):
     name, g = case
-    with open_encoder(g["checkpoint"], config=g["config"]) as enc:
+    with open_encoder(g["checkpoint"], config=g["config"], opts=DEMO_RESIZE) as enc:
         assert enc.backend == "torch"
         plain = enc.encode_files(g["images"], batch_size=4, progress=False)
         flip = enc.encode_files(g["images"], batch_size=4, progress=False, flip_test=True)
@@ -77,7 +80,7 @@ def test_extract_cli_reproduces_fastreid(case, tmp_path):
     for flip, expected in ((False, g["features"]), (True, g["flip_test"])):
         out = tmp_path / f"feats_{flip}.npy"
         args = ["extract", g["checkpoint"], *g["images"], "-o", out, "--config", g["config"], "--no-progress"]
-        result = run_cli(*args, *(["--flip-test"] if flip else []))
+        result = run_cli(*args, *(["--flip-test"] if flip else []), "--opts", *DEMO_RESIZE)
         assert result.code == 0, result
         assert "note:" not in result.err  # a fast-reid file gets fast-reid's stem without a word
         assert_reproduces(np.load(out), expected, f"{name} extract flip={flip}")
@@ -89,7 +92,7 @@ def test_extract_cli_reproduces_fastreid(case, tmp_path):
 def exported(case, tmp_path_factory):
     name, g = case
     out = tmp_path_factory.mktemp("golden-onnx") / f"{name}.onnx"
-    export_checkpoint(g["checkpoint"], out, config=g["config"], log=lambda line: None)
+    export_checkpoint(g["checkpoint"], out, config=g["config"], opts=DEMO_RESIZE, log=lambda line: None)
     return name, g, out
 
 
@@ -113,10 +116,20 @@ def test_old_padded_stem_misses_fastreid(case):
     """The pre-0.2.0 stem (max-pool padding 1) is far outside the tolerance: these tests catch it."""
     name, g = case
     with open_encoder(g["checkpoint"], config=g["config"],
-                      opts=["MODEL.BACKBONE.STEM_POOL_PADDING", "1"]) as enc:
+                      opts=["MODEL.BACKBONE.STEM_POOL_PADDING", "1", *DEMO_RESIZE]) as enc:
         assert enc.model.backbone.maxpool.padding == 1
         feats = enc.encode_files(g["images"], batch_size=4, progress=False)
     assert rel_l2(feats, g["features"]).min() > 100 * TOLERANCE
+
+
+def test_fastreid_file_defaults_to_fastreids_evaluation_resize(case):
+    """Without INPUT.INTERPOLATION a fast-reid file gets Pillow bicubic (what fast-reid trained and evaluates it
+    with); on these pixels the demo-path features are out of reach, so the resize is what the tests above name."""
+    name, g = case
+    with open_encoder(g["checkpoint"], config=g["config"]) as enc:
+        assert enc.data_config.interpolation == "pil-bicubic"
+        feats = enc.encode_files(g["images"], batch_size=4, progress=False)
+    assert rel_l2(feats, g["features"]).max() > 100 * TOLERANCE
 
 
 def test_functional_reference_agrees_with_golden(case):

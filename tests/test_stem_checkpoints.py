@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, randomize_bn, run_cli, write_image
-from reid_export.checkpoint import load_model_from_checkpoint, resolve_stem, save_checkpoint
-from reid_export.config import get_cfg, load_config, load_config_text
+from reid_export.checkpoint import embedded_config, load_model_from_checkpoint, resolve_stem, save_checkpoint
+from reid_export.config import get_cfg, load_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportNote
 from reid_export.modeling import build_model
@@ -98,7 +98,9 @@ def test_new_checkpoints_record_fastreids_stem(tmp_path, images):
     model = randomize_bn(build_model(cfg), size=(128, 64))
     path = save_checkpoint(tmp_path / "new.pth", model, cfg, data_config_from_cfg(cfg, feat_dim=model.feat_dim))
     stored = torch.load(path, weights_only=True)
-    assert load_config_text(stored["cfg"]).MODEL.BACKBONE.STEM_POOL_PADDING == 0
+    assert "STEM_POOL_PADDING" not in stored["cfg"]  # fast-reid's merge_from_file would reject the key
+    assert stored["reid_export_cfg"]["MODEL"]["BACKBONE"]["STEM_POOL_PADDING"] == 0
+    assert embedded_config(stored).MODEL.BACKBONE.STEM_POOL_PADDING == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReidExportNote)  # no note for a current checkpoint
         loaded, _, dc = load_model_from_checkpoint(path)
@@ -112,7 +114,7 @@ def test_checkpoint_saved_from_an_unresolved_config_records_the_models_stem(tmp_
     assert cfg.MODEL.BACKBONE.STEM_POOL_PADDING is None
     model = build_model(cfg)
     path = save_checkpoint(tmp_path / "m.pth", model, cfg, data_config_from_cfg(cfg, feat_dim=model.feat_dim))
-    assert load_config_text(torch.load(path, weights_only=True)["cfg"]).MODEL.BACKBONE.STEM_POOL_PADDING == 0
+    assert embedded_config(torch.load(path, weights_only=True)).MODEL.BACKBONE.STEM_POOL_PADDING == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReidExportNote)
         loaded, _, _ = load_model_from_checkpoint(path)

@@ -2,13 +2,17 @@
 
 Output folder (OUTPUT_DIR, or ``--output-dir``):
 
-* ``config.yaml``: the full config of the run (NUM_CLASSES filled in from the data);
+* ``config.yaml``: the full config of the run (NUM_CLASSES filled in from the data), fast-reid's keys
+  only, so that fast-reid's ``get_cfg().merge_from_file`` takes it unchanged;
+  ``config.reid-export.yaml`` beside it holds our keys (seed, dataset root, interpolation, stem
+  padding), and ``load_config("config.yaml")`` merges it;
 * ``log.txt``: everything printed, appended across resumed runs;
 * ``model_{epoch:04d}.pth`` every CHECKPOINT_PERIOD epochs (0-based epoch, as fast-reid names
   them), ``model_final.pth`` at the end, ``model_best.pth`` at the best ``(Rank-1 + mAP) / 2``;
-  each is fast-reid's layout (``model``, ``optimizer``, ``scheduler``, ``epoch``, ``iteration``)
-  plus the embedded config and data config, the seed and sampler position, the torch RNG state and
-  the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
+  each holds ``model`` (fast-reid's key names: its ``Checkpointer`` loads it), reid-train's own
+  training state (``optimizer``, ``scheduler``, ``epoch``, ``iteration``: fast-reid cannot resume
+  from it), the embedded config (``cfg``, fast-reid's keys; ``reid_export_cfg``, ours) and data
+  config, the seed and sampler position, the torch RNG state and the best score, written atomically; ``last_checkpoint`` names the newest one (as fast-reid's);
 * ``metrics_{epoch:04d}.json`` per evaluation (``metrics_eval.json`` for ``--eval-only``);
 * ``history.jsonl``: one line of training statistics per epoch (losses, lr, img/s, seconds).
 
@@ -33,8 +37,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_export.checkpoint import extract_state_dict, load_weights, read_checkpoint, resolve_stem, save_checkpoint
-from reid_export.config import CfgNode, load_config_text
+from reid_export.checkpoint import (embedded_config, extract_state_dict, load_weights, read_checkpoint,
+                                    resolve_interpolation, resolve_stem, save_checkpoint)
+from reid_export.config import CfgNode, write_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportError
 from reid_export.fileio import atomic_write_json, atomic_write_text
@@ -250,8 +255,9 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     # The stem the weights were trained with: fast-reid's for a new run (recorded in the checkpoints'
     # config), the checkpoint's own when resuming one written before 0.2.0.
     resolve_stem(cfg, state if state is not None else {}, str(ckpt_path))
+    resolve_interpolation(cfg, state if state is not None else {}, str(ckpt_path))
     if state is not None and isinstance(state.get("cfg"), str):
-        old = _flatten(load_config_text(state["cfg"]).to_dict())
+        old = _flatten(embedded_config(state, source=str(ckpt_path)).to_dict())
         new = _flatten(cfg.to_dict())
         differs = sorted(k for k in new if k in old and old[k] != new[k] and k != "SEED")
         if differs:
@@ -291,7 +297,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     freezer = LayerFreezer(cfg, model, optimizer)
 
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
-    atomic_write_text(output_dir / "config.yaml", cfg.dump())
+    write_config(output_dir / "config.yaml", cfg)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
     loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
@@ -435,17 +441,20 @@ def _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_
         source = cfg.MODEL.WEIGHTS
         obj = read_checkpoint(source)
         if isinstance(obj.get("cfg"), str) and int(cfg.MODEL.HEADS.NUM_CLASSES) == 0:
-            cfg.MODEL.HEADS.NUM_CLASSES = int(load_config_text(obj["cfg"]).MODEL.HEADS.NUM_CLASSES)
+            cfg.MODEL.HEADS.NUM_CLASSES = int(embedded_config(obj, source=source).MODEL.HEADS.NUM_CLASSES)
         resolve_stem(cfg, obj, source)
+        resolve_interpolation(cfg, obj, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(obj, source), source)
     elif state is not None:
         source = str(ckpt_path)
         resolve_stem(cfg, state, source)
+        resolve_interpolation(cfg, state, source)
         model = build_model(cfg)
         load_weights(model, extract_state_dict(state, source), source)
     else:
         resolve_stem(cfg, {}, "untrained")
+        resolve_interpolation(cfg, {}, "untrained")
         model = build_model(cfg)
         source = "untrained:" + _init_weights(cfg, model)
         log.warning("--eval-only without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)

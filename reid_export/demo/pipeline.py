@@ -269,7 +269,7 @@ class Demo:
         return Stage("data", title, outputs, inputs, run, summary)
 
     def stage_train(self) -> Stage:
-        outputs = [CHECKPOINT, "train/history.jsonl", "train/config.yaml"]
+        outputs = [CHECKPOINT, "train/history.jsonl", "train/config.yaml", "train/config.reid-export.yaml"]
 
         def inputs():
             return {"config": self._cfg_fingerprint(), "data": self.dataset_fp(), "version": __version__}
@@ -321,18 +321,18 @@ class Demo:
 
     def stage_untrained(self) -> Stage:
         def inputs():
-            return {"config": self.fp("train/config.yaml"), "version": __version__}
+            return {"config": self.fp("train/config.yaml"), "own": self.fp("train/config.reid-export.yaml"),
+                    "version": __version__}
 
         def run(r: StageRun):
             import torch
 
             from ..checkpoint import save_checkpoint
-            from ..config import load_config_text
+            from ..config import load_config
             from ..data_config import data_config_from_cfg
             from ..modeling import build_model
 
-            cfg = load_config_text(self.path("train/config.yaml").read_text(encoding="utf-8"),
-                                   source="train/config.yaml")
+            cfg = load_config(self.path("train/config.yaml"))
             # The trainer seeds torch with cfg.SEED right before build_model: the same call here gives
             # exactly the weights the training run started from.
             torch.manual_seed(int(cfg.SEED))

@@ -187,9 +187,9 @@ def _training(ctx: ReportContext) -> list[str]:
     cfg_text = ctx.demo.path("train/config.yaml")
     cfg = None
     if cfg_text.is_file():
-        from ..config import load_config_text
+        from ..config import load_config
 
-        cfg = load_config_text(cfg_text.read_text(encoding="utf-8"), source="train/config.yaml")
+        cfg = load_config(cfg_text)
     if cfg is not None:
         s = cfg.SOLVER
         lines.append(
