@@ -182,3 +182,61 @@ def parse_command_line(line: str):
     command = cli.get_command(click.Context(cli), argv[1])
     assert command is not None, f"no command {argv[1]!r}: {line}"
     return command.make_context(argv[1], argv[2:])
+
+
+class SmallReidNet(torch.nn.Module):
+    """A small ReID-shaped network for the hand-off and gate tests: two strided convolutions with
+    BatchNorm, a 4x1 pooled map, a 48-d embedding. ``mean``/``std`` given: the per-channel
+    normalisation is inside the graph (fast-reid style, 0..255 input); None: the input arrives
+    normalised (torchreid style)."""
+
+    def __init__(self, mean=None, std=None):
+        super().__init__()
+        self.normalise = mean is not None
+        if self.normalise:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(32 * 4, 48)
+
+    def forward(self, x):
+        if self.normalise:
+            x = (x - self.mean) / self.std
+        f = torch.nn.functional.adaptive_avg_pool2d(self.features(x), (4, 1))
+        return self.fc(f.flatten(1))
+
+
+def export_small_onnx(net: torch.nn.Module, path: Path, calibration: torch.Tensor) -> Path:
+    """Set ``net``'s BatchNorm statistics from ``calibration`` (a batch in the units its input takes),
+    then export it to ``path`` (opset 13, TorchScript exporter, input ``input`` [N, 3, 64, 32] with a
+    dynamic batch, output ``output``)."""
+    import warnings
+
+    with torch.no_grad():
+        net.train()
+        net(calibration)
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 64, 32),), str(path), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
+    return path
+
+
+def negative_pair_distances(encoder, root: Path, deployment: str) -> np.ndarray:
+    """Sorted cosine distances of every different-identity query x gallery pair of the Market-layout
+    ``root``, the features computed by ``encoder`` through ``deployment``'s preprocessing: the
+    hand-written reference for the tracker thresholds the hand-offs write."""
+    from reid_export.data.market import MarketDataset
+    from reid_export.deploy_preprocess import get_deployment
+    from reid_export.verify.metrics import compute_distance
+
+    ds = MarketDataset(root)
+    encoder.preprocessing = get_deployment(deployment).preprocess
+    qf = encoder.encode_files([it.path for it in ds.query], progress=False)
+    gf = encoder.encode_files([it.path for it in ds.gallery], progress=False)
+    dist = compute_distance(qf, gf)
+    q_pid, g_pid = np.array([it.pid for it in ds.query]), np.array([it.pid for it in ds.gallery])
+    return np.sort(dist[q_pid[:, None] != g_pid[None]])

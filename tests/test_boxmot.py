@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import cv2
@@ -17,9 +16,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
-from conftest import CONFIGS, REPO, assert_clean_error, data_dir, randomize_bn, run_cli
+from conftest import (CONFIGS, REPO, SmallReidNet, assert_clean_error, data_dir, export_small_onnx,
+                      negative_pair_distances, randomize_bn, run_cli)
 from reid_export.data_config import DataConfig
 from reid_export.deploy_preprocess import BOXMOT_INPUT, DEPLOYMENTS, input_affine
 from reid_export.embeddings import collapse_stats
@@ -77,31 +76,12 @@ def test_boxmot_deployment_resizes_bilinear_with_opencv():
 
 # --------------------------------------------------------------------------- the hand-off on small graphs
 
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
-        self.fc = nn.Linear(32 * 4, 48)
-
-    def forward(self, x):
-        return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), (4, 1)).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def raw_onnx(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bx")
     torch.manual_seed(0)
-    net = SmallNet()
-    with torch.no_grad():
-        net.train()
-        net(torch.randn(8, 3, 64, 32) * 50 + 100)  # statistics of 0..255-like input: every convention stays in range
-    net.eval()
-    raw = folder / "raw.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 64, 32),), str(raw), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
+    # statistics of 0..255-like input: every convention stays in range
+    raw = export_small_onnx(SmallReidNet(), folder / "raw.onnx", torch.randn(8, 3, 64, 32) * 50 + 100)
     proto = onnx.load(str(raw))  # symbolic H/W, as ONNX from elsewhere may have: the hand-off fixes them
     for axis, label in ((2, "H"), (3, "W")):
         proto.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = label
@@ -362,9 +342,7 @@ def test_boxmot_backends_on_a_384x128_handoff_match_our_extract(boxmot_run, tmp_
 # --------------------------------------------------------------------------- tracker thresholds
 
 def test_handoff_writes_the_measured_threshold_where_boxmot_trackers_read_it(raw_onnx, tmp_path, boxmot_python):
-    from reid_export.data.market import MarketDataset
     from reid_export.runtime import open_encoder
-    from reid_export.verify.metrics import compute_distance
 
     root = data_dir("market1501-mini")
     model = _annotated(raw_onnx, tmp_path, "fastreid")
@@ -373,14 +351,8 @@ def test_handoff_writes_the_measured_threshold_where_boxmot_trackers_read_it(raw
     assert res.code == 0, res
     # the same threshold computed here, independently: BoxMOT's preprocessing (bilinear, /255, ImageNet),
     # cosine distances of query x gallery, the 14th smallest of the 131 different-identity pairs
-    ds = MarketDataset(root)
     with open_encoder(out / "small_fastreid.onnx") as enc:  # the hand-off file on its own data config
-        enc.preprocessing = DEPLOYMENTS["boxmot"].preprocess
-        qf = enc.encode_files([it.path for it in ds.query], progress=False)
-        gf = enc.encode_files([it.path for it in ds.gallery], progress=False)
-    dist = compute_distance(qf, gf)
-    q_pid, g_pid = np.array([it.pid for it in ds.query]), np.array([it.pid for it in ds.gallery])
-    neg = np.sort(dist[q_pid[:, None] != g_pid[None]])
+        neg = negative_pair_distances(enc, root, "boxmot")
     assert neg.size == 131
     expected = float(neg[13])
     side = json.loads((out / "small_fastreid.onnx.metadata.json").read_text())

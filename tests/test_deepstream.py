@@ -3,7 +3,6 @@ tracker ReID section, and eval/parity --deployment with its gate."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import cv2
@@ -13,9 +12,8 @@ import pytest
 import torch
 import yaml
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
-from conftest import assert_clean_error, run_cli
+from conftest import SmallReidNet, assert_clean_error, export_small_onnx, run_cli
 from reid_export.data_config import DataConfig
 from reid_export.errors import ReidExportError
 from reid_export.export.metadata import base_metadata, read_data_config, set_metadata
@@ -84,34 +82,11 @@ def test_bilinear_deployment_is_the_shared_preprocessing_with_a_linear_resize():
 
 # --------------------------------------------------------------------------- folded ONNX + ReID section
 
-class SmallNet(nn.Module):
-    """Input already normalised (torchreid style), 48-d output."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
-        self.fc = nn.Linear(32 * 4, 48)
-
-    def forward(self, x):
-        f = nn.functional.adaptive_avg_pool2d(self.features(x), (4, 1))
-        return self.fc(f.flatten(1))
-
-
 @pytest.fixture(scope="module")
 def small_onnx(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ds")
     torch.manual_seed(0)
-    net = SmallNet()
-    with torch.no_grad():
-        net.train()
-        net(torch.randn(8, 3, 64, 32))
-    net.eval()
-    raw = folder / "raw.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 64, 32),), str(raw), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
+    raw = export_small_onnx(SmallReidNet(), folder / "raw.onnx", torch.randn(8, 3, 64, 32))  # torchreid style
     path = folder / "small.onnx"
     res = run_cli("annotate", raw, "-o", path, "--input-size", "64", "32", "--mean", ",".join(map(str, MEAN)),
                   "--std", ",".join(map(str, STD)), "--pixel-scale", "1", "--channel-order", "rgb",

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from torch import nn
 
-from conftest import DATA, assert_clean_error, data_dir, run_cli
-from reid_export.verify.metrics import compute_distance, fmr_thresholds, roc_tpr_at_fpr
+from conftest import (DATA, SmallReidNet, assert_clean_error, data_dir, export_small_onnx, negative_pair_distances,
+                      run_cli)
+from reid_export.verify.metrics import fmr_thresholds, roc_tpr_at_fpr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,38 +74,15 @@ def test_fmr_thresholds_against_their_definition(seed):
 
 # --------------------------------------------------------------------------- models
 
-class _Net(nn.Module):
-    """fast-reid style: RGB 0..255 in, the per-channel normalisation inside the graph."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1))
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
-        self.fc = nn.Linear(32 * 4, 48)
-
-    def forward(self, x):
-        x = (x - self.mean) / self.std
-        return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), (4, 1)).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """``good.onnx`` (annotated as it is: 0..255, normalised inside) and ``twice.onnx`` (the same graph
     annotated 0..1 with ImageNet mean/std applied before it: normalised twice)."""
     folder = tmp_path_factory.mktemp("gates")
     torch.manual_seed(0)
-    net = _Net()
-    with torch.no_grad():
-        net.train()
-        net(torch.rand(8, 3, 64, 32) * 255)  # BatchNorm statistics of 0..255 input
-    net.eval()
-    raw = folder / "raw.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.rand(1, 3, 64, 32),), str(raw), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
+    # fast-reid style: RGB 0..255 in, the per-channel normalisation inside the graph
+    net = SmallReidNet(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
+    raw = export_small_onnx(net, folder / "raw.onnx", torch.rand(8, 3, 64, 32) * 255)
     common = ["--input-size", "64", "32", "--channel-order", "rgb", "--interpolation", "linear"]
     good, twice = folder / "good.onnx", folder / "twice.onnx"
     assert run_cli("annotate", raw, "-o", good, "--mean", "123.675,116.28,103.53", "--std", "58.395,57.12,57.375",
@@ -245,8 +221,6 @@ def test_no_gate_and_contrast_turn_the_gates_off(small, tmp_path):
 # --------------------------------------------------------------------------- deepstream threshold
 
 def test_deepstream_writes_the_measured_threshold_where_the_tracker_reads_it(small, tmp_path):
-    from reid_export.data.market import MarketDataset
-    from reid_export.deploy_preprocess import get_deployment
     from reid_export.runtime import open_encoder
 
     root = data_dir("market1501-mini")
@@ -259,14 +233,8 @@ def test_deepstream_writes_the_measured_threshold_where_the_tracker_reads_it(sma
     assert config["TrajectoryManagement"]["minMatchingScore4ReidSimilarity"] == written
     # the same threshold computed here: features through the stretch the tracker applies (bilinear),
     # cosine distances, the 14th smallest of the 131 negative pairs (floor(0.1 * 131) = 13 accepted)
-    ds = MarketDataset(root)
     with open_encoder(small["good"]) as enc:
-        enc.preprocessing = get_deployment("bilinear").preprocess
-        qf = enc.encode_files([it.path for it in ds.query], progress=False)
-        gf = enc.encode_files([it.path for it in ds.gallery], progress=False)
-    dist = compute_distance(qf, gf)
-    q_pid, g_pid = np.array([it.pid for it in ds.query]), np.array([it.pid for it in ds.gallery])
-    neg = np.sort(dist[q_pid[:, None] != g_pid[None]])
+        neg = negative_pair_distances(enc, root, "bilinear")
     assert neg.size == 131
     assert written == pytest.approx(1.0 - neg[13], abs=1e-4)
     # reidType 1 (NvDeepSORT) gets only the DataAssociator key

@@ -24,6 +24,19 @@ def _int_list(ctx, param, value):
     return out
 
 
+def threshold_options(what: str):
+    """``--threshold-dataset`` / ``--threshold-fmr`` of a tracker hand-off; ``what`` says how the
+    crops are resized and where the measured threshold is written."""
+    def wrap(f):
+        f = click.option("--threshold-fmr", default=1e-2, show_default=True, type=float,
+                         help="With --threshold-dataset: the false-match rate (share of different-identity "
+                              "pairs accepted).")(f)
+        return click.option("--threshold-dataset", type=click.Path(path_type=Path),
+                            help="A Market-1501-layout folder with identities: measure the model's cosine distance "
+                                 f"at --threshold-fmr on it {what}.")(f)
+    return wrap
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "repo", required=True, type=click.Path(path_type=Path),
@@ -113,12 +126,8 @@ def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, i
                    "CUHK03 it costs a stretch-trained OSNet about 22 mAP points (benchmarks/RESULTS.md).")
 @click.option("--name", help="Output file stem (default: the model's).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
-@click.option("--threshold-dataset", type=click.Path(path_type=Path),
-              help="Market-1501-layout folder with identities: measure the model's cosine distance at "
-                   "--threshold-fmr on it (crops resized as the tracker will) and write minMatchingScore4ReidSimilarity "
-                   "(1 - distance) into the config.")
-@click.option("--threshold-fmr", default=1e-2, show_default=True, type=float,
-              help="With --threshold-dataset: the false-match rate (share of different-identity pairs accepted).")
+@threshold_options("(crops resized as the tracker will) and write minMatchingScore4ReidSimilarity (1 - distance) "
+                   "into the config")
 @click.option("--progress/--no-progress", default=False)
 def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_type, batch_size, workspace_mb,
                history_size, keep_aspect, name, max_rel_l2, threshold_dataset, threshold_fmr, progress):
@@ -180,12 +189,8 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter for a checkpoint (as in reid-export onnx).")
 @click.option("--max-rel-l2", type=float, help="Self-check tolerance (default: FP32 parity, 1e-4).")
-@click.option("--threshold-dataset", type=click.Path(path_type=Path),
-              help="A Market-1501-layout folder: measure the model's cosine distance at --threshold-fmr on it "
-                   "(BoxMOT's bilinear resize) and write it as StrongSORT's max_cos_dist and BoT-SORT's "
-                   "appearance_thresh in strongsort/botsort.reid-export.yaml.")
-@click.option("--threshold-fmr", default=1e-2, show_default=True, type=float,
-              help="With --threshold-dataset: the false-match rate (share of different-identity pairs accepted).")
+@threshold_options("(BoxMOT's bilinear resize) and write it as StrongSORT's max_cos_dist and BoT-SORT's "
+                   "appearance_thresh in strongsort/botsort.reid-export.yaml")
 @click.option("--progress/--no-progress", default=False)
 def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, exporter, max_rel_l2,
            threshold_dataset, threshold_fmr, progress):

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import onnx
 
 from .. import __version__
 from ..data_config import DataConfig

@@ -32,7 +32,7 @@ from ..data.market import MarketDataset, find_market_root, parse_name
 from ..data_config import DataConfig
 from ..embeddings import CollapseStats, collapse_stats, l2_normalize
 from ..errors import ReidExportError, UsageError
-from ..preprocess import expand_image_paths, read_image, resize_rgb
+from ..preprocess import expand_image_paths, preprocess_image, read_image, resize_rgb
 from ..report import format_table, report_header
 from . import metrics
 from .evaluate import SplitArrays, per_query_ap
@@ -88,17 +88,9 @@ def conventions(interpolation: str = SEARCH_RESIZE) -> list[Convention]:
 
 
 def _inputs(arrays: list[np.ndarray], config: DataConfig) -> np.ndarray:
-    """The model input of already resized RGB uint8 images (the steps of preprocess after the resize)."""
-    x = np.stack(arrays)
-    if config.channel_order == "bgr":
-        x = x[..., ::-1]
-    x = x.astype(np.float32)
-    if config.pixel_scale != 255.0:
-        x *= np.float32(config.pixel_scale / 255.0)
-    if not config.normalized_inside:
-        x -= np.asarray(config.mean, dtype=np.float32)
-        x /= np.asarray(config.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """The model input of already resized RGB uint8 images: the one preprocessing function, which
+    skips the resize for an image already at the input size."""
+    return np.stack([preprocess_image(a, config) for a in arrays])
 
 
 @dataclass
