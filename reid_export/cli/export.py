@@ -119,10 +119,10 @@ def annotate(model, output, input_size, mean, std, pixel_scale, channel_order, i
     [--normalized-inside]), or let --detect CROPS find it by retrieval on labelled crops.
 
     \b
-    Example (a torchreid export, input (pixels/255 - mean) / std):
+    Example (a torchreid export, input (pixels/255 - mean) / std, torchreid's Pillow bilinear resize):
       reid-export annotate osnet.onnx -o osnet.reid.onnx --input-size 256 128 \\
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --pixel-scale 1 \\
-          --channel-order rgb --interpolation linear
+          --channel-order rgb --interpolation pil-bilinear
       # an Open Model Zoo IR (BGR, 0..255, normalised inside)
       reid-export annotate person-reidentification-retail-0288.xml -o omz-0288.xml --mean 0,0,0 \\
           --std 1,1,1 --pixel-scale 255 --channel-order bgr --interpolation linear --normalized-inside
