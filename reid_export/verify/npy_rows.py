@@ -89,6 +89,8 @@ class NpyRows:
         index = np.where(index < 0, index + n, index)
         if index.size and (index.min() < 0 or index.max() >= n):
             raise IndexError(f"row index out of range for {n} rows")
+        if index.size == 0:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
         uniq, inv = np.unique(index, return_inverse=True)
         out = np.empty((uniq.size, self.shape[1]), dtype=self.dtype)
         # one read per run of consecutive rows
