@@ -501,8 +501,8 @@ class FeatureDistances:
     (:class:`npy_rows.NpyRows`), not through the map: the pages a pass touches would otherwise stay
     in the process's resident memory, the whole gallery file by the end of the pass."""
 
-    # pairs() works on this many (pair x dimension) float64 values at a time (32 MiB per array)
-    PAIR_ELEMENTS = 1 << 22
+    # pairs() works on this many (pair x dimension) float64 values at a time (8 MiB per array)
+    PAIR_ELEMENTS = 1 << 20
 
     def __init__(self, qf, gallery, metric: str = "cosine"):
         if metric not in ("cosine", "euclidean"):
@@ -570,6 +570,18 @@ class FeatureDistances:
         return est, 2.0 * dim * u * (q_sq + g_sq + 2.0 * absdot)
 
 
+def _place_near_positives(hist, p_max, ex_d, ex_i, rows, cols, d):
+    """Count items (row, gallery index, distance) that lie near a positive into the flat histogram
+    ``hist`` [rows x (p_max + 1)] by the exact positives ``ex_d``/``ex_i`` of their rows: the bin is
+    the number of positives before the item in the order (distance, gallery index)."""
+    for s0 in range(0, rows.size, 1 << 16):
+        r, c = rows[s0:s0 + (1 << 16)], cols[s0:s0 + (1 << 16)]
+        dd = d[s0:s0 + (1 << 16)].astype(np.float64)[:, None]
+        t, ti = ex_d[r], ex_i[r]
+        before = ((t < dd) | ((t == dd) & (ti < c[:, None]))).sum(axis=1)
+        np.add.at(hist, r * (p_max + 1) + before, 1)
+
+
 # The kept items of a [queries, chunk] block are processed in bands of chunk_elements / KEPT_FRACTION
 # distances: their temporaries (~100 bytes per kept item at worst) then stay below ~3 bytes per
 # chunk element even when every item of the block is kept.
@@ -585,7 +597,8 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
     ``shape``, ``select_queries``, ``block`` and ``pairs``).  Temporary memory is about
     ``chunk_elements`` x (dtype size + 3) bytes at most (a [valid queries, chunk] block, and the
     items of it that rank before a positive, handled in bands of ``chunk_elements / KEPT_FRACTION``)
-    plus the items kept near the positives (12 bytes each), whatever the gallery size; the result has the same keys and values as
+    plus the items near a positive held until all of their query's positives are read (12 bytes
+    each; none once the blocks holding the positives are done), whatever the gallery size; the result has the same keys and values as
     :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
     plus ``kept_near_positives`` and, with ``return_ranks``, ``ranks``: the 1-based rank of every
     positive of each valid query, ascending, padded with 0 ([valid queries, most positives]).
@@ -635,8 +648,15 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
     pcol_sorted = pcol[by_col]
 
     exact = np.full(prow.size, np.nan)
+    # The exact positive distances as the blocks give them, per [row, slot] (padding +inf and
+    # num_g), and how many of each row's are known: an item near a positive is placed as soon as
+    # all of its row's are known (at the end otherwise), so few are held whatever the gallery size.
+    ex_d = np.full((nv, p_max), np.inf)
+    ex_i = np.full((nv, p_max), num_g, dtype=np.int64)
+    known = np.zeros(nv, dtype=np.int64)
     hist = np.zeros(nv * (p_max + 1), dtype=np.int64)
     unsure_rows, unsure_cols, unsure_d = [], [], []
+    n_unsure = 0
     step = max(1, min(num_g, chunk_elements // max(nv, 1)))
     # kept items of a block are handled in bands of rows of about this many distances
     kept_elements = max(1, chunk_elements // KEPT_FRACTION)
@@ -650,6 +670,10 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         lo, hi = np.searchsorted(pcol_sorted, [start, stop])
         k = by_col[lo:hi]
         exact[k] = dist[prow[k], pcol[k] - start]
+        ex_d[prow[k], slot[k]] = exact[k]
+        ex_i[prow[k], slot[k]] = pcol[k]
+        known += np.bincount(prow[k], minlength=nv)
+        ready = known == n_pos
         # Rounded up, so no item <= bound is left out (one more kept item is harmless).
         limit = np.nextafter(bound.astype(dist.dtype), np.array(np.inf, dtype=dist.dtype))
         # The kept items in bands of rows: a band's temporaries (mask, indices, float64 copies:
@@ -676,15 +700,18 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
             sure = ((d - ext[rows, b]) > e) & ((ext[rows, b + 1] - d) > e)
             hist += np.bincount(rows[sure] * (p_max + 1) + b[sure], minlength=hist.size)
             unsure = ~sure
+            n_unsure += int(unsure.sum())
+            now = unsure & ready[rows]
+            _place_near_positives(hist, p_max, ex_d, ex_i, rows[now], gcols[now], d[now])
+            later = unsure & ~now
             # compact: row as int32, distance in the block's dtype (float64 again when used)
-            unsure_rows.append(rows[unsure].astype(np.int32))
-            unsure_cols.append(gcols[unsure].astype(col_dtype))
-            unsure_d.append(dk[unsure])
-            del rows, gcols, dk, d, b, e, sure, unsure
+            unsure_rows.append(rows[later].astype(np.int32))
+            unsure_cols.append(gcols[later].astype(col_dtype))
+            unsure_d.append(dk[later])
+            del rows, gcols, dk, d, b, e, sure, unsure, now, later
         del dist
         bar.update(stop - start)
     bar.close()
-    hist = hist.reshape(nv, p_max + 1)
 
     worst = np.abs(exact - est) - (eps_pair / 2.0)
     if not (worst <= 0).all():
@@ -692,22 +719,13 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         raise ReidExportError(f"streamed evaluation: a positive distance {exact[i]!r} is farther from its "
                               f"estimate {est[i]!r} than the bound {eps_pair[i] / 2!r}; the features "
                               "may hold NaN/Inf or huge values")
-    # Exact positives, sorted by (distance, gallery index) per row.
-    order = np.lexsort((pcol, exact, prow))
-    thr = np.full((nv, p_max), np.inf)
-    pidx = np.full((nv, p_max), num_g, dtype=np.int64)
-    thr[prow, slot] = exact[order]
-    pidx[prow, slot] = pcol[order]
+    # The items held back: every positive is exact now.
     ur = np.concatenate(unsure_rows).astype(np.intp)
     if ur.size:
         uc, ud = np.concatenate(unsure_cols).astype(np.int64), np.concatenate(unsure_d)
         del unsure_cols, unsure_d
-        for s0 in range(0, ur.size, 1 << 16):
-            r, c = ur[s0:s0 + (1 << 16)], uc[s0:s0 + (1 << 16)]
-            dd = ud[s0:s0 + (1 << 16)].astype(np.float64)
-            t, ti = thr[r], pidx[r]
-            before = ((t < dd[:, None]) | ((t == dd[:, None]) & (ti < c[:, None]))).sum(axis=1)
-            np.add.at(hist, (r, before), 1)
+        _place_near_positives(hist, p_max, ex_d, ex_i, ur, uc, ud)
+    hist = hist.reshape(nv, p_max + 1)
 
     ranks = np.cumsum(hist[:, :p_max], axis=1) + np.arange(1, p_max + 1)[None, :]
     ranks[np.arange(p_max)[None, :] >= n_pos[:, None]] = 0
@@ -726,7 +744,7 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         "all_INP": inp,
         "num_valid_queries": int(nv),
         "valid_queries": valid,
-        "kept_near_positives": int(ur.size),
+        "kept_near_positives": n_unsure,
     }
 
 
