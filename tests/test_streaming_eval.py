@@ -7,9 +7,9 @@ import pytest
 
 from reid_export.errors import ReidExportError
 from reid_export.verify import metrics
-from reid_export.verify.npy_rows import NpyRows
 from reid_export.verify.metrics import (FeatureDistances, MatrixDistances, compute_distance, evaluate_rank,
                                         evaluate_rank_streamed)
+from reid_export.verify.npy_rows import NpyRows
 
 
 def textbook_ranks(distmat, q_pids, g_pids, q_camids, g_camids):
