@@ -598,8 +598,8 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
     ``chunk_elements`` x (dtype size + 3) bytes at most (a [valid queries, chunk] block, and the
     items of it that rank before a positive, handled in bands of ``chunk_elements / KEPT_FRACTION``)
     plus the items near a positive held until all of their query's positives are read (12 bytes
-    each; none once the blocks holding the positives are done), whatever the gallery size; the result has the same keys and values as
-    :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
+    each; none once the blocks holding the positives are done), whatever the gallery size; the
+    result has the same keys and values as :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
     plus ``kept_near_positives`` and, with ``return_ranks``, ``ranks``: the 1-based rank of every
     positive of each valid query, ascending, padded with 0 ([valid queries, most positives]).
     """

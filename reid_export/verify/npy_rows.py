@@ -28,8 +28,6 @@ class NpyRows:
         self.dtype = np.dtype(dtype)
         self.row_bytes = self.shape[1] * self.dtype.itemsize
         self._file = None
-        self.rows_read = 0  # rows read so far (a test and the benchmark look at it)
-        self.largest_read = 0  # most rows returned by one read
 
     @classmethod
     def of(cls, array):
@@ -78,9 +76,7 @@ class NpyRows:
         if isinstance(index, slice):
             start, stop, step = index.indices(n)
             if step == 1:
-                out = self._rows(start, max(start, stop))
-                self._count(out.shape[0])
-                return out
+                return self._rows(start, max(start, stop))
             index = np.arange(start, stop, step)
         index = np.asarray(index)
         if index.dtype == bool:
@@ -97,14 +93,9 @@ class NpyRows:
         breaks = np.concatenate([[0], np.flatnonzero(np.diff(uniq) != 1) + 1, [uniq.size]])
         for a, b in zip(breaks[:-1].tolist(), breaks[1:].tolist()):
             self._read_into(int(uniq[a]), out[a:b])
-        self._count(uniq.size)
         if uniq.size == index.size and (index.size < 2 or bool((np.diff(index) > 0).all())):
             return out
         return out[inv.reshape(-1)]
-
-    def _count(self, rows: int) -> None:
-        self.rows_read += rows
-        self.largest_read = max(self.largest_read, rows)
 
     def close(self) -> None:
         if self._file is not None:

@@ -31,7 +31,7 @@ def peak_rss_mib() -> float:
 
 
 class ConcatRows:
-    """Several [N_i, D] arrays (memmaps) read as one, without a copy."""
+    """Several [N_i, D] arrays (memmaps, :class:`NpyRows`) read as one, without a copy."""
 
     def __init__(self, arrays: Sequence[np.ndarray]):
         self.arrays = list(arrays)
@@ -59,7 +59,7 @@ class ConcatRows:
 
 
 class RowSubset:
-    """Rows ``rows`` (ascending) of an [N, D] array (a memmap stays a memmap: nothing is copied up front)."""
+    """Rows ``rows`` (ascending) of an [N, D] array or :class:`NpyRows` (nothing is copied up front)."""
 
     def __init__(self, array, rows: np.ndarray):
         self.array, self.rows = array, np.asarray(rows)
