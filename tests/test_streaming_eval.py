@@ -9,6 +9,7 @@ from reid_export.errors import ReidExportError
 from reid_export.verify import metrics
 from reid_export.verify.metrics import (FeatureDistances, MatrixDistances, compute_distance, evaluate_rank,
                                         evaluate_rank_streamed)
+from reid_export.verify.npy_rows import NpyRows
 
 
 def textbook_ranks(distmat, q_pids, g_pids, q_camids, g_camids):
@@ -110,6 +111,85 @@ def test_memory_is_bounded_by_the_chunk():
     src = RecordingSource(d)
     evaluate_rank_streamed(src, q_pids, g_pids, q_cams, g_cams, chunk_elements=50 * 128)
     assert max(src.widths) == 128 and sum(src.widths) == 4000
+
+
+def test_memory_stays_near_one_block_when_every_item_is_kept():
+    # Each query's one positive points away from it (cosine distance 2): every other gallery item
+    # ranks before it, so the pass keeps every distance of every block. Its temporaries must stay
+    # within a few bytes per block element (bands of rows), not ~100 bytes per kept item as when a
+    # whole block's kept items were gathered at once (~94 bytes per element measured that way).
+    import tracemalloc
+
+    import tqdm  # noqa: F401 (imported by the pass: not its memory)
+
+    rng = np.random.default_rng(7)
+    nq, ng, dim = 64, 16384, 16
+    qf = rng.standard_normal((nq, dim)).astype(np.float32)
+    gf = rng.standard_normal((ng, dim)).astype(np.float32)
+    gf[:nq] = -qf
+    q_pids, q_cams = np.arange(nq), np.zeros(nq, dtype=np.int64)
+    g_pids, g_cams = np.full(ng, nq), np.ones(ng, dtype=np.int64)
+    g_pids[:nq] = q_pids
+    chunk = nq * 4096
+    src = FeatureDistances(qf, gf)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        res = evaluate_rank_streamed(src, q_pids, g_pids, q_cams, g_cams, chunk_elements=chunk)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(res["all_INP"], np.full(nq, 1.0 / ng))  # last of its row
+    # the [64, 4096] float32 block is 4 bytes per element; its gallery rows and the bands add a few
+    assert peak < 32 * chunk, f"{peak / chunk:.1f} bytes per block element"
+
+
+def test_memmap_gallery_is_read_by_rows_not_through_the_map(tmp_path, monkeypatch):
+    # A memory map's touched pages stay in the process's RSS (the whole gallery file by the end of
+    # a pass): FeatureDistances must read a .npy memmap with file reads, one block's rows at a time.
+    rng = np.random.default_rng(8)
+    qf, gf = rng.standard_normal((10, 8)).astype(np.float32), rng.standard_normal((1000, 8)).astype(np.float32)
+    q_pids, g_pids, q_cams, g_cams = labels(rng, 10, 1000, 4, 3)
+    np.save(tmp_path / "g.npy", gf)
+    mm = np.load(tmp_path / "g.npy", mmap_mode="r")
+    src = FeatureDistances(qf, mm)
+    assert isinstance(src.gallery, NpyRows)
+    reads = []
+    real = NpyRows._read_into
+
+    def spy(self, start, out):
+        reads.append((start, out.shape[0]))
+        return real(self, start, out)
+
+    monkeypatch.setattr(NpyRows, "_read_into", spy)
+    monkeypatch.setattr(np.memmap, "__getitem__", lambda *a: pytest.fail("the map itself was indexed"))
+    valid = evaluate_rank(compute_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)["num_valid_queries"]
+    assert_same(evaluate_rank(compute_distance(qf, gf), q_pids, g_pids, q_cams, g_cams),
+                evaluate_rank_streamed(src, q_pids, g_pids, q_cams, g_cams, chunk_elements=valid * 64))
+    assert max(n for _, n in reads) <= 64
+    assert sum(n for s, n in reads if n == 64 or s + n == 1000) >= 1000  # the pass read every row once by blocks
+
+
+def test_npy_rows_read_like_the_array(tmp_path):
+    a = np.arange(7 * 3, dtype=">f4").reshape(7, 3)  # a big-endian file too
+    np.save(tmp_path / "a.npy", a)
+    rows = NpyRows.of(np.load(tmp_path / "a.npy", mmap_mode="r"))
+    assert isinstance(rows, NpyRows) and rows.shape == (7, 3) and rows.dtype == a.dtype
+    for index in (slice(None), slice(2, 5), slice(5, 2), slice(None, None, 2), np.array([6, 0, 0, 3, 4]),
+                  np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([-1, 2]), a[:, 0] > 8, 4, -2):
+        np.testing.assert_array_equal(rows[index], a[index])
+    with pytest.raises(IndexError):
+        rows[np.array([7])]
+    # not a whole map (a view, copy-on-write, an array): left as it is
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert NpyRows.of(mm[1:]) is not None and not isinstance(NpyRows.of(mm[1:]), NpyRows)
+    assert not isinstance(NpyRows.of(np.load(tmp_path / "a.npy", mmap_mode="c")), NpyRows)
+    assert NpyRows.of(a) is a
+    # a file cut short is one clear error, not garbage rows
+    raw = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(raw[:-4])
+    with pytest.raises(ReidExportError, match="ends before row 7"):
+        rows[5:7]
 
 
 def test_estimate_outside_its_bound_is_caught(monkeypatch):

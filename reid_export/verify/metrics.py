@@ -30,6 +30,7 @@ import numpy as np
 
 from reid_export.embeddings import l2_normalize
 from reid_export.errors import ReidExportError, UsageError
+from reid_export.verify.npy_rows import NpyRows
 
 __all__ = [
     "FeatureDistances",
@@ -496,7 +497,12 @@ class FeatureDistances:
     """Query x gallery distances computed block by block from features (``compute_distance``'s
     definitions).  ``gallery`` is anything 2-D that slices into arrays: an ndarray, a
     ``np.load(..., mmap_mode="r")`` memmap, or a generator object with ``shape``/``dtype`` and
-    ``__getitem__`` for slices and index arrays."""
+    ``__getitem__`` for slices and index arrays.  A whole-file memmap is read with file reads
+    (:class:`npy_rows.NpyRows`), not through the map: the pages a pass touches would otherwise stay
+    in the process's resident memory, the whole gallery file by the end of the pass."""
+
+    # pairs() works on this many (pair x dimension) float64 values at a time (8 MiB per array)
+    PAIR_ELEMENTS = 1 << 20
 
     def __init__(self, qf, gallery, metric: str = "cosine"):
         if metric not in ("cosine", "euclidean"):
@@ -508,7 +514,7 @@ class FeatureDistances:
         self.dtype = np.float32 if (qf.dtype == np.float32 and np.dtype(gallery.dtype) == np.float32) \
             else np.float64
         self.metric = metric
-        self.gallery = gallery
+        self.gallery = NpyRows.of(gallery)
         q = qf.astype(self.dtype, copy=False)
         self.q = _normalize_rows(q) if metric == "cosine" else q
         self.q_sq = np.einsum("ij,ij->i", self.q, self.q)
@@ -536,9 +542,18 @@ class FeatureDistances:
         return dist
 
     def pairs(self, rows, cols):
-        """(float64 estimates, error bounds) of the distances of the pairs (query row, gallery index)."""
+        """(float64 estimates, error bounds) of the distances of the pairs (query row, gallery index),
+        in batches of pairs so that the float64 copies stay small whatever the number of pairs."""
+        rows, cols = np.asarray(rows).reshape(-1), np.asarray(cols).reshape(-1)
+        step = max(1, self.PAIR_ELEMENTS // max(1, self.q.shape[1]))
+        if rows.size <= step:
+            return self._pairs(rows, cols)
+        parts = [self._pairs(rows[s0:s0 + step], cols[s0:s0 + step]) for s0 in range(0, rows.size, step)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _pairs(self, rows, cols):
         uniq, inv = np.unique(cols, return_inverse=True)
-        g = self._gallery(uniq)[inv].astype(np.float64)
+        g = self._gallery(uniq)[inv.reshape(-1)].astype(np.float64)
         q = self.q[rows].astype(np.float64)
         dot = np.einsum("ij,ij->i", q, g)
         absdot = np.einsum("ij,ij->i", np.abs(q), np.abs(g))
@@ -555,6 +570,24 @@ class FeatureDistances:
         return est, 2.0 * dim * u * (q_sq + g_sq + 2.0 * absdot)
 
 
+def _place_near_positives(hist, p_max, ex_d, ex_i, rows, cols, d):
+    """Count items (row, gallery index, distance) that lie near a positive into the flat histogram
+    ``hist`` [rows x (p_max + 1)] by the exact positives ``ex_d``/``ex_i`` of their rows: the bin is
+    the number of positives before the item in the order (distance, gallery index)."""
+    for s0 in range(0, rows.size, 1 << 16):
+        r, c = rows[s0:s0 + (1 << 16)], cols[s0:s0 + (1 << 16)]
+        dd = d[s0:s0 + (1 << 16)].astype(np.float64)[:, None]
+        t, ti = ex_d[r], ex_i[r]
+        before = ((t < dd) | ((t == dd) & (ti < c[:, None]))).sum(axis=1)
+        np.add.at(hist, r * (p_max + 1) + before, 1)
+
+
+# The kept items of a [queries, chunk] block are processed in bands of chunk_elements / KEPT_FRACTION
+# distances: their temporaries (~100 bytes per kept item at worst) then stay below ~3 bytes per
+# chunk element even when every item of the block is kept.
+KEPT_FRACTION = 32
+
+
 def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
                            chunk_elements: int = 1 << 25, progress: bool = False,
                            desc: str = "eval (streamed)", return_ranks: bool = False) -> dict:
@@ -562,9 +595,11 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
 
     ``source``: :class:`MatrixDistances` or :class:`FeatureDistances` (or anything with
     ``shape``, ``select_queries``, ``block`` and ``pairs``).  Temporary memory is about
-    ``chunk_elements`` x (dtype size + 1) bytes (a [valid queries, chunk] block and its mask)
-    plus the items kept near the positives; the result has the same keys and values as
-    :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
+    ``chunk_elements`` x (dtype size + 3) bytes at most (a [valid queries, chunk] block, and the
+    items of it that rank before a positive, handled in bands of ``chunk_elements / KEPT_FRACTION``)
+    plus the items near a positive held until all of their query's positives are read (12 bytes
+    each; none once the blocks holding the positives are done), whatever the gallery size; the
+    result has the same keys and values as :func:`evaluate_rank` (AP may differ in the last bit: the sum runs over another padding),
     plus ``kept_near_positives`` and, with ``return_ranks``, ``ranks``: the 1-based rank of every
     positive of each valid query, ascending, padded with 0 ([valid queries, most positives]).
     """
@@ -613,9 +648,20 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
     pcol_sorted = pcol[by_col]
 
     exact = np.full(prow.size, np.nan)
+    # The exact positive distances as the blocks give them, per [row, slot] (padding +inf and
+    # num_g), and how many of each row's are known: an item near a positive is placed as soon as
+    # all of its row's are known (at the end otherwise), so few are held whatever the gallery size.
+    ex_d = np.full((nv, p_max), np.inf)
+    ex_i = np.full((nv, p_max), num_g, dtype=np.int64)
+    known = np.zeros(nv, dtype=np.int64)
     hist = np.zeros(nv * (p_max + 1), dtype=np.int64)
     unsure_rows, unsure_cols, unsure_d = [], [], []
+    n_unsure = 0
     step = max(1, min(num_g, chunk_elements // max(nv, 1)))
+    # kept items of a block are handled in bands of rows of about this many distances
+    kept_elements = max(1, chunk_elements // KEPT_FRACTION)
+    sub = max(1, (1 << 22) // (p_max + 1))
+    col_dtype = np.int32 if num_g < np.iinfo(np.int32).max else np.int64
     bar = tqdm(total=num_g, desc=desc, unit="img", unit_scale=True, disable=not progress, leave=False)
     for start in range(0, num_g, step):
         stop = min(num_g, start + step)
@@ -624,32 +670,48 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         lo, hi = np.searchsorted(pcol_sorted, [start, stop])
         k = by_col[lo:hi]
         exact[k] = dist[prow[k], pcol[k] - start]
+        ex_d[prow[k], slot[k]] = exact[k]
+        ex_i[prow[k], slot[k]] = pcol[k]
+        known += np.bincount(prow[k], minlength=nv)
+        ready = known == n_pos
         # Rounded up, so no item <= bound is left out (one more kept item is harmless).
         limit = np.nextafter(bound.astype(dist.dtype), np.array(np.inf, dtype=dist.dtype))
-        mask = dist <= limit[:, None]
-        rows, cols = np.nonzero(mask)
-        del mask
-        gcols = cols + start
-        keep = groups.g_pid[gcols] != q_pid[rows]
-        rows, gcols = rows[keep], gcols[keep]
-        d = dist[rows, gcols - start].astype(np.float64)
+        # The kept items in bands of rows: a band's temporaries (mask, indices, float64 copies:
+        # ~100 bytes per kept item) stay bounded when most of the block is kept (positives that
+        # rank deep keep their rows whole).
+        band = max(1, kept_elements // (stop - start))
+        for r0 in range(0, nv, band):
+            r1 = min(nv, r0 + band)
+            rows, cols = np.nonzero(dist[r0:r1] <= limit[r0:r1, None])
+            rows += r0
+            gcols = cols + start
+            del cols
+            keep = groups.g_pid[gcols] != q_pid[rows]
+            rows, gcols = rows[keep], gcols[keep]
+            del keep
+            dk = dist[rows, gcols - start]
+            d = dk.astype(np.float64)
+            # Bucket: the number of estimates below d (padding is +inf), in bounded sub-batches.
+            b = np.empty(rows.size, dtype=np.int64)
+            for s0 in range(0, rows.size, sub):
+                r, dd = rows[s0:s0 + sub], d[s0:s0 + sub]
+                b[s0:s0 + sub] = (ext[r, 1:p_max + 1] < dd[:, None]).sum(axis=1)
+            e = eps_row[rows]
+            sure = ((d - ext[rows, b]) > e) & ((ext[rows, b + 1] - d) > e)
+            hist += np.bincount(rows[sure] * (p_max + 1) + b[sure], minlength=hist.size)
+            unsure = ~sure
+            n_unsure += int(unsure.sum())
+            now = unsure & ready[rows]
+            _place_near_positives(hist, p_max, ex_d, ex_i, rows[now], gcols[now], d[now])
+            later = unsure & ~now
+            # compact: row as int32, distance in the block's dtype (float64 again when used)
+            unsure_rows.append(rows[later].astype(np.int32))
+            unsure_cols.append(gcols[later].astype(col_dtype))
+            unsure_d.append(dk[later])
+            del rows, gcols, dk, d, b, e, sure, unsure, now, later
         del dist
-        # Bucket: the number of estimates below d (padding is +inf), in bounded sub-batches.
-        b = np.empty(rows.size, dtype=np.int64)
-        sub = max(1, (1 << 22) // (p_max + 1))
-        for s0 in range(0, rows.size, sub):
-            r, dd = rows[s0:s0 + sub], d[s0:s0 + sub]
-            b[s0:s0 + sub] = (ext[r, 1:p_max + 1] < dd[:, None]).sum(axis=1)
-        e = eps_row[rows]
-        sure = ((d - ext[rows, b]) > e) & ((ext[rows, b + 1] - d) > e)
-        hist += np.bincount(rows[sure] * (p_max + 1) + b[sure], minlength=hist.size)
-        unsure = ~sure
-        unsure_rows.append(rows[unsure])
-        unsure_cols.append(gcols[unsure])
-        unsure_d.append(d[unsure])
         bar.update(stop - start)
     bar.close()
-    hist = hist.reshape(nv, p_max + 1)
 
     worst = np.abs(exact - est) - (eps_pair / 2.0)
     if not (worst <= 0).all():
@@ -657,20 +719,13 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         raise ReidExportError(f"streamed evaluation: a positive distance {exact[i]!r} is farther from its "
                               f"estimate {est[i]!r} than the bound {eps_pair[i] / 2!r}; the features "
                               "may hold NaN/Inf or huge values")
-    # Exact positives, sorted by (distance, gallery index) per row.
-    order = np.lexsort((pcol, exact, prow))
-    thr = np.full((nv, p_max), np.inf)
-    pidx = np.full((nv, p_max), num_g, dtype=np.int64)
-    thr[prow, slot] = exact[order]
-    pidx[prow, slot] = pcol[order]
-    ur = np.concatenate(unsure_rows)
+    # The items held back: every positive is exact now.
+    ur = np.concatenate(unsure_rows).astype(np.intp)
     if ur.size:
-        uc, ud = np.concatenate(unsure_cols), np.concatenate(unsure_d)
-        for s0 in range(0, ur.size, 1 << 16):
-            r, c, dd = ur[s0:s0 + (1 << 16)], uc[s0:s0 + (1 << 16)], ud[s0:s0 + (1 << 16)]
-            t, ti = thr[r], pidx[r]
-            before = ((t < dd[:, None]) | ((t == dd[:, None]) & (ti < c[:, None]))).sum(axis=1)
-            np.add.at(hist, (r, before), 1)
+        uc, ud = np.concatenate(unsure_cols).astype(np.int64), np.concatenate(unsure_d)
+        del unsure_cols, unsure_d
+        _place_near_positives(hist, p_max, ex_d, ex_i, ur, uc, ud)
+    hist = hist.reshape(nv, p_max + 1)
 
     ranks = np.cumsum(hist[:, :p_max], axis=1) + np.arange(1, p_max + 1)[None, :]
     ranks[np.arange(p_max)[None, :] >= n_pos[:, None]] = 0
@@ -689,7 +744,7 @@ def evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank:
         "all_INP": inp,
         "num_valid_queries": int(nv),
         "valid_queries": valid,
-        "kept_near_positives": int(ur.size),
+        "kept_near_positives": n_unsure,
     }
 
 

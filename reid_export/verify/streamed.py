@@ -21,6 +21,7 @@ from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths
 from . import metrics
 from .evaluate import EvalResult, SplitArrays, collapse_dict
+from .npy_rows import NpyRows
 from .thresholds import cosine_thresholds
 
 
@@ -30,7 +31,7 @@ def peak_rss_mib() -> float:
 
 
 class ConcatRows:
-    """Several [N_i, D] arrays (memmaps) read as one, without a copy."""
+    """Several [N_i, D] arrays (memmaps, :class:`NpyRows`) read as one, without a copy."""
 
     def __init__(self, arrays: Sequence[np.ndarray]):
         self.arrays = list(arrays)
@@ -58,7 +59,7 @@ class ConcatRows:
 
 
 class RowSubset:
-    """Rows ``rows`` (ascending) of an [N, D] array (a memmap stays a memmap: nothing is copied up front)."""
+    """Rows ``rows`` (ascending) of an [N, D] array or :class:`NpyRows` (nothing is copied up front)."""
 
     def __init__(self, array, rows: np.ndarray):
         self.array, self.rows = array, np.asarray(rows)
@@ -100,7 +101,8 @@ def evaluate_streamed(qf, q_pids, q_cams, gallery, g_pids, g_cams, metric: str =
     out.update({"mAP": res["mAP"] * 100.0, "mINP": res["mINP"] * 100.0,
                 "num_valid_queries": res["num_valid_queries"], "num_query": int(qf.shape[0]),
                 "num_gallery": int(gallery.shape[0]), "seconds": round(time.perf_counter() - start, 3),
-                "peak_rss_mib": round(peak_rss_mib(), 1), "chunk_elements": chunk_elements, "streamed": True})
+                "peak_rss_mib": round(peak_rss_mib(), 1), "chunk_elements": chunk_elements, "streamed": True,
+                "kept_near_positives": res["kept_near_positives"]})
     return out
 
 
@@ -112,7 +114,7 @@ def evaluate_feature_files(query_npy: Path, gallery_npys: Sequence[Path], metric
     from ..index import load_feature_set
 
     qf, qmeta = load_feature_set(query_npy)
-    q_pids, q_cams, q_keep = labels_from_names(qmeta["files"], str(query_npy))
+    q_pids, q_cams, q_keep = labels_from_names(qmeta.pop("files"), str(query_npy))
     qf = np.asarray(qf)[q_keep]
     arrays, pids, cams = [], [], []
     for npy, is_distractor in [(p, False) for p in gallery_npys] + [(p, True) for p in distractor_npys]:
@@ -120,7 +122,11 @@ def evaluate_feature_files(query_npy: Path, gallery_npys: Sequence[Path], metric
         if gmeta.get("data_config") != qmeta.get("data_config") or gmeta.get("model") != qmeta.get("model"):
             raise ReidExportError(f"{npy}: made by another model or data config than {query_npy} (see the .json "
                                   "files); extract both with the same model")
-        p, c, keep = labels_from_names(gmeta["files"], str(npy), distractor=is_distractor)
+        # the names become two int64 arrays; the list of strings (~100 bytes a name) goes now
+        p, c, keep = labels_from_names(gmeta.pop("files"), str(npy), distractor=is_distractor)
+        del gmeta
+        # read by file reads, not through the map: touched pages of a map stay in the process's RSS
+        gf = NpyRows.of(gf)
         if not keep.all():
             gf = RowSubset(gf, np.flatnonzero(keep))  # junk (pid -1) left out
         arrays.append(gf)
