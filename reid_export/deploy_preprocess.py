@@ -145,22 +145,10 @@ def apply_affine(x: np.ndarray, affine: Affine) -> np.ndarray:
 
 
 def feeder_tensor(rgb: np.ndarray, feeder: DataConfig, size: tuple[int, int]) -> np.ndarray:
-    """The float32 CHW tensor ``feeder`` builds from an RGB uint8 crop, in its own operation order
-    (BoxMOT: resize, /255, -mean, /std in float32, as its in-place torch ops)."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ReidExportError(f"arrays given to preprocess must be RGB uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
-    height, width = size
-    interp = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}[feeder.interpolation]
-    resized = rgb if rgb.shape[:2] == (height, width) else cv2.resize(rgb, (width, height), interpolation=interp)
-    if feeder.channel_order == "bgr":
-        resized = resized[:, :, ::-1]
-    x = np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32)
-    if feeder.pixel_scale != 255.0:
-        x /= np.float32(255.0 / feeder.pixel_scale)
-    if not feeder.normalized_inside:
-        x -= np.asarray(feeder.mean, np.float32).reshape(3, 1, 1)
-        x /= np.asarray(feeder.std, np.float32).reshape(3, 1, 1)
-    return x
+    """The float32 CHW tensor ``feeder`` builds from an RGB uint8 crop at the model's input ``size``:
+    the one preprocessing function with the feeder's convention (BoxMOT: OpenCV linear resize, RGB,
+    /255, ImageNet mean/std outside; its own op order differs from ours by float rounding only)."""
+    return preprocess_image(rgb, replace(feeder, height=size[0], width=size[1]))
 
 
 def mean_std(data_config: DataConfig) -> float:
