@@ -16,6 +16,9 @@ from .errors import ReidExportError
 
 FASTREID_MEAN = (123.675, 116.28, 103.53)
 FASTREID_STD = (58.395, 57.12, 57.375)
+# ImageNet mean/std in 0..1 units, RGB: what torchreid and BoxMOT subtract and divide by outside the model
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENCV_INTERPOLATIONS = ("cubic", "linear", "nearest", "area", "lanczos")
 # Pillow's Image.resize filters (antialiased when shrinking: the filter support grows with the
 # scale): torchreid's test transform is pil-bilinear, fast-reid's evaluation transform pil-bicubic.

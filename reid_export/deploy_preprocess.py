@@ -39,7 +39,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .data_config import DataConfig
+from .data_config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from .errors import ReidExportError
 from .preprocess import ImageLike, preprocess_image, read_image
 
@@ -98,8 +98,8 @@ class Deployment:
 # BoxMOT 25 (boxmot/reid/core/crops.py prepare_crop_batch, reid/backends/base_backend.py): cv2.resize
 # INTER_LINEAR of the BGR uint8 crop, BGR->RGB, float32 / 255, minus ImageNet mean, over ImageNet std
 # (no option turns it off). As a data config: what that client hands a model.
-BOXMOT_INPUT = DataConfig(height=256, width=128, channel_order="rgb", pixel_scale=1.0, mean=(0.485, 0.456, 0.406),
-                          std=(0.229, 0.224, 0.225), interpolation="linear", normalized_inside=False,
+BOXMOT_INPUT = DataConfig(height=256, width=128, channel_order="rgb", pixel_scale=1.0, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, interpolation="linear", normalized_inside=False,
                           model_name="boxmot-input")
 FEEDERS: dict[str, DataConfig] = {"boxmot": BOXMOT_INPUT}
 

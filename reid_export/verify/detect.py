@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.market import MarketDataset, find_market_root, parse_name
-from ..data_config import DataConfig
+from ..data_config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from ..embeddings import CollapseStats, collapse_stats, l2_normalize
 from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths, preprocess_image, read_image, resize_rgb
@@ -38,8 +38,6 @@ from . import metrics
 from .evaluate import SplitArrays, per_query_ap
 from .evaluation import paired_interval
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)   # RGB, 0..1 units
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SEARCH_RESIZE = "linear"                # the resize of the convention search
 RESIZES = ("linear", "cubic", "pil-bilinear", "pil-bicubic")
 DEFAULT_MAX_QUERIES = 100
@@ -427,8 +425,7 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
             stats = collapse_stats(feats)
         trial = Trial(convention, stage, stats, features=l2_normalize(feats.astype(np.float64)))
         if crops.labelled:
-            qf, gf = l2_normalize(feats[crops.query_rows]), l2_normalize(feats[crops.gallery_rows])
-            distmat = 1.0 - qf @ gf.T
+            distmat = metrics.compute_distance(feats[crops.query_rows], feats[crops.gallery_rows], "cosine")
             trial.metrics = metrics.rank_metrics(distmat, crops.query.pids, crops.gallery.pids,
                                                  crops.query.camids, crops.gallery.camids)
             trial.ap = per_query_ap(distmat, crops.query, crops.gallery) * 100.0
