@@ -247,6 +247,20 @@ def resolve_interpolation(cfg: CfgNode, obj: dict, source: str = "checkpoint") -
     return value
 
 
+def _checkpoint_config(obj: dict, path: Path, config, opts=(), state: dict | None = None) -> CfgNode:
+    """The config a checkpoint is built with: ``config`` when given, else the one it carries, then ``opts``."""
+    from .modeling.osnet import osnet_hint
+
+    if config is not None:
+        return load_config(config, opts)
+    if isinstance(obj.get("cfg"), str):
+        return embedded_config(obj, opts, str(path))
+    probable = osnet_hint(state if state is not None else extract_state_dict(obj, str(path)))
+    # a torchreid OSNet file: name the configs/torchreid/*.yml its shapes fit
+    raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
+        probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
+
+
 def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
                                allow_partial: bool = False):
     """(model in eval mode, cfg, data config) from a checkpoint plus its config.
@@ -255,20 +269,11 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
     """
     from .modeling import build_model
 
-    from .modeling.osnet import osnet_hint
-
     path = Path(path)
     obj = read_checkpoint(path)
     state = extract_state_dict(obj, str(path))
     carries = isinstance(obj.get("cfg"), str)
-    if config is not None:
-        cfg = load_config(config, opts)
-    elif carries:
-        cfg = embedded_config(obj, opts, str(path))
-    else:
-        probable = osnet_hint(state)  # a torchreid OSNet file: name the configs/torchreid/*.yml its shapes fit
-        raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
-            probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
+    cfg = _checkpoint_config(obj, path, config, opts, state)
     resolve_stem(cfg, obj, str(path))
     resolve_interpolation(cfg, obj, str(path))
     model = build_model(cfg)
@@ -294,13 +299,8 @@ def trained_preprocessing(path: str | Path, config: str | Path | None = None) ->
     the features an exported model with its data config must reproduce."""
     path = Path(path)
     obj = read_checkpoint(path)
-    if config is not None:
-        cfg = load_config(config)
-    elif isinstance(obj.get("cfg"), str):
-        cfg = load_config_text(obj["cfg"], source=f"{path} (embedded config)")
-    else:
-        raise ReidExportError(
-            f"{path}: this checkpoint holds no config; pass --config CFG.yml (the fast-reid config it was trained with)")
+    cfg = _checkpoint_config(obj, path, config)
+    resolve_interpolation(cfg, obj, str(path))
     data_config = data_config_from_cfg(cfg)
     if config is None and isinstance(obj.get("data_config"), dict):
         data_config = DataConfig.from_dict(obj["data_config"], f"{path} (embedded data config)")
