@@ -205,11 +205,15 @@ def test_no_gate_and_contrast_turn_the_gates_off(small, tmp_path):
     assert res.code == 1 and json.loads(report.read_text())["models"][1]["status"] == "FAIL", res
     # ... --no-gate reports the same numbers and passes
     res = run_cli("eval", small["good"], small["twice"], "--dataset-root", root, "--no-progress", "--no-gate",
-                  "--report", report)
+                  "--deployment", "bilinear", "--report", report)
     assert res.code == 0, res
     doc = json.loads(report.read_text())
     assert doc["passed"] and doc["gates"]["max_map_drop"] is None and not doc["gates"]["fail_collapsed"]
-    assert doc["models"][1]["collapse"]["collapsed"] is True and doc["models"][1]["status"] == "ok"
+    twice = next(m for m in doc["models"] if m["model"] == str(small["twice"]))
+    assert twice["collapse"]["collapsed"] is True and twice["status"] == "not gated"
+    assert any(m.get("deployment") == "bilinear" for m in doc["models"])
+    # nothing reads as a pass that was not gated: the rows and the deployment costs say so
+    assert "ok" not in {m["status"] for m in doc["models"]} and "PASS" not in res.out and "not gated" in res.out
     # a contrast model is shown, never gated; a contrast that is not among the models is a usage error
     res = run_cli("eval", small["good"], small["twice"], "--dataset-root", root, "--no-progress",
                   "--contrast", small["twice"])

@@ -54,6 +54,12 @@ class EvalGates:
     def off(cls) -> "EvalGates":
         return cls(None, None, None, None, False)
 
+    @property
+    def active(self) -> bool:
+        """Whether any gate can fail a model (False after :meth:`off`: report only)."""
+        return self.fail_collapsed or any(v is not None for v in (
+            self.max_map_drop, self.max_r1_drop, self.max_deployment_map_drop, self.max_deployment_r1_drop))
+
     def is_exempt(self, model: str) -> bool:
         own = str(model).rpartition("@")[0] if "@" in str(model) else str(model)  # a deployment row: its model
         return any(Path(m) == Path(e) for e in self.exempt for m in (str(model), own))
@@ -116,8 +122,7 @@ class EvalReport:
             lines.append(format_table(
                 ["model", "deployment", "Rank-1", "mAP", "cost Rank-1", "cost mAP", "result"],
                 [[Path(r["model"]).name.rpartition("@")[0], r["deployment"], r["Rank-1"], r["mAP"], r["cost_Rank-1"],
-                  r["cost_mAP"], "FAIL" if (_over(r["cost_mAP"], g.max_deployment_map_drop)
-                                            or _over(r["cost_Rank-1"], g.max_deployment_r1_drop)) else "PASS"]
+                  r["cost_mAP"], _deployment_verdict(r, g)]
                  for r in results if r.get("deployment") and "cost_mAP" in r], floatfmt=".2f"))
         lines += self.threshold_lines()
         lines += [f"FAIL {line}" for line in self.failures]
@@ -206,6 +211,15 @@ def _gate_text(value) -> str:
 
 def _over(value: float, gate: float | None) -> bool:
     return gate is not None and value > gate
+
+
+def _deployment_verdict(row: dict, gates: EvalGates) -> str:
+    """PASS / FAIL of a deployment row's cost, or "not gated" when both its gates are off."""
+    if gates.max_deployment_map_drop is None and gates.max_deployment_r1_drop is None:
+        return "not gated"
+    failed = (_over(row["cost_mAP"], gates.max_deployment_map_drop)
+              or _over(row["cost_Rank-1"], gates.max_deployment_r1_drop))
+    return "FAIL" if failed else "PASS"
 
 
 def _finite(value):
@@ -347,6 +361,7 @@ def _gate(results: list[dict], gates: EvalGates) -> list[str]:
                 mine.append(f"{res['model']}: collapsed embeddings (every pair of {collapse['num_images']} different "
                             f"images at cosine >= {collapse['min_pair_cosine']:.3f}); normalised twice? wrong pixel "
                             "scale? check the data config (reid-export annotate --detect)")
-        res["status"] = "ERROR" if "error" in res else "FAIL" if mine else "contrast" if exempt else "ok"
+        res["status"] = ("ERROR" if "error" in res else "FAIL" if mine else "contrast" if exempt
+                         else "ok" if gates.active else "not gated")
         failed += mine
     return failed
