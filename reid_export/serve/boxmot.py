@@ -228,14 +228,22 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
                                 precision=precision)
         try:
             got = candidate.encode_files(inputs, batch_size=8, progress=progress, desc="folded (BoxMOT input)")
+            onnx_out = out_dir / f"{stem}.onnx"
+            tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
+            parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
+            if not parity.passed:
+                raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on "
+                                      f"BoxMOT-style input ({'; '.join(parity.failures)}); nothing written")
+            threshold = None
+            if threshold_dataset is not None:
+                from ..verify.thresholds import reference_threshold
+
+                # the folded graph on BoxMOT's own input (its bilinear resize): what BoxMOT computes with the file
+                threshold = reference_threshold(candidate, threshold_dataset, threshold_fmr, deployment="boxmot",
+                                                progress=progress)
+                threshold.model = model_path.name
         finally:
             candidate.close()
-        onnx_out = out_dir / f"{stem}.onnx"
-        tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
-        parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
-        if not parity.passed:
-            raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on BoxMOT-style "
-                                  f"input ({'; '.join(parity.failures)}); nothing written")
         feat_dim = int(ref.shape[1])
         written_dc = replace(written_dc, feat_dim=feat_dim)
         collapse = None
@@ -243,18 +251,6 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             from ..verify.collapse import collapse_of
 
             collapse = collapse_of(ref)
-        threshold = None
-        if threshold_dataset is not None:
-            from ..verify.thresholds import reference_threshold
-
-            # the original on BoxMOT's preprocessing computes what the folded files compute in BoxMOT
-            enc = open_encoder(model_path, config=config, opts=opts) if suffix != ".onnx" else open_encoder(model_path)
-            try:
-                threshold = reference_threshold(enc, threshold_dataset, threshold_fmr, deployment="boxmot",
-                                                progress=progress)
-            finally:
-                enc.close()
-            threshold.model = model_path.name
         source_sha = sha256_file(model_path)
         set_metadata(folded, {
             **base_metadata(written_dc, precision),
