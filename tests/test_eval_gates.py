@@ -251,3 +251,44 @@ def test_deepstream_writes_the_measured_threshold_where_the_tracker_reads_it(sma
                   "--threshold-fmr", "0.001")
     assert_clean_error(res, "131 negative pairs", "needs >= 1000")
     assert not (tmp_path / "ds2").exists() or not any((tmp_path / "ds2").iterdir())
+
+
+def test_eval_gates_reduced_precision_rows_by_the_one_fidelity_gate(small, tmp_path):
+    """An FP16/INT8 row is judged against the first model's features on the eval's own images by the
+    gate quantize and parity apply: a faithful FP16 graph passes it, the same graph with one weight
+    tensor perturbed (still labelled FP16) fails it with a line that names the measure; --no-gate
+    reports it without failing."""
+    import onnx
+    from onnx import numpy_helper
+
+    from reid_export.embeddings import PAIR_ERROR_LIMIT
+
+    root = data_dir("market1501-mini")
+    fp16 = tmp_path / "good.fp16.onnx"
+    res = run_cli("quantize", small["good"], "-o", fp16, "--precision", "fp16", "--calib-dir",
+                  data_dir("parity-images"), "--no-progress")
+    assert res.code == 0, res
+    model = onnx.load(str(fp16))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    init = next(i for i in model.graph.initializer if i.name in conv_weights and len(i.dims) == 4 and i.dims[0] >= 8)
+    w = numpy_helper.to_array(init)
+    rng = np.random.default_rng(0)
+    init.CopyFrom(numpy_helper.from_array((w + 0.5 * w.std() * rng.standard_normal(w.shape)).astype(w.dtype),
+                                          init.name))
+    broken = tmp_path / "broken.fp16.onnx"
+    onnx.save(model, str(broken))
+    report = tmp_path / "eval.json"
+    res = run_cli("eval", small["good"], fp16, broken, "--dataset-root", root, "--no-progress", "--report", report,
+                  "--max-map-drop", "100", "--max-r1-drop", "100")  # only the fidelity gate can fail here
+    assert res.code == 1, res
+    doc = json.loads(report.read_text())
+    _, good, bad = doc["models"]
+    assert doc["gates"]["fidelity"]["max_pair_error"] == PAIR_ERROR_LIMIT
+    assert good["fidelity"]["passed"] and good["fidelity"]["pair_error"] < PAIR_ERROR_LIMIT / 10, good["fidelity"]
+    assert good["status"] == "ok" and good["fidelity"]["images"] > 50  # query + gallery (junk left out)
+    assert not bad["fidelity"]["passed"] and bad["fidelity"]["pair_error"] > PAIR_ERROR_LIMIT
+    assert bad["status"] == "FAIL" and "fidelity to good.onnx" in res.out
+    fail = [line for line in res.out.splitlines() if line.startswith(f"FAIL {broken}")]
+    assert len(fail) == 1 and "pairwise similarity error" in fail[0] and "fp16 features moved" in fail[0]
+    res = run_cli("eval", small["good"], broken, "--dataset-root", root, "--no-progress", "--no-gate")
+    assert res.code == 0 and "not gated" in res.out, res

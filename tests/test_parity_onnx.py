@@ -158,7 +158,7 @@ def test_locate_compares_what_follows_a_folded_relu(models, parity_images, tmp_p
     by_tensor = {layer["tensor"]: layer for layer in loc["layers"]}
     compared = [by_tensor[r] for r in relus if r in by_tensor]
     assert len(compared) == len(relus)
-    assert max(layer["rel_error"] for layer in compared) < 0.2, compared  # not the pre-ReLU values
-    assert loc["final_rel_error"] < 0.2
+    assert max(layer["rel_error"] for layer in compared) < 0.3, compared  # not the pre-ReLU values (rel error ~1)
+    assert loc["final_rel_error"] < 0.3
     # no ReLU looks like the origin of the error because its Conv input (renamed away) was not compared
     assert all(layer["input_rel_error"] > 0 for layer in compared[1:])

@@ -9,6 +9,7 @@ import click
 
 from ..data_config import INTERPOLATIONS, DataConfig
 from ..errors import ReidExportError, UsageError
+from ..embeddings import REDUCED_PRECISION_TOLERANCES as _GATE  # the help texts show the gate's defaults
 from .common import OptsCommand, get_opts, positive_int
 from .main import cli
 
@@ -215,11 +216,12 @@ def _annotate_detected(model, output, input_size, images, max_queries, report_pa
                                       "and minmax and keeps the one closest to FP32 on the held-out images.")
 @click.option("--percentile", type=float, default=None,
               help="For --method percentile (default 99.99); with auto, one more candidate.")
-@click.option("--min-cosine", type=float, default=None, help="Gate: lowest cosine to FP32 on a held-out image (0.90).")
-@click.option("--min-mean-cosine", type=float, default=None, help="Gate: mean cosine to FP32 (0.98).")
+@click.option("--min-cosine", type=float, default=None, help=f"Gate: lowest cosine to FP32 on a held-out image ({_GATE['min_cosine']:g}; the gate parity and "
+                   "eval apply to FP16/bf16/INT8 too).")
+@click.option("--min-mean-cosine", type=float, default=None, help=f"Gate: mean cosine to FP32 ({_GATE['min_mean_cosine']:g}).")
 @click.option("--max-pair-error", type=float, default=None,
               help="Gate: RMS change of the cosine similarity of every two held-out images, over the spread of "
-                   "the FP32 similarities (0.20).")
+                   f"the FP32 similarities ({_GATE['max_pair_error']:g}).")
 @click.option("--min-top1", type=float, default=None,
               help="Gate: share of held-out images whose nearest other image stays the same (default: not gated).")
 @click.option("--min-top5", type=float, default=None, help="Gate: mean overlap of the 5 nearest (default: not gated).")
@@ -280,11 +282,8 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
         raise UsageError(f"--max-float must be >= 0, got {max_float}")
     if report_path is not None:
         check_output_path(report_path)
-    defaults = Gate()
-    gate = Gate(*(d if v is None else v for v, d in ((min_cosine, defaults.min_cosine),
-                                                     (min_mean_cosine, defaults.mean_cosine),
-                                                     (max_pair_error, defaults.max_pair_error),
-                                                     (min_top1, defaults.top1), (min_top5, defaults.top5))))
+    gate = Gate(min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
+                min_top1_agreement=min_top1, min_top5_agreement=min_top5)
     try:
         report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
                                method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,

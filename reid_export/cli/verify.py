@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..embeddings import REDUCED_PRECISION_TOLERANCES as _GATE  # help texts show the gate's defaults
 from ..errors import ReidExportError, UsageError
 from ..fileio import atomic_write_json, check_output_path
 from ..report import format_table, report_header
@@ -41,6 +42,12 @@ def _deployment_names():
 @click.option("--config", type=click.Path(path_type=Path), help="fast-reid config for checkpoints that lack one.")
 @click.option("--batch-size", default=16, show_default=True, type=int, callback=positive_int)
 @click.option("--min-cosine", type=float, help="Fail below this per-image cosine (default by precision).")
+@click.option("--min-mean-cosine", type=float, help="Fail below this mean cosine (FP16/bf16/INT8 default "
+                                                    f"{_GATE['min_mean_cosine']:g}).")
+@click.option("--max-pair-error", type=float,
+              help="Fail above this pairwise-similarity error: the RMS change of the cosine similarity of every two "
+                   "images over the spread of the reference's (FP16/bf16/INT8 default "
+                   f"{_GATE['max_pair_error']:g}, the gate quantize and eval apply).")
 @click.option("--max-rel-l2", type=float, help="Fail above this per-image relative L2 error.")
 @click.option("--atol", type=float, help="Elementwise absolute tolerance (with --rtol; Polygraphy semantics).")
 @click.option("--rtol", type=float, help="Elementwise relative tolerance (with --atol).")
@@ -55,14 +62,17 @@ def _deployment_names():
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 @skip_bad_images_option
-def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, max_rel_l2, atol, rtol,
+def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, min_mean_cosine, max_pair_error,
+           max_rel_l2, atol, rtol,
            min_top1_agreement, locate, deployment, report, device, progress, skip_bad_images):
     """Compare the embeddings of CANDIDATES against REFERENCE on the same images.
 
     Each model preprocesses the same decoded images with its own data config. Default
     tolerances follow the candidate's precision: FP32 strict (cosine >= 0.99999, relative L2
-    <= 1e-4, elementwise atol 1e-4 / rtol 1e-3); FP16 cosine >= 0.999, L2 <= 0.05; INT8 cosine
-    >= 0.98, L2 <= 0.2. Exit 0 only when every candidate passes.
+    <= 1e-4, elementwise atol 1e-4 / rtol 1e-3); FP16, bf16 and INT8 the one reduced-precision
+    gate that quantize and eval apply too (pairwise-similarity error, min and mean cosine; see
+    --max-pair-error). The pairwise error needs a few dozen images to mean much. Exit 0 only
+    when every candidate passes.
 
     \b
     Example:
@@ -72,7 +82,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 
     _check_outputs(report)
     result = run_parity(reference, candidates, image_inputs, config=config, batch_size=batch_size,
-                        min_cosine=min_cosine, max_rel_l2=max_rel_l2, atol=atol, rtol=rtol,
+                        min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
+                        max_rel_l2=max_rel_l2, atol=atol, rtol=rtol,
                         min_top1_agreement=min_top1_agreement, locate=locate, deployment=deployment, device=device,
                         progress=progress, skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))
     click.echo(result.table())

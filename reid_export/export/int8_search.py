@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from ..data_config import DataConfig
+from ..embeddings import Tolerances, pair_similarity_error
 from ..errors import UsageError
 from .int8 import Prepared, build_qdq
 
@@ -43,46 +44,14 @@ AUTO_CANDIDATES: list[tuple[str, float | None]] = [
 DEFAULT_MAX_FALLBACK_FRACTION = 0.25
 
 
-@dataclass
-class Gate:
-    """What an INT8 graph must keep of the FP32 graph's embeddings on the held-out crops.
-
-    ``max_pair_error``: the RMS change of the cosine similarity between every two held-out
-    images, over the spread (standard deviation) of those similarities under FP32. Retrieval
-    ranks by these similarities, and on OSNet-x0.5 it ranked the candidates as their mAP on
-    CUHK03 did where the mean cosine did not (see benchmarks/RESULTS.md). Top-1/top-5 neighbour
-    agreement is measured and reported; it gates only when asked (``--min-top1`` / ``--min-top5``):
-    among a few hundred crops of mostly different people the nearest neighbour flips between
-    near-ties, so it is noisy.
-    """
-
-    min_cosine: float | None = 0.90
-    mean_cosine: float | None = 0.98
-    max_pair_error: float | None = 0.20
-    top1: float | None = None
-    top5: float | None = None
-
-    def failures(self, objective: dict) -> list[str]:
-        out = []
-        if not objective.get("finite", True):
-            out.append("NaN/Inf in the features")
-        checks = (("min cosine", "min_cosine", self.min_cosine, "{:.4f}"),
-                  ("mean cosine", "mean_cosine", self.mean_cosine, "{:.4f}"),
-                  ("top-1 neighbour agreement", "top1_agreement", self.top1, "{:.1%}"),
-                  ("top-5 neighbour agreement", "top5_agreement", self.top5, "{:.1%}"))
-        for label, key, limit, fmt in checks:
-            value = objective.get(key)
-            if limit is not None and not (value is not None and value >= limit):
-                shown = "nan" if value is None or not np.isfinite(value) else fmt.format(value)
-                out.append(f"{label} {shown} < {fmt.format(limit)}")
-        value = objective.get("pair_error")
-        if self.max_pair_error is not None and not (value is not None and value <= self.max_pair_error):
-            shown = "nan" if value is None or not np.isfinite(value) else f"{value:.3f}"
-            out.append(f"pairwise similarity error {shown} > {self.max_pair_error:.3f}")
-        return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def Gate(**overrides) -> Tolerances:  # noqa: N802 (the name scripts and tests use)
+    """The quantizer's accuracy gate: the one reduced-precision gate
+    (:meth:`reid_export.embeddings.Tolerances.reduced_precision`, shared with ``parity`` and ``eval``),
+    with ``overrides`` (``max_pair_error=``, ``min_cosine=``, ``min_mean_cosine=``,
+    ``min_top1_agreement=``, ``min_top5_agreement=``). Retrieval ranks by the pairwise similarities, and
+    their error ranked the candidates as their mAP did where the mean cosine did not
+    (benchmarks/RESULTS.md)."""
+    return Tolerances.reduced_precision(**overrides)
 
 
 @dataclass
@@ -135,20 +104,6 @@ def _or_inf(value) -> float:
     return value if value is not None and np.isfinite(value) else np.inf
 
 
-def pair_similarity_error(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """(RMS change of the cosine similarity over all image pairs, that over the FP32 similarities' std)."""
-    def sims(x):
-        x = x.astype(np.float64)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return (x @ x.T)[np.triu_indices(len(x), 1)]
-
-    if not np.isfinite(candidate).all():
-        return float("inf"), float("inf")
-    ref, cand = sims(reference), sims(candidate)
-    rmse = float(np.sqrt(np.mean((cand - ref) ** 2)))
-    return rmse, rmse / max(float(np.std(ref)), 1e-12)
-
-
 def candidate_label(method: str, percentile: float | None, variant: str = "plain", corrected: bool = False) -> str:
     label = f"percentile {percentile:g}" if method == "percentile" else method
     label = label if variant == "plain" else f"{label}, {variant}"
@@ -177,15 +132,10 @@ class Objective:
         return np.concatenate([encoder(self.inputs[i:i + step]) for i in range(0, len(self.inputs), step)])
 
     def measure(self, model: onnx.ModelProto | bytes) -> dict:
-        from ..embeddings import Tolerances, compare
+        from ..embeddings import compare
 
-        features = self.features(model)
-        result = compare(self.reference, features, Tolerances())
-        rmse, relative = pair_similarity_error(self.reference, features)
-        return {"images": result.num_images, "pair_error": relative, "pair_rmse": rmse, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
-                "max_rel_l2": result.max_rel_l2, "mean_rel_l2": result.mean_rel_l2,
-                "top1_agreement": result.top1_agreement, "top5_agreement": result.top5_agreement,
-                "finite": result.nonfinite == 0}
+        result = compare(self.reference, self.features(model), Tolerances())
+        return {**result.measures(), "nonfinite": result.nonfinite}
 
 
 @dataclass
@@ -204,7 +154,7 @@ class SearchResult:
         return self.chosen.passed
 
 
-def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Gate,
+def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Tolerances,
            candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
            locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print,
            bias_correction: bool = True) -> SearchResult:
@@ -269,7 +219,7 @@ def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objec
                         by_name[best.variant].prepared)
 
 
-def _fall_back(prepared, start: Trial, trial, built, gate: Gate, max_fallback: int, locate_inputs, progress):
+def _fall_back(prepared, start: Trial, trial, built, gate: Tolerances, max_fallback: int, locate_inputs, progress):
     """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds.
 
     A round that does not bring the objective closer to FP32 is undone (its nodes are not tried
@@ -344,4 +294,4 @@ def parse_methods(method: str, percentile: float | None) -> list[tuple[str, floa
              else None)]
 
 
-__all__ = ["Gate", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]
+__all__ = ["Gate", "pair_similarity_error", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]

@@ -26,6 +26,7 @@ import onnx
 
 from .. import __version__
 from ..data_config import DataConfig
+from ..embeddings import PAIR_ERROR_MIN_IMAGES
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
 from ..preprocess import expand_image_paths, preprocess
@@ -45,6 +46,7 @@ DEFAULT_CALIB_SIZE = 512
 DEFAULT_VAL_SIZE = 128
 DEFAULT_METHOD = "auto"
 LOCATE_IMAGES = 8
+FP16_CHECK_IMAGES = 32  # real crops the FP16 variant is gated on (from --calib-dir)
 _calibration_batches = calibration_batches  # the name tests and benchmarks use
 _quiet_ort_quantization = quiet_ort_tools
 
@@ -166,14 +168,12 @@ def _features(model_bytes: bytes, inputs: np.ndarray, data_config: DataConfig, n
     return OrtRunner(make_session(model_bytes), name)(inputs)
 
 
-def compare_features(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """The verifier's embedding comparison, without gates (quantize reports; ``verify parity`` judges)."""
+def compare_features(reference: np.ndarray, candidate: np.ndarray, gate=None):
+    """The verifier's embedding comparison (:func:`reid_export.embeddings.compare`) under ``gate``
+    (default: none), as a :class:`~reid_export.embeddings.ParityResult`."""
     from ..embeddings import Tolerances, compare
 
-    result = compare(reference, candidate, Tolerances())
-    return {"images": result.num_images, "min_cosine": result.min_cosine, "mean_cosine": result.mean_cosine,
-            "max_rel_l2": result.max_rel_l2, "top1_agreement": result.top1_agreement,
-            "top5_agreement": result.top5_agreement, "finite": result.nonfinite == 0}
+    return compare(reference, candidate, gate or Tolerances())
 
 
 def _objective_text(o: dict) -> str:
@@ -182,8 +182,9 @@ def _objective_text(o: dict) -> str:
 
 
 def _parity_line(precision: str, parity: dict, source: str) -> str:
-    return (f"{precision} vs fp32 (ONNX Runtime CPU) on {parity['images']} {source}: min cosine "
-            f"{parity['min_cosine']:.5f}, max relative L2 {parity['max_rel_l2']:.2e}")
+    return (f"{precision} vs fp32 (ONNX Runtime CPU) on {parity['images']} {source}: pair error "
+            f"{parity['pair_error']:.4f}, min cosine {parity['min_cosine']:.5f}, mean cosine {parity['mean_cosine']:.5f}, "
+            f"max relative L2 {parity['max_rel_l2']:.2e}")
 
 
 def _check_options(precision, target, method, percentile, reduce_range, calib_dirs):
@@ -242,15 +243,25 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
         converted, keep = convert_fp16(model, exclude, note)
         report.kept_float = keep
         extra_meta = {KEY_FP16: {"kept_fp32": keep, "converter": converter_version(), "io": "float32"}}
-        sample = (select_calibration_images(calib_dirs, 16, seed, lambda line: None) if calib_dirs else [])
+        sample = (select_calibration_images(calib_dirs, FP16_CHECK_IMAGES, seed, lambda line: None)
+                  if calib_dirs else [])
         if sample:
             inputs, what = preprocess(sample, data_config), "images from --calib-dir"
         else:
             inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
         converted_bytes = converted.SerializeToString()
         reference = _features(source_bytes, inputs, data_config, str(model_path))
-        report.parity = compare_features(reference, _features(converted_bytes, inputs, data_config, str(output)))
+        fp16_gate = gate or Gate()
+        checked = compare_features(reference, _features(converted_bytes, inputs, data_config, str(output)), fp16_gate)
+        report.parity = checked.measures()
         note(_parity_line(precision, report.parity, what))
+        if sample:  # generated images are not people: only real crops can judge the similarities
+            report.gate_passed = checked.passed
+            if not checked.passed and not allow_below_gate:
+                raise GateRefused(f"{output}: not written: the FP16 model misses the accuracy gate "
+                                  f"({'; '.join(checked.failures)} on {len(sample)} images of --calib-dir); "
+                                  "--exclude the layers `reid-export parity --locate` names, or --allow-below-gate "
+                                  "to write it anyway", report)
     else:
         try:
             converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
@@ -304,6 +315,9 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
                    ) -> tuple[onnx.ModelProto, dict]:
     candidates = parse_methods(method, percentile)
     calib_paths, val_paths = select_images(calib_dirs, calib_size, val_dirs, val_size, seed, note)
+    if len(val_paths) < PAIR_ERROR_MIN_IMAGES:
+        note(f"accuracy gate: {len(val_paths)} held-out images are too few to measure the pairwise-similarity error "
+             f"(needs {PAIR_ERROR_MIN_IMAGES}); only the cosines are gated (more crops, or --val-dir)")
     prepared = prepare(model, target, exclude)
     for line in prepared.notes:
         note(line)

@@ -142,6 +142,8 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     # atol/rtol: OpenVINO's and ONNX Runtime's kernels sum in other orders, and on BoT-R50 a few
     # near-zero features of 10240 differ by > 1e-4 absolute and > 1e-3 relative at relative L2 5e-5
     tol.atol = tol.rtol = None
+    if not parity_images:  # generated images are not crops of people: how their similarities move says nothing
+        tol.max_pair_error = None
     report = ConvertReport(output=output, precision=precision, compressed_fp16=fp16,
                            batch="dynamic" if batch is None else str(batch))
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.market import MarketDataset
-from ..embeddings import CollapseStats
+from ..embeddings import CollapseStats, Tolerances, compare
 from ..report import format_table, report_header
 from ..runtime import open_encoder
 from ..runtime.encoder import configs_for
@@ -49,15 +49,18 @@ class EvalGates:
     max_deployment_r1_drop: float | None = 2.0
     fail_collapsed: bool = True
     exempt: tuple = ()
+    # an FP16/bf16/INT8 row against the first model (when that one is of another precision): the one
+    # reduced-precision gate quantize and parity apply, on the features of the eval's own images
+    fidelity: Tolerances | None = field(default_factory=Tolerances.reduced_precision)
 
     @classmethod
     def off(cls) -> "EvalGates":
-        return cls(None, None, None, None, False)
+        return cls(None, None, None, None, False, fidelity=None)
 
     @property
     def active(self) -> bool:
         """Whether any gate can fail a model (False after :meth:`off`: report only)."""
-        return self.fail_collapsed or any(v is not None for v in (
+        return self.fail_collapsed or self.fidelity is not None or any(v is not None for v in (
             self.max_map_drop, self.max_r1_drop, self.max_deployment_map_drop, self.max_deployment_r1_drop))
 
     def is_exempt(self, model: str) -> bool:
@@ -71,6 +74,8 @@ class EvalGates:
         if self.max_r1_drop is not None:
             parts.append(f"Rank-1 drop <= {self.max_r1_drop:g}")
         text = (" and ".join(parts) + " points against the first model") if parts else "no drop gate"
+        if self.fidelity is not None and self.fidelity.max_pair_error is not None:
+            text += f", FP16/bf16/INT8 pairwise-similarity error <= {self.fidelity.max_pair_error:g}"
         return text + (", collapsed embeddings fail" if self.fail_collapsed else "")
 
 
@@ -124,6 +129,7 @@ class EvalReport:
                 [[Path(r["model"]).name.rpartition("@")[0], r["deployment"], r["Rank-1"], r["mAP"], r["cost_Rank-1"],
                   r["cost_mAP"], _deployment_verdict(r, g)]
                  for r in results if r.get("deployment") and "cost_mAP" in r], floatfmt=".2f"))
+        lines += self.fidelity_lines()
         lines += self.threshold_lines()
         lines += [f"FAIL {line}" for line in self.failures]
         return "\n".join(lines)
@@ -133,6 +139,18 @@ class EvalReport:
         once the report is written; the gate's FAIL line is in the table)."""
         return [CollapseStats(**r["collapse"]).warning(r["model"]) for r in self.results
                 if r.get("collapse") and r["collapse"]["collapsed"]]
+
+    def fidelity_lines(self) -> list[str]:
+        """Each reduced-precision row's features against the first model's on the same images."""
+        rows = [[Path(r["model"]).name, r["precision"], f["images"], f["pair_error"], f["min_cosine"], f["mean_cosine"],
+                 f"{f['top1_agreement']:.1%}", "PASS" if f["passed"] else ("FAIL" if self.gates.fidelity else "not gated")]
+                for r in self.results if (f := r.get("fidelity"))]
+        if not rows:
+            return []
+        return [f"\nfidelity to {Path(self.results[0]['model']).name} on the eval's own images (the reduced-precision "
+                "gate of quantize and parity):",
+                format_table(["model", "prec", "images", "pair error", "min cos", "mean cos", "top-1", "result"], rows,
+                             floatfmt=".4f")]
 
     def threshold_lines(self) -> list[str]:
         """The compact thresholds table: per model (and deployment) the cosine distance at each FMR,
@@ -167,7 +185,8 @@ class EvalReport:
         doc = report_header("eval")
         g = self.gates
         gates = {"max_map_drop": g.max_map_drop, "max_r1_drop": g.max_r1_drop, "fail_collapsed": g.fail_collapsed,
-                 "exempt": [str(e) for e in g.exempt]}
+                 "exempt": [str(e) for e in g.exempt],
+                 "fidelity": None if g.fidelity is None else g.fidelity.to_dict()}
         if self.deployments:
             gates.update(max_deployment_map_drop=g.max_deployment_map_drop,
                          max_deployment_r1_drop=g.max_deployment_r1_drop)
@@ -270,6 +289,7 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                     skip_notes.append(res["skipped"])
                     warn(res["skipped"])
     report = EvalReport(dataset, options, gates, results, scored, deployments, bool(distractors))
+    _fidelity(results, scored, gates)
     report.failures = _gate(results, gates)
     if "error" not in results[0]:
         for res in results[1:]:
@@ -323,6 +343,32 @@ def _delta_intervals(results: list[dict], scored: list) -> None:
         res["delta_Rank-1_ci95"] = [round(v, 3) for v in paired_interval(base_hit, hit)]
 
 
+REDUCED_PRECISIONS = ("fp16", "bf16", "int8")
+FIDELITY_MAX_IMAGES = 2000
+
+
+def _fidelity(results: list[dict], scored: list, gates: EvalGates) -> None:
+    """For each FP16/bf16/INT8 row (not a deployment) of a model whose first model is of another
+    precision: its features against the first model's on the same query and gallery images (at most
+    ``FIDELITY_MAX_IMAGES``, evenly spaced), judged by the reduced-precision gate."""
+    if not scored or "error" in results[0] or getattr(scored[0], "features", None) is None:
+        return
+    base = np.concatenate(scored[0].features)
+    tol = gates.fidelity or Tolerances.reduced_precision()
+    for res, sc in zip(results[1:], scored[1:]):
+        if ("error" in res or res.get("deployment") or res["precision"] not in REDUCED_PRECISIONS
+                or res["precision"] == results[0]["precision"] or getattr(sc, "features", None) is None):
+            continue
+        feats = np.concatenate(sc.features)
+        if feats.shape != base.shape:
+            continue
+        rows = (np.linspace(0, len(base) - 1, FIDELITY_MAX_IMAGES).round().astype(int)
+                if len(base) > FIDELITY_MAX_IMAGES else slice(None))
+        measured = compare(base[rows], feats[rows], tol)
+        res["fidelity"] = {**{k: _finite(v) for k, v in measured.measures().items()}, "passed": measured.passed,
+                           "failures": measured.failures}
+
+
 def _gate(results: list[dict], gates: EvalGates) -> list[str]:
     """Deltas against the first model (stored in each result), each row's ``status`` and every gate
     that fails. Deployment rows are gated on their cost against the model's own preprocessing, the
@@ -356,6 +402,11 @@ def _gate(results: list[dict], gates: EvalGates) -> list[str]:
                 if _over(-res["delta_Rank-1"], gates.max_r1_drop):
                     mine.append(f"{res['model']}: Rank-1 {res['Rank-1']:.2f} is {-res['delta_Rank-1']:.2f} points "
                                 f"below {base['model']} (gate {gates.max_r1_drop:g}; --max-r1-drop sets it)")
+            fidelity = res.get("fidelity")
+            if gates.fidelity is not None and not exempt and fidelity and not fidelity["passed"]:
+                mine.append(f"{res['model']}: its {res['precision']} features moved from {base['model']}'s on "
+                            f"{fidelity['images']} images of the dataset: {'; '.join(fidelity['failures'])} (the "
+                            "reduced-precision gate of quantize and parity; --no-gate reports without failing)")
             collapse = res.get("collapse")
             if gates.fail_collapsed and not exempt and collapse and collapse["collapsed"]:
                 mine.append(f"{res['model']}: collapsed embeddings (every pair of {collapse['num_images']} different "

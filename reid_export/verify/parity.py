@@ -59,13 +59,14 @@ class ParityReport:
 
     def table(self) -> str:
         """The report for people: the header line, one row per candidate, failures, located layers."""
-        rows = [[Path(r.candidate).name, r.backend, r.precision, r.min_cosine, r.max_rel_l2, r.max_abs_error,
-                 r.elementwise_failures, r.nonfinite, f"{r.top1_agreement:.0%}", f"{r.top5_agreement:.0%}",
-                 "PASS" if r.passed else "FAIL"] for r in self.candidates]
+        rows = [[Path(r.candidate).name, r.backend, r.precision, r.min_cosine, r.mean_cosine, r.pair_error,
+                 r.max_rel_l2, r.max_abs_error, r.elementwise_failures, r.nonfinite, f"{r.top1_agreement:.0%}",
+                 f"{r.top5_agreement:.0%}", "PASS" if r.passed else "FAIL"] for r in self.candidates]
         ref = self.reference
         lines = [f"reference: {ref['model']} ({ref['backend']}, {ref['precision']}); {len(self.images)} images"
                  + (f"; candidates through the {self.deployment} deployment's preprocessing" if self.deployment else ""),
-                 format_table(["candidate", "backend", "prec", "min cos", "max rel L2", "max abs", "elem fail",
+                 format_table(["candidate", "backend", "prec", "min cos", "mean cos", "pair err", "max rel L2",
+                               "max abs", "elem fail",
                                "NaN/Inf", "top-1", "top-5", "result"], rows, floatfmt=".6g")]
         lines += self.failure_lines()
         for cand, loc in self.locate.items():
@@ -94,7 +95,7 @@ def use_deployment(encoder: Encoder, name: str | None) -> Encoder:
 
 def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: Sequence[str | Path], *,
                config: str | Path | None = None, batch_size: int = 16, min_cosine: float | None = None,
-               max_rel_l2: float | None = None, atol: float | None = None, rtol: float | None = None,
+               min_mean_cosine: float | None = None, max_pair_error: float | None = None, max_rel_l2: float | None = None, atol: float | None = None, rtol: float | None = None,
                min_top1_agreement: float | None = None, locate: bool = False, deployment: str | None = None,
                device: str = "cpu", progress: bool = True, skip_bad_images: bool = False,
                warn: Callable[[str], None] = lambda line: None) -> ParityReport:
@@ -127,7 +128,8 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
             enc = use_deployment(open_encoder(cand_path, config=cand_config, device=device), deployment)
             encoders.append(enc)
             feats = enc.encode_files(arrays, batch_size, progress=progress, desc=f"{cand_path.name} ({enc.backend})")
-            tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2, atol=atol,
+            tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, min_mean_cosine=min_mean_cosine,
+                                           max_pair_error=max_pair_error, max_rel_l2=max_rel_l2, atol=atol,
                                            rtol=rtol, min_top1_agreement=min_top1_agreement)
             res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
