@@ -29,7 +29,6 @@ from .errors import ReidExportError, UsageError
 from .export.onnx_export import ExportReport
 from .export.onnx_export import export_checkpoint as export_onnx
 from .export.quantize import QuantizeReport
-from .export.quantize import quantize_file as quantize
 from .runtime import Encoder, open_encoder
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
@@ -40,6 +39,16 @@ from .verify.parity import ParityReport
 from .verify.collapse import check_collapse
 from .verify.parity import run_parity as parity
 from .verify.thresholds import TrackerThreshold, reference_threshold
+
+def quantize(model, output, precision: str, **options) -> QuantizeReport:
+    """:func:`reid_export.export.quantize.quantize_file` (same arguments), with held-out identities scored
+    by :func:`reid_export.verify.heldout.score_held_out` unless ``score_retrieval`` is given (None: off)."""
+    from .export.quantize import quantize_file
+    from .verify.heldout import score_held_out
+
+    options.setdefault("score_retrieval", score_held_out)
+    return quantize_file(model, output, precision, **options)
+
 
 __all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "DetectReport", "Encoder", "EvalGates",
            "EvalOptions", "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeReport",

@@ -221,6 +221,75 @@ def test_held_out_images_are_never_calibration_images(osnet_like):
     assert "fewer than --calib-size 512" in lines[-2] and "12 other images" in lines[-1]
 
 
+def _market_names(folder, people=30, cams=2, per_cam=5):
+    folder.mkdir()
+    for pid in range(1, people + 1):
+        for cam in range(1, cams + 1):
+            for i in range(per_cam):
+                (folder / f"{pid:04d}_c{cam}s1_{i:06d}_00.jpg").write_bytes(b"")
+    (folder / "0000_c1s1_000000_00.jpg").write_bytes(b"")  # a distractor: calibration only, never a person
+    return folder
+
+
+def test_market_named_calibration_folders_hold_out_whole_identities(tmp_path):
+    from reid_export.data.market import parse_name
+    from reid_export.export.quantize import select_split
+
+    folder = _market_names(tmp_path / "train")
+    lines = []
+    calib, val, held = select_split([folder], 100, [], 20, 0, lines.append)
+    assert held is not None and len(calib) == 100 and len(val) == 20
+    people = {parse_name(p.name)[0] for p in held.paths}
+    assert set(val) <= set(held.paths) and not {parse_name(p.name)[0] for p in calib} & people
+    assert len(held.paths) == 10 * len(people) and 0 not in people  # whole identities, each with all its images
+    assert 150 <= len(held.paths) <= 301 - 100  # up to HELD_OUT_IMAGES, leaving --calib-size to calibrate on
+    for pid in people:  # every person has a query, and each query a match from the other camera
+        mine = held.pids == pid
+        assert held.is_query[mine].any()
+        for q in np.where(mine & held.is_query)[0]:
+            assert (mine & ~held.is_query & (held.camids != held.camids[q])).any()
+    assert f"{len(people)} people held out of calibration" in lines[-1]
+    assert select_split([folder], 100, [], 20, 0, lambda line: None)[2].paths == held.paths  # the seed decides
+    # names that are not Market's, or too little left to calibrate on: images held out as before
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(60):
+        (plain / f"crop{i}.jpg").write_bytes(b"")
+    assert select_split([plain], 30, [], 16, 0, lambda line: None)[2] is None
+    assert select_split([folder], 300, [], 20, 0, lambda line: None)[2] is None
+
+
+def test_held_out_retrieval_scores_against_an_independent_count():
+    """score_held_out: identical features give a zero difference; features that confuse two people give
+    the Rank-1 counted by hand, and the paired interval brackets the difference."""
+    from reid_export.verify.heldout import score_held_out
+
+    rng = np.random.default_rng(0)
+    pids = np.repeat(np.arange(1, 11), 4)
+    camids = np.tile([1, 1, 2, 2], 10)
+    is_query = np.tile([True, False, True, False], 10)
+    centres = rng.normal(size=(10, 32))
+    ref = centres[pids - 1] + 0.05 * rng.normal(size=(40, 32))
+    same = score_held_out(ref, ref.copy(), pids, camids, is_query)
+    assert same["reference"]["Rank-1"] == 100.0 and same["reference"]["mAP"] == pytest.approx(100.0)
+    assert same["delta_mAP"] == 0.0 and same["delta_mAP_ci95"] == [0.0, 0.0]
+    assert same["identities"] == 10 and same["queries"] == 20 and same["gallery"] == 20
+    confused = ref.copy()
+    confused[(pids == 1) & ~is_query] = centres[1]  # person 1's gallery images now look like person 2
+    res = score_held_out(ref, confused, pids, camids, is_query)
+    # person 1's two queries lose their match (Rank-1 0); person 2's queries may rank person 1 first
+    dist = 1 - (confused / np.linalg.norm(confused, axis=1, keepdims=True)) @ (
+        confused / np.linalg.norm(confused, axis=1, keepdims=True)).T
+    hits = []
+    for q in np.where(is_query)[0]:
+        valid = ~is_query & ~((pids == pids[q]) & (camids == camids[q]))
+        g = np.where(valid)[0]
+        hits.append(100.0 * (pids[g[np.argmin(dist[q, g])]] == pids[q]))
+    assert res["candidate"]["Rank-1"] == pytest.approx(np.mean(hits)) and res["delta_Rank-1"] < 0
+    lo, hi = res["delta_mAP_ci95"]
+    assert lo <= res["delta_mAP"] <= hi and res["delta_mAP"] < 0
+
+
 def test_mse_threshold_is_the_least_squares_clip():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.laplace(0, 1, 100_000), [40.0, -35.0, 30.0]]).astype(np.float32)

@@ -266,7 +266,8 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
       reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
     """
     from ..export.int8_search import Gate
-    from ..export.quantize import GateRefused, quantize_file
+    from ..api import quantize as quantize_file
+    from ..export.quantize import GateRefused
     from ..fileio import atomic_write_json, check_output_path
     from ..report import format_table
 

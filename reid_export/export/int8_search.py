@@ -123,13 +123,19 @@ class Objective:
         self.batch_size = batch_size
         self.reference = self.features(fp32_model)
 
-    def features(self, model: onnx.ModelProto | bytes) -> np.ndarray:
+    def features(self, model: onnx.ModelProto | bytes, inputs: np.ndarray | None = None,
+                 static_batch: int | None = None) -> np.ndarray:
+        """``model``'s features of the held-out images (or of ``inputs``); a ``static_batch`` graph is fed
+        whole batches, the last one padded with copies of the last image (their rows dropped)."""
         from .ort import OrtRunner, make_session
 
+        inputs = self.inputs if inputs is None else inputs
+        n, step = len(inputs), static_batch or self.batch_size
+        if static_batch and n % static_batch:
+            inputs = np.concatenate([inputs, np.repeat(inputs[-1:], static_batch - n % static_batch, axis=0)])
         data = model if isinstance(model, bytes) else model.SerializeToString()
         encoder = OrtRunner(make_session(data, threads=self.threads), "candidate")
-        step = self.batch_size
-        return np.concatenate([encoder(self.inputs[i:i + step]) for i in range(0, len(self.inputs), step)])
+        return np.concatenate([encoder(inputs[i:i + step]) for i in range(0, len(inputs), step)])[:n]
 
     def measure(self, model: onnx.ModelProto | bytes) -> dict:
         from ..embeddings import compare

@@ -115,13 +115,43 @@ def select_calibration_images(dirs: Sequence[str | Path], size: int, seed: int,
     return [paths[i] for i in chosen]
 
 
+@dataclass
+class HeldOut:
+    """Whole identities held out of calibration (Market-1501 names): the images and their labels, and
+    which are queries (per identity and camera the first image; every query keeps a match from
+    another camera)."""
+
+    paths: list[Path]
+    pids: np.ndarray
+    camids: np.ndarray
+    is_query: np.ndarray
+
+    @property
+    def identities(self) -> int:
+        return int(len(np.unique(self.pids)))
+
+
+HELD_OUT_IMAGES = 384  # images of held-out identities (~40 people of a Market-style training folder)
+
+
 def select_images(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Sequence[str | Path], val_size: int,
                   seed: int, log: Callable[[str], None]) -> tuple[list[Path], list[Path]]:
-    """(calibration images, held-out images): never the same file in both.
+    """(calibration images, held-out images): never the same file in both (see :func:`select_split`)."""
+    calib, val, _ = select_split(calib_dirs, calib_size, val_dirs, val_size, seed, log)
+    return calib, val
 
-    Without ``val_dirs`` the held-out images come from the calibration folders: ``val_size`` of
-    them (a quarter when the folders hold fewer than ``calib_size + val_size``, at least 2), drawn
-    first by ``seed``; the calibration images are drawn from the rest.
+
+def select_split(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Sequence[str | Path], val_size: int,
+                 seed: int, log: Callable[[str], None]) -> tuple[list[Path], list[Path], HeldOut | None]:
+    """(calibration images, held-out images for the gate, held-out identities or None).
+
+    Without ``val_dirs`` the held-out images come from the calibration folders. When every file
+    there carries a Market-1501 name and enough people were seen by two cameras, whole identities
+    are held out (drawn by ``seed`` until about ``HELD_OUT_IMAGES`` images, leaving ``calib_size``
+    for calibration): the gate's ``val_size`` images are drawn from them, and all of their images
+    form a small retrieval test (:class:`HeldOut`). Otherwise ``val_size`` images (a quarter when
+    the folders hold fewer than ``calib_size + val_size``, at least 2) are drawn first by ``seed``;
+    the calibration images are drawn from the rest.
     """
     if calib_size < 1 or val_size < 2:
         raise UsageError(f"--calib-size must be >= 1 and --val-size >= 2, got {calib_size} and {val_size}")
@@ -129,6 +159,7 @@ def select_images(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: S
     where = ", ".join(str(d) for d in calib_dirs)
     rng = np.random.default_rng(seed)
     order = [paths[i] for i in rng.permutation(len(paths))]
+    held_out = None
     if val_dirs:
         val_all = [p for p in dict.fromkeys(expand_image_paths(val_dirs)) if p not in set(paths)]
         vwhere = ", ".join(str(d) for d in val_dirs)
@@ -139,20 +170,68 @@ def select_images(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: S
         calib = sorted(order[:calib_size])
         vnote = f"{len(val)} of the {len(val_all)} images in {vwhere}"
     else:
-        n_val = val_size if len(paths) >= calib_size + val_size else max(2, len(paths) // 4)
-        if len(paths) - n_val < 1:
-            raise UsageError(f"--calib-dir {where}: holds {len(paths)} images; calibration and the held-out "
-                             "accuracy check need at least 3 (or give --val-dir)")
-        val = sorted(order[:n_val])
-        calib = sorted(order[n_val:n_val + calib_size])
-        vnote = f"{len(val)} other images from the same folders"
+        held_out = _held_out_identities(paths, calib_size, val_size, seed)
+        if held_out is not None:
+            pool = set(held_out.paths)
+            picked = np.random.default_rng(seed).permutation(len(held_out.paths))[:val_size]
+            val = sorted(held_out.paths[i] for i in picked)
+            calib = sorted([p for p in order if p not in pool][:calib_size])
+            vnote = (f"{len(val)} images of {held_out.identities} people held out of calibration (all "
+                     f"{len(held_out.paths)} of their images also score Rank-1/mAP)")
+        else:
+            n_val = val_size if len(paths) >= calib_size + val_size else max(2, len(paths) // 4)
+            if len(paths) - n_val < 1:
+                raise UsageError(f"--calib-dir {where}: holds {len(paths)} images; calibration and the held-out "
+                                 "accuracy check need at least 3 (or give --val-dir)")
+            val = sorted(order[:n_val])
+            calib = sorted(order[n_val:n_val + calib_size])
+            vnote = f"{len(val)} other images from the same folders"
     if len(calib) < calib_size:
         log(f"calibration: {where} holds {len(paths)} images, fewer than --calib-size {calib_size} plus the held-out "
             f"ones; using {len(calib)}")
     else:
         log(f"calibration: {len(calib)} of the {len(paths)} images in {where} (seed {seed})")
     log(f"accuracy gate: measured on {vnote}, held out from calibration")
-    return calib, val
+    return calib, val, held_out
+
+
+def _held_out_identities(paths: list[Path], calib_size: int, val_size: int, seed: int) -> HeldOut | None:
+    """Whole identities (Market-1501 names, seen by two or more cameras) drawn by ``seed`` until about
+    ``HELD_OUT_IMAGES`` images (at least ``val_size``; no more than leaves ``calib_size`` to calibrate
+    on); None when the names are not Market's or too few people qualify."""
+    from ..data.market import parse_name
+
+    by_id: dict[int, dict[int, list[Path]]] = {}
+    for path in paths:
+        parsed = parse_name(path.name)
+        if parsed is None:
+            return None
+        if parsed[0] > 0:  # junk (-1) and distractors (0) are never held out as people
+            by_id.setdefault(parsed[0], {}).setdefault(parsed[1], []).append(path)
+    eligible = sorted(pid for pid, cams in by_id.items() if len(cams) >= 2)
+    budget = min(max(HELD_OUT_IMAGES, val_size), len(paths) - calib_size)
+    chosen, count = [], 0
+    for i in np.random.default_rng(seed).permutation(len(eligible)):
+        if count >= budget:
+            break
+        size = sum(len(v) for v in by_id[eligible[i]].values())
+        if count + size > budget and count >= val_size:
+            continue
+        chosen.append(eligible[i])
+        count += size
+    if len(chosen) < 2 or count < val_size:
+        return None
+    rows = []
+    for pid in sorted(chosen):
+        cams = by_id[pid]
+        picked = {c: sorted(ps)[0] for c, ps in cams.items() if len(ps) >= 2}
+        if not picked:
+            c = max(sorted(cams), key=lambda c: len(cams[c]))
+            picked = {c: sorted(cams[c])[0]}
+        queries = set(picked.values())
+        rows += [(p, pid, c, p in queries) for c, ps in sorted(cams.items()) for p in sorted(ps)]
+    return HeldOut([r[0] for r in rows], np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
+                   np.array([r[3] for r in rows], bool))
 
 
 def _file_list_digest(paths: Sequence[Path]) -> str:
@@ -212,7 +291,8 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
                   threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
                   val_dirs: Sequence[str | Path] = (), val_size: int = DEFAULT_VAL_SIZE, gate: Gate | None = None,
                   max_fallback: int | None = None, allow_below_gate: bool = False,
-                  equalize: bool = True, bias_correction: bool = True) -> QuantizeReport:
+                  equalize: bool = True, bias_correction: bool = True,
+                  score_retrieval: Callable | None = None) -> QuantizeReport:
     """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only on success.
 
     INT8: ``method`` ``auto`` tries every calibration method; ``gate`` (default :class:`Gate`) is
@@ -221,6 +301,10 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     Below the gate a :class:`ReidExportError` says what was tried, unless ``allow_below_gate``.
     ``equalize``: also try every method on the activation-equalised graph (:mod:`.equalize`);
     ``bias_correction``: also try the best candidate with its weight-rounding bias corrected.
+    ``score_retrieval(reference, candidate, pids, camids, is_query) -> dict``: when the calibration
+    folders' names let whole identities be held out (:func:`select_split`), FP32 and the chosen INT8
+    graph are scored on them with it (``reid_export.verify.heldout.score_held_out``; the API and
+    the CLI pass it) and the result is reported beside the fidelity.
     """
     from .metadata import refuse_openvino_ir
     from .onnx_export import generated_images
@@ -267,7 +351,7 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
             converted, info = _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs,
                                              val_size, method, percentile, exclude, seed, num_bins, batch_size,
                                              reduce_range, threads, progress, gate or Gate(), max_fallback,
-                                             allow_below_gate, note, equalize, bias_correction)
+                                             allow_below_gate, note, equalize, bias_correction, score_retrieval)
         except GateRefused:
             report.seconds = time.time() - start
             raise
@@ -311,10 +395,10 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
 
 def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, val_dirs, val_size, method, percentile,
                    exclude, seed, num_bins, batch_size, reduce_range, threads, progress, gate: Gate, max_fallback,
-                   allow_below_gate, note, equalize: bool = True, bias_correction: bool = True
-                   ) -> tuple[onnx.ModelProto, dict]:
+                   allow_below_gate, note, equalize: bool = True, bias_correction: bool = True,
+                   score_retrieval: Callable | None = None) -> tuple[onnx.ModelProto, dict]:
     candidates = parse_methods(method, percentile)
-    calib_paths, val_paths = select_images(calib_dirs, calib_size, val_dirs, val_size, seed, note)
+    calib_paths, val_paths, held_out = select_split(calib_dirs, calib_size, val_dirs, val_size, seed, note)
     if len(val_paths) < PAIR_ERROR_MIN_IMAGES:
         note(f"accuracy gate: {len(val_paths)} held-out images are too few to measure the pairwise-similarity error "
              f"(needs {PAIR_ERROR_MIN_IMAGES}); only the cosines are gated (more crops, or --val-dir)")
@@ -371,6 +455,13 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
                                            + result.keep_float))
     report.parity = dict(chosen.objective)
     report.gate_passed = chosen.passed
+    retrieval = None
+    if held_out is not None and score_retrieval is not None:
+        inputs = preprocess(held_out.paths, data_config)
+        retrieval = score_retrieval(objective.features(prepared.model, inputs, prepared.static_batch),
+                                    objective.features(result.model, inputs, prepared.static_batch),
+                                    held_out.pids, held_out.camids, held_out.is_query)
+        note(f"int8 {_describe_retrieval(retrieval)}")
     tried = " / ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))  # labels hold commas
     report.search = {
         "gate": gate.to_dict(), "held_out_images": len(val_paths), "tried": [t.to_dict() for t in result.trials],
@@ -380,6 +471,7 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "bias_corrected": chosen.bias_corrected,
         "equalization": {k: v for k, v in eq_summary.items() if k != "what"},
         "seconds": {"calibration": round(calib_seconds, 1), "search": round(search_seconds, 1)},
+        "held_out_retrieval": retrieval,
     }
     for t in result.trials:
         note(f"  tried {t.label}: {_objective_text(t.objective)}{'' if t.passed else ' (below the gate)'}")
@@ -423,9 +515,19 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "calibration": {"sources": [str(d) for d in calib_dirs], "images": len(calib_paths), "requested": calib_size,
                         "seed": seed, "files_sha256": _file_list_digest(calib_paths)},
         "held_out": {"sources": [str(d) for d in (val_dirs or calib_dirs)], "images": len(val_paths),
-                     "files_sha256": _file_list_digest(val_paths)},
+                     "files_sha256": _file_list_digest(val_paths),
+                     "identities": None if held_out is None else held_out.identities},
+        "held_out_retrieval": retrieval,
     })
     return result.model, info
+
+
+def _describe_retrieval(result: dict) -> str:
+    lo, hi = result["delta_mAP_ci95"]
+    return (f"on held-out identities ({result['identities']} people never calibrated on; {result['queries']} queries, "
+            f"{result['gallery']} gallery): fp32 Rank-1 {result['reference']['Rank-1']:.2f} / mAP "
+            f"{result['reference']['mAP']:.2f}; d Rank-1 {result['delta_Rank-1']:+.2f}, d mAP "
+            f"{result['delta_mAP']:+.2f} [95% CI {lo:+.2f}, {hi:+.2f}] (reported, not gated: a few hundred images)")
 
 
 EQUALIZE_IMAGES = 128
