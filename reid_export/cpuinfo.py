@@ -82,3 +82,35 @@ def routes_line(flags: set[str] | None = None) -> str:
     routes = precision_routes(flags)
     shown = " ".join(isa_flags(flags)) or "none of " + "/".join(ISA_FLAGS[:6])
     return f"CPU ISA: {shown}; hardware for fp32: {routes['fp32']}; int8: {routes['int8']}; bf16: {routes['bf16']}"
+
+
+def slower_route_note(name: str, precision: str, backend: str, target: str | None, ratios: dict,
+                      flags: set[str] | None = None) -> str | None:
+    """When a reduced-precision model runs slower than the FP32 one on this CPU (``ratios``: batch size ->
+    its throughput over FP32's, measured side by side): one line naming the faster route for this
+    machine; None when it is not slower at any batch size measured."""
+    ratios = {int(b): r for b, r in ratios.items() if r is not None}
+    if not ratios or min(ratios.values()) >= 1.0:
+        return None
+    flags = read_cpu_flags() if flags is None else flags
+    has_int8 = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+    speeds = ", ".join(f"{r:.2f}x at batch {b}" for b, r in sorted(ratios.items()))
+    if precision == "int8" and backend == "onnxruntime" and target == "tensorrt":
+        route = ("it is the TensorRT flavour (S8S8 Q/DQ, which ONNX Runtime's CPU provider mostly leaves unfused): "
+                 "for this CPU make the CPU flavour (reid-export quantize --target cpu: U8S8, fused QLinearConv) or "
+                 "run this file with OpenVINO (reid-export openvino: real INT8); keep this one for TensorRT")
+    elif precision == "int8" and backend == "onnxruntime":
+        route = ("run it with OpenVINO (reid-export openvino: real INT8)" if has_int8 else
+                 "this CPU has no int8 dot product (no VNNI/AMX), where FP32 is often as fast: serve the FP32 model")
+    elif precision == "int8":
+        route = ("this CPU has no int8 dot product (no VNNI/AMX): serve the FP32 model" if not has_int8 else
+                 "compare with the CPU flavour on ONNX Runtime (reid-export quantize --target cpu)")
+    elif precision == "fp16" and backend == "onnxruntime":
+        route = ("ONNX Runtime's CPU provider computes FP16 graphs in float32 with casts around them: serve the FP32 "
+                 "model" + (", or OpenVINO bf16 (reid-export openvino, then bench --device openvino:bf16)"
+                            if has_bf16(flags) else " on this CPU (it has no bf16 arithmetic)"))
+    else:
+        route = "serve the FP32 model on this CPU"
+    shown = " ".join(isa_flags(flags)) or "no AVX2/AVX-512 flags"
+    what = f"{precision}{' ' + target + ' flavour' if target else ''} on {backend}"
+    return f"note: {name} ({what}) runs at {speeds} of the FP32 model's throughput on this CPU ({shown}): {route}"

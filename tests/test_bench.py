@@ -333,3 +333,32 @@ def test_gpu_column_uses_the_allocator_for_torch_and_the_device_for_others():
     assert "GPU MB" in table.splitlines()[0]
     assert table.splitlines()[2].rstrip(" |").endswith("812")
     assert "1900 (device)" in table.splitlines()[3]
+
+
+def test_a_reduced_precision_model_slower_than_fp32_is_told_the_faster_route():
+    """bench and quantize name the faster route for this CPU when an FP16/INT8 model runs slower than
+    FP32; nothing is said when it is not slower, and the advice follows the CPU's flags."""
+    from types import SimpleNamespace
+
+    from reid_export.bench.run import _slower_routes
+    from reid_export.cpuinfo import slower_route_note
+
+    vnni = {"avx2", "avx512f", "avx512_vnni"}
+    trt = slower_route_note("m.int8.onnx", "int8", "onnxruntime", "tensorrt", {1: 0.42, 16: 0.25}, vnni)
+    assert "0.42x at batch 1, 0.25x at batch 16" in trt and "--target cpu" in trt and "reid-export openvino" in trt
+    assert "avx512_vnni" in trt
+    assert slower_route_note("m.int8.onnx", "int8", "onnxruntime", "tensorrt", {1: 1.3, 16: 1.1}, vnni) is None
+    no_vnni = slower_route_note("m.int8-cpu.onnx", "int8", "onnxruntime", "cpu", {16: 0.8}, {"avx2"})
+    assert "no int8 dot product" in no_vnni and "FP32" in no_vnni
+    fp16 = slower_route_note("m.fp16.onnx", "fp16", "onnxruntime", None, {1: 0.6}, {"avx2", "avx512_bf16"})
+    assert "float32 with casts" in fp16 and "bf16" in fp16
+    # bench: measured against the first FP32 subject, per batch size
+    subjects = [SimpleNamespace(name="fp32", precision="fp32", backend="onnxruntime", model="a.onnx"),
+                SimpleNamespace(name="int8", precision="int8", backend="onnxruntime", model="missing.onnx"),
+                SimpleNamespace(name="fast", precision="int8", backend="onnxruntime", model="missing.onnx")]
+    results = [{"name": n, "batch_size": b, "throughput_ips": t} for n, b, t in
+               (("fp32", 1, 100.0), ("fp32", 16, 200.0), ("int8", 1, 50.0), ("int8", 16, 250.0),
+                ("fast", 1, 150.0), ("fast", 16, 300.0))]
+    notes = _slower_routes(subjects, results)
+    assert len(notes) == 1 and notes[0].startswith("note: int8 (int8 on onnxruntime)") and "0.50x at batch 1" in notes[0]
+    assert _slower_routes(subjects[1:], results) == []  # no FP32 model in the run: nothing to compare with

@@ -128,8 +128,32 @@ def run_bench(models: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 8, 
     env["load_average_after"] = _load_average()
     add_speedups(results)
     thin = few_samples_note(results)
+    routes = _slower_routes(subjects, results) if device == "cpu" else []
     return BenchReport(settings=settings, device=device, threads=threads, include_preprocess=include_preprocess,
                        images=paths, environment=env,
                        models=[{"name": s.name, "model": s.model, "backend": s.backend, "precision": s.precision,
                                 "device": s.device, **s.info} for s in subjects],
-                       results=results, notes=[thin] if thin else [], warnings=warnings)
+                       results=results, notes=([thin] if thin else []) + routes, warnings=warnings)
+
+
+def _slower_routes(subjects, results: list[dict]) -> list[str]:
+    """For each FP16/bf16/INT8 subject slower than the first FP32 subject at some batch size: the line
+    naming the faster route on this CPU (:func:`reid_export.cpuinfo.slower_route_note`)."""
+    from ..cpuinfo import slower_route_note
+    from ..export.int8 import quantization_target
+
+    base = next((s for s in subjects if s.precision == "fp32"), None)
+    if base is None:
+        return []
+    fp32 = {r["batch_size"]: r.get("throughput_ips") for r in results if r["name"] == base.name}
+    notes = []
+    for subject in subjects:
+        if subject.precision == "fp32":
+            continue
+        ratios = {r["batch_size"]: r["throughput_ips"] / fp32[r["batch_size"]] for r in results
+                  if r["name"] == subject.name and r.get("throughput_ips") and fp32.get(r["batch_size"])}
+        note = slower_route_note(subject.name, subject.precision, subject.backend,
+                                 quantization_target(subject.model), ratios)
+        if note:
+            notes.append(note)
+    return notes

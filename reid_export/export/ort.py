@@ -126,3 +126,28 @@ class OrtRunner:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         step = self.static_batch or batch.shape[0]
         return np.concatenate([self.run(batch[i:i + step]) for i in range(0, batch.shape[0], step)])
+
+
+def relative_throughput(reference: bytes, candidate: bytes, inputs: np.ndarray, threads: int | None = None,
+                        batch_sizes=(1, 16), seconds: float = 0.5) -> dict[int, float]:
+    """Batch size -> the candidate's throughput over the reference's on ONNX Runtime's CPU provider:
+    both sessions timed in turns (one warm-up call each, then calls until ``seconds``, median call
+    time). A quick figure for the quantizer's note, not a benchmark (``reid-export bench`` is)."""
+    import time
+
+    runners = [OrtRunner(make_session(model, threads=threads), name)
+               for model, name in ((reference, "reference"), (candidate, "candidate"))]
+    out = {}
+    for batch_size in batch_sizes:
+        batch = np.resize(inputs, (batch_size, *inputs.shape[1:])).astype(np.float32)
+        medians = []
+        for runner in runners:
+            runner(batch)
+            times, start = [], time.perf_counter()
+            while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 50):
+                t0 = time.perf_counter()
+                runner(batch)
+                times.append(time.perf_counter() - t0)
+            medians.append(float(np.median(times)))
+        out[batch_size] = medians[0] / medians[1]
+    return out

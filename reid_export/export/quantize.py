@@ -70,6 +70,7 @@ class QuantizeReport:
     written: bool = False
     size_mb: float = 0.0
     seconds: float = 0.0
+    speed: dict = field(default_factory=dict)  # throughput over FP32's on this CPU (ONNX Runtime), by batch size
 
     def to_dict(self) -> dict:
         return {**report_header("quantize"), "output": str(self.output), "written": self.written, "precision": self.precision,
@@ -78,7 +79,13 @@ class QuantizeReport:
                 "fallback_float": self.fallback_float, "parity_vs_fp32": self.parity, "search": self.search,
                 "gate_passed": self.gate_passed, "qdq_check": None if self.qdq is None else self.qdq.summary(),
                 "ort_cpu_fusion": None if self.fusion is None else self.fusion.summary(),
-                "size_mb": round(self.size_mb, 3), "seconds": round(self.seconds, 1), "notes": self.notes}
+                "size_mb": round(self.size_mb, 3), "seconds": round(self.seconds, 1),
+                "speed_vs_fp32": self.speed, "notes": self.notes}
+
+    @property
+    def passed(self) -> bool:
+        """Written and, where a gate applied, passing it (False for a model written below the gate)."""
+        return self.written and self.gate_passed is not False
 
 
 class GateRefused(ReidExportError):
@@ -384,6 +391,8 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str, ta
     metadata.update(extra_meta)
     converted.doc_string = f"reid-export {__version__}: {Path(model_path).name} -> {precision}"
     set_metadata(converted, metadata)
+    report.speed = _speed_note(source_bytes, converted_bytes, data_config, threads, precision, report.target, output,
+                               note)
     save_onnx(converted, output)
     report.written = True
     for line in notes:
@@ -520,6 +529,30 @@ def _quantize_int8(model, data_config, report, target, calib_dirs, calib_size, v
         "held_out_retrieval": retrieval,
     })
     return result.model, info
+
+
+def _speed_note(source: bytes, converted: bytes, data_config: DataConfig, threads, precision: str, target, output,
+                note) -> dict:
+    """Time the new graph against FP32 here (ONNX Runtime CPU, a quick figure) and, when it is slower,
+    name the faster route for this CPU (:func:`reid_export.cpuinfo.slower_route_note`)."""
+    from ..cpuinfo import isa_flags, slower_route_note
+    from .onnx_export import generated_images
+    from .ort import relative_throughput
+
+    try:
+        inputs = preprocess(generated_images(2, data_config.input_size), data_config)
+        ratios = relative_throughput(source, converted, inputs, threads)
+    except Exception as exc:  # noqa: BLE001 - the speed note must never stop a good model from being written
+        note(f"speed on this CPU: not measured ({type(exc).__name__})")
+        return {}
+    shown = ", ".join(f"{r:.2f}x at batch {b}" for b, r in ratios.items())
+    note(f"speed on this CPU (ONNX Runtime, {threads or 'default'} threads, a quick figure; reid-export bench "
+         f"measures): {shown} of FP32's throughput")
+    slower = slower_route_note(output.name, precision, "onnxruntime", target, ratios)
+    if slower:
+        note(slower)
+    return {"ratios": {str(b): round(r, 3) for b, r in ratios.items()}, "threads": threads, "cpu_isa": isa_flags(),
+            "runtime": "onnxruntime cpu"}
 
 
 def _describe_retrieval(result: dict) -> str:
