@@ -25,7 +25,10 @@ bound stays <= 0.5 (Rank-1 and mAP, both sets, all models). Writes the JSON and 
     python benchmarks/int8_fidelity_evidence.py export-fixed16 MODEL.pt --config configs/torchreid/osnet_x0_25.yml \\
         -o $S/osnet025-fixed16.onnx     # opset 11, batch 16, BatchNorm not folded
     python benchmarks/int8_fidelity_evidence.py analyse --work $S/evidence -o benchmarks/int8_fidelity_evidence.json \\
-        --plot benchmarks/int8_fidelity_evidence.png
+        --plot benchmarks/int8_fidelity_evidence.png --gate-threshold 0.03 --second-measure near_pair_error
+
+``run --candidates KEY,...`` builds a subset (keys from ``candidate_plan``, with or without the ``trt-``/``cpu-``
+prefix); features already cached are not recomputed, calibrations are cached per model and target.
 """
 
 from __future__ import annotations
@@ -402,7 +405,7 @@ def analyse(args) -> int:
                     entry[f"resample_{label}"] = {"n200": resample(d, 200, rng), "all": resample(d, n, rng)}
                 entry["queries_r1_changed"] = int(np.count_nonzero(d_r1))
                 row[s] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}
-            if row["finite"]:  # both sets together (685 queries): a less noisy estimate of the shift
+            if row["finite"]:  # both sets together (684 valid queries): a less noisy estimate of the shift
                 both = [per_query(feats, info, s) for s in SETS]
                 entry = {"queries": int(sum(len(b["ap"]) for b in both))}
                 for label, field in (("R1", "r1"), ("mAP", "ap")):
@@ -439,13 +442,13 @@ def analyse(args) -> int:
                                           args.second_measure, args.second_threshold))
         log(f"wrote {args.markdown}")
     if args.plot:
-        plot(rows, thresholds["point"], args.plot, args.gate_measure, args.gate_threshold, args.second_measure)
+        plot(rows, thresholds["pooled"], args.plot, args.gate_measure, args.gate_threshold, args.second_measure)
     return 0
 
 
 BOUND_KINDS = {
     "point": f"max over both sets and Rank-1/mAP of |shift| + 2 sd/sqrt({TARGET_N}), shift and sd per set",
-    "pooled": f"the same with shift and sd from both sets' queries together (685)",
+    "pooled": f"the same with shift and sd from both sets' queries together (684)",
     "noise": f"2 sd/sqrt({TARGET_N}) only (what any test set of {TARGET_N} adds, shift assumed 0)",
     "conservative": f"|shift| + 2 sd sqrt(1/n + 1/{TARGET_N}) per set (the shift's own uncertainty included)",
 }
@@ -534,8 +537,8 @@ def passes(row: dict, measure: str, threshold: float | None, second: str | None 
 def markdown(rows, models, measure, threshold, second, second_threshold) -> str:
     """The RESULTS.md table: one line per candidate, models in turn, closest to FP32 first."""
     out = ["| model | candidate | pair err | near-pair err | top-1 | top-5 | Spearman | min / mean cos | "
-           "test 200 q: d R1 / d mAP (sd R1 / sd AP) | split 485 q: d R1 / d mAP (sd R1 / sd AP) | "
-           "both 685 q: d R1 / d mAP | bound @2000: point / noise | gate now | proposed |",
+           "test 199 q: d R1 / d mAP (sd R1 / sd AP) | split 485 q: d R1 / d mAP (sd R1 / sd AP) | "
+           "both 684 q: d R1 / d mAP | bound @2000: pooled / noise / per set | gate now | proposed |",
            "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         f = m["fp32"]
@@ -551,7 +554,8 @@ def markdown(rows, models, measure, threshold, second, second_threshold) -> str:
                 f"{r['top1_agreement']:.3f} | {r['top5_agreement']:.3f} | {r['spearman']:.4f} | "
                 f"{r['min_cosine']:.3f} / {r['mean_cosine']:.4f} | {cell(r.get('test'))} | {cell(r.get('split'))} | "
                 + (f"{p['d_R1']:+.2f} / {p['d_mAP']:+.2f}" if p else "n/a") + " | "
-                + (f"{worst_bound(r, 'point'):.2f} / {worst_bound(r, 'noise'):.2f}" if r["finite"] else "inf")
+                + (f"{worst_bound(r, 'pooled'):.2f} / {worst_bound(r, 'noise'):.2f} / {worst_bound(r, 'point'):.2f}"
+                   if r["finite"] else "inf")
                 + f" | {'pass' if current_gate(r) else 'fail'} | "
                 + f"{'pass' if passes(r, measure, threshold, second, second_threshold) else 'fail'} |")
     return "\n".join(out) + "\n"
@@ -565,7 +569,7 @@ def plot(rows, thresholds, path: Path, measure: str, threshold: float | None, se
 
     markers = dict(zip(sorted({r["model"] for r in rows}), "osD^vP*X"))
     colours = {"test": "tab:blue", "split": "tab:orange"}
-    names = {"test": "CUHK03 test (200 q)", "split": "CUHK03 train split (485 q)"}
+    names = {"test": "CUHK03 test (199 q)", "split": "CUHK03 train split (485 q)"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     for col, m in enumerate((measure, second)):
         for row_i, metric in enumerate(("mAP", "R1")):
@@ -599,7 +603,7 @@ def plot(rows, thresholds, path: Path, measure: str, threshold: float | None, se
     handles = [plt.Line2D([], [], ls="", marker=mk, color="gray", label=mo) for mo, mk in markers.items()]
     handles += [plt.Line2D([], [], ls="", marker="s", color=c, label=names[s]) for s, c in colours.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", mfc="none", color="gray", label="FP16 (hollow, large)"),
-                plt.Line2D([], [], color="red", ls="--", label="threshold"),
+                plt.Line2D([], [], color="red", ls="--", label="threshold (left: recommended; right: loosest safe, pooled bound)"),
                 plt.Line2D([], [], color="k", ls=":", label=f"{MAX_MOVE} points")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9)
     fig.suptitle("INT8 candidates: retrieval change against label-free fidelity (issue 25); "
@@ -677,6 +681,10 @@ def main(argv=None) -> int:
                 return 2
         return run(args)
     if args.command == "analyse":
+        if not list(args.work.glob("*/feat-fp32.npy")):
+            print(f"{args.work}: no cached features (*/feat-fp32.npy); give the --work folder of a `run`",
+                  file=sys.stderr)
+            return 2
         return analyse(args)
     return export_fixed16(args)
 

@@ -101,3 +101,5 @@ def test_a_split_that_holds_calibration_crops_is_refused(ev, tmp_path, capsys):
     assert ev.main(["run", "--model", "m=x.onnx", "--dataset", str(tmp_path / "nowhere"), "--split", str(root),
                     "--work", str(tmp_path / "w")]) == 2
     assert "bounding_box_train: not a folder" in capsys.readouterr().err
+    assert ev.main(["analyse", "--work", str(tmp_path / "w"), "-o", str(tmp_path / "x.json")]) == 2
+    assert "no cached features" in capsys.readouterr().err
