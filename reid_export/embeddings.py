@@ -26,7 +26,7 @@ import numpy as np
 # benchmarks/RESULTS.md ("INT8 fidelity gate: the evidence"): at or below it, no measured variant
 # of any model moved Rank-1 or mAP by more than 0.5 points on a test set of ~2,000 queries. The
 # cosine floors catch one broken image (a NaN-prone or saturated crop) that the pairwise mean hides.
-PAIR_ERROR_LIMIT = 0.10
+PAIR_ERROR_LIMIT = 0.03
 REDUCED_PRECISION_TOLERANCES = {"min_cosine": 0.90, "min_mean_cosine": 0.98, "max_pair_error": PAIR_ERROR_LIMIT,
                                 "max_rel_l2": None, "atol": None, "rtol": None}
 # Default gates by candidate precision. FP32 is held to elementwise agreement; FP16, bf16 and INT8
