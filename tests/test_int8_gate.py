@@ -393,3 +393,44 @@ def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, 
     info = _info(out)
     assert {t["variant"] for t in info["tried"]} == {"plain"} and not info["equalised"]
     assert info["equalization"]["fp32_max_rel_l2"] > 1e-4
+
+
+def test_the_default_gate_refuses_spread_error_and_names_the_recovery_that_passes(osnet_like, tmp_path):
+    """The OSNet-like net's INT8 error is spread over its depthwise, gated blocks: with the defaults
+    (every method on both graphs, bias correction, a quarter of the nodes in float) no candidate
+    reaches the default gate; nothing is written, and the one line names --precision fp16 first.
+    That recovery then passes the same gate (its check on real crops) and is written."""
+    from reid_export.embeddings import PAIR_ERROR_LIMIT
+
+    src, crops = osnet_like
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    result = _quantize(src, out, "--calib-dir", crops, *SMALL, "--report", tmp_path / "refused.json")
+    assert result.code == 1, result
+    assert_clean_error(result, "not written", "misses the accuracy gate", f"> {PAIR_ERROR_LIMIT:.3f}",
+                       "--precision fp16 recovers")
+    assert list(out.parent.iterdir()) == []
+    doc = json.loads((tmp_path / "refused.json").read_text())
+    assert doc["gate_passed"] is False and doc["search"]["gate"]["max_pair_error"] == PAIR_ERROR_LIMIT
+    assert doc["search"]["fallback_float"] or any(t["kept_float"] for t in doc["search"]["tried"])  # it tried
+    fp16 = tmp_path / "out" / "q.fp16.onnx"
+    result = run_cli("quantize", src, "-o", fp16, "--precision", "fp16", "--calib-dir", crops)
+    assert result.code == 0 and "accuracy gate passed" in result.err, result
+    line = next(line for line in result.err.splitlines() if line.startswith("fp16 vs fp32"))
+    assert float(line.split("pair error ")[1].split(",")[0]) <= PAIR_ERROR_LIMIT
+
+
+def test_the_fp16_variant_is_held_to_the_same_gate(osnet_like, tmp_path):
+    """FP16 is judged on real crops by the same gate: an unreachable limit refuses it (nothing written,
+    the report says why); generated images (no --calib-dir) only report, they are not people."""
+    from reid_export import api
+    from reid_export.export.int8_search import Gate
+    from reid_export.export.quantize import GateRefused
+
+    src, crops = osnet_like
+    out = tmp_path / "q.fp16.onnx"
+    with pytest.raises(GateRefused, match="FP16 model misses the accuracy gate") as refused:
+        api.quantize(src, out, "fp16", calib_dirs=[crops], gate=Gate(max_pair_error=0.0), log=lambda line: None)
+    assert not out.exists() and refused.value.report.gate_passed is False and not refused.value.report.passed
+    report = api.quantize(src, out, "fp16", gate=Gate(max_pair_error=0.0), log=lambda line: None)
+    assert report.written and report.gate_passed is None and report.passed
