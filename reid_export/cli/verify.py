@@ -125,8 +125,12 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
                    "model's (on 200 queries an INT8 variant's mAP scatters by about +-1.5).")
 @click.option("--max-r1-drop", default=3.0, show_default=True, type=float,
               help="With two or more models: fail when a model's Rank-1 is more than this many points below the first's.")
+@click.option("--max-pair-error", type=float, default=None,
+              help="FP16/bf16/INT8 rows: fail when the pairwise-similarity error of their features against the first "
+                   f"model's, on the dataset's images, exceeds this (default {_GATE['max_pair_error']:g}: the gate "
+                   "quantize and parity apply).")
 @click.option("--no-gate", is_flag=True,
-              help="Report only: no drop, deployment or collapsed-embedding gate fails the command.")
+              help="Report only: no drop, deployment, fidelity or collapsed-embedding gate fails the command.")
 @click.option("--contrast", multiple=True, type=click.Path(path_type=Path),
               help="One of MODELS that is in the table for comparison only (e.g. an untrained net): never gated. "
                    "Repeatable.")
@@ -148,7 +152,8 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
 @skip_bad_images_option
 def evaluate(models, dataset_root, distractors, query_features, gallery_features, distractor_features,
              chunk_elements, config, flip_test,
-             rerank, k1, k2, lambda_value, aqe, metric, max_map_drop, max_r1_drop, no_gate, contrast, deployments,
+             rerank, k1, k2, lambda_value, aqe, metric, max_map_drop, max_r1_drop, max_pair_error, no_gate, contrast,
+             deployments,
              max_deployment_map_drop, max_deployment_r1_drop, report, plots, batch_size, device, progress,
              skip_bad_images):
     """Rank-1/5/10, mAP, mINP and TPR@FPR of MODELS on a Market-1501-layout dataset.
@@ -170,6 +175,7 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
           --max-map-drop 0.5 --report eval.json --plots plots/
     """
     from ..verify.evaluate import EvalOptions
+    from ..embeddings import Tolerances
     from ..verify.evaluation import EvalGates, run_evaluation
     from .large_eval import check_eval_inputs, eval_feature_files
 
@@ -187,7 +193,8 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
         raise UsageError(f"--contrast {unknown[0]}: not one of the MODELS; name a model given to eval")
     gates = EvalGates.off() if no_gate else EvalGates(
         max_map_drop=max_map_drop, max_r1_drop=max_r1_drop, max_deployment_map_drop=max_deployment_map_drop,
-        max_deployment_r1_drop=max_deployment_r1_drop, exempt=tuple(str(c) for c in contrast))
+        max_deployment_r1_drop=max_deployment_r1_drop, exempt=tuple(str(c) for c in contrast),
+        fidelity=Tolerances.reduced_precision(max_pair_error=max_pair_error))
     result = run_evaluation(models, dataset_root, opts, gates, config=config, deployments=deployments,
                             distractors=distractors, chunk_elements=chunk_elements, device=device, progress=progress,
                             skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))

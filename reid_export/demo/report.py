@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
-from .pipeline import UNTRAINED_VARIANT, VARIANTS, Demo, command_line
+from .pipeline import DEMO_MAX_PAIR_ERROR, UNTRAINED_VARIANT, VARIANTS, Demo, command_line
 from .stages import StageRecord
 
 
@@ -135,7 +135,9 @@ def _summary(ctx: ReportContext) -> list[str]:
         cands = ctx.parity.get("candidates", [])
         passed = sum(1 for c in cands if c.get("passed"))
         lines.append(f"- **Parity**: {passed}/{len(cands)} variants within their precision's tolerance of the "
-                     f"checkpoint on {len(ctx.parity.get('images', []))} query images.")
+                     f"checkpoint on {len(ctx.parity.get('images', []))} query images. FP16 and INT8 are held to the "
+                     f"demo's pairwise-error limit {DEMO_MAX_PAIR_ERROR:g} in quantize, parity and eval: the default, "
+                     "0.03 (benchmarks/RESULTS.md), refuses this minutes-trained model's INT8.")
     if ctx.bench:
         results = [r for r in ctx.bench.get("results", []) if not r.get("error")]
         if results:
