@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                           seed=args.seed, progress=False, log=log,
                           # one method's own accuracy: no fallback to float, written whatever the gate says
                           # ("auto" is quantize's default search, gated and with its fallback)
-                          max_fallback=None if method == "auto" else 0, allow_below_gate=method != "auto")
+                          max_float=None if method == "auto" else 0, allow_below_gate=method != "auto")
             log(f"{out.name}: quantized in {time.time() - start:.0f} s")
             variants.append(("onnx", "int8", target, method, out))
 

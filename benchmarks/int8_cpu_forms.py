@@ -60,7 +60,8 @@ def quantize_forms(args) -> dict[str, Path]:
                                           quantize_static)
 
     from reid_export.export.metadata import input_info, load_onnx, read_data_config, save_onnx, set_metadata
-    from reid_export.export.quantize import _quiet_ort_quantization, select_calibration_images
+    from reid_export.export.ort import quiet_ort_tools
+    from reid_export.export.quantize import select_calibration_images
     from reid_export.preprocess import preprocess
 
     fp32 = load_onnx(args.fp32)
@@ -84,7 +85,7 @@ def quantize_forms(args) -> dict[str, Path]:
         if not path.exists() or path.stat().st_mtime < args.fp32.stat().st_mtime:
             print(f"# quantize_static -> {path.name} ({form})", flush=True)
             tmp = args.work / f".{name}.tmp.onnx"
-            with _quiet_ort_quantization():
+            with quiet_ort_tools():
                 quantize_static(str(args.fp32), str(tmp), Reader(),
                                 quant_format=getattr(QuantFormat, form["quant_format"]),
                                 per_channel=form["per_channel"], reduce_range=form["reduce_range"],
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                              "first, or give the path")
     import onnx
 
-    from reid_export.export.qdq_check import check_ort_cpu_fusion
+    from reid_export.export.quantize.qdq_check import check_ort_cpu_fusion
 
     print("ONNX Runtime's optimized graph (CPU provider, ORT_ENABLE_ALL), operator counts:")
     for path in (args.fp32, args.ours):

@@ -1,7 +1,7 @@
 """The evidence behind the INT8 fidelity gate (issue 25): label-free measures against retrieval change.
 
 For each FP32 ONNX model (with a data config), builds many INT8 candidates with the library's own
-functions (``int8.prepare``/``calibrate``/``build_qdq``, ``quantize._equalised_variant``,
+functions (``qdq.prepare``/``calibration.calibrate``/``qdq.build_qdq``, ``equalize.equalised_variant``,
 ``Calibration.ranges``): both targets (TensorRT S8S8, CPU U8S8), every calibration method, plain and
 equalised graphs, with and without bias correction, calibration on 16 images (worse) and nodes kept
 in float (better), plus FP16 (``quantize.convert_fp16``). Calibration and held-out images are the
@@ -152,11 +152,13 @@ def run(args) -> int:
 
     from reid_export.cpuinfo import isa_flags
     from reid_export.export import quantize as q
-    from reid_export.export.calibrate import DEFAULT_NUM_BINS, DEFAULT_PERCENTILE
-    from reid_export.export.int8 import (build_qdq, calibrate, calibration_batches, conv_input_means, prepare,
-                                         weight_range_for_cpu)
-    from reid_export.export.int8_search import Objective
-    from reid_export.export.locate import locate
+    from reid_export.export.quantize.calibration import (DEFAULT_NUM_BINS, DEFAULT_PERCENTILE, CalibrationImages,
+                                                         calibrate)
+    from reid_export.export.quantize.equalize import EQUALIZE_IMAGES, equalised_variant
+    from reid_export.export.quantize.int8 import LOCATE_IMAGES
+    from reid_export.export.quantize.locate import locate
+    from reid_export.export.quantize.qdq import build_qdq, conv_input_means, prepare, weight_range_for_cpu
+    from reid_export.export.quantize.search import Objective
 
     only = set(args.candidates.split(",")) if args.candidates else None
     targets = args.targets.split(",")
@@ -166,7 +168,7 @@ def run(args) -> int:
             raise SystemExit(f"--model {spec}: give NAME=PATH")
         out = args.work / name
         out.mkdir(parents=True, exist_ok=True)
-        model, data_config = q._load_fp32(path)
+        model, data_config = q.load_fp32(path)
         segments, paths, pids, camids, calib_paths, val_paths, n_used = image_lists(args.dataset, args.split)
         inputs = preprocessed(paths, data_config, args.work)
         info_path = out / "info.json"
@@ -210,8 +212,8 @@ def run(args) -> int:
             cache = out / f"calibration-{target}.pkl"  # calibrations and the equalised graph: reruns skip them
             cached = pickle.loads(cache.read_bytes()) if cache.exists() else {}
             if "plain" not in cached:
-                cached["plain"] = calibrate(prepared, data_config, calib_paths, DEFAULT_NUM_BINS, 8, args.threads,
-                                            False)
+                cached["plain"] = calibrate(prepared, CalibrationImages(calib_paths, data_config), DEFAULT_NUM_BINS,
+                                            8, args.threads, False)
                 cache.write_bytes(pickle.dumps(cached))
                 log(f"{name} {target}: calibrated on {len(calib_paths)} images in {time.time() - start:.0f} s")
             calibration = cached["plain"]
@@ -220,8 +222,9 @@ def run(args) -> int:
                 if "equalised" not in cached:
                     start = time.time()
                     objective = Objective(prepared.model, val_inputs, data_config, args.threads)
-                    eq, summary = q._equalised_variant(prepared, calibration, objective, data_config, calib_paths,
-                                                       DEFAULT_NUM_BINS, 8, args.threads, False)
+                    eq, summary = equalised_variant(prepared, calibration, objective,
+                                                    CalibrationImages(calib_paths, data_config), DEFAULT_NUM_BINS, 8,
+                                                    args.threads, False)
                     log(f"{name} {target}: equalised: {summary['what']} ({time.time() - start:.0f} s)")
                     cached["equalised"] = (None if eq is None else
                                            (eq.prepared.model.SerializeToString(), eq.calibration))
@@ -236,8 +239,8 @@ def run(args) -> int:
             def means(variant):
                 if variant not in means_cache:
                     prep = variants[variant][0]
-                    batches = calibration_batches(list(calib_paths[:q.EQUALIZE_IMAGES]), data_config,
-                                                  prep.static_batch or 8, prep.static_batch is not None)
+                    batches = CalibrationImages(calib_paths, data_config).batches(
+                        prep.static_batch or 8, prep.static_batch is not None, EQUALIZE_IMAGES)
                     means_cache[variant] = conv_input_means(prep.model, batches, args.threads, prep.head)
                 return means_cache[variant]
 
@@ -250,7 +253,7 @@ def run(args) -> int:
                 prep, calib = variants[c["variant"]]
                 if c["calib"] != len(calib_paths):
                     if c["variant"] not in calib16:
-                        calib16[c["variant"]] = calibrate(prep, data_config, calib_paths[:c["calib"]],
+                        calib16[c["variant"]] = calibrate(prep, CalibrationImages(calib_paths[:c["calib"]], data_config),
                                                           DEFAULT_NUM_BINS, 8, args.threads, False)
                     calib = calib16[c["variant"]]
                 ranges = calib.ranges(c["method"], c["percentile"] or DEFAULT_PERCENTILE, target == "cpu")
@@ -260,7 +263,7 @@ def run(args) -> int:
                     rkey = (c["variant"], c["method"], c["bias_corrected"])
                     if rkey not in ranking_cache:  # the quantizer's own ranking: locate on 8 held-out crops
                         base = build_qdq(prep, ranges, reduce_range, [], m)
-                        found = locate(prep.model, base, val_inputs[:prep.static_batch or q.LOCATE_IMAGES], top=10)
+                        found = locate(prep.model, base, val_inputs[:prep.static_batch or LOCATE_IMAGES], top=10)
                         pool = set(prep.quantizable_nodes())
                         ranked = [l["node"] for l in sorted(found["layers"], key=lambda l: -l["added"])
                                   if l["node"] in pool and l["added"] > 0]
@@ -291,7 +294,7 @@ def label_free(ref: np.ndarray, cand: np.ndarray) -> dict:
     from scipy.stats import spearmanr
 
     from reid_export.embeddings import Tolerances, compare
-    from reid_export.export.int8_search import pair_similarity_error
+    from reid_export.embeddings import pair_similarity_error
 
     r = compare(ref, cand, Tolerances())
     rmse, rel = pair_similarity_error(ref, cand)
@@ -522,7 +525,7 @@ def print_table(rows, thresholds, predictive) -> None:
 
 
 def current_gate(row: dict) -> bool:
-    """The quantizer's default gate today (int8_search.Gate): min cosine >= 0.90, mean >= 0.98, pair error <= 0.20."""
+    """The quantizer's default gate today (quantize.search.Gate): min cosine >= 0.90, mean >= 0.98, pair error <= 0.20."""
     return row["finite"] and row["min_cosine"] >= 0.90 and row["mean_cosine"] >= 0.98 and row["pair_error"] <= 0.20
 
 

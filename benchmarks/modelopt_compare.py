@@ -191,7 +191,7 @@ class Runner:
 
 def held_out_metrics(ref: np.ndarray, cand: np.ndarray) -> dict:
     from reid_export.embeddings import Tolerances, compare, relative_l2
-    from reid_export.export.int8_search import pair_similarity_error
+    from reid_export.embeddings import pair_similarity_error
 
     res = compare(ref, cand, Tolerances())
     _, pair = pair_similarity_error(ref, cand)

@@ -28,7 +28,7 @@ from .embeddings import ParityResult, Tolerances
 from .errors import ReidExportError, UsageError
 from .export.onnx_export import ExportReport
 from .export.onnx_export import export_checkpoint as export_onnx
-from .export.quantize import QuantizeReport
+from .export.quantize import Gate, QuantizeOptions, QuantizeReport
 from .runtime import Encoder, open_encoder
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
@@ -40,9 +40,11 @@ from .verify.collapse import check_collapse
 from .verify.parity import run_parity as parity
 from .verify.thresholds import TrackerThreshold, reference_threshold
 
-def quantize(model, output, precision: str, **options) -> QuantizeReport:
-    """:func:`reid_export.export.quantize.quantize_file` (same arguments), with held-out identities scored
-    by :func:`reid_export.verify.heldout.score_held_out` unless ``score_retrieval`` is given (None: off)."""
+def quantize(model, output, precision: str | None = None, **options) -> QuantizeReport:
+    """:func:`reid_export.export.quantize.quantize_file` (same arguments: ``options=QuantizeOptions(...)`` or
+    its fields as keywords), with held-out identities scored by
+    :func:`reid_export.verify.heldout.score_held_out` unless ``score_retrieval`` is given (None: off). A model
+    the gate refuses is not written: ``report.passed`` is False and ``report.refusal`` says why."""
     from .export.quantize import quantize_file
     from .verify.heldout import score_held_out
 
@@ -51,6 +53,7 @@ def quantize(model, output, precision: str, **options) -> QuantizeReport:
 
 
 __all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "DetectReport", "Encoder", "EvalGates",
-           "EvalOptions", "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeReport",
+           "EvalOptions", "EvalReport", "ExportReport", "Gate", "ParityReport", "ParityResult", "QuantizeOptions",
+           "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
            "check_collapse", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold"]

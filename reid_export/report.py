@@ -10,7 +10,8 @@ from . import __version__
 
 # The layout of the JSON reports (parity, eval, fp16-check, bench, quantize): raised when a key is
 # renamed or removed, so that a machine reading them can tell.
-REPORT_SCHEMA_VERSION = 2  # 2: gates use the Tolerances keys (min_mean_cosine, max_pair_error, min_top1_agreement...)
+REPORT_SCHEMA_VERSION = 3  # 2: gates use the Tolerances keys (min_mean_cosine, max_pair_error, min_top1_agreement...);
+# 3: quantize's "search" is one record (SearchRecord, also in the model's metadata) and its report has "passed"/"refusal"
 
 
 def report_header(command: str) -> dict:

@@ -112,3 +112,36 @@ def test_encode_paths_has_one_return_type(setup, tmp_path):
         some = enc.encode_paths([*files, bad], progress=False, on_error="skip")
     assert isinstance(arr, np.ndarray) and np.array_equal(all_.features, arr) and all_.kept == [0, 1, 2]
     assert some.kept == [0, 1, 2] and len(some.skipped) == 1 and np.array_equal(some.features, arr)
+
+
+def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_path):
+    """A refused quantization is a report (``passed`` False, the one-line ``refusal``, what was tried), not an
+    exception, and nothing is written; the same options with ``allow_below_gate`` write it marked below
+    the gate; FP16 of the same model passes. ``options=`` and keyword fields are the same call."""
+    fp32 = tmp_path / "a.onnx"
+    api.export_onnx(setup["a"], fp32, log=lambda line: None)
+    assert fp32.exists()
+    crops = setup["root"] / "bounding_box_test"
+    impossible = api.Gate(min_mean_cosine=1.001)  # no model has a cosine above 1
+    options = api.QuantizeOptions("int8", calib_dirs=[crops], calib_size=4, val_size=2, method="minmax",
+                                  max_float=0, equalize=False, gate=impossible, progress=False)
+    out = tmp_path / "q" / "a.int8.onnx"
+    out.parent.mkdir()
+    refused = api.quantize(fp32, out, options=options, log=lambda line: None)
+    assert isinstance(refused, api.QuantizeReport) and not refused.passed and not refused.written
+    assert list(out.parent.iterdir()) == []
+    assert "not written" in refused.refusal and "mean cosine" in refused.refusal
+    doc = refused.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["passed"] is False and doc["refusal"]
+    assert [t["label"] for t in doc["search"]["tried"]] == ["minmax", "minmax, bias-corrected"]
+    assert "minmax, bias-corrected" in refused.table()
+    json.dumps(doc)
+
+    options.allow_below_gate = True
+    below = api.quantize(fp32, out, options=options, log=lambda line: None)
+    assert below.written and not below.passed and "BELOW THE ACCURACY GATE" in below.table()
+
+    fp16 = api.quantize(fp32, tmp_path / "a.fp16.onnx", "fp16", log=lambda line: None)
+    assert fp16.passed and fp16.to_dict()["passed"] and "wrote" in fp16.table()
+    with pytest.raises(TypeError):
+        api.quantize(fp32, out, "int8", options=options)

@@ -1,4 +1,4 @@
-"""Activation equalisation (reid_export.export.equalize) and the Adds that INT8 keeps float.
+"""Activation equalisation (reid_export.export.quantize.equalize) and the Adds that INT8 keeps float.
 
 The graphs are built here with torch and exported to ONNX: a Conv -> ReLU -> Conv chain, OSNet's
 gated sum of streams with a residual, and graphs that must not be touched (a Concat, a sigmoid
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from reid_export.export.calibrate import channel_statistics as channel_ranges
-from reid_export.export.equalize import apply, equalize, find_regions, region_scales
-from reid_export.export.int8 import float_sum_nodes, prepare
+from reid_export.export.quantize.calibration import channel_statistics as channel_ranges
+from reid_export.export.quantize.equalize import apply, equalize, find_regions, region_scales
+from reid_export.export.quantize.qdq import float_sum_nodes, prepare
 
 
 def _export(net: nn.Module, tmp_path, name="m.onnx", shape=(1, 8, 16, 8)) -> onnx.ModelProto:
@@ -165,7 +165,7 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(tmp_path):
     sum(dW * E[x]); the corrected bias cancels it on average, and only for quantized nodes."""
     from onnx import numpy_helper
 
-    from reid_export.export.int8 import conv_input_means, correct_biases
+    from reid_export.export.quantize.qdq import conv_input_means, correct_biases
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))

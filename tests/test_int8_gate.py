@@ -21,8 +21,8 @@ from torch import nn
 
 from conftest import assert_clean_error, run_cli
 from reid_export.data_config import DataConfig
-from reid_export.export.calibrate import TensorStats, mse_threshold
-from reid_export.export.int8 import full_range_warning, model_weight_range_warning, weight_range_for_cpu
+from reid_export.export.quantize.calibration import TensorStats, mse_threshold
+from reid_export.export.quantize.qdq import full_range_warning, model_weight_range_warning, weight_range_for_cpu
 from reid_export.export.metadata import base_metadata, get_metadata, save_onnx, set_metadata
 from reid_export.export.quantize import select_images
 
@@ -125,8 +125,13 @@ def _quantize(src, out, *args):
     return run_cli("quantize", src, "-o", out, "--precision", "int8", *args)
 
 
-def _info(path) -> dict:
+def _quantization(path) -> dict:
     return json.loads(get_metadata(onnx.load(str(path)))["reid_export.quantization"])
+
+
+def _info(path) -> dict:
+    """The search record in the model's metadata (the same ``SearchRecord.to_dict()`` as the report's)."""
+    return _quantization(path)["search"]
 
 
 def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_path):
@@ -151,15 +156,16 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     assert len(corrected) == 1 and tried[corrected[0]]["bias_corrected"]
     assert {t["variant"] for t in info["tried"]} == {"plain", "equalised"}
     assert info["equalization"]["equalised"] > 0 and info["equalization"]["fp32_max_rel_l2"] < 1e-4
-    assert not tried["entropy"]["passed"] and tried[info["candidate"]]["passed"]
-    assert info["candidate"] != "entropy" and info["gate"]["passed"] and not info["gate"]["below_gate"]
-    assert tried[info["candidate"]]["mean_cosine"] > tried["entropy"]["mean_cosine"] + 0.01
-    assert tried[info["candidate"]]["pair_error"] < 0.5 * tried["entropy"]["pair_error"]
+    assert not tried["entropy"]["passed"] and tried[info["chosen"]]["passed"]
+    assert info["chosen"] != "entropy" and info["passed"] and not _quantization(out)["below_gate"]
+    objective = {label: t["objective"] for label, t in tried.items()}
+    assert objective[info["chosen"]]["mean_cosine"] > objective["entropy"]["mean_cosine"] + 0.01
+    assert objective[info["chosen"]]["pair_error"] < 0.5 * objective["entropy"]["pair_error"]
     assert info["method_requested"] == "auto" and info["fallback_float"] == []
     assert info["held_out"]["images"] == 16 and info["calibration"]["images"] == 32
     assert "<- chosen" in result.err and "accuracy gate passed" in result.err
     report = json.loads((tmp_path / "auto.json").read_text())
-    assert report["written"] and report["search"]["chosen"] == info["candidate"]
+    assert report["written"] and report["passed"] and report["search"] == info  # one record, written once
     assert len(report["search"]["tried"]) == 13 and report["search"]["variant"] in ("plain", "equalised")
     assert report["schema_version"] >= 1 and report["command"] == "quantize"
 
@@ -171,7 +177,7 @@ def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_lik
     assert result.code == 0, result
     info = _info(out)
     kept = info["fallback_float"]
-    assert kept and info["gate"]["passed"], info
+    assert kept and info["passed"], info
     assert info["objective"]["pair_error"] < info["objective_before_fallback"]["pair_error"]
     assert set(kept) <= set(info["kept_float"])
     model = onnx.load(str(out))
@@ -211,7 +217,7 @@ def test_impossible_gate_refuses_and_the_override_marks_the_model(osnet_like, tm
     assert result.code == 0, result
     assert "BELOW THE ACCURACY GATE" in result.err
     info = _info(out)
-    assert info["gate"]["below_gate"] and not info["gate"]["passed"] and info["gate"]["min_mean_cosine"] == 1.001
+    assert _quantization(out)["below_gate"] and not info["passed"] and info["gate"]["min_mean_cosine"] == 1.001
 
 
 def test_held_out_images_are_never_calibration_images(osnet_like):
@@ -240,7 +246,8 @@ def test_market_named_calibration_folders_hold_out_whole_identities(tmp_path):
 
     folder = _market_names(tmp_path / "train")
     lines = []
-    calib, val, held = select_split([folder], 100, [], 20, 0, lines.append)
+    split = select_split([folder], 100, [], 20, 0, lines.append)
+    calib, val, held = split.calibration, split.held_out, split.identities
     assert held is not None and len(calib) == 100 and len(val) == 20
     people = {parse_name(p.name)[0] for p in held.paths}
     assert set(val) <= set(held.paths) and not {parse_name(p.name)[0] for p in calib} & people
@@ -252,14 +259,14 @@ def test_market_named_calibration_folders_hold_out_whole_identities(tmp_path):
         for q in np.where(mine & held.is_query)[0]:
             assert (mine & ~held.is_query & (held.camids != held.camids[q])).any()
     assert f"{len(people)} people held out of calibration" in lines[-1]
-    assert select_split([folder], 100, [], 20, 0, lambda line: None)[2].paths == held.paths  # the seed decides
+    assert select_split([folder], 100, [], 20, 0, lambda line: None).identities.paths == held.paths  # the seed decides
     # names that are not Market's, or too little left to calibrate on: images held out as before
     plain = tmp_path / "plain"
     plain.mkdir()
     for i in range(60):
         (plain / f"crop{i}.jpg").write_bytes(b"")
-    assert select_split([plain], 30, [], 16, 0, lambda line: None)[2] is None
-    assert select_split([folder], 300, [], 20, 0, lambda line: None)[2] is None
+    assert select_split([plain], 30, [], 16, 0, lambda line: None).identities is None
+    assert select_split([folder], 300, [], 20, 0, lambda line: None).identities is None
 
 
 def test_held_out_retrieval_scores_against_an_independent_count():
@@ -323,7 +330,7 @@ def test_weight_range_follows_the_cpu(osnet_like, tmp_path, monkeypatch):
                            "--max-float", "0", "--allow-below-gate", *SMALL)
         assert result.code == 0, result
         outs[flags] = out
-    seven, full = _info(outs["avx2 fma"]), _info(outs["avx2 avx512f avx512_vnni"])
+    seven, full = _quantization(outs["avx2 fma"]), _quantization(outs["avx2 avx512f avx512_vnni"])
     assert seven["reduce_range"] and not full["reduce_range"]
     assert "VNNI" in full["weights_for"] and "any x86-64" in seven["weights_for"]
 
@@ -357,8 +364,8 @@ def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
     assert {"entropy", "entropy, equalised"} <= set(tried) <= {"entropy", "entropy, equalised",
                                                                "entropy, equalised, bias-corrected"}
     assert not tried["entropy"]["passed"] and tried["entropy, equalised"]["passed"]
-    assert info["candidate"].startswith("entropy, equalised") and info["equalised"]
-    assert tried[info["candidate"]]["pair_error"] < 0.5 * tried["entropy"]["pair_error"]
+    assert info["chosen"].startswith("entropy, equalised") and info["variant"] == "equalised"
+    assert tried[info["chosen"]]["objective"]["pair_error"] < 0.5 * tried["entropy"]["objective"]["pair_error"]
     eq = info["equalization"]
     assert eq["tried"] and eq["equalised"] > 0 and eq["fp32_max_rel_l2"] < 1e-4
     assert "activation equalisation" in result.err
@@ -375,7 +382,7 @@ def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
 def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, monkeypatch):
     """The quantizer's own check: if the rescaling went wrong (here: the consumers are not
     compensated), the equalised graph's FP32 features differ and only the plain graph is searched."""
-    import reid_export.export.equalize as equalize_module
+    import reid_export.export.quantize.equalize as equalize_module
 
     real_apply = equalize_module.apply
 
@@ -391,7 +398,7 @@ def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, 
     assert result.code == 0, result  # mse passes on the plain graph (test above)
     assert "not used: the equalised FP32 graph differs from the original" in result.err
     info = _info(out)
-    assert {t["variant"] for t in info["tried"]} == {"plain"} and not info["equalised"]
+    assert {t["variant"] for t in info["tried"]} == {"plain"} and info["variant"] == "plain"
     assert info["equalization"]["fp32_max_rel_l2"] > 1e-4
 
 
@@ -424,13 +431,12 @@ def test_the_fp16_variant_is_held_to_the_same_gate(osnet_like, tmp_path):
     """FP16 is judged on real crops by the same gate: an unreachable limit refuses it (nothing written,
     the report says why); generated images (no --calib-dir) only report, they are not people."""
     from reid_export import api
-    from reid_export.export.int8_search import Gate
-    from reid_export.export.quantize import GateRefused
 
     src, crops = osnet_like
     out = tmp_path / "q.fp16.onnx"
-    with pytest.raises(GateRefused, match="FP16 model misses the accuracy gate") as refused:
-        api.quantize(src, out, "fp16", calib_dirs=[crops], gate=Gate(max_pair_error=0.0), log=lambda line: None)
-    assert not out.exists() and refused.value.report.gate_passed is False and not refused.value.report.passed
-    report = api.quantize(src, out, "fp16", gate=Gate(max_pair_error=0.0), log=lambda line: None)
+    refused = api.quantize(src, out, "fp16", calib_dirs=[crops], gate=api.Gate(max_pair_error=0.0),
+                           log=lambda line: None)
+    assert not out.exists() and refused.gate_passed is False and not refused.passed and not refused.written
+    assert "FP16 model misses the accuracy gate" in refused.refusal and "pair error" in refused.table()
+    report = api.quantize(src, out, "fp16", gate=api.Gate(max_pair_error=0.0), log=lambda line: None)
     assert report.written and report.gate_passed is None and report.passed

@@ -16,7 +16,7 @@ from torch import nn
 from conftest import assert_clean_error, run_cli
 from reid_export.export.metadata import KEY_DATA_CONFIG, get_metadata
 from reid_export.embeddings import relative_l2
-from reid_export.export.qdq_check import check_tensorrt_qdq
+from reid_export.export.quantize.qdq_check import check_tensorrt_qdq
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

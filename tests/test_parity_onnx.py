@@ -142,7 +142,7 @@ def test_locate_compares_what_follows_a_folded_relu(models, parity_images, tmp_p
 
     from reid_export.export.metadata import read_data_config
     from reid_export.preprocess import preprocess
-    from reid_export.export.locate import locate
+    from reid_export.export.quantize.locate import locate
 
     fp32, int8 = models / "ref.onnx", tmp_path / "ref.int8-cpu.onnx"
     res = run_cli("quantize", fp32, "-o", int8, "--precision", "int8", "--target", "cpu", "--calib-dir",

@@ -12,11 +12,12 @@ from onnx import helper, numpy_helper
 
 from conftest import assert_clean_error, data_dir, run_cli
 from reid_export.data_config import DataConfig
-from reid_export.export.calibrate import (Calibration, TensorStats, collect, entropy_threshold, percentile_threshold,
+from reid_export.export.quantize.calibration import (Calibration, TensorStats, collect, entropy_threshold, percentile_threshold,
                                           tensors_to_calibrate)
 from reid_export.export.metadata import KEY_PRECISION, base_metadata, get_metadata, save_onnx, set_metadata
-from reid_export.export.qdq_check import check_ort_cpu_fusion, check_tensorrt_qdq
-from reid_export.export.quantize import QDQ_OP_TYPES, _calibration_batches
+from reid_export.export.quantize.qdq_check import check_ort_cpu_fusion, check_tensorrt_qdq
+from reid_export.export.quantize import QDQ_OP_TYPES
+from reid_export.export.quantize.calibration import CalibrationImages
 from reid_export.runtime import expand_image_paths, open_encoder
 from test_onnx_export import make_checkpoint
 
@@ -141,8 +142,9 @@ def test_int8_tensorrt_follows_tensorrt_rules(int8_models, fp32, parity_images):
             assert not _consumed_through_dq(model, node.name), node.name
     meta = get_metadata(model)
     info = json.loads(meta["reid_export.quantization"])
-    assert info["target"] == "tensorrt" and info["method"] == "entropy" and info["num_bins"] == 2048
-    assert info["calibration"]["images"] == 24 and info["calibration"]["seed"] == 3
+    search = info["search"]
+    assert info["target"] == "tensorrt" and search["method"] == "entropy" and search["num_bins"] == 2048
+    assert search["calibration"]["images"] == 24 and search["calibration"]["seed"] == 3
     assert json.loads(meta["reid_export.data_config"])["height"] == 128
     assert meta[KEY_PRECISION] == "int8"
     cos = _cosines(_features(fp32, parity_images), _features(out, parity_images))
@@ -240,7 +242,7 @@ def test_methods_give_different_ranges(fp32, parity_images):
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))
     config = DataConfig.from_json(get_metadata(model)["reid_export.data_config"])
     tensors = tensors_to_calibrate(model, QDQ_OP_TYPES)
-    calibration = collect(model, tensors, _calibration_batches(parity_images, config, 2, False), histograms=True)
+    calibration = collect(model, tensors, CalibrationImages(parity_images, config).batches(2, False), histograms=True)
     assert isinstance(calibration, Calibration) and calibration.images == len(parity_images)
     minmax, entropy = calibration.ranges("minmax"), calibration.ranges("entropy")
     percentile = calibration.ranges("percentile", 99.0)
@@ -289,7 +291,7 @@ def test_calib_size_larger_than_folder_uses_what_there_is(fp32, tmp_path, parity
     assert result.code == 0, result
     assert "holds 5 images, fewer than --calib-size 100 plus the held-out ones; using 3" in result.err
     assert "accuracy gate: measured on 2 other images" in result.err
-    info = json.loads(get_metadata(onnx.load(str(out)))["reid_export.quantization"])
+    info = json.loads(get_metadata(onnx.load(str(out)))["reid_export.quantization"])["search"]
     assert info["calibration"] == {**info["calibration"], "images": 3, "requested": 100}
     assert info["held_out"]["images"] == 2
     assert info["percentile"] == 99.9 and len(expand_image_paths([parity_images[0].parent])) == 5

@@ -110,7 +110,7 @@ def run_bench(models: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 8, 
         subjects, encoders = open_subjects(models, device=device, threads=threads, config=config, images=paths,
                                            include_preprocess=include_preprocess)
         env = environment(threads, device)
-        from ..export.int8 import model_weight_range_warning
+        from ..export.quantize.qdq import model_weight_range_warning
 
         for model_path in dict.fromkeys(str(s.model) for s in subjects):  # full-range U8S8 on a CPU without VNNI
             warning = model_weight_range_warning(model_path) if device == "cpu" else None
@@ -140,7 +140,7 @@ def _slower_routes(subjects, results: list[dict]) -> list[str]:
     """For each FP16/bf16/INT8 subject slower than the first FP32 subject at some batch size: the line
     naming the faster route on this CPU (:func:`reid_export.cpuinfo.slower_route_note`)."""
     from ..cpuinfo import slower_route_note
-    from ..export.int8 import quantization_target
+    from ..export.quantize.qdq import quantization_target
 
     base = next((s for s in subjects if s.precision == "fp32"), None)
     if base is None:

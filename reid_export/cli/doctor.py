@@ -74,7 +74,7 @@ def collect() -> list[dict]:
     from ..cpuinfo import isa_flags
 
     rows.append({"component": "cpu isa", "status": " ".join(isa_flags()) or "-", "detail": ""})
-    from ..export.int8 import full_range_warning, weight_range_for_cpu
+    from ..export.quantize.qdq import full_range_warning, weight_range_for_cpu
 
     reduce_range, why = weight_range_for_cpu()
     rows.append({"component": "int8 cpu weights", "status": "7-bit (reduce_range)" if reduce_range else "full 8-bit",

@@ -265,55 +265,31 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
           --calib-dir data/market1501/bounding_box_train
       reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
     """
-    from ..export.int8_search import Gate
+    from ..api import Gate, QuantizeOptions
     from ..api import quantize as quantize_file
-    from ..export.quantize import GateRefused
     from ..fileio import atomic_write_json, check_output_path
-    from ..report import format_table
 
     ctx = click.get_current_context()
     int8_only = ("target", "method", "percentile", "calib_size", "num_bins", "reduce_range", "seed", "val_dir",
-                 "val_size", "min_cosine", "min_mean_cosine", "max_pair_error", "min_top1", "min_top5", "max_float", "equalize", "bias_correction", "allow_below_gate")
+                 "val_size", "min_cosine", "min_mean_cosine", "max_pair_error", "min_top1", "min_top5", "max_float",
+                 "equalize", "bias_correction", "allow_below_gate")
     if precision == "fp16":
         ignored = [f"--{name.replace('_', '-')}" for name in int8_only
                    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if ignored:
             _log(f"note: ignored for fp16 (int8 options): {', '.join(ignored)}")
-    if max_float is not None and max_float < 0:
-        raise UsageError(f"--max-float must be >= 0, got {max_float}")
     if report_path is not None:
         check_output_path(report_path)
     gate = Gate(min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
                 min_top1_agreement=min_top1, min_top5_agreement=min_top5)
-    try:
-        report = quantize_file(model, output, precision, target=target, calib_dirs=calib_dir, calib_size=calib_size,
-                               method=method, percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
-                               batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
-                               log=_log, val_dirs=val_dir, val_size=val_size, gate=gate, max_fallback=max_float,
-                               allow_below_gate=allow_below_gate, equalize=equalize, bias_correction=bias_correction)
-    except GateRefused as refused:  # the model is not written; what was tried still goes to --report
-        if report_path is not None:
-            atomic_write_json(report_path, refused.report.to_dict())
-        raise
-    if report.search:
-        rows = [[t["label"], t["kept_float"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
-                 t["objective"]["mean_cosine"],
-                 f"{t['objective']['top1_agreement']:.1%}", f"{t['objective']['top5_agreement']:.1%}",
-                 "pass" if t["passed"] else "below", ""] for t in report.search["tried"]]
-        labels = [t["label"] for t in report.search["tried"]]
-        if report.search["chosen"] in labels:
-            rows[len(labels) - 1 - labels[::-1].index(report.search["chosen"])][-1] = "<- chosen"
-        _log(format_table(["candidate", "float nodes", "pair error", "min cos", "mean cos", "top-1", "top-5", "gate", ""], rows,
-                          floatfmt=".4f"))
-    if report.qdq is not None:
-        _log(report.qdq.summary())
-    if report.fusion is not None:
-        _log(report.fusion.summary())
-    if report_path is not None:
+    options = QuantizeOptions(precision, target=target, calib_dirs=calib_dir, calib_size=calib_size, method=method,
+                              percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
+                              batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,
+                              val_dirs=val_dir, val_size=val_size, gate=gate, max_float=max_float,
+                              allow_below_gate=allow_below_gate, equalize=equalize, bias_correction=bias_correction)
+    report = quantize_file(model, output, options=options, log=_log)
+    if report_path is not None:  # also for a refused model: what was tried
         atomic_write_json(report_path, report.to_dict())
-    what = precision if precision == "fp16" else (f"int8 {report.target}: {report.method}; calibrated on "
-                                                  f"{report.calibration_images} images")
-    gate_text = "" if report.gate_passed is None else (
-        "; accuracy gate passed" if report.gate_passed else "; BELOW THE ACCURACY GATE")
-    _log(f"wrote {report.output} ({what}; kept in float: {len(report.kept_float)} nodes{gate_text}; "
-         f"{_size(report.size_mb)}) in {report.seconds:.0f} s")
+    if not report.written:  # refused: one line (what was tried is in --report)
+        raise ReidExportError(report.refusal or f"{report.output}: not written")
+    _log(report.table())

@@ -407,6 +407,8 @@ class Demo:
             r.log("$ reid-export " + command_line(args, self.workdir))
             rep = quantize_file(self.path(ONNX_FP32), self.path(output), precision, progress=self.progress,
                                 log=r.log, **kwargs)
+            if not rep.passed:
+                raise ReidExportError(rep.refusal or f"{output}: not written")
             if rep.qdq is not None:
                 r.log(rep.qdq.summary())
             return {"precision": precision, "target": rep.target, "method": rep.method,

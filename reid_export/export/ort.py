@@ -8,6 +8,8 @@ padded, the padding dropped.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,15 @@ def relative_throughput(reference: bytes, candidate: bytes, inputs: np.ndarray, 
             medians.append(float(np.median(times)))
         out[batch_size] = medians[0] / medians[1]
     return out
+
+
+@contextlib.contextmanager
+def quiet_ort_tools():
+    """ONNX Runtime's quantization tools (and the FP16 converter) log on the root logger; keep our output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -55,7 +55,7 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
 
     if plan["convert"] == "fp16":
         out = workdir / (onnx_path.stem + ".fp16.onnx")
-        q.quantize_file(onnx_path, out, precision="fp16", log=log)
+        _require_written(q.quantize_file(onnx_path, out, precision="fp16", log=log))
         return out
     if plan["convert"] == "int8":
         if not options.calib_dirs:
@@ -64,10 +64,16 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
                 "--precision int8 --target tensorrt --calib-dir DIR) or --calib-dir DIR to calibrate here",
                 exit_code=2)
         out = workdir / (onnx_path.stem + ".int8.onnx")
-        q.quantize_file(onnx_path, out, precision="int8", target="tensorrt", calib_dirs=options.calib_dirs,
-                        calib_size=options.calib_size, log=log)
+        _require_written(q.quantize_file(onnx_path, out, precision="int8", target="tensorrt",
+                                         calib_dirs=options.calib_dirs, calib_size=options.calib_size, log=log))
         return out
     return onnx_path
+
+
+def _require_written(report) -> None:
+    """An FP16/INT8 conversion the accuracy gate refused stops the build with its one line."""
+    if not report.passed:
+        raise ReidExportError(report.refusal or f"{report.output}: not written")
 
 
 def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions, log=print) -> dict:
@@ -76,7 +82,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOption
                                    require_data_config)
 
     refuse_openvino_ir(onnx_path, "trt")
-    from ..export.qdq_check import check_tensorrt_qdq
+    from ..export.quantize.qdq_check import check_tensorrt_qdq
 
     onnx_path, output = Path(onnx_path), check_output_path(output)
     check_output_path(sidecar_path(output))

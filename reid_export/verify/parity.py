@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from ..deploy_preprocess import get_deployment
 from ..embeddings import CollapseStats, ParityResult, Tolerances, compare, data_config_differences
 from ..errors import ReidExportError, UsageError
-from ..export.locate import locate as locate_layers
+from ..export.quantize.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
 from ..report import format_table, report_header
 from ..runtime import open_encoder

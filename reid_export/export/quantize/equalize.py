@@ -33,21 +33,27 @@ Equalization and Bias Correction"), with the scale chosen from measured activati
 per-channel weights and per-tensor activations.
 
 The statistics are per-channel max |x| and mean x^2 over a few calibration images
-(:func:`.calibrate.channel_statistics`); the caller recalibrates the equalised graph (its tensors' ranges
+(:func:`.calibration.channel_statistics`); the caller recalibrates the equalised graph (its tensors' ranges
 changed), checks that its FP32 output is unchanged, and measures both graphs.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import channel_statistics
-from .graph import unshare_initializers
+from .calibration import DEFAULT_PERCENTILE, channel_statistics
+from ..graph import unshare_initializers
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationImages
+    from .qdq import Prepared
+    from .search import Objective
 
 # ops f with f(x / s) == f(x) / s for a positive per-channel s (channel axis 1 kept)
 HOMOGENEOUS_UNARY = ("Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
@@ -207,7 +213,7 @@ def region_scales(regions: Sequence[Region], stats: dict[str, dict], model: onnx
                   steps: dict[str, float], max_amplification: float = MAX_AMPLIFICATION) -> list[Region]:
     """Set each region's ``scale``; regions without statistics, or where no channel gains, drop.
 
-    ``stats[t]``: per-channel ``max`` and ``meansq`` of |x| (:func:`.calibrate.channel_statistics`); ``steps[t]``:
+    ``stats[t]``: per-channel ``max`` and ``meansq`` of |x| (:func:`.calibration.channel_statistics`); ``steps[t]``:
     the quantization step the plain graph gives tensor ``t`` (its calibrated range over the
     levels). Dividing channel ``c`` by ``s_c`` multiplies the activation rounding noise it sends
     through each consumer by ``s_c`` and the rounding noise of the consumer's weights for that
@@ -329,4 +335,58 @@ def equalize(model: onnx.ModelProto, batches, steps: dict[str, float], skip_node
     return apply(model, regions), summary
 
 
-__all__ = ["Region", "find_regions", "region_scales", "apply", "equalize", "MAX_AMPLIFICATION"]
+EQUALIZE_IMAGES = 128
+EQUALIZE_MAX_REL_L2 = 1e-4
+
+
+def equalised_variant(prepared: "Prepared", calibration, objective: "Objective", images: "CalibrationImages",
+                      num_bins: int, batch_size: int, threads: int | None, progress: bool):
+    """The activation-equalised graph and its calibration (None when nothing equalises), and a summary.
+
+    The per-channel statistics come from the first ``EQUALIZE_IMAGES`` calibration images; the
+    quantization step of each tensor in the plain graph (MSE-optimal range) weighs activation
+    against weight rounding. The equalised FP32 graph must give the FP32 features on the held-out
+    images (relative L2 <= ``EQUALIZE_MAX_REL_L2``) or it is not used."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from ...embeddings import Tolerances, compare
+    from .calibration import calibrate
+    from .search import Variant
+
+    start = time.time()
+    unsigned = prepared.target == "cpu"
+    steps = {}
+    for name, (lo, hi) in calibration.ranges("mse", DEFAULT_PERCENTILE, unsigned).items():
+        steps[name] = (hi - lo) / 255.0 if unsigned else max(abs(lo), abs(hi)) / 127.0
+    count = min(EQUALIZE_IMAGES, len(images))
+    batch = prepared.static_batch or batch_size
+    bar = tqdm(total=count, desc="equalise: per-channel ranges", unit="img", disable=not progress, leave=False)
+    try:
+        model, summary = equalize(prepared.model, images.batches(batch, prepared.static_batch is not None, count),
+                                  steps, prepared.head, threads, bar)
+    finally:
+        bar.close()
+    summary.update(tried=True, images=count)
+    if not summary.get("equalised"):
+        summary.update(what=f"nothing to equalise ({summary['regions']} regions found)",
+                       seconds=round(time.time() - start, 1))
+        return None, summary
+    check = compare(objective.reference, objective.features(model), Tolerances())
+    summary["fp32_max_rel_l2"] = float(check.max_rel_l2)
+    if not np.isfinite(check.max_rel_l2) or check.max_rel_l2 > EQUALIZE_MAX_REL_L2:
+        summary.update(what=f"not used: the equalised FP32 graph differs from the original (relative L2 "
+                            f"{check.max_rel_l2:.2e} > {EQUALIZE_MAX_REL_L2:g})", seconds=round(time.time() - start, 1))
+        return None, summary
+    eq_prepared = dataclasses.replace(prepared, model=model)
+    eq_calibration = calibrate(eq_prepared, images, num_bins, batch_size, threads, progress)
+    summary.update(seconds=round(time.time() - start, 1),
+                   what=(f"{summary['equalised']} of {summary['regions']} channel regions rescaled "
+                         f"({summary['tensors']} tensors, FP32 relative L2 {check.max_rel_l2:.1e}); every method "
+                         "is tried on both graphs"))
+    return Variant("equalised", eq_prepared, eq_calibration), summary
+
+
+__all__ = ["Region", "find_regions", "region_scales", "apply", "equalize", "equalised_variant", "MAX_AMPLIFICATION",
+           "EQUALIZE_IMAGES"]

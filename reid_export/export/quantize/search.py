@@ -1,6 +1,6 @@
 """Accuracy-guarded INT8: measure every candidate against FP32, keep the best, fall back where it hurts.
 
-After one calibration pass per graph (:func:`.int8.calibrate`; two graphs by default: the FP32
+After one calibration pass per graph (:func:`.calibration.calibrate`; two graphs by default: the FP32
 model as given and its activation-equalised copy, :mod:`.equalize`) the search
 
 1. builds a Q/DQ graph for each calibration method asked for on each graph (by default entropy,
@@ -13,9 +13,9 @@ model as given and its activation-equalised copy, :mod:`.equalize`) the search
 2. keeps the candidate the objective prefers: the one that passes the gate, then the smallest
    change of the pairwise similarities between held-out images (what retrieval ranks by), then
    the highest mean and min cosine; then tries that candidate with the weight-rounding bias
-   corrected (:func:`.int8.correct_biases`) and keeps whichever is closer;
+   corrected (:func:`.qdq.correct_biases`) and keeps whichever is closer;
 3. when even that one fails the gate, ranks the quantized nodes by the error each adds on top of
-   its inputs' (:func:`reid_export.export.locate.locate`, the ``parity --locate`` machinery, on a
+   its inputs' (:func:`reid_export.export.quantize.locate.locate`, the ``parity --locate`` machinery, on a
    few held-out images), keeps the worst in float (1, then 2, 4, ... more per round, re-ranked
    after each; a round that does not help is undone), and when the gate holds, bisects the last
    round's nodes for the fewest that still pass; when it never holds, the trial closest to FP32
@@ -26,22 +26,21 @@ model as given and its activation-equalised copy, :mod:`.equalize`) the search
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
-from ..data_config import DataConfig
-from ..embeddings import Tolerances, pair_similarity_error
-from ..errors import UsageError
-from .int8 import Prepared, build_qdq
+from ...data_config import DataConfig
+from ...embeddings import Tolerances
+from ...errors import UsageError
+from .qdq import Prepared, build_qdq
 
 # (method, percentile) pairs tried by --method auto, in this order (ties keep the earlier one)
 AUTO_CANDIDATES: list[tuple[str, float | None]] = [
     ("entropy", None), ("mse", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999),
     ("minmax", None)]
-DEFAULT_MAX_FALLBACK_FRACTION = 0.25
 
 
 def Gate(**overrides) -> Tolerances:  # noqa: N802 (the name scripts and tests use)
@@ -127,7 +126,7 @@ class Objective:
                  static_batch: int | None = None) -> np.ndarray:
         """``model``'s features of the held-out images (or of ``inputs``); a ``static_batch`` graph is fed
         whole batches, the last one padded with copies of the last image (their rows dropped)."""
-        from .ort import OrtRunner, make_session
+        from ..ort import OrtRunner, make_session
 
         inputs = self.inputs if inputs is None else inputs
         n, step = len(inputs), static_batch or self.batch_size
@@ -138,7 +137,7 @@ class Objective:
         return np.concatenate([encoder(inputs[i:i + step]) for i in range(0, len(inputs), step)])[:n]
 
     def measure(self, model: onnx.ModelProto | bytes) -> dict:
-        from ..embeddings import compare
+        from ...embeddings import compare
 
         result = compare(self.reference, self.features(model), Tolerances())
         return {**result.measures(), "nonfinite": result.nonfinite}
@@ -288,7 +287,7 @@ def _bisect(start: Trial, trial, previous: list[str], batch: list[str], passing:
 
 def parse_methods(method: str, percentile: float | None) -> list[tuple[str, float | None]]:
     """``--method`` (auto or one method) and ``--percentile`` -> the candidates to try."""
-    from .calibrate import DEFAULT_PERCENTILE, METHODS
+    from .calibration import DEFAULT_PERCENTILE, METHODS
 
     if method == "auto":
         if percentile is not None:
@@ -300,4 +299,4 @@ def parse_methods(method: str, percentile: float | None) -> list[tuple[str, floa
              else None)]
 
 
-__all__ = ["Gate", "pair_similarity_error", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]
+__all__ = ["Gate", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]

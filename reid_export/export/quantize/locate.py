@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ReidExportError
+from ...errors import ReidExportError
 
 _SKIP_OPS = {"Constant", "Shape", "Gather", "Unsqueeze", "Concat", "Cast", "QuantizeLinear", "DequantizeLinear"}
 

@@ -8,32 +8,20 @@ product. Weights outside the FP16 range are reported.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
-from ..errors import ReidExportError
-from .graph import head_nodes, input_prefix_nodes, resolve_excludes
+from ...errors import ReidExportError
+from ..graph import head_nodes, input_prefix_nodes, resolve_excludes
+from ..ort import quiet_ort_tools
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 6.103515625e-05
 FP16_MIN_SUBNORMAL = 5.960464477539063e-08
-
-
-@contextlib.contextmanager
-def quiet_ort_tools():
-    """ONNX Runtime's quantization tools (and the FP16 converter) log on the root logger; keep our output clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def fp16_weight_warnings(model: onnx.ModelProto, keep_nodes: set[str]) -> list[str]:
@@ -88,7 +76,7 @@ def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str] = (),
                  log: Callable[[str], None] = print) -> tuple[onnx.ModelProto, list[str]]:
     """The FP16 graph (FP32 I/O) and the names of the nodes kept in FP32.
 
-    The head (see :func:`.graph.head_nodes`) is cut off, the rest is converted by
+    The head (see :func:`..graph.head_nodes`) is cut off, the rest is converted by
     onnxconverter-common with FP32 inputs/outputs (its input normalisation and any ``--exclude``
     nodes blocked), and the FP32 head is put back on the FP32 boundary tensors. (The converter
     cannot itself block a node that produces a graph output together with ``keep_io_types``.)
@@ -166,3 +154,44 @@ def converter_version() -> str:
         return f"onnxconverter-common {onnxconverter_common.__version__}"
     except Exception:
         return "onnxconverter-common"
+
+
+FP16_CHECK_IMAGES = 32  # real crops the FP16 variant is gated on (drawn from the calibration folders)
+
+
+@dataclass
+class Fp16Result:
+    """The FP16 graph, its comparison with FP32 and, on real crops, the gate's verdict (None: not gated)."""
+
+    model: onnx.ModelProto
+    kept_fp32: list[str]
+    parity: dict
+    failures: list[str]
+    gate_passed: bool | None
+    images: str        # what it was measured on
+    count: int
+
+
+def fp16_variant(model: onnx.ModelProto, data_config, options, note: Callable[[str], None]) -> Fp16Result:
+    """The FP16 step of ``quantize``: convert, then measure against FP32 under the reduced-precision gate
+    on ``FP16_CHECK_IMAGES`` crops of ``options.calib_dirs`` (gated), or on generated images when none
+    are given (not gated: generated images are not people, only real crops can judge the similarities)."""
+    from ...embeddings import compare
+    from ...preprocess import preprocess
+    from ..onnx_export import generated_images
+    from ..ort import OrtRunner, make_session
+    from .images import select_calibration_images
+
+    converted, keep = convert_fp16(model, options.exclude, note)
+    sample = (select_calibration_images(options.calib_dirs, FP16_CHECK_IMAGES, options.seed, lambda line: None)
+              if options.calib_dirs else [])
+    if sample:
+        inputs, what = preprocess(sample, data_config), "images from --calib-dir"
+    else:
+        inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
+    threads = options.threads
+    reference = OrtRunner(make_session(model.SerializeToString(), threads=threads), "fp32")(inputs)
+    candidate = OrtRunner(make_session(converted.SerializeToString(), threads=threads), "fp16")(inputs)
+    checked = compare(reference, candidate, options.resolved_gate)
+    return Fp16Result(converted, keep, checked.measures(), list(checked.failures),
+                      checked.passed if sample else None, what, len(inputs))

@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import onnx
 
-from ..errors import ReidExportError
+from ...errors import ReidExportError
+
+if TYPE_CHECKING:
+    from ...data_config import DataConfig
+    from .qdq import Prepared
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_NUM_BINS = 2048
@@ -253,7 +258,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[tuple[
             histograms: bool, num_bins: int = DEFAULT_NUM_BINS, threads: int | None = None,
             progress=None) -> Calibration:
     """Run ``batches`` ((input, number of real images) pairs) and collect statistics of ``tensors``."""
-    from .ort import make_session
+    from ..ort import make_session
 
     if num_bins < 128 or num_bins % 2:
         raise ReidExportError(f"--num-bins must be an even number >= 128, got {num_bins}")
@@ -278,7 +283,7 @@ def channel_statistics(model: onnx.ModelProto, tensors, batches, threads: int | 
                        progress=None) -> dict[str, dict[str, np.ndarray]]:
     """Per channel (axis 1) of each of ``tensors`` (the graph input may be one) over ``batches`` of
     (inputs, valid count): ``max`` of |x|, ``mean`` and ``meansq`` (mean of x^2)."""
-    from .ort import make_session
+    from ..ort import make_session
 
     tensors = list(dict.fromkeys(tensors))
     graph_inputs = {i.name for i in model.graph.input}
@@ -306,3 +311,69 @@ def channel_statistics(model: onnx.ModelProto, tensors, batches, threads: int | 
         if progress is not None:
             progress.update(valid)
     return {name: {"max": m, "mean": total / max(n, 1), "meansq": sq / max(n, 1)} for name, (m, total, sq, n) in acc.items()}
+
+
+MAX_CACHED_BYTES = 1 << 30  # calibration images kept preprocessed in memory up to this size (else re-read)
+
+
+class CalibrationImages:
+    """The calibration images, decoded and preprocessed with the model's data config once.
+
+    Every pass (calibration of the plain and of the equalised graph, the per-channel statistics of
+    the equalisation, the Conv input means of the bias correction) reads its batches from here; the
+    preprocessed arrays are kept while they fit ``MAX_CACHED_BYTES`` (512 crops of 256x128 take
+    200 MB), otherwise each pass decodes the files again."""
+
+    def __init__(self, paths: Sequence[Path], data_config: "DataConfig", max_cached_bytes: int = MAX_CACHED_BYTES):
+        self.paths = list(paths)
+        self.data_config = data_config
+        self.max_cached_bytes = max_cached_bytes
+        self._array: np.ndarray | None = None
+        self._filled = 0
+        self._uncached = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        from ...preprocess import preprocess
+
+        if self._array is not None and stop <= self._filled:
+            return self._array[start:stop]
+        if self._uncached or (self._array is not None and start != self._filled):
+            return preprocess(self.paths[start:stop], self.data_config)
+        chunk = preprocess(self.paths[start:stop], self.data_config)
+        if self._array is None:
+            if chunk.nbytes / max(len(chunk), 1) * len(self.paths) > self.max_cached_bytes:
+                self._uncached = True
+                return chunk
+            self._array = np.empty((len(self.paths),) + chunk.shape[1:], chunk.dtype)
+        self._array[start:stop] = chunk
+        self._filled = stop
+        return chunk
+
+    def batches(self, batch: int, static: bool, limit: int | None = None):
+        """(inputs, number of real images) per ``batch`` of the first ``limit`` images (all by default);
+        a ``static`` model's last batch is padded with copies of its last image."""
+        count = len(self.paths) if limit is None else min(limit, len(self.paths))
+        for start in range(0, count, batch):
+            chunk = self._rows(start, min(start + batch, count))
+            valid = len(chunk)
+            if static and valid < batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - valid, axis=0)])
+            yield chunk, valid
+
+
+def calibrate(prepared: "Prepared", images: CalibrationImages, num_bins: int = DEFAULT_NUM_BINS,
+              batch_size: int = 8, threads: int | None = None, progress: bool = True) -> Calibration:
+    """One pass over the calibration images: statistics (min/max, |x| histograms) of every tensor."""
+    from tqdm import tqdm
+
+    batch = prepared.static_batch or batch_size
+    bar = tqdm(total=len(images), desc=f"calibrate: {len(images)} images, {len(prepared.tensors)} tensors",
+               unit="img", disable=not progress, leave=False)
+    try:
+        return collect(prepared.model, prepared.tensors, images.batches(batch, prepared.static_batch is not None),
+                       histograms=True, num_bins=num_bins, threads=threads, progress=bar)
+    finally:
+        bar.close()

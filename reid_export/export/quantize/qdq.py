@@ -1,8 +1,8 @@
 """One INT8 (Q/DQ) graph from an FP32 graph and activation ranges, for one target.
 
-The activation statistics come from :mod:`.calibrate` (collected once); this module turns one
+The activation statistics come from :mod:`.calibration` (collected once); this module turns one
 set of ranges into a Q/DQ graph with ONNX Runtime's ``QDQQuantizer``, so that the search in
-:mod:`.int8_search` can build many candidates (methods, nodes kept in float) from one pass over
+:mod:`.search` can build many candidates (methods, nodes kept in float) from one pass over
 the calibration images.
 
 - ``tensorrt``: S8S8, symmetric (zero point 0), per-channel weights, float bias, ReLUs kept, Q/DQ
@@ -31,16 +31,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 
-from ..data_config import DataConfig
-from ..errors import ReidExportError, UsageError
-from ..preprocess import preprocess
-from .fp16 import quiet_ort_tools
-from .graph import head_nodes, resolve_excludes, unshare_initializers, upgrade_opset
+from ...errors import ReidExportError, UsageError
+from ..ort import quiet_ort_tools
+from ..graph import head_nodes, resolve_excludes, unshare_initializers, upgrade_opset
 
 TARGETS = ("tensorrt", "cpu")
 QDQ_OP_TYPES = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "MaxPool", "AveragePool", "GlobalAveragePool"]
@@ -56,7 +54,7 @@ def weight_range_for_cpu(flags: set[str] | None = None) -> tuple[bool, str]:
     """(reduce_range, why) for a CPU-target model quantized on this machine (or for ``flags``)."""
     import platform
 
-    from ..cpuinfo import read_cpu_flags
+    from ...cpuinfo import read_cpu_flags
 
     flags = read_cpu_flags() if flags is None else flags
     dot = sorted(flags & set(DOT_PRODUCT_FLAGS))
@@ -69,7 +67,7 @@ def full_range_warning(flags: set[str] | None = None) -> str | None:
     """The warning for running a full-range U8S8 model here, or None when this CPU suits it."""
     import platform
 
-    from ..cpuinfo import read_cpu_flags
+    from ...cpuinfo import read_cpu_flags
 
     flags = read_cpu_flags() if flags is None else flags
     if flags & set(DOT_PRODUCT_FLAGS) or (not flags and platform.machine().lower() in ("aarch64", "arm64")):
@@ -102,8 +100,8 @@ class Prepared:
 
 
 def prepare(model: onnx.ModelProto, target: str, exclude: Sequence[str] = ()) -> Prepared:
-    from .calibrate import tensors_to_calibrate
-    from .metadata import input_info
+    from .calibration import tensors_to_calibrate
+    from ..metadata import input_info
 
     if target not in TARGETS:
         raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -139,33 +137,6 @@ def float_sum_nodes(model: onnx.ModelProto) -> list[str]:
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
     return [n.name for n in model.graph.node
             if n.op_type == "Add" and not any(producer.get(x) in LINEAR_PRODUCERS for x in n.input)]
-
-
-def calibration_batches(paths: Sequence[Path], data_config: DataConfig, batch: int, static: bool):
-    for start in range(0, len(paths), batch):
-        chunk = preprocess(paths[start:start + batch], data_config)
-        valid = len(chunk)
-        if static and valid < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - valid, axis=0)])
-        yield chunk, valid
-
-
-def calibrate(prepared: Prepared, data_config: DataConfig, calib_paths: Sequence[Path], num_bins: int,
-              batch_size: int = 8, threads: int | None = None, progress: bool = True):
-    """One pass over the calibration images: statistics (min/max, |x| histograms) of every tensor."""
-    from tqdm import tqdm
-
-    from .calibrate import collect
-
-    batch = prepared.static_batch or batch_size
-    bar = tqdm(total=len(calib_paths), desc=f"calibrate: {len(calib_paths)} images, {len(prepared.tensors)} tensors",
-               unit="img", disable=not progress, leave=False)
-    try:
-        return collect(prepared.model, prepared.tensors,
-                       calibration_batches(calib_paths, data_config, batch, prepared.static_batch is not None),
-                       histograms=True, num_bins=num_bins, threads=threads, progress=bar)
-    finally:
-        bar.close()
 
 
 def _qdq_quantizer(model, reduce_range, weight, activation, tensors_range, excluded, ops, extra):
@@ -281,7 +252,7 @@ def correct_biases(model: onnx.ModelProto, input_means: dict[str, np.ndarray], f
 def conv_input_means(model: onnx.ModelProto, batches, threads: int | None = None, skip_nodes: Sequence[str] = (),
                      progress=None) -> dict[str, np.ndarray]:
     """Per-channel mean of every Conv input (graph input included) over ``batches`` of (inputs, valid)."""
-    from .calibrate import channel_statistics
+    from .calibration import channel_statistics
 
     skip = set(skip_nodes)
     wanted = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.name not in skip))
@@ -307,7 +278,7 @@ def describe(prepared: Prepared, reduce_range: bool) -> dict:
     return info
 
 
-__all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "float_sum_nodes", "calibrate", "build_qdq", "calibration_batches",
+__all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "float_sum_nodes", "build_qdq",
            "weight_range_for_cpu", "full_range_warning", "describe", "correct_biases", "conv_input_means"]
 
 
