@@ -119,8 +119,11 @@ def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_pat
     exception, and nothing is written; the same options with ``allow_below_gate`` write it marked below
     the gate; FP16 of the same model passes. ``options=`` and keyword fields are the same call."""
     fp32 = tmp_path / "a.onnx"
-    api.export_onnx(setup["a"], fp32, log=lambda line: None)
-    assert fp32.exists()
+    exported = api.export_onnx(setup["a"], fp32, log=lambda line: None)
+    assert isinstance(exported, api.ExportReport) and exported.passed and fp32.exists()
+    doc = exported.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["passed"] and all(c["passed"] for c in doc["checks"])
+    assert "wrote" in exported.table() and "pixels" in exported.table()
     crops = setup["root"] / "bounding_box_test"
     impossible = api.Gate(min_mean_cosine=1.001)  # no model has a cosine above 1
     options = api.QuantizeOptions("int8", calib_dirs=[crops], calib_size=4, val_size=2, method="minmax",

@@ -16,7 +16,6 @@ from conftest import CONFIGS, assert_clean_error, run_cli
 from reid_export.checkpoint import save_checkpoint
 from reid_export.config import load_config
 from reid_export.data_config import DataConfig, data_config_from_cfg
-from reid_export.errors import ReidExportError
 from reid_export.export.metadata import KEY_DATA_CONFIG, KEY_SOURCE_SHA256, KEY_VERSION, get_metadata
 from reid_export.export.onnx_export import export_checkpoint, export_module, generated_images
 from reid_export.embeddings import relative_l2
@@ -256,9 +255,11 @@ def test_our_checkpoint_exports_without_config(r18_onnx):
 def test_failed_self_check_writes_nothing(r18_small, tmp_path):
     ckpt, _, _ = r18_small
     out = tmp_path / "never.onnx"
-    with pytest.raises(ReidExportError, match="disagrees with torch"):
-        export_checkpoint(ckpt, out, tolerance=0.0, simplify=False, exporter="torchscript", log=lambda line: None)
+    report = export_checkpoint(ckpt, out, tolerance=0.0, simplify=False, exporter="torchscript", log=lambda line: None)
+    assert not report.passed and not report.written and "disagrees with torch" in report.refusal
     assert list(tmp_path.iterdir()) == []
+    doc = report.to_dict()
+    assert doc["passed"] is False and doc["checks"][0]["passed"] is False and "FAIL" in report.table()
 
 
 # --- bad inputs --------------------------------------------------------------------------------

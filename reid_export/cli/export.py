@@ -83,8 +83,9 @@ def onnx_command(model, output, config, opset, batch, simplify, exporter, parity
     report = export_checkpoint(model, output, config=config, opts=get_opts(), opset=opset, batch=batch,
                                simplify=simplify, exporter=exporter, parity_images=images,
                                allow_partial=allow_partial, log=_log)
-    _log(f"wrote {report.output} (opset {report.opset}, batch {report.batch}, {report.nodes} nodes, "
-         f"{_size(report.size_mb)}{', simplified' if report.simplified else ''}) in {report.seconds:.0f} s")
+    if not report.written:
+        raise ReidExportError(report.refusal or f"{report.output}: not written")
+    _log(report.table().splitlines()[-1])
 
 
 @cli.command()

@@ -366,6 +366,8 @@ class Demo:
                                      *[arg for crop in crops for arg in ("--parity-images", str(crop))]]
             r.log("$ reid-export " + command_line(self.commands["onnx"], self.workdir))
             rep = export_checkpoint(self.path(CHECKPOINT), self.path(ONNX_FP32), parity_images=crops, log=r.log)
+            if not rep.written:
+                raise ReidExportError(rep.refusal or f"{ONNX_FP32}: not written")
             for note in rep.notes:
                 r.log(note)
             return {"opset": rep.opset, "batch": rep.batch, "exporter": rep.exporter, "simplified": rep.simplified,

@@ -173,6 +173,17 @@ class ParityCheck:
     max_rel_l2: float
     per_batch: dict = field(default_factory=dict)
 
+    limit: float = float("nan")
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel_l2 <= self.limit)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "batch_sizes": list(self.batch_sizes), "images": self.num_images,
+                "max_rel_l2": self.max_rel_l2, "limit": self.limit, "passed": self.passed,
+                "per_batch": {str(k): v for k, v in self.per_batch.items()}}
+
     def line(self) -> str:
         sizes = " and ".join(map(str, self.batch_sizes))
         return (f"parity {self.name}: ONNX Runtime vs torch on {self.num_images} images at batch {sizes}: "
@@ -241,22 +252,32 @@ class PixelsCheck:
     max_rel_l2: float = float("nan")
     min_cosine: float = float("nan")
     name: str = "pixels"
+    limit: float = PIXELS_TOLERANCE
 
-    def run(self, model_bytes: bytes, inputs: np.ndarray, output) -> None:
+    def run(self, model_bytes: bytes, inputs: np.ndarray, output) -> str | None:
+        """Measure; the one-line refusal when the data config does not reproduce the checkpoint, else None."""
         from ..embeddings import compare, Tolerances
         from .ort import OrtRunner, make_session
 
         out = OrtRunner(make_session(model_bytes), "model.onnx")(inputs)
         result = compare(self.reference, out, Tolerances(), "export")
         self.max_rel_l2, self.min_cosine = result.max_rel_l2, result.min_cosine
-        if not self.max_rel_l2 <= PIXELS_TOLERANCE:
-            c = self.data_config
-            raise ReidExportError(
-                f"{output}: the data config written with it ({c.channel_order} 0..{c.pixel_scale:g}, mean "
+        if self.passed:
+            return None
+        c = self.data_config
+        return (f"{output}: the data config written with it ({c.channel_order} 0..{c.pixel_scale:g}, mean "
                 f"{[round(v, 3) for v in c.mean]}, std {[round(v, 3) for v in c.std]}, "
                 f"{'inside' if c.normalized_inside else 'outside'} the graph) does not reproduce the checkpoint as "
                 f"trained from image pixels (max relative L2 {self.max_rel_l2:.3g}, min cosine {self.min_cosine:.3f}); "
                 "drop the --opts that change MODEL.PIXEL_MEAN / MODEL.PIXEL_STD; not written")
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel_l2 <= self.limit)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "images": self.source, "max_rel_l2": self.max_rel_l2,
+                "min_cosine": self.min_cosine, "limit": self.limit, "passed": self.passed}
 
     def line(self) -> str:
         return (f"parity {self.name}: ONNX through its written data config vs the checkpoint as trained, from the "
@@ -265,6 +286,9 @@ class PixelsCheck:
 
 @dataclass
 class ExportReport:
+    """``passed``: every check held and the file was written. A graph that fails its check against torch
+    (or from image pixels) is not written: ``refusal`` says why in one line, ``checks`` what was measured."""
+
     output: Path
     opset: int
     batch: str
@@ -275,6 +299,34 @@ class ExportReport:
     checks: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
+    written: bool = False
+    refusal: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.written
+
+    def to_dict(self) -> dict:
+        from ..report import report_header
+
+        return {**report_header("onnx"), "output": str(self.output), "written": self.written, "passed": self.passed,
+                "refusal": self.refusal, "opset": self.opset, "batch": self.batch, "exporter": self.exporter,
+                "simplified": self.simplified, "nodes": self.nodes, "size_mb": round(self.size_mb, 3),
+                "checks": [c.to_dict() for c in self.checks], "notes": list(self.notes),
+                "seconds": round(self.seconds, 1)}
+
+    def table(self) -> str:
+        from ..report import format_table
+
+        rows = [[c.name, f"{c.max_rel_l2:.2e}", f"{c.limit:.0e}", "pass" if c.passed else "FAIL"] for c in self.checks]
+        lines = [format_table(["check", "max rel L2", "limit", "result"], rows)]
+        if self.written:
+            size = f"{self.size_mb:.1f} MB" if self.size_mb >= 1 else f"{self.size_mb * 1000:.0f} kB"
+            lines.append(f"wrote {self.output} (opset {self.opset}, batch {self.batch}, {self.nodes} nodes, {size}"
+                         f"{', simplified' if self.simplified else ''}) in {self.seconds:.0f} s")
+        else:
+            lines.append(self.refusal or f"{self.output}: not written")
+        return "\n".join(lines)
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -289,7 +341,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
                       simplify: bool = True, exporter: str = "dynamo",
                       parity_images: Sequence[ImageLike] | None = None, tolerance: float = PARITY_TOLERANCE,
                       allow_partial: bool = False, log: Callable[[str], None] = print) -> ExportReport:
-    """Export a checkpoint to ``output`` (written only when every check passes)."""
+    """Export a checkpoint to ``output``, written only when every check passes (else ``report.refusal``)."""
     from ..checkpoint import load_model_from_checkpoint
 
     from .metadata import refuse_openvino_ir
@@ -330,11 +382,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     report = ExportReport(output=output, opset=opset, batch="dynamic" if batch is None else str(batch),
                           exporter=exporter, simplified=False, nodes=len(proto.graph.node), size_mb=0.0)
     check = onnx_vs_torch(proto.SerializeToString(), reference, inputs, data_config, sizes, "export")
+    check.limit = tolerance
     report.checks.append(check)
     log(check.line() + f" ({source})")
-    if check.max_rel_l2 > tolerance:
-        raise ReidExportError(f"{output}: the exported graph disagrees with torch (max relative L2 "
-                              f"{check.max_rel_l2:.2e} > {tolerance:.0e}); not written")
+    if not check.passed:
+        report.refusal = (f"{output}: the exported graph disagrees with torch (max relative L2 "
+                          f"{check.max_rel_l2:.2e} > {tolerance:.0e}); not written")
+        report.seconds = time.time() - start
+        return report
 
     final = proto
     if simplify:
@@ -342,6 +397,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
             slim = _simplify(proto)
             check_model(slim, batch, model.feat_dim, data_config.input_size)
             slim_check = onnx_vs_torch(slim.SerializeToString(), reference, inputs, data_config, sizes, "simplified")
+            slim_check.limit = tolerance
         except ReidExportError as exc:
             report.notes.append(f"warning: the simplified graph failed its checks ({exc}); "
                                 "writing the unsimplified graph")
@@ -351,7 +407,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         else:
             report.checks.append(slim_check)
             log(slim_check.line() + f" ({len(proto.graph.node)} -> {len(slim.graph.node)} nodes)")
-            if slim_check.max_rel_l2 > tolerance:
+            if not slim_check.passed:
                 report.notes.append(f"warning: the simplified graph disagrees with torch (max relative L2 "
                                     f"{slim_check.max_rel_l2:.2e}); writing the unsimplified graph")
             else:
@@ -360,9 +416,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         for note in report.notes:
             log(note)
 
-    pixels_check.run(final.SerializeToString(), inputs, output)
+    refusal = pixels_check.run(final.SerializeToString(), inputs, output)
     report.checks.append(pixels_check)
     log(pixels_check.line())
+    if refusal is not None:
+        report.refusal, report.seconds = refusal, time.time() - start
+        return report
 
     final.graph.name = data_config.model_name or "reid"
     final.doc_string = f"reid-export {__version__}: {Path(checkpoint).name} -> ONNX (fp32)"
@@ -374,6 +433,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     }
     set_metadata(final, metadata)
     save_onnx(final, output)
+    report.written = True
     report.nodes = len(final.graph.node)
     report.size_mb = output.stat().st_size / 1e6
     report.seconds = time.time() - start

@@ -204,7 +204,9 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             from ..export.onnx_export import export_checkpoint
 
             onnx_source = tmp / f"{stem}.source.onnx"
-            export_checkpoint(model_path, onnx_source, config=config, opts=opts, exporter=exporter, log=log)
+            exported = export_checkpoint(model_path, onnx_source, config=config, opts=opts, exporter=exporter, log=log)
+            if not exported.written:
+                raise ReidExportError(exported.refusal or f"{model_path}: the ONNX export failed its checks")
         model = load_onnx(onnx_source)
         source_dc = require_data_config(model, onnx_source if suffix != ".onnx" else model_path)
         precision = model_precision(model)
