@@ -357,7 +357,7 @@ def short_table(results: list[dict], gflop: float | None) -> str:
             continue
         tflops = res["throughput_ips"] * gflop / 1000.0 if gflop else None
         rows.append([res["name"], res["batch_size"], round(res["throughput_ips"]), res["median_ms"], res["p99_ms"],
-                     tflops, res.get("gpu_peak_mb")])
+                     tflops, res.get("gpu_peak_mib")])
     return format_table(["route", "batch", "img/s", "median ms", "p99 ms", "TFLOP/s", "GPU MB"], rows,
                         floatfmt=".3g")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # torchreid's OSNet-x0.25 (Market-1501) as it is, evaluated on the CUHK03 crops through torch and
-# ONNX FP32 / FP16 / INT8 (TensorRT flavour and CPU flavour, `reid-export quantize`'s defaults:
-# entropy, 512 calibration images from bounding_box_train, seed 0), plus the OpenCV-bilinear
+# ONNX FP32 / FP16 / INT8 (TensorRT flavour and CPU flavour, `reid-export quantize`'s defaults: the
+# gated search over every calibration method, 512 calibration images from bounding_box_train, seed 0;
+# figures dated before 2026-12-01 were made when entropy alone was the default), plus the OpenCV-bilinear
 # preprocessing for comparison. Reports (JSON) and models go to $OUT (default logs/osnet_torchreid).
 #   bash benchmarks/osnet_torchreid_eval.sh [../shared]
 set -euo pipefail

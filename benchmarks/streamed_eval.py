@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reid_export.bench.memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from reid_export.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from reid_export.report import format_table  # noqa: E402
 from reid_export.verify.metrics import (FeatureDistances, compute_distance, evaluate_rank,  # noqa: E402
                                         evaluate_rank_streamed)
@@ -83,14 +83,14 @@ def main(argv=None) -> int:
     gallery = np.load(g_path, mmap_mode="r")
     load_before = loadavg()
     reset_peak_rss()
-    rss0 = rss_mb()
+    rss0 = rss_mib()
     t0 = time.perf_counter()
     c0 = time.process_time()
     res = evaluate_rank_streamed(FeatureDistances(qf, gallery, "cosine"), q_pids, g_pids, q_cams, g_cams,
                                  chunk_elements=args.chunk_elements, progress=True, return_ranks=True)
     eval_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
-    peak = peak_rss_mb()
+    peak = peak_rss_mib()
     load_after = loadavg()
 
     # The check: a subsample of queries against the whole gallery, as one full matrix.
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
            "machine": platform.node(), "cpu_flags": cpu_flags(), "command": " ".join(sys.argv),
            "num_query": int(qf.shape[0]), "num_gallery": args.gallery_size, "dim": synth.dim,
            "chunk_elements": args.chunk_elements, "generate_s": gen_s, "eval_s": eval_s, "eval_cpu_s": cpu_s,
-           "rss_before_mb": rss0, "peak_rss_mb": peak, "loadavg_before": load_before, "loadavg_after": load_after,
+           "rss_before_mib": rss0, "peak_rss_mib": peak, "loadavg_before": load_before, "loadavg_after": load_after,
            "streamed": summary(res), "kept_near_positives": res["kept_near_positives"],
            "check": {"queries": args.check_queries, "full_matrix": summary(full), "full_s": full_s,
                      "positive_ranks_equal": same_ranks, "per_query_AP_equal_1e-12": same_ap, "per_query_INP_equal": same_inp, "max_ap_diff": max_ap_diff},

@@ -11,7 +11,9 @@ from . import __version__
 # The layout of the JSON reports (parity, eval, fp16-check, bench, quantize): raised when a key is
 # renamed or removed, so that a machine reading them can tell.
 REPORT_SCHEMA_VERSION = 3  # 2: gates use the Tolerances keys (min_mean_cosine, max_pair_error, min_top1_agreement...);
-# 3: quantize's "search" is one record (SearchRecord, also in the model's metadata) and its report has "passed"/"refusal"
+# 3: quantize's "search" is one record (SearchRecord, also in the model's metadata) and its report has "passed"/"refusal";
+# the onnx report; bench memory keys in MiB say so (rss_peak_mib, rss_open_mib, gpu_peak_mib, gpu_used_mib); one
+# "cpu_flags" list in the environment (no separate "cpu_isa")
 
 
 def report_header(command: str) -> dict:

@@ -327,8 +327,8 @@ def test_same_model_twice_is_refused(r18_pair):
 def test_gpu_column_uses_the_allocator_for_torch_and_the_device_for_others():
     base = {"precision": "fp16", "batch_size": 64, "iterations": 3, "min_ms": 1.0, "mean_ms": 1.0, "median_ms": 1.0,
             "p90_ms": 1.0, "p95_ms": 1.0, "p99_ms": 1.0, "max_ms": 1.0, "throughput_ips": 64000.0,
-            "speedup_vs_first": 1.0, "rss_peak_mb": 10.0, "gpu_peak_mb": 0.0, "gpu_used_mb": 1900.0}
-    table = render_table([{**base, "name": "t", "backend": "torch", "gpu_peak_mb": 812.0},
+            "speedup_vs_first": 1.0, "rss_peak_mib": 10.0, "gpu_peak_mib": 0.0, "gpu_used_mib": 1900.0}
+    table = render_table([{**base, "name": "t", "backend": "torch", "gpu_peak_mib": 812.0},
                           {**base, "name": "o", "backend": "onnxruntime"}], gpu=True)
     assert "GPU MB" in table.splitlines()[0]
     assert table.splitlines()[2].rstrip(" |").endswith("812")

@@ -48,7 +48,7 @@ def test_fold_batchnorm_keeps_the_output(gpu_bench):
 
 
 def _fake(name, batch, ips, error=None):
-    res = {"name": name, "batch_size": batch, "error": error, "gpu_peak_mb": 512.0}
+    res = {"name": name, "batch_size": batch, "error": error, "gpu_peak_mib": 512.0}
     if not error:
         res.update({"throughput_ips": ips, "median_ms": batch / ips * 1000, "p99_ms": batch / ips * 1100})
     return res

@@ -33,7 +33,7 @@ RANKS = {
     "cli": 13,
 }
 BASE_MODULES = {"__init__", "errors", "fileio", "config", "data_config", "cpuinfo", "report", "preprocess",
-                "embeddings", "metadata_format", "console", "deploy_preprocess"}
+                "embeddings", "console", "deploy_preprocess"}
 TOP_LEVEL_UNITS = {"checkpoint": "modeling", "api": "api", "__main__": "cli"}
 
 

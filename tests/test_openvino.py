@@ -232,7 +232,7 @@ def test_bench_records_isa_and_openvino_routes(models, tmp_path):
     assert "CPU ISA:" in res.out and "hardware for fp32" in res.out
     doc = json.loads(report.read_text())
     env = doc["environment"]
-    assert set(env["precision_routes"]) == {"fp32", "int8", "bf16"} and isinstance(env["cpu_isa"], list)
+    assert set(env["precision_routes"]) == {"fp32", "int8", "bf16"} and isinstance(env["cpu_flags"], list)
     assert env["versions"]["openvino"] == openvino.__version__
     backends = [r["backend"] for r in doc["results"]]
     assert backends == ["onnxruntime", "openvino", "openvino"]

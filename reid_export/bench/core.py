@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from ..errors import ReidExportError
-from .memory import GpuMemory, peak_rss_mb, reset_peak_rss
+from .memory import GpuMemory, peak_rss_mib, reset_peak_rss
 from .stats import summarize
 
 
@@ -175,8 +175,8 @@ def run_benchmark(subjects: Sequence[Subject], settings: BenchSettings, progress
         for batch_size in settings.batch_sizes:
             cells = []
             for subject in (s for s in subjects if s.runs_at(batch_size)):
-                cell = {"subject": subject, "latencies": [], "error": None, "rss_peak_mb": None,
-                        "gpu_peak_mb": None, "gpu_used_mb": None, "warmup_iterations": 0, "warmup_ms": 0.0}
+                cell = {"subject": subject, "latencies": [], "error": None, "rss_peak_mib": None,
+                        "gpu_peak_mib": None, "gpu_used_mib": None, "warmup_iterations": 0, "warmup_ms": 0.0}
                 bar.set_postfix_str(f"batch {batch_size} warmup {subject.name}")
                 try:
                     cell["input"] = subject.make_input(batch_size)
@@ -202,11 +202,11 @@ def run_benchmark(subjects: Sequence[Subject], settings: BenchSettings, progress
                             cell["error"] = _failure(subject, batch_size, exc)
                         else:
                             if can_reset_rss:
-                                cell["rss_peak_mb"] = max(cell["rss_peak_mb"] or 0.0, peak_rss_mb())
-                            peak = gpu.peak_allocated_mb()
+                                cell["rss_peak_mib"] = max(cell["rss_peak_mib"] or 0.0, peak_rss_mib())
+                            peak = gpu.peak_allocated_mib()
                             if peak is not None:
-                                cell["gpu_peak_mb"] = max(cell["gpu_peak_mb"] or 0.0, peak)
-                                cell["gpu_used_mb"] = max(cell["gpu_used_mb"] or 0.0, gpu.device_used_mb())
+                                cell["gpu_peak_mib"] = max(cell["gpu_peak_mib"] or 0.0, peak)
+                                cell["gpu_used_mib"] = max(cell["gpu_used_mib"] or 0.0, gpu.device_used_mib())
                     bar.update(1)
             for cell in cells:
                 results.append(_result(cell, batch_size))
@@ -224,7 +224,7 @@ def _result(cell: dict, batch_size: int) -> dict:
     if cell["latencies"] and cell["error"] is None:
         out.update(summarize(cell["latencies"], batch_size))
     out.update({"warmup_iterations": cell["warmup_iterations"], "warmup_ms": cell["warmup_ms"],
-                "rss_peak_mb": cell["rss_peak_mb"], "gpu_peak_mb": cell["gpu_peak_mb"],
-                "gpu_used_mb": cell["gpu_used_mb"], "error": cell["error"]})
+                "rss_peak_mib": cell["rss_peak_mib"], "gpu_peak_mib": cell["gpu_peak_mib"],
+                "gpu_used_mib": cell["gpu_used_mib"], "error": cell["error"]})
     out.update(subject.info)
     return out

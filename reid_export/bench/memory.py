@@ -28,13 +28,13 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def rss_mb() -> float | None:
+def rss_mib() -> float | None:
     """Current resident set size in MiB (None where /proc is absent)."""
     kb = _status_kb("VmRSS")
     return kb / 1024.0 if kb is not None else None
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
     """Peak RSS in MiB since start (or since the last :func:`reset_peak_rss`)."""
     kb = _status_kb("VmHWM")
     if kb is not None:
@@ -72,14 +72,14 @@ class GpuMemory:
 
             torch.cuda.reset_peak_memory_stats()
 
-    def peak_allocated_mb(self) -> float | None:
+    def peak_allocated_mib(self) -> float | None:
         if not self.enabled:
             return None
         import torch
 
         return torch.cuda.max_memory_allocated() / _MB
 
-    def device_used_mb(self) -> float | None:
+    def device_used_mib(self) -> float | None:
         """Memory in use on the device by every process and allocator (ONNX Runtime, TensorRT too)."""
         if not self.enabled:
             return None

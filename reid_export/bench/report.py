@@ -15,12 +15,10 @@ from ..fileio import atomic_write_bytes, atomic_write_text
 from ..report import format_table
 
 TABLE_HEADERS = ["model", "backend", "prec", "batch", "iters", "min", "mean", "median", "p90", "p95", "p99",
-                 "max", "img/s", "vs 1st", "RSS MB"]
+                 "max", "img/s", "vs 1st", "RSS MiB"]
 CSV_FIELDS = ["name", "model", "backend", "precision", "device", "batch_size", "iterations", "images", "min_ms",
               "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "std_ms", "throughput_ips",
-              "speedup_vs_first", "rss_peak_mb", "rss_open_mb", "gpu_peak_mb", "gpu_used_mb", "timer", "error"]
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon",
-              "asimddp")
+              "speedup_vs_first", "rss_peak_mib", "rss_open_mib", "gpu_peak_mib", "gpu_used_mib", "timer", "error"]
 
 
 def add_speedups(results: list[dict]) -> list[dict]:
@@ -40,7 +38,7 @@ def add_speedups(results: list[dict]) -> list[dict]:
 
 
 def table_rows(results: Sequence[dict], gpu: bool = False) -> tuple[list[str], list[list]]:
-    headers = list(TABLE_HEADERS) + (["GPU MB"] if gpu else [])
+    headers = list(TABLE_HEADERS) + (["GPU MiB"] if gpu else [])
     rows = []
     for res in sorted(results, key=lambda r: r["batch_size"]):
         if res.get("error"):
@@ -49,7 +47,7 @@ def table_rows(results: Sequence[dict], gpu: bool = False) -> tuple[list[str], l
         else:
             row = [res["name"], res["backend"], res["precision"], res["batch_size"], res["iterations"],
                    res["min_ms"], res["mean_ms"], res["median_ms"], res["p90_ms"], res["p95_ms"], res["p99_ms"],
-                   res["max_ms"], res["throughput_ips"], _ratio(res.get("speedup_vs_first")), res.get("rss_peak_mb")]
+                   res["max_ms"], res["throughput_ips"], _ratio(res.get("speedup_vs_first")), res.get("rss_peak_mib")]
         if gpu:
             row.append(_gpu_memory(res))
         rows.append(row)
@@ -59,9 +57,9 @@ def table_rows(results: Sequence[dict], gpu: bool = False) -> tuple[list[str], l
 def _gpu_memory(res: dict):
     """torch's allocator peak for torch models; other runtimes allocate outside it, so for them the
     device's used memory (every process) is shown, marked as such."""
-    if res.get("backend") == "torch" or res.get("gpu_used_mb") is None:
-        return res.get("gpu_peak_mb")
-    return f"{res['gpu_used_mb']:.0f} (device)"
+    if res.get("backend") == "torch" or res.get("gpu_used_mib") is None:
+        return res.get("gpu_peak_mib")
+    return f"{res['gpu_used_mib']:.0f} (device)"
 
 
 def _ratio(value):
@@ -104,28 +102,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> list[str]:
-    """The SIMD features that decide CPU FP32/INT8 speed (AVX2, AVX-512, VNNI, AMX)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return [f for f in _CPU_FLAGS if f in present]
-    except OSError:
-        pass
-    return []
-
-
 def environment(threads: int | None, device: str) -> dict:
     """Versions, threads, CPU model and flags, GPU name: what a figure depends on."""
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        # which precisions this CPU has hardware for (AVX-512 / VNNI / AMX / AVX512_BF16)
-        "cpu_isa": isa_flags(),
+        # the flags that decide which precisions this CPU has hardware for (AVX2, AVX-512, VNNI, AMX, BF16)
+        "cpu_flags": isa_flags(),
         "precision_routes": precision_routes(),
         "cpu_count": os.cpu_count(),
         "threads": threads,

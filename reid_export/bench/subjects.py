@@ -11,7 +11,7 @@ from ..errors import ReidExportError
 from ..runtime import open_encoder, preprocess
 from ..runtime.encoder import Encoder
 from .core import CpuTimer, CudaEventTimer, Subject
-from .memory import rss_mb
+from .memory import rss_mib
 
 VARIANTS = {"fp16": True, "half": True, "fp32": False}
 
@@ -81,10 +81,10 @@ def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int
         from ..runtime.encoder import configs_for
 
         for (path, half), label, model_config in zip(parsed, labels, configs_for([p for p, _ in parsed], config)):
-            before = rss_mb()
+            before = rss_mib()
             encoder = _open(path, model_config, device, threads, half)
             encoders.append(encoder)
-            after = rss_mb()
+            after = rss_mib()
             subjects.append(encoder_subject(encoder, label, inputs, images if include_preprocess else None,
                                             CudaEventTimer() if use_cuda_timer else CpuTimer(),
                                             None if before is None or after is None else after - before))
@@ -112,7 +112,7 @@ def encoder_subject(encoder: Encoder, label: str, inputs: InputCache, images: Se
                     rss_open: float | None = None) -> Subject:
     """A subject that times ``encoder(batch)`` (host arrays in and out), or decode + encode with ``images``."""
     data_config = encoder.data_config
-    info = {"rss_open_mb": rss_open, "input": "files (decode + resize timed)" if images else "preprocessed tensor",
+    info = {"rss_open_mib": rss_open, "input": "files (decode + resize timed)" if images else "preprocessed tensor",
             "input_size": list(data_config.input_size)}
     if encoder.backend == "openvino":  # which arithmetic OpenVINO compiled it for (f32 / bf16)
         described = encoder.describe()

@@ -1,2 +1,4 @@
-"""Hand-off to serving: Triton model repositories, DeepStream tracker ReID configs, and the
-preprocessing of those deployments (so the verifier can measure what they cost)."""
+"""Hand-off to serving and trackers: Triton model repositories (``triton``), DeepStream tracker ReID
+configs (``deepstream``), BoxMOT's ONNX/OpenVINO files and sidecars (``boxmot``), and ``fold``: a
+client's input convention (pixel scale, mean/std, channel order) folded into the graph. What those
+deployments' preprocessing costs is measured by ``verify`` (``eval``/``parity --deployment``)."""

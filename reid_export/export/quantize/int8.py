@@ -76,7 +76,7 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, options: Quan
     phase = time.time()
     result = search(variants, calibration, objective, options.resolved_gate,
                     parse_methods(options.method, options.percentile), reduce_range, max_float,
-                    _locate_inputs(objective.inputs, prepared.static_batch), options.progress, note,
+                    _locate_inputs(objective.inputs, prepared.static_batch), options.progress,
                     options.bias_correction)
     search_seconds = time.time() - phase
 

@@ -180,7 +180,7 @@ def _speed_note(source: bytes, converted: bytes, data_config: DataConfig, thread
     slower = slower_route_note(output.name, precision, "onnxruntime", target, ratios)
     if slower:
         note(slower)
-    return {"ratios": {str(b): round(r, 3) for b, r in ratios.items()}, "threads": threads, "cpu_isa": isa_flags(),
+    return {"ratios": {str(b): round(r, 3) for b, r in ratios.items()}, "threads": threads, "cpu_flags": isa_flags(),
             "runtime": "onnxruntime cpu"}
 
 

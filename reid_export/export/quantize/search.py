@@ -161,8 +161,7 @@ class SearchResult:
 
 def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Tolerances,
            candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
-           locate_inputs: np.ndarray, progress: bool = True, log: Callable[[str], None] = print,
-           bias_correction: bool = True) -> SearchResult:
+           locate_inputs: np.ndarray, progress: bool = True, bias_correction: bool = True) -> SearchResult:
     """Try ``candidates`` on every variant, keep the best by the objective, then the same with the
     weight-rounding bias corrected (kept when closer), then keep nodes in float until ``gate``
     holds. ``variants`` may be one :class:`Prepared` (with its ``calibration``)."""
