@@ -330,7 +330,7 @@ def test_gpu_column_uses_the_allocator_for_torch_and_the_device_for_others():
             "speedup_vs_first": 1.0, "rss_peak_mib": 10.0, "gpu_peak_mib": 0.0, "gpu_used_mib": 1900.0}
     table = render_table([{**base, "name": "t", "backend": "torch", "gpu_peak_mib": 812.0},
                           {**base, "name": "o", "backend": "onnxruntime"}], gpu=True)
-    assert "GPU MB" in table.splitlines()[0]
+    assert "GPU MiB" in table.splitlines()[0]
     assert table.splitlines()[2].rstrip(" |").endswith("812")
     assert "1900 (device)" in table.splitlines()[3]
 

@@ -55,7 +55,7 @@ class BenchReport:
             render_table(self.results, gpu=self.device.startswith("cuda")),
             routes_line(),
             "img/s = images / timed seconds; vs 1st = throughput over the first model's at the same batch; "
-            "RSS MB = process peak RSS during that model's slices"])
+            "RSS MiB = process peak RSS during that model's slices"])
 
     def to_dict(self) -> dict:
         doc = report_header("bench")
