@@ -3,6 +3,7 @@
 import json
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,29 @@ def test_eval_bad_dataset(models, tmp_path):
     (tmp_path / "bounding_box_test").mkdir()
     assert_clean_error(run_cli("eval", models["good"], "--dataset-root", tmp_path), "query")
     assert_clean_error(run_cli("eval", models["good"], "--dataset-root", tmp_path / "nowhere"), "nowhere")
+
+
+def test_plots_say_what_they_show(tmp_path):
+    """The ROC is titled by the dataset's own name (a synthetic set says so, the generic Market folder name
+    gets its parent), its lower panel is the change against the reference at each false-positive rate,
+    and the rank list's legend line fits the picture."""
+    from reid_export.verify.evaluation import dataset_name
+    from reid_export.verify.plots import _tpr_at, rank_list_image
+
+    fpr, tpr = np.array([0.0, 0.01, 0.1, 1.0]), np.array([0.2, 0.5, 0.8, 1.0])
+    assert _tpr_at(fpr, tpr, np.array([1e-5, 0.01, 0.05, 0.1, 1.0])).tolist() == [0.2, 0.5, 0.5, 0.8, 1.0]
+    synth = tmp_path / "demo-data" / "Market-1501-v15.09.15"
+    synth.mkdir(parents=True)
+    (synth.parent / "synth.json").write_text("{}")
+    assert dataset_name(synth).startswith("synthetic crops (demo-data")
+    (synth.parent / "synth.json").unlink()
+    assert dataset_name(synth) == "demo-data/Market-1501-v15.09.15"
+    assert dataset_name(tmp_path / "cuhk03-labeled") == "cuhk03-labeled"
+    crop = tmp_path / "c.jpg"
+    cv2.imwrite(str(crop), np.full((128, 64, 3), 128, np.uint8))
+    rows = [{"query": str(crop), "query_label": ["q0 id1", "AP 100%"], "gallery": [str(crop)] * 3,
+             "matches": [True, False, True], "distances": [0.1, 0.2, 0.3]}]
+    img = rank_list_image(rows, topk=3)
+    plain = rank_list_image(rows, topk=3, legend=None)
+    assert img.shape[0] == plain.shape[0] + 18 and img.shape[1] == plain.shape[1]
+    assert (img[:18] < 128).any()  # the legend is drawn

@@ -192,8 +192,13 @@ def search(index_folder, images, model, query_features, k, nprobe, ef_search, re
             parsed = parse_name(Path(name).name)
             return parsed[0] if parsed else None
 
-        rows = [{"query": r["query"], "query_label": Path(r["query"]).name[:18],
+        def label(name):  # two lines of a tile's width
+            return [name[:12], name[12:24]] if len(name) > 12 else [name]
+
+        rows = [{"query": r["query"], "query_label": label(Path(r["query"]).name),
                  "gallery": [h["file"] for h in r["hits"]],
                  "matches": [pid(h["file"]) is not None and pid(h["file"]) == pid(r["query"]) for h in r["hits"]],
                  "distances": [h["distance"] for h in r["hits"]]} for r in results[:20]]
-        write_png(ranklist, rank_list_image(rows, topk=k))
+        write_png(ranklist, rank_list_image(rows, topk=k, legend=(
+            "left: the query (its file name); then its top-{k} hits by distance, green = the same identity by "
+            "Market-1501 file name, red = another;  under each: the distance")))

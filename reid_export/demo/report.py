@@ -387,7 +387,7 @@ def _files(ctx: ReportContext) -> list[str]:
 
 def _reproduce(ctx: ReportContext, order: Sequence[str]) -> list[str]:
     lines = ["## Reproduce", "",
-             "The command behind each stage (paths relative to this folder; the demo runs them in-process):", "",
+             "The command behind each stage (paths inside this folder relative to it, others as given; the demo runs them in-process):", "",
              "```bash"]
     for name in order:
         command = ctx.result(name).get("command")

@@ -213,7 +213,8 @@ class EvalReport:
             q, g = scored.query, scored.gallery
             curves[f"{i + 1}. {Path(res['model']).name} ({res['backend']}, {res['precision']})"] = metrics.roc_curve(
                 scored.distmat, q.pids, g.pids, q.camids, g.camids)
-        roc_plot(curves, folder / "roc.png", title=f"ROC on {Path(self.dataset.root).name}")
+        roc_plot(curves, folder / "roc.png", title=f"ROC on {dataset_name(self.dataset.root)}: "
+                                                      f"{len(self.scored[0].query.pids)} queries")
         base = self.scored[0]
         ap = per_query_ap(base.distmat, base.query, base.gallery)
         valid = np.where(np.isfinite(ap))[0]
@@ -222,6 +223,17 @@ class EvalReport:
             if len(idx):
                 rows = rank_list_rows(base.distmat, base.query, base.gallery, idx, topk=10, ap=ap)
                 write_png(folder / f"ranklist_{tag}.png", rank_list_image(rows))
+
+
+def dataset_name(root) -> str:
+    """The name a reader knows the dataset by: the folder's, or its parent's where the folder has Market-1501's
+    generic name (a synthetic set from ``reid-export synth`` says so)."""
+    root = Path(root)
+    if root.name.startswith("Market-1501") and (root.parent / "synth.json").exists():
+        return f"synthetic crops ({root.parent.name}, reid-export synth)"
+    if root.name.startswith("Market-1501") or root.name in ("", "."):
+        return f"{root.resolve().parent.name}/{root.name}"
+    return root.name
 
 
 def _gate_text(value) -> str:
