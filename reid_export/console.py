@@ -6,6 +6,7 @@ importing ``reid_export.cli``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -16,6 +17,26 @@ import click
 from .errors import ReidExportError, ReidExportNote
 
 PROG = "reid-export"
+LOGGER = logging.getLogger("reid_export")
+
+
+def say(line: str) -> None:
+    """What the library says as it works (the default ``log=`` of its calls): an INFO record on the
+    ``reid_export`` logger. The CLI shows them on stderr (:func:`run_cli`); a script sees them once it
+    configures logging (``logging.basicConfig(level=logging.INFO)``) or passes its own ``log=``."""
+    LOGGER.info(line)
+
+
+class _EchoHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(record.getMessage(), err=True)
+
+
+def show_library_log() -> None:
+    """Send the ``reid_export`` logger's INFO records to stderr as plain lines (once)."""
+    if not any(isinstance(h, _EchoHandler) for h in LOGGER.handlers):
+        LOGGER.addHandler(_EchoHandler())
+    LOGGER.setLevel(logging.INFO)
 
 
 def _debug_requested(args) -> bool:
@@ -26,6 +47,7 @@ def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
     """Run a click group; every failure becomes one line on stderr and a non-zero exit."""
     args = list(sys.argv[1:] if args is None else args)
     debug = _debug_requested(args)
+    show_library_log()
     try:
         with warnings.catch_warnings():
             _show_notes_as_lines(prog_name)

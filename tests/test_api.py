@@ -148,3 +148,12 @@ def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_pat
     assert fp16.passed and fp16.to_dict()["passed"] and "wrote" in fp16.table()
     with pytest.raises(TypeError):
         api.quantize(fp32, out, "int8", options=options)
+
+
+def test_the_library_logs_through_the_reid_export_logger(setup, tmp_path, caplog):
+    """Without ``log=`` the calls say what they do as INFO records of the ``reid_export`` logger (no print)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="reid_export"):
+        api.export_onnx(setup["a"], tmp_path / "a.onnx")
+    assert any(r.name == "reid_export" and "parity export" in r.getMessage() for r in caplog.records)

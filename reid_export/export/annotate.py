@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..console import say
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
@@ -44,7 +45,7 @@ class AnnotateReport:
 
 
 def annotate_file(model_path: str | Path, output: str | Path, data_config: DataConfig,
-                  log: Callable[[str], None] = print) -> AnnotateReport:
+                  log: Callable[[str], None] = say) -> AnnotateReport:
     from .ort import make_session
 
     output = check_output_path(output)

@@ -35,6 +35,7 @@ import onnx
 import torch
 
 from .. import __version__
+from ..console import say
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_output_path, sha256_file
@@ -340,7 +341,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
                       opts: Sequence[str] = (), opset: int = DEFAULT_OPSET, batch: int | None = None,
                       simplify: bool = True, exporter: str = "dynamo",
                       parity_images: Sequence[ImageLike] | None = None, tolerance: float = PARITY_TOLERANCE,
-                      allow_partial: bool = False, log: Callable[[str], None] = print) -> ExportReport:
+                      allow_partial: bool = False, log: Callable[[str], None] = say) -> ExportReport:
     """Export a checkpoint to ``output``, written only when every check passes (else ``report.refusal``)."""
     from ..checkpoint import load_model_from_checkpoint
 

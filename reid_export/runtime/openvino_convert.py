@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..console import say
 from ..data_config import DataConfig
 from ..errors import ReidExportError, UsageError
 from ..fileio import check_input_file, check_output_path, sha256_file
@@ -95,7 +96,7 @@ class ConvertReport:
 def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False, batch: int | None = None,
                  parity_images: Sequence[ImageLike] | None = None, threads: int | None = None,
                  min_cosine: float | None = None, max_rel_l2: float | None = None,
-                 log: Callable[[str], None] = print) -> ConvertReport:
+                 log: Callable[[str], None] = say) -> ConvertReport:
     """Convert an ONNX model (with a reid-export data config) to an IR at ``output``; written only when
     the IR passes its parity check against ONNX Runtime."""
     from .onnx_backend import open_onnx
@@ -182,7 +183,7 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
 
 
 def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataConfig,
-                log: Callable[[str], None] = print) -> AnnotateReport:
+                log: Callable[[str], None] = say) -> AnnotateReport:
     """Write ``data_config`` into an IR from elsewhere (e.g. an Open Model Zoo model) as ``output``.
 
     The model is compiled and run once at the stated size before anything is written; the feature

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..console import say
 from ..errors import ReidExportError
 from ..fileio import atomic_write_bytes, check_output_path, sha256_file
 from . import build_plan, compute_profile, import_tensorrt, parse_size
@@ -49,7 +50,7 @@ def _parser_errors(parser) -> list[str]:
     return messages
 
 
-def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: Path, log=print) -> Path:
+def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: Path, log=say) -> Path:
     """The ONNX file to build from: the input, or its FP16 / Q/DQ INT8 conversion in ``workdir``."""
     from ..export import quantize as q
 
@@ -76,7 +77,7 @@ def _require_written(report) -> None:
         raise ReidExportError(report.refusal or f"{report.output}: not written")
 
 
-def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions, log=print) -> dict:
+def build_engine(onnx_path: str | Path, output: str | Path, options: BuildOptions, log=say) -> dict:
     """Build ``output`` (engine) and ``output.json`` (sidecar) from ``onnx_path``; returns the sidecar."""
     from ..export.metadata import (graph_precision, input_info, load_onnx, output_info, refuse_openvino_ir,
                                    require_data_config)

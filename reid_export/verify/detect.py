@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ..console import say
 from ..data.market import MarketDataset, find_market_root, parse_name
 from ..data_config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from ..embeddings import CollapseStats, collapse_stats, l2_normalize
@@ -385,7 +386,7 @@ def _as_convention(config: DataConfig) -> Convention | None:
 def detect_convention(model: str | Path, images: str | Path, input_size: tuple[int, int] | None = None,
                       max_queries: int = DEFAULT_MAX_QUERIES, max_unlabelled: int = DEFAULT_MAX_UNLABELLED,
                       batch_size: int = 32, progress: bool = True, resizes: tuple[str, ...] = RESIZES,
-                      log: Callable[[str], None] = print) -> DetectReport:
+                      log: Callable[[str], None] = say) -> DetectReport:
     """Try the conventions on the crops in ``images`` and choose one (see the module text).
 
     ``resizes``: the interpolations tried for the winning convention (the search itself resizes with
@@ -539,7 +540,7 @@ def _judge_current(report: DetectReport, config: DataConfig, run) -> Trial | Non
 def detect_and_annotate(model: str | Path, output: str | Path, images: str | Path,
                         input_size: tuple[int, int] | None = None, max_queries: int = DEFAULT_MAX_QUERIES,
                         model_name: str = "", progress: bool = True,
-                        log: Callable[[str], None] = print) -> DetectReport:
+                        log: Callable[[str], None] = say) -> DetectReport:
     """:func:`detect_convention`, then the chosen data config written into ``output`` as ``annotate``
     writes it (ONNX metadata, or an IR's rt_info). Nothing is written when nothing was chosen
     (``report.passed`` is False and ``report.refusal`` says why)."""

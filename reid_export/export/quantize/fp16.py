@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
+from ...console import say
 from ...errors import ReidExportError
 from ..graph import head_nodes, input_prefix_nodes, resolve_excludes
 from ..ort import quiet_ort_tools
@@ -73,7 +74,7 @@ def _split_head(model: onnx.ModelProto, head: set[str], blocked: set[str]) -> tu
 
 
 def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str] = (),
-                 log: Callable[[str], None] = print) -> tuple[onnx.ModelProto, list[str]]:
+                 log: Callable[[str], None] = say) -> tuple[onnx.ModelProto, list[str]]:
     """The FP16 graph (FP32 I/O) and the names of the nodes kept in FP32.
 
     The head (see :func:`..graph.head_nodes`) is cut off, the rest is converted by

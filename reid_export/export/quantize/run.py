@@ -17,6 +17,7 @@ from typing import Callable
 import onnx
 
 from ... import __version__
+from ...console import say
 from ...data_config import DataConfig
 from ...errors import ReidExportError
 from ...fileio import check_output_path, sha256_file
@@ -46,7 +47,7 @@ def load_fp32(model_path: str | Path) -> tuple[onnx.ModelProto, DataConfig]:
 
 
 def quantize_file(model_path: str | Path, output: str | Path, precision: str | None = None, *,
-                  options: QuantizeOptions | None = None, log: Callable[[str], None] = print,
+                  options: QuantizeOptions | None = None, log: Callable[[str], None] = say,
                   score_retrieval: Callable | None = None, **fields) -> QuantizeReport:
     """Make the FP16 or INT8 variant of an FP32 ONNX model; ``output`` is written only when it passes.
 
