@@ -157,3 +157,24 @@ def test_the_library_logs_through_the_reid_export_logger(setup, tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="reid_export"):
         api.export_onnx(setup["a"], tmp_path / "a.onnx")
     assert any(r.name == "reid_export" and "parity export" in r.getMessage() for r in caplog.records)
+
+
+def test_calls_take_open_encoders_as_they_take_paths(setup):
+    """parity, evaluate and bench accept an open Encoder wherever they accept a model path: the same
+    figures as with the path, the encoder named by its file, and left open for the caller."""
+    ref, other = api.open_encoder(setup["a"]), api.open_encoder(setup["other"])
+    try:
+        by_path = api.parity(setup["a"], [setup["other"]], [setup["images"]], progress=False)
+        by_encoder = api.parity(ref, [other], [setup["images"]], progress=False)
+        assert by_encoder.candidates[0].min_cosine == by_path.candidates[0].min_cosine
+        assert by_encoder.reference["model"] == str(setup["a"]) and by_encoder.passed == by_path.passed
+        ev = api.evaluate([ref, setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
+        ev_path = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
+        assert [r["mAP"] for r in ev.results] == [r["mAP"] for r in ev_path.results]
+        assert ev.results[0]["model"] == str(setup["a"])
+        rep = api.bench([ref], [1], iterations=2, warmup=0, rounds=1, threads=1, progress=False)
+        assert rep.passed and rep.results[0]["model"] == str(setup["a"]) and rep.models[0]["name"] == "a.pth"
+        assert ref(np.zeros((1, 3, 64, 32), np.float32)).shape[0] == 1  # still open
+    finally:
+        ref.close()
+        other.close()

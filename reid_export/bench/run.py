@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from ..cpuinfo import routes_line
 from ..errors import UsageError
+from ..runtime import Encoder
 from ..preprocess import expand_image_paths
 from ..report import report_header
 from .core import BenchSettings, run_benchmark
@@ -81,7 +82,7 @@ def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def run_bench(models: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 8, 32), *, device: str = "cpu",
+def run_bench(models: Sequence["str | Path | Encoder"], batch_sizes: Sequence[int] = (1, 8, 32), *, device: str = "cpu",
               threads: int | None = None, warmup: float = 1.0, duration: float | None = None,
               iterations: int | None = None, rounds: int = 5, include_preprocess: bool = False,
               images: Sequence[str | Path] = (), config: str | Path | None = None, progress: bool = True,

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ReidExportError
-from ..runtime import open_encoder, preprocess
+from ..runtime import model_name, open_encoder, preprocess
 from ..runtime.encoder import Encoder
 from .core import CpuTimer, CudaEventTimer, Subject
 from .memory import rss_mib
@@ -49,8 +49,8 @@ class InputCache:
         return self._cache[key]
 
 
-def _label(path: Path, half: bool) -> str:
-    return path.name + ("@fp16" if half else "")
+def _label(path: "Path | Encoder", half: bool) -> str:
+    return Path(model_name(path)).name + ("@fp16" if half else "")
 
 
 def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int | None = None,
@@ -61,10 +61,10 @@ def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int
     if include_preprocess and not images:
         raise ReidExportError("--include-preprocess times decoding real files: give them with --images", exit_code=2)
     inputs = inputs or InputCache()
-    parsed = [parse_model_spec(s) for s in specs]
+    parsed = [(s, False) if isinstance(s, Encoder) else parse_model_spec(s) for s in specs]  # an open encoder as it is
     labels = [_label(p, h) for p, h in parsed]
     if len(set(labels)) < len(labels):  # same file name in two folders: show the paths
-        labels = [str(p) + ("@fp16" if h else "") for p, h in parsed]
+        labels = [model_name(p) + ("@fp16" if h else "") for p, h in parsed]
     if len(set(labels)) < len(labels):
         dup = next(label for label in labels if labels.count(label) > 1)
         raise ReidExportError(f"{dup}: given twice; each model is benchmarked once per run", exit_code=2)

@@ -144,6 +144,34 @@ class Encoder(ABC):
         self.close()
 
 
+class BorrowedEncoder(Encoder):
+    """A caller's open :class:`Encoder` handed to a call (``parity``, ``evaluate``, ``bench``): the call
+    uses it, may set its own preprocessing on this view, and leaves it open (``close`` does nothing)."""
+
+    def __init__(self, inner: Encoder):
+        self.inner = inner
+        self.backend, self.precision, self.path = inner.backend, inner.precision, Path(inner.path)
+        self.data_config, self.device, self.preprocessing = inner.data_config, inner.device, inner.preprocessing
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self.inner.forward(batch)
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.inner.max_batch
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        """The caller's encoder stays open."""
+
+
+def model_name(model: "str | Path | Encoder") -> str:
+    """How a model given as a path, a ``path@device`` spec or an open :class:`Encoder` is named in reports."""
+    return str(model.path) if isinstance(model, Encoder) else str(model)
+
+
 # suffix -> "module:function" of a factory(path, **options) -> Encoder
 _REGISTRY: dict[str, str] = {}
 
@@ -187,7 +215,8 @@ def configs_for(paths: Sequence[str | Path], config):
     every model gets it, so a backend that takes no config says so.
     """
     paths = list(paths)
-    is_ckpt = [split_model_spec(p)[0].suffix.lower() in CHECKPOINT_SUFFIXES for p in paths]
+    is_ckpt = [not isinstance(p, Encoder) and split_model_spec(p)[0].suffix.lower() in CHECKPOINT_SUFFIXES
+               for p in paths]
     if config is None or not any(is_ckpt):
         return [config] * len(paths)
     return [config if c else None for c in is_ckpt]
@@ -216,10 +245,13 @@ def backend_for(path: str | Path, device: str = "cpu") -> Callable[..., Encoder]
     return getattr(module, func)
 
 
-def open_encoder(path: str | Path, config: str | Path | None = None, opts: Sequence[str] = (),
+def open_encoder(path: "str | Path | Encoder", config: str | Path | None = None, opts: Sequence[str] = (),
                  device: str = "cpu", **options) -> Encoder:
     """Open any model file as an :class:`Encoder` (backend chosen from the suffix, or OpenVINO for
-    ``--device openvino`` / a ``model.onnx@openvino`` spec)."""
+    ``--device openvino`` / a ``model.onnx@openvino`` spec). An open :class:`Encoder` is used as it is
+    (a :class:`BorrowedEncoder`: closing it leaves the caller's open)."""
+    if isinstance(path, Encoder):
+        return BorrowedEncoder(path)
     path, spec_device = split_model_spec(path)
     device = spec_device or device
     return backend_for(path, device)(path, config=config, opts=opts, device=device, **options)

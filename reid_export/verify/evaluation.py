@@ -18,7 +18,7 @@ import numpy as np
 from ..data.market import MarketDataset
 from ..embeddings import CollapseStats, Tolerances, compare
 from ..report import format_table, report_header
-from ..runtime import open_encoder
+from ..runtime import Encoder, model_name, open_encoder
 from ..runtime.encoder import configs_for
 from .evaluate import METRIC_KEYS, EvalOptions, EvalResult, check_queries_have_matches, evaluate_encoder
 from .parity import use_deployment
@@ -257,7 +257,7 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, options: EvalOptions | None = None,
+def run_evaluation(models: Sequence["str | Path | Encoder"], dataset_root: str | Path, options: EvalOptions | None = None,
                    gates: EvalGates | None = None, *, config: str | Path | None = None,
                    deployments: Sequence[str] = (), distractors: Sequence[str | Path] = (),
                    chunk_elements: int = 1 << 25, device: str = "cpu", progress: bool = True,
@@ -289,7 +289,7 @@ def run_evaluation(models: Sequence[str | Path], dataset_root: str | Path, optio
                     result = evaluate_encoder(enc, dataset, options, progress, on_error=on_error)
                 scored.append(result)
                 res = result.row()
-                res.update({"model": str(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
+                res.update({"model": model_name(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
                             "precision": enc.precision, "deployment": deployment})
                 if deployment is None:
                     own = res

@@ -18,7 +18,7 @@ from ..errors import ReidExportError, UsageError
 from ..export.quantize.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
 from ..report import format_table, report_header
-from ..runtime import open_encoder
+from ..runtime import model_name, open_encoder
 from ..runtime.encoder import Encoder, configs_for
 from .collapse import collapse_of
 
@@ -93,7 +93,8 @@ def use_deployment(encoder: Encoder, name: str | None) -> Encoder:
     return encoder
 
 
-def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: Sequence[str | Path], *,
+def run_parity(reference: "str | Path | Encoder", candidates: Sequence["str | Path | Encoder"],
+               images: Sequence[str | Path], *,
                config: str | Path | None = None, batch_size: int = 16, min_cosine: float | None = None,
                min_mean_cosine: float | None = None, max_pair_error: float | None = None, max_rel_l2: float | None = None, atol: float | None = None, rtol: float | None = None,
                min_top1_agreement: float | None = None, locate: bool = False, deployment: str | None = None,
@@ -115,31 +116,30 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], images: 
             raise ReidExportError(f"none of the {len(paths)} images could be read; {skipped_summary(skipped)}")
         warn(skipped_summary(skipped))
         paths = [paths[i] for i in kept]
-    reference = Path(reference)
     encoders: list[Encoder] = []
     try:
         model_configs = configs_for([reference, *candidates], config)  # --config: for the checkpoints
         ref_enc = open_encoder(reference, config=model_configs[0], device=device)
         encoders.append(ref_enc)
         ref_feats = ref_enc.encode_files(arrays, batch_size, progress=progress, desc=f"reference ({ref_enc.backend})")
-        collapse = {str(reference): _collapse(ref_feats)}
+        collapse = {model_name(reference): _collapse(ref_feats)}
         results = []
-        for cand_path, cand_config in zip(map(Path, candidates), model_configs[1:]):
-            enc = use_deployment(open_encoder(cand_path, config=cand_config, device=device), deployment)
+        for cand, cand_config in zip(candidates, model_configs[1:]):
+            enc = use_deployment(open_encoder(cand, config=cand_config, device=device), deployment)
             encoders.append(enc)
-            feats = enc.encode_files(arrays, batch_size, progress=progress, desc=f"{cand_path.name} ({enc.backend})")
+            feats = enc.encode_files(arrays, batch_size, progress=progress, desc=f"{enc.path.name} ({enc.backend})")
             tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, min_mean_cosine=min_mean_cosine,
                                            max_pair_error=max_pair_error, max_rel_l2=max_rel_l2, atol=atol,
                                            rtol=rtol, min_top1_agreement=min_top1_agreement)
-            res = compare(ref_feats, feats, tol, str(cand_path) + (f"@{deployment}" if deployment else ""),
+            res = compare(ref_feats, feats, tol, model_name(cand) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
             if res.candidate not in collapse:  # the reference again: checked once
                 collapse[res.candidate] = _collapse(feats)
             if not res.passed:
                 res.notes.extend(data_config_differences(ref_enc.data_config, enc.data_config))
             results.append(res)
-        located = _locate(reference, ref_enc, encoders[1:], arrays) if locate else {}
-        return ParityReport(reference={"model": str(reference), "backend": ref_enc.backend,
+        located = _locate(ref_enc, encoders[1:], arrays) if locate else {}
+        return ParityReport(reference={"model": model_name(reference), "backend": ref_enc.backend,
                                        "precision": ref_enc.precision},
                             images=[str(p) for p in paths], candidates=results,
                             skipped_images=[str(e.path) for e in skipped], deployment=deployment, locate=located,
@@ -156,9 +156,9 @@ def _collapse(features) -> dict | None:
     return stats.to_dict() if stats else None
 
 
-def _locate(reference: Path, ref_enc: Encoder, candidates: list[Encoder], arrays) -> dict:
+def _locate(ref_enc: Encoder, candidates: list[Encoder], arrays) -> dict:
     """Per-layer error growth of each FP16/INT8 ONNX candidate against the FP32 ONNX among the models."""
-    fp32 = ref_enc if reference.suffix == ".onnx" and ref_enc.precision == "fp32" else next(
+    fp32 = ref_enc if ref_enc.path.suffix == ".onnx" and ref_enc.precision == "fp32" else next(
         (e for e in candidates if e.path.suffix == ".onnx" and e.precision == "fp32"), None)
     targets = [e for e in candidates if e.path.suffix == ".onnx" and e.precision != "fp32"]
     if fp32 is None or not targets:
