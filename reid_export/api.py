@@ -32,7 +32,7 @@ from .export.quantize import Gate, QuantizeOptions, QuantizeReport
 from .runtime import Encoder, open_encoder
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
-from .verify.evaluate import EvalOptions
+from .verify.retrieval import EvalOptions
 from .verify.evaluation import DEFAULT_MAX_MAP_DROP, DEFAULT_MAX_R1_DROP, EvalGates, EvalReport
 from .verify.evaluation import run_evaluation as evaluate
 from .verify.parity import ParityReport

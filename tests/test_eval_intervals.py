@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from reid_export.verify import metrics
-from reid_export.verify.evaluate import SplitArrays
+from reid_export.verify.retrieval import SplitArrays
 from reid_export.verify.evaluation import paired_interval, per_query_scores
 
 

@@ -419,7 +419,7 @@ def test_the_default_gate_refuses_spread_error_and_names_the_recovery_that_passe
     assert list(out.parent.iterdir()) == []
     doc = json.loads((tmp_path / "refused.json").read_text())
     assert doc["gate_passed"] is False and doc["search"]["gate"]["max_pair_error"] == PAIR_ERROR_LIMIT
-    assert doc["search"]["fallback_float"] or any(t["kept_float"] for t in doc["search"]["tried"])  # it tried
+    assert doc["search"]["fallback_float"] or any(t["fallback_nodes"] for t in doc["search"]["tried"])  # it tried
     fp16 = tmp_path / "out" / "q.fp16.onnx"
     result = run_cli("quantize", src, "-o", fp16, "--precision", "fp16", "--calib-dir", crops)
     assert result.code == 0 and "accuracy gate passed" in result.err, result

@@ -251,7 +251,7 @@ def test_real_cuhk03_is_found_by_name():
 
 
 def test_training_evaluation_stops_on_nan_features(toy_root):
-    """The trainer evaluates through verify.evaluate, with its NaN guard: one clear error, no metrics."""
+    """The trainer evaluates through verify.retrieval, with its NaN guard: one clear error, no metrics."""
     from reid_export.config import load_config
     from reid_export.data_config import data_config_from_cfg
     from reid_export.errors import ReidExportError

@@ -1,8 +1,8 @@
-"""Evaluation during training: the same path as ``reid-export eval`` (:mod:`reid_export.verify.evaluate`).
+"""Evaluation during training: the same path as ``reid-export eval`` (:mod:`reid_export.verify.retrieval`).
 
 Query and gallery of each DATASETS.TESTS dataset are encoded with
 :class:`reid_export.runtime.torch_backend.TorchEncoder` (decode, resize, batch exactly as
-``reid-export extract``/``eval`` do) and scored by :func:`reid_export.verify.evaluate.evaluate_encoder`
+``reid-export extract``/``eval`` do) and scored by :func:`reid_export.verify.retrieval.evaluate_encoder`
 with TEST.FLIP, TEST.METRIC, TEST.AQE and TEST.RERANK applied as fast-reid's evaluator applies them;
 a model that outputs NaN/Inf stops the run with one line. ``metric`` is fast-reid's model-selection
 score ``(Rank-1 + mAP) / 2``.
@@ -19,7 +19,7 @@ import torch
 from reid_export.data.market import MarketDataset
 from reid_export.errors import ReidExportError
 from reid_export.runtime.torch_backend import TorchEncoder
-from reid_export.verify.evaluate import EvalOptions, evaluate_encoder
+from reid_export.verify.retrieval import EvalOptions, evaluate_encoder
 
 from .datasets import datasets_root, resolve_dataset
 

@@ -174,7 +174,7 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
       reid-export eval model.pth model.onnx model.int8.onnx --dataset-root Market-1501 \\
           --max-map-drop 0.5 --report eval.json --plots plots/
     """
-    from ..verify.evaluate import EvalOptions
+    from ..verify.retrieval import EvalOptions
     from ..embeddings import Tolerances
     from ..verify.evaluation import EvalGates, run_evaluation
     from .large_eval import check_eval_inputs, eval_feature_files
@@ -186,7 +186,7 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
                                   progress, report, report_header("eval"))
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-    opts = EvalOptions(flip_test=flip_test, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
+    options = EvalOptions(flip_test=flip_test, metric=metric, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                        aqe=aqe, batch_size=batch_size)
     unknown = [str(c) for c in contrast if all(Path(c) != Path(m) for m in models)]
     if unknown:
@@ -195,7 +195,7 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
         max_map_drop=max_map_drop, max_r1_drop=max_r1_drop, max_deployment_map_drop=max_deployment_map_drop,
         max_deployment_r1_drop=max_deployment_r1_drop, exempt=tuple(str(c) for c in contrast),
         fidelity=Tolerances.reduced_precision(max_pair_error=max_pair_error))
-    result = run_evaluation(models, dataset_root, opts, gates, config=config, deployments=deployments,
+    result = run_evaluation(models, dataset_root, options, gates, config=config, deployments=deployments,
                             distractors=distractors, chunk_elements=chunk_elements, device=device, progress=progress,
                             skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))
     click.echo(result.table())

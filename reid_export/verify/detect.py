@@ -36,7 +36,7 @@ from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths, preprocess_image, read_image, resize_rgb
 from ..report import format_table, report_header
 from . import metrics
-from .evaluate import SplitArrays, per_query_ap
+from .retrieval import SplitArrays, per_query_ap
 from .evaluation import paired_interval
 
 SEARCH_RESIZE = "linear"                # the resize of the convention search

@@ -20,7 +20,7 @@ from ..embeddings import CollapseStats, Tolerances, compare
 from ..report import format_table, report_header
 from ..runtime import Encoder, model_name, open_encoder
 from ..runtime.encoder import configs_for
-from .evaluate import METRIC_KEYS, EvalOptions, EvalResult, check_queries_have_matches, evaluate_encoder
+from .retrieval import METRIC_KEYS, EvalOptions, EvalResult, check_queries_have_matches, evaluate_encoder
 from .parity import use_deployment
 from .thresholds import threshold_shifts
 
@@ -202,7 +202,7 @@ class EvalReport:
         if not self.scored or self.scored[0].distmat is None:
             return  # the first model failed, or a streamed evaluation (no matrix held)
         from . import metrics
-        from .evaluate import per_query_ap
+        from .retrieval import per_query_ap
         from .plots import rank_list_image, rank_list_rows, roc_plot, write_png
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,7 @@ BOOTSTRAP_RESAMPLES = 2000
 def per_query_scores(distmat: np.ndarray, query, gallery) -> tuple[np.ndarray, np.ndarray]:
     """(AP, Rank-1 hit) of each query, in percent, NaN where the query has no valid match; the
     Market-1501 protocol (gallery items of the query's identity from its own camera left out)."""
-    from .evaluate import per_query_ap
+    from .retrieval import per_query_ap
 
     ap = per_query_ap(distmat, query, gallery) * 100.0
     hit = np.full(len(ap), np.nan)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import metrics
-from .evaluate import SplitArrays
+from .retrieval import SplitArrays
 from .evaluation import paired_interval, per_query_scores
 
 

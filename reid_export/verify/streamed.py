@@ -20,7 +20,7 @@ from ..data.market import parse_name
 from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths
 from . import metrics
-from .evaluate import EvalResult, SplitArrays, collapse_dict
+from .retrieval import EvalResult, SplitArrays, collapse_dict
 from .npy_rows import NpyRows
 from .thresholds import cosine_thresholds
 
@@ -141,10 +141,10 @@ def evaluate_feature_files(query_npy: Path, gallery_npys: Sequence[Path], metric
     return res
 
 
-def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opts, progress: bool = True,
+def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], options, progress: bool = True,
                               on_error: str = "raise", chunk_elements: int = 1 << 25) -> EvalResult:
     """``eval MODEL --dataset-root D --distractors DIR...``: query and gallery of D plus distractor images."""
-    if opts.rerank or opts.aqe:
+    if options.rerank or options.aqe:
         raise UsageError("--rerank/--aqe are not available with --distractors or feature files yet; "
                          "evaluate without them")
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
@@ -153,7 +153,7 @@ def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opt
     for name, paths in (("query", query.paths), ("gallery", gallery.paths), ("distractors", d_paths)):
         if not paths:
             continue
-        enc = encoder.encode_paths(paths, opts.batch_size, opts.flip_test, progress,
+        enc = encoder.encode_paths(paths, options.batch_size, options.flip_test, progress,
                                    desc=f"{name} ({encoder.backend})", on_error=on_error)
         skipped += enc.skipped
         if enc.skipped:
@@ -169,7 +169,7 @@ def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opt
     g = ConcatRows(parts) if len(parts) > 1 else parts[0]
     res = evaluate_streamed(feats["query"], query.pids, query.camids, g,
                             np.concatenate([gallery.pids, d_pids]), np.concatenate([gallery.camids, d_cams]),
-                            opts.metric, chunk_elements, progress)
+                            options.metric, chunk_elements, progress)
     res["num_distractors"] = len(d_paths)
     # tracker thresholds and the collapse check on the dataset's own query x gallery pairs (the
     # distractors have no identity to pair with)

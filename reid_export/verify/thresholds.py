@@ -86,7 +86,7 @@ def reference_threshold(model, dataset_root, fmr: float = 1e-2, *, deployment: s
     different-identity pairs to resolve ``fmr`` (fewer than ``1 / fmr``)."""
     from ..data.market import MarketDataset
     from ..runtime import open_encoder
-    from .evaluate import SplitArrays, check_queries_have_matches
+    from .retrieval import SplitArrays, check_queries_have_matches
     from .parity import use_deployment
 
     if not 0.0 < fmr < 1.0:

@@ -95,8 +95,8 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, options: Quan
         objective=chosen.objective, objective_before_fallback=first.objective,
         tried=[t.to_dict() for t in result.trials],
         kept_float=list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums
-                                      + result.keep_float)),
-        fallback_float=list(result.keep_float), fallback_ranking=result.ranking, max_float=max_float,
+                                      + result.fallback_float)),
+        fallback_float=list(result.fallback_float), fallback_ranking=result.ranking, max_float=max_float,
         equalization={k: v for k, v in equalization.items() if k != "what"},
         calibration=calibration_record, held_out=held_out_record, held_out_retrieval=retrieval,
         seconds={"calibration": round(calib_seconds, 1), "search": round(search_seconds, 1)})
@@ -167,9 +167,9 @@ def objective_text(o: dict) -> str:
 def _say_what_was_tried(result: SearchResult, record: SearchRecord, held_out: int, note) -> None:
     for t in result.trials:
         note(f"  tried {t.label}: {objective_text(t.objective)}{'' if t.passed else ' (below the gate)'}")
-    if result.keep_float:
-        note(f"kept in float to meet the gate: {len(result.keep_float)} nodes ({', '.join(result.keep_float[:6])}"
-             f"{', ...' if len(result.keep_float) > 6 else ''}); objective "
+    if result.fallback_float:
+        note(f"kept in float to meet the gate: {len(result.fallback_float)} nodes ({', '.join(result.fallback_float[:6])}"
+             f"{', ...' if len(result.fallback_float) > 6 else ''}); objective "
              f"{objective_text(record.objective_before_fallback)} -> {objective_text(record.objective)}")
     if record.passed:
         note(f"accuracy gate passes with {record.chosen}: {objective_text(record.objective)} on {held_out} "
@@ -179,8 +179,8 @@ def _say_what_was_tried(result: SearchResult, record: SearchRecord, held_out: in
 def _refusal_detail(result: SearchResult, record: SearchRecord, held_out: int) -> str:
     if record.passed:
         return ""
-    tried = " / ".join(dict.fromkeys(t.label for t in result.trials if not t.keep_float))  # labels hold commas
-    most = max((len(t.keep_float) for t in result.trials), default=0)
+    tried = " / ".join(dict.fromkeys(t.label for t in result.trials if not t.fallback_float))  # labels hold commas
+    most = max((len(t.fallback_float) for t in result.trials), default=0)
     return (f"best {record.chosen}: {'; '.join(result.chosen.failures)} on {held_out} held-out images; tried {tried}"
             + (f" and up to {most} of {record.max_float} allowed nodes in float" if record.max_float
                else ", no fallback to float (--max-float 0)"))

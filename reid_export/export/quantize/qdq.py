@@ -156,8 +156,8 @@ def _qdq_quantizer(model, reduce_range, weight, activation, tensors_range, exclu
 
 
 def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce_range: bool,
-              keep_float: Sequence[str] = (), input_means: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """The Q/DQ graph for ``prepared.target`` with these activation ranges; ``keep_float`` nodes stay float.
+              fallback_float: Sequence[str] = (), input_means: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """The Q/DQ graph for ``prepared.target`` with these activation ranges; ``fallback_float`` nodes stay float.
 
     ``input_means``: per-channel means of the Conv inputs; when given, the bias of every quantized
     Conv is corrected for the mean output shift its weight rounding causes (:func:`correct_biases`)."""
@@ -179,7 +179,7 @@ def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True}
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)  # the quantizer edits its model in place
-    excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums + list(keep_float)))
+    excluded = list(dict.fromkeys(prepared.head + prepared.user_excluded + prepared.float_sums + list(fallback_float)))
     unshare_initializers(model, excluded, "float")  # a node kept in float keeps float weights
     if input_means is not None and "Conv" in prepared.op_types:
         correct_biases(model, input_means, set(excluded), weight_levels(prepared.target, reduce_range))

@@ -50,7 +50,7 @@ class SearchRecord:
 
     def table(self) -> str:
         """Every candidate tried, the chosen one marked."""
-        rows = [[t["label"], t["kept_float"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
+        rows = [[t["label"], t["fallback_nodes"], t["objective"]["pair_error"], t["objective"]["min_cosine"],
                  t["objective"]["mean_cosine"], f"{t['objective']['top1_agreement']:.1%}",
                  f"{t['objective']['top5_agreement']:.1%}", "pass" if t["passed"] else "below", ""]
                 for t in self.tried]

@@ -75,7 +75,7 @@ class Trial:
     label: str
     method: str
     percentile: float | None
-    keep_float: list[str]
+    fallback_float: list[str]
     objective: dict
     failures: list[str]
     seconds: float
@@ -95,7 +95,7 @@ class Trial:
     def to_dict(self) -> dict:
         return {"label": self.label, "method": self.method, "percentile": self.percentile, "variant": self.variant,
                 "bias_corrected": self.bias_corrected,
-                "kept_float": len(self.keep_float), "objective": self.objective, "passed": self.passed,
+                "fallback_nodes": len(self.fallback_float), "objective": self.objective, "passed": self.passed,
                 "failures": self.failures, "seconds": round(self.seconds, 2)}
 
 
@@ -149,7 +149,7 @@ class SearchResult:
     chosen: Trial
     first_choice: Trial
     trials: list[Trial]
-    keep_float: list[str]
+    fallback_float: list[str]
     ranking: list[dict] = field(default_factory=list)
     ranges: dict = field(default_factory=dict)
     prepared: Prepared | None = None
@@ -160,7 +160,7 @@ class SearchResult:
 
 
 def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objective, gate: Tolerances,
-           candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_fallback: int,
+           candidates: Sequence[tuple[str, float | None]], reduce_range: bool, max_float: int,
            locate_inputs: np.ndarray, progress: bool = True, bias_correction: bool = True) -> SearchResult:
     """Try ``candidates`` on every variant, keep the best by the objective, then the same with the
     weight-rounding bias corrected (kept when closer), then keep nodes in float until ``gate``
@@ -212,22 +212,22 @@ def search(variants: Sequence[Variant] | Prepared, calibration, objective: Objec
     best = first
     ranking: list[dict] = []
     keep: list[str] = []
-    if not best.passed and max_fallback > 0:
-        best, keep, ranking = _fall_back(by_name[best.variant].prepared, best, trial, built, gate, max_fallback,
+    if not best.passed and max_float > 0:
+        best, keep, ranking = _fall_back(by_name[best.variant].prepared, best, trial, built, gate, max_float,
                                          locate_inputs, progress)
         if not best.passed:  # the gate is missed anyway: report (and write, if asked) the closest trial
             best = max(trials, key=Trial.score)
-            keep = list(best.keep_float)
+            keep = list(best.fallback_float)
     return SearchResult(built[id(best)], best, first, trials, keep, ranking,
                         ranges_of[(best.variant, candidate_label(best.method, best.percentile))],
                         by_name[best.variant].prepared)
 
 
-def _fall_back(prepared, start: Trial, trial, built, gate: Tolerances, max_fallback: int, locate_inputs, progress):
+def _fall_back(prepared, start: Trial, trial, built, gate: Tolerances, max_float: int, locate_inputs, progress):
     """Keep the nodes that add the most error in float (1, 2, 4, ... per round) until the gate holds.
 
     A round that does not bring the objective closer to FP32 is undone (its nodes are not tried
-    again); the search stops when the gate holds, ``max_fallback`` nodes are in float, twice that
+    again); the search stops when the gate holds, ``max_float`` nodes are in float, twice that
     many have been tried, or no quantized node adds error.
     """
     from tqdm import tqdm
@@ -238,16 +238,16 @@ def _fall_back(prepared, start: Trial, trial, built, gate: Tolerances, max_fallb
     current, keep, step, round_ = start, [], 1, 0
     tried: set[str] = set()
     ranking: list[dict] = []
-    bar = tqdm(total=max_fallback, desc="fall back: nodes kept in float", unit="node", disable=not progress,
+    bar = tqdm(total=max_float, desc="fall back: nodes kept in float", unit="node", disable=not progress,
                leave=False)
     try:
-        while not current.passed and len(keep) < max_fallback and len(tried) < 2 * max_fallback:
+        while not current.passed and len(keep) < max_float and len(tried) < 2 * max_float:
             found = locate(prepared.model, built[id(current)], locate_inputs, top=10)
             ranked = sorted((l for l in found["layers"] if l["node"] in pool and l["node"] not in keep
                              and l["node"] not in tried and l["added"] > 0), key=lambda l: -l["added"])
             if not ranked:
                 break
-            batch = [l["node"] for l in ranked[:min(step, max_fallback - len(keep))]]
+            batch = [l["node"] for l in ranked[:min(step, max_float - len(keep))]]
             tried.update(batch)
             round_ += 1
             candidate = trial(start.method, start.percentile, keep + batch,

@@ -1,5 +1,6 @@
-"""Market-1501-protocol evaluation of any Encoder: features -> distances -> Rank-k/mAP/mINP/ROC,
-the cosine-distance thresholds at a few false-match rates (for trackers) and the collapse check."""
+"""One model's retrieval scores: Market-1501-protocol evaluation of any Encoder, features -> distances ->
+Rank-k/mAP/mINP/ROC, the cosine-distance thresholds at a few false-match rates (for trackers) and the
+collapse check. Several models side by side, with deltas and gates: :mod:`.evaluation`."""
 
 from __future__ import annotations
 
@@ -79,16 +80,16 @@ class EvalResult:
         return out
 
 
-def distances(qf: np.ndarray, gf: np.ndarray, opts: EvalOptions) -> np.ndarray:
+def distances(qf: np.ndarray, gf: np.ndarray, options: EvalOptions) -> np.ndarray:
     """Query x gallery distances after the optional AQE and re-ranking."""
     if not (np.isfinite(qf).all() and np.isfinite(gf).all()):
         bad = int((~np.isfinite(qf)).sum() + (~np.isfinite(gf)).sum())
         raise ReidExportError(f"the model output {bad} NaN/Inf feature values; its results would be meaningless")
-    if opts.aqe:
-        qf, gf = average_query_expansion(qf, gf, opts.qe_times, opts.qe_k, opts.alpha)
-    if opts.rerank:
-        return k_reciprocal_rerank(qf, gf, opts.k1, opts.k2, opts.lambda_value, opts.metric)
-    return metrics.compute_distance(qf, gf, opts.metric)
+    if options.aqe:
+        qf, gf = average_query_expansion(qf, gf, options.qe_times, options.qe_k, options.alpha)
+    if options.rerank:
+        return k_reciprocal_rerank(qf, gf, options.k1, options.k2, options.lambda_value, options.metric)
+    return metrics.compute_distance(qf, gf, options.metric)
 
 
 def score(distmat: np.ndarray, query: SplitArrays, gallery: SplitArrays) -> dict:
@@ -119,7 +120,7 @@ def check_queries_have_matches(dataset: MarketDataset) -> None:
             "camera ids in the file names (PPPP_cC...)")
 
 
-def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progress: bool = True,
+def evaluate_encoder(encoder, dataset: MarketDataset, options: EvalOptions, progress: bool = True,
                      on_error: str = "raise") -> EvalResult:
     """Encode query and gallery with ``encoder`` and score them (metrics plus the arrays behind them).
 
@@ -127,18 +128,18 @@ def evaluate_encoder(encoder, dataset: MarketDataset, opts: EvalOptions, progres
     the rest is scored. A model that outputs NaN/Inf gets ``result.error``, not metrics.
     """
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
-    qe = encoder.encode_paths(query.paths, opts.batch_size, opts.flip_test, progress,
+    qe = encoder.encode_paths(query.paths, options.batch_size, options.flip_test, progress,
                               desc=f"query ({encoder.backend})", on_error=on_error)
-    ge = encoder.encode_paths(gallery.paths, opts.batch_size, opts.flip_test, progress,
+    ge = encoder.encode_paths(gallery.paths, options.batch_size, options.flip_test, progress,
                               desc=f"gallery ({encoder.backend})", on_error=on_error)
     query, gallery = query.subset(qe.kept), gallery.subset(ge.kept)
     qf, gf, skipped = qe.features, ge.features, qe.skipped + ge.skipped
     nonfinite = int((~np.isfinite(qf)).sum() + (~np.isfinite(gf)).sum())
     if nonfinite:
         return EvalResult(error=f"{nonfinite} NaN/Inf values in the features", nonfinite=nonfinite, skipped=skipped)
-    distmat = distances(qf, gf, opts)
+    distmat = distances(qf, gf, options)
     scores = score(distmat, query, gallery)
-    plain_cosine = opts.metric == "cosine" and not (opts.rerank or opts.aqe)
+    plain_cosine = options.metric == "cosine" and not (options.rerank or options.aqe)
     scores["thresholds"] = cosine_thresholds(qf, gf, query, gallery, distmat=distmat if plain_cosine else None)
     scores["collapse"] = collapse_dict(np.concatenate([qf, gf]))
     return EvalResult(metrics=scores, skipped=skipped, distmat=distmat, query=query,
@@ -151,5 +152,5 @@ def collapse_dict(features: np.ndarray) -> dict | None:
     return stats.to_dict() if stats else None
 
 
-def options_dict(opts: EvalOptions) -> dict:
-    return asdict(opts)
+def options_dict(options: EvalOptions) -> dict:
+    return asdict(options)
