@@ -32,7 +32,7 @@ from reid_export.export.quantize import quantize_file  # noqa: E402
 from reid_export.fileio import atomic_write_json, sha256_file  # noqa: E402
 from reid_export.report import format_table  # noqa: E402
 from reid_export.runtime import open_encoder  # noqa: E402
-from reid_export.verify.evaluate import EvalOptions, evaluate_encoder  # noqa: E402
+from reid_export.verify.retrieval import EvalOptions, evaluate_encoder  # noqa: E402
 from reid_export.embeddings import Tolerances, compare  # noqa: E402
 
 

@@ -207,7 +207,7 @@ class EvalSet:
     def __init__(self, root: Path, data_config):
         from reid_export.data.market import MarketDataset
         from reid_export.preprocess import preprocess
-        from reid_export.verify.evaluate import SplitArrays
+        from reid_export.verify.retrieval import SplitArrays
 
         ds = MarketDataset(root)
         self.query, self.gallery = SplitArrays.of(ds.query), SplitArrays.of(ds.gallery)
@@ -215,7 +215,7 @@ class EvalSet:
         self.gx = preprocess(self.gallery.paths, data_config)
 
     def score(self, runner: Runner) -> dict:
-        from reid_export.verify.evaluate import EvalOptions, distances, score
+        from reid_export.verify.retrieval import EvalOptions, distances, score
 
         dist = distances(runner(self.qx), runner(self.gx), EvalOptions())
         m = score(dist, self.query, self.gallery)

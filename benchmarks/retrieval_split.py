@@ -1,7 +1,7 @@
 """A second, larger retrieval test from a Market-layout training folder, without the crops ``quantize`` used.
 
 The INT8 figures on CUHK03 rest on 200 queries: one query is 0.5 Rank-1 points, and graphs that
-are equally close to FP32 scatter by about +-1.5 mAP there (benchmarks/RESULTS.md). This script
+are equally close to FP32 scatter by about +-1.5 mAP there (benchmarks/RESULTS-archive.md, issue 15). This script
 makes a second test set from ``ROOT/bounding_box_train`` for models that were *not* trained on
 it (torchreid's MSMT17 / Market-1501 OSNets on CUHK03, say): it leaves out exactly the
 calibration and held-out images ``reid-export quantize --calib-dir ROOT/bounding_box_train``

@@ -1,7 +1,7 @@
 """Reliability: every bad input gets one clear line, nothing is half-written, training survives kill -9.
 
-The cases are the table in ``failure_table.py`` (also the README's "What happens when ..."
-section). Each runs the real command in-process on small inputs built once per module: an R18
+The cases are the table in ``failure_table.py`` (also the "What happens when ..." section of
+docs/errors.md). Each runs the real command in-process on small inputs built once per module: an R18
 checkpoint at 64x32, a tiny conv net exported with the project's exporter and annotated, a few
 generated images (corrupt, 1x1, grayscale, RGBA, a non-UTF-8 name) and tiny Market layouts.
 """
@@ -28,7 +28,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import CONFIGS, REPO, CliResult, randomize_bn, run_cli, run_main, write_image
-from failure_table import CASES, README, Case, readme_section, render
+from failure_table import CASES, ERRORS_DOC, Case, doc_section, render
 
 R18_CFG = CONFIGS / "Market1501" / "bagtricks_R18.yml"
 
@@ -337,13 +337,13 @@ def test_debug_shows_the_traceback(artifacts, tmp_path):
     assert plain.err.strip().splitlines()[0] in debug.err  # the same one-line message at the end
 
 
-def test_enough_cases_and_the_readme_shows_them():
+def test_enough_cases_and_the_errors_page_shows_them():
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
     commands = {c.command for c in CASES}
     assert {"extract", "onnx", "annotate", "quantize", "trt", "parity", "eval", "bench", "reid-train"} <= commands
-    section = readme_section(README.read_text(encoding="utf-8"))
-    assert section is not None, "README lacks the failure-table markers"
-    assert section == render(), "README's table is stale: run python3 tests/failure_table.py --write"
+    section = doc_section(ERRORS_DOC.read_text(encoding="utf-8"))
+    assert section is not None, "docs/errors.md lacks the failure-table markers"
+    assert section == render(), "docs/errors.md's table is stale: run python3 tests/failure_table.py --write"
 
 
 # --------------------------------------------------------------------------- fuzzing

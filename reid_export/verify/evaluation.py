@@ -26,7 +26,7 @@ from .thresholds import threshold_shifts
 
 
 # Default gates against the first model (points). On 200 queries an INT8 variant's mAP scatters by
-# about +-1.5 points and Rank-1 by more (benchmarks/RESULTS.md), so the defaults sit just above
+# about +-1.5 points and Rank-1 by more (benchmarks/RESULTS-archive.md, issue 15), so the defaults sit just above
 # that: a variant that really lost accuracy, or a model fed the wrong convention (tens of points),
 # fails; the noise of a small eval set does not.
 DEFAULT_MAX_MAP_DROP = 2.0

@@ -16,7 +16,7 @@ Both targets quantize an ``Add`` only where one of its inputs comes straight fro
 (a residual connection, which TensorRT fuses into the convolution and ONNX Runtime runs as
 QLinearAdd). A sum of other tensors (OSNet's sum of gated streams: four ``Mul`` outputs) stays
 float: nothing fuses there, and rounding each stream before the sum cost OSNet-x0.5 a tenth of its
-INT8 error (pairwise similarity error 0.302 -> 0.285, benchmarks/RESULTS.md).
+INT8 error (pairwise similarity error 0.302 -> 0.285, benchmarks/RESULTS-archive.md).
 
 Weight range (``reduce_range``, CPU target): x86 CPUs without VNNI multiply U8S8 with
 ``vpmaddubsw``, whose 16-bit intermediate saturates with full 8-bit weights; 7-bit weights avoid

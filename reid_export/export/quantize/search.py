@@ -49,7 +49,7 @@ def Gate(**overrides) -> Tolerances:  # noqa: N802 (the name scripts and tests u
     with ``overrides`` (``max_pair_error=``, ``min_cosine=``, ``min_mean_cosine=``,
     ``min_top1_agreement=``, ``min_top5_agreement=``). Retrieval ranks by the pairwise similarities, and
     their error ranked the candidates as their mAP did where the mean cosine did not
-    (benchmarks/RESULTS.md)."""
+    (benchmarks/RESULTS-archive.md, issue 15)."""
     return Tolerances.reduced_precision(**overrides)
 
 
