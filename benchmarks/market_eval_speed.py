@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reid_export.report import format_table  # noqa: E402
-from reid_export.verify.metrics import (FeatureDistances, MatrixDistances, compute_distance,  # noqa: E402
-                                        evaluate_rank, evaluate_rank_streamed)
+from reid_export.verify.metrics import compute_distance, evaluate_rank  # noqa: E402
+from reid_export.verify.streamed import FeatureDistances, MatrixDistances, evaluate_rank_streamed  # noqa: E402
 from streamed_eval import cpu_flags, loadavg  # noqa: E402
 from synthetic_features import MARKET_GALLERY, SyntheticReid  # noqa: E402
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reid_export.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from reid_export.report import format_table  # noqa: E402
-from reid_export.verify.metrics import (FeatureDistances, compute_distance, evaluate_rank,  # noqa: E402
-                                        evaluate_rank_streamed)
+from reid_export.verify.metrics import compute_distance, evaluate_rank  # noqa: E402
+from reid_export.verify.streamed import FeatureDistances, evaluate_rank_streamed  # noqa: E402
 from synthetic_features import FULL_GALLERY, SyntheticReid  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Streamed exact evaluation (verify.metrics.evaluate_rank_streamed) against the full-matrix path."""
+"""Streamed exact evaluation (verify.streamed.evaluate_rank_streamed) against the full-matrix path."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from reid_export.errors import ReidExportError
-from reid_export.verify import metrics
-from reid_export.verify.metrics import (FeatureDistances, MatrixDistances, compute_distance, evaluate_rank,
-                                        evaluate_rank_streamed)
+from reid_export.verify.metrics import compute_distance, evaluate_rank
+from reid_export.verify.streamed import (FeatureDistances, MatrixDistances, evaluate_rank_streamed,
+                                         rank_metrics_streamed)
 from reid_export.verify.npy_rows import NpyRows
 
 
@@ -235,7 +235,7 @@ def test_memmap_gallery(tmp_path):
     full = evaluate_rank(compute_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)
     assert_same(full, evaluate_rank_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams,
                                              chunk_elements=12 * 64))
-    assert metrics.rank_metrics_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams)["mAP"] == \
+    assert rank_metrics_streamed(FeatureDistances(qf, mm), q_pids, g_pids, q_cams, g_cams)["mAP"] == \
         pytest.approx(full["mAP"] * 100)
 
 

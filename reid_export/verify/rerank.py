@@ -208,7 +208,7 @@ class KnnRerank:
     def _original(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         return _pair_dist(self.feats[i], self.feats[j], self.metric) / self.scale[i]
 
-    # -- a distance source for verify.metrics.evaluate_rank_streamed
+    # -- a distance source for verify.streamed.evaluate_rank_streamed
     def select_queries(self, rows):
         out = object.__new__(KnnRerank)
         out.__dict__.update(self.__dict__)
