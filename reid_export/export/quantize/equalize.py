@@ -83,116 +83,163 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
     return out
 
 
-def find_regions(model: onnx.ModelProto, skip_nodes: Iterable[str] = ()) -> list[Region]:
-    """The equalisable regions of ``model`` (shapes inferred); ``skip_nodes`` (the head) are never touched."""
-    graph = model.graph
-    init_of = {i.name: i for i in graph.initializer}
-    inits = set(init_of)
-    outputs = {o.name for o in graph.output}
-    inputs = {i.name for i in graph.input} - inits
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, i))
-    shapes = _shapes(model)
-    skip = set(skip_nodes)
-    claimed: set[str] = set()
-    forbidden: set[str] = set()   # the other factor of a Mul/Div inside an accepted region
-    regions: list[Region] = []
+class _GraphIndex:
+    """What the region search asks of the graph: producers, readers, shapes, which nodes act per channel."""
 
-    def channelwise(node) -> bool:
+    def __init__(self, model: onnx.ModelProto, skip_nodes: Iterable[str]):
+        graph = model.graph
+        self.model = model
+        self.init_of = {i.name: i for i in graph.initializer}
+        self.inits = set(self.init_of)
+        self.outputs = {o.name for o in graph.output}
+        self.inputs = {i.name for i in graph.input} - self.inits
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                self.readers.setdefault(name, []).append((node, i))
+        self.nodes = {n.name: n for n in graph.node}
+        self.shapes = _shapes(model)
+        self.skip = set(skip_nodes)
+
+    def channelwise(self, node) -> bool:
         if node.op_type in HOMOGENEOUS_UNARY:
             return True
         if node.op_type not in SPATIAL_REDUCTIONS:
             return False
         axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-        if axes is None and len(node.input) > 1 and node.input[1] in inits:
-            axes = [int(v) for v in numpy_helper.to_array(init_of[node.input[1]]).ravel()]
-        rank = len(shapes.get(node.input[0]) or [])
+        if axes is None and len(node.input) > 1 and node.input[1] in self.inits:
+            axes = [int(v) for v in numpy_helper.to_array(self.init_of[node.input[1]]).ravel()]
+        rank = len(self.shapes.get(node.input[0]) or [])
         return bool(axes) and rank > 2 and all(2 <= (a % rank) for a in axes)
 
-    def conv_ok(node) -> bool:
-        return (node.op_type == "Conv" and node.name not in skip and len(node.input) >= 2
-                and node.input[1] in inits and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits))
+    def conv_ok(self, node) -> bool:
+        return (node.op_type == "Conv" and node.name not in self.skip and len(node.input) >= 2
+                and node.input[1] in self.inits
+                and (len(node.input) < 3 or not node.input[2] or node.input[2] in self.inits))
 
-    for start in graph.node:
-        if not conv_ok(start) or start.output[0] in claimed:
+
+class _Growth:
+    """One candidate region grown from a Conv's output: its tensors, the Convs that produce and consume
+    them, the other factors of the Mul/Div inside it; ``valid`` False once something breaks it."""
+
+    def __init__(self, start: str):
+        self.tensors, self.queue = {start}, [start]
+        self.producers: set[str] = set()
+        self.consumers: set[str] = set()
+        self.others: set[str] = set()
+        self.valid = True
+
+    def add(self, names) -> None:
+        for x in names:
+            if x not in self.tensors:
+                self.tensors.add(x)
+                self.queue.append(x)
+
+
+def find_regions(model: onnx.ModelProto, skip_nodes: Iterable[str] = ()) -> list[Region]:
+    """The equalisable regions of ``model`` (shapes inferred); ``skip_nodes`` (the head) are never touched."""
+    g = _GraphIndex(model, skip_nodes)
+    claimed: set[str] = set()
+    forbidden: set[str] = set()   # the other factor of a Mul/Div inside an accepted region
+    regions: list[Region] = []
+    for start in model.graph.node:
+        if not g.conv_ok(start) or start.output[0] in claimed:
             continue
-        tensors, queue = {start.output[0]}, [start.output[0]]
-        producers, consumers, others = set(), set(), set()
-        valid = True
-        while queue and valid:
-            t = queue.pop()
-            if t in outputs or t in inputs or t in inits or t in claimed or t in forbidden:
-                valid = False
-                break
-            node = producer.get(t)
-            if node is None:
-                valid = False
-            elif node.op_type == "Conv" and node.output[0] == t:
-                if not conv_ok(node):
-                    valid = False
-                producers.add(node.name)
-            elif channelwise(node) and node.output[0] == t:
-                new = [node.input[0]]
-            elif node.op_type in SUMS:
-                new = list(node.input)
-            elif node.op_type in ("Mul", "Div"):
-                region_in = [x for x in node.input if x in tensors]
-                if len(region_in) != 1 or (node.op_type == "Div" and node.input[0] not in tensors):
-                    # entered from the output: the full-size input carries the scale, the other is a factor
-                    full = [x for x in node.input if shapes.get(x) == shapes.get(t)]
-                    if len(full) != 1 or (node.op_type == "Div" and full[0] != node.input[0]):
-                        valid = False
-                        break
-                    region_in = full
-                other = [x for x in node.input if x not in region_in]
-                others.update(other)
-                new = region_in
-            else:
-                valid = False
-                break
-            if node is not None and not (node.op_type == "Conv" and node.output[0] == t):
-                for x in new:
-                    if x not in tensors:
-                        tensors.add(x)
-                        queue.append(x)
-            for reader, index in readers.get(t, []):
-                if reader.op_type == "Conv" and index == 0:
-                    if not conv_ok(reader):
-                        valid = False
-                    consumers.add(reader.name)
-                    continue
-                if channelwise(reader) and index == 0:
-                    new = [reader.output[0]]
-                elif reader.op_type in SUMS:
-                    new = list(reader.input) + [reader.output[0]]
-                elif reader.op_type == "Mul" or (reader.op_type == "Div" and index == 0):
-                    other = [x for i, x in enumerate(reader.input) if i != index]
-                    if any(x in tensors for x in other):
-                        valid = False
-                        break
-                    others.update(other)
-                    new = [reader.output[0]]
-                else:
-                    valid = False
-                    break
-                for x in new:
-                    if x not in tensors:
-                        tensors.add(x)
-                        queue.append(x)
-        if not valid or not producers or not consumers or producers & consumers or others & tensors:
-            continue
-        channels = {(shapes.get(t) or [None, None])[1] if len(shapes.get(t) or []) > 1 else None for t in tensors}
-        if len(channels) != 1 or None in channels:
-            continue
-        nodes = {n.name: n for n in graph.node}
-        depthwise = all(_conv_groups(nodes[c]) > 1 and _weight_shape(model, nodes[c])[1] == 1 for c in consumers)
-        claimed |= tensors
-        forbidden |= others
-        regions.append(Region(sorted(tensors), sorted(producers), sorted(consumers), channels.pop(), depthwise))
+        grown = _grow(g, start.output[0], claimed, forbidden)
+        region = _accept(g, grown) if grown.valid else None
+        if region is not None:
+            claimed |= grown.tensors
+            forbidden |= grown.others
+            regions.append(region)
     return regions
+
+
+def _grow(g: _GraphIndex, start: str, claimed: set[str], forbidden: set[str]) -> _Growth:
+    """Grow a region over every tensor scaled together with ``start``: up through what produced each
+    tensor, down through what reads it, until Convs bound it on both sides (or it cannot be one)."""
+    grown = _Growth(start)
+    while grown.queue and grown.valid:
+        t = grown.queue.pop()
+        if t in g.outputs or t in g.inputs or t in g.inits or t in claimed or t in forbidden:
+            grown.valid = False
+            break
+        _grow_up(g, grown, t)
+        if grown.valid:
+            _grow_down(g, grown, t)
+    return grown
+
+
+def _grow_up(g: _GraphIndex, grown: _Growth, t: str) -> None:
+    """The node that made ``t``: a Conv bounds the region, a per-channel node, sum or Mul/Div extends it."""
+    node = g.producer.get(t)
+    if node is None:
+        grown.valid = False
+        return
+    if node.op_type == "Conv" and node.output[0] == t:
+        if not g.conv_ok(node):
+            grown.valid = False
+        grown.producers.add(node.name)
+        return
+    if g.channelwise(node) and node.output[0] == t:
+        new = [node.input[0]]
+    elif node.op_type in SUMS:
+        new = list(node.input)
+    elif node.op_type in ("Mul", "Div"):
+        region_in = [x for x in node.input if x in grown.tensors]
+        if len(region_in) != 1 or (node.op_type == "Div" and node.input[0] not in grown.tensors):
+            # entered from the output: the full-size input carries the scale, the other is a factor
+            full = [x for x in node.input if g.shapes.get(x) == g.shapes.get(t)]
+            if len(full) != 1 or (node.op_type == "Div" and full[0] != node.input[0]):
+                grown.valid = False
+                return
+            region_in = full
+        grown.others.update(x for x in node.input if x not in region_in)
+        new = region_in
+    else:
+        grown.valid = False
+        return
+    grown.add(new)
+
+
+def _grow_down(g: _GraphIndex, grown: _Growth, t: str) -> None:
+    """The nodes that read ``t``: a Conv (as its data input) bounds the region, the others extend it."""
+    for reader, index in g.readers.get(t, []):
+        if reader.op_type == "Conv" and index == 0:
+            if not g.conv_ok(reader):
+                grown.valid = False
+            grown.consumers.add(reader.name)
+            continue
+        if g.channelwise(reader) and index == 0:
+            new = [reader.output[0]]
+        elif reader.op_type in SUMS:
+            new = list(reader.input) + [reader.output[0]]
+        elif reader.op_type == "Mul" or (reader.op_type == "Div" and index == 0):
+            other = [x for i, x in enumerate(reader.input) if i != index]
+            if any(x in grown.tensors for x in other):
+                grown.valid = False
+                return
+            grown.others.update(other)
+            new = [reader.output[0]]
+        else:
+            grown.valid = False
+            return
+        grown.add(new)
+
+
+def _accept(g: _GraphIndex, grown: _Growth) -> Region | None:
+    """The region, when Convs bound it on both sides (not the same ones), no factor of a Mul/Div inside it
+    is itself scaled, and all its tensors have one known channel count; else None."""
+    if (not grown.producers or not grown.consumers or grown.producers & grown.consumers
+            or grown.others & grown.tensors):
+        return None
+    channels = {(g.shapes.get(t) or [None, None])[1] if len(g.shapes.get(t) or []) > 1 else None
+                for t in grown.tensors}
+    if len(channels) != 1 or None in channels:
+        return None
+    depthwise = all(_conv_groups(g.nodes[c]) > 1 and _weight_shape(g.model, g.nodes[c])[1] == 1
+                    for c in grown.consumers)
+    return Region(sorted(grown.tensors), sorted(grown.producers), sorted(grown.consumers), channels.pop(), depthwise)
 
 
 def _conv_groups(node: onnx.NodeProto) -> int:
