@@ -30,6 +30,10 @@ from .export.onnx_export import ExportReport
 from .export.onnx_export import export_checkpoint as export_onnx
 from .export.quantize import Gate, QuantizeOptions, QuantizeReport
 from .runtime import Encoder, open_encoder
+from .serve.boxmot import BoxmotResult
+from .serve.boxmot import build as boxmot
+from .serve.deepstream import DeepStreamResult
+from .serve.deepstream import build as deepstream
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
 from .verify.retrieval import EvalOptions
@@ -52,8 +56,8 @@ def quantize(model, output, precision: str | None = None, **options) -> Quantize
     return quantize_file(model, output, precision, **options)
 
 
-__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "DetectReport", "Encoder", "EvalGates",
+__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotResult", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
            "EvalOptions", "EvalReport", "ExportReport", "Gate", "ParityReport", "ParityResult", "QuantizeOptions",
            "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
-           "check_collapse", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold"]
+           "boxmot", "check_collapse", "deepstream", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold"]

@@ -178,3 +178,18 @@ def test_calls_take_open_encoders_as_they_take_paths(setup):
     finally:
         ref.close()
         other.close()
+
+
+def test_hand_offs_return_reports(setup, tmp_path):
+    """The tracker hand-offs keep the API's word too: passed, to_dict() with the schema, table()."""
+    fp32 = tmp_path / "a.onnx"
+    api.export_onnx(setup["a"], fp32, log=lambda line: None)
+    ds = api.deepstream(fp32, tmp_path / "ds")
+    assert isinstance(ds, api.DeepStreamResult) and ds.passed and ds.onnx_path.exists()
+    doc = ds.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["passed"] and doc["self_check"]["passed"]
+    assert "NVIDIA scalar" in ds.table() and "wrote" in ds.table()
+    bm = api.boxmot(fp32, tmp_path / "bm", openvino=False)
+    assert isinstance(bm, api.BoxmotResult) and bm.passed and bm.onnx_path.exists()
+    assert bm.to_dict()["command"] == "boxmot" and json.dumps(bm.to_dict())
+    assert "verify:" in bm.table() and f"reid-export parity {fp32}" in bm.table()

@@ -148,27 +148,14 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
       reid-export eval model.onnx --dataset-root Market-1501 --deployment deepstream --deployment deepstream-folded
     """
     from ..serve.deepstream import build
-    from ..deploy_preprocess import net_scale_factor
 
     res = build(model, out_dir, images=image_inputs, color_order=color_format, network_mode=network_mode,
                 reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb, history_size=history_size,
                 keep_aspect=keep_aspect, name=name, progress=progress, max_rel_l2=max_rel_l2,
                 threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
-    p, s = res.parity, res.scalar_parity
-    click.echo(f"self-check on {res.num_images} images (same resize, DeepStream-style input for the folded model):")
-    click.echo(format_table(
-        ["candidate", "min cos", "max rel L2", "top-1", "result"],
-        [["folded ONNX, offsets 0, netScaleFactor 1", p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}", "PASS"],
-         [f"NVIDIA scalar {net_scale_factor(res.folded.data_config):.8f} (not used)", s.min_cosine, s.max_rel_l2,
-          f"{s.top1_agreement:.0%}", "-"]], floatfmt=".6g"))
+    click.echo(res.table())
     if res.collapse is not None and res.collapse.collapsed:
         click.echo(res.collapse.warning(str(model)), err=True)
-    if res.threshold is not None:
-        click.echo(f"threshold: {res.threshold.describe()}; minMatchingScore4ReidSimilarity "
-                   f"{res.threshold.similarity:.4f}")
-    click.echo(f"wrote {res.onnx_path} and {res.yaml_path} (ReID: reidFeatureSize {res.section['reidFeatureSize']}, "
-               f"inferDims {res.section['inferDims']}, colorFormat {res.section['colorFormat']}, keepAspc "
-               f"{res.section['keepAspc']})")
     return 0
 
 
@@ -217,33 +204,7 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
                 architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
                 threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr,
                 log=lambda line: click.echo(line, err=True))
-    p, a = res.parity, res.affine
-    src = res.source_config
-    click.echo(f"model input: {src.height}x{src.width} {src.channel_order.upper()}, pixel scale {src.pixel_scale:g}, "
-               f"mean {list(src.mean)}, std {list(src.std)}, normalised "
-               f"{'inside' if src.normalized_inside else 'outside'}; BoxMOT feeds RGB /255 with ImageNet mean/std")
-    click.echo("folded into the graph, per model input channel: "
-               + ", ".join(f"{s:.6g} * x{'[' + str(2 - i) + ']' if a.swap else ''} + {b:.6g}"
-                           for i, (s, b) in enumerate(zip(a.scale, a.bias)))
-               + ("" if not a.identity else " (identity: the model already takes BoxMOT's input)"))
-    click.echo(format_table(["check", "min cos", "max rel L2", "top-1", "result"],
-                            [[f"folded {res.precision} ONNX on BoxMOT input vs original ({res.num_images} images)",
-                              p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}", "PASS"]], floatfmt=".6g"))
-    for line in res.openvino_lines:
-        click.echo(line)
-    for note in res.notes:
-        click.echo(f"note: {note}")
-    arch = res.architecture or "none (a model BoxMOT does not know)"
-    click.echo(f"wrote {res.onnx_path}" + (f", {res.openvino_xml.parent}/" if res.openvino_xml else "")
-               + f" and {len(res.sidecars)} sidecar(s) (BoxMOT architecture: {arch}, input "
-               f"{res.data_config.height}x{res.data_config.width}, {res.data_config.feat_dim}-d)")
-    if res.threshold is not None:
-        click.echo(f"threshold: {res.threshold.describe()}")
-        click.echo("wrote " + ", ".join(str(p) for p in res.tracker_configs)
-                   + " (BoxMOT tracker configs: pass one as the tracker config)")
+    click.echo(res.table())
     if res.collapse is not None and res.collapse.collapsed:
         click.echo(res.collapse.warning(str(model)), err=True)
-    click.echo("verify:")
-    for command in res.verify_commands(model, config):
-        click.echo(f"  {command}")
     return 0

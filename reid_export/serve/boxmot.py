@@ -102,13 +102,67 @@ class BoxmotResult:
     threshold: object = None  # verify.thresholds.TrackerThreshold written into the tracker configs, or None
     tracker_configs: list[Path] = field(default_factory=list)
     collapse: object = None  # embeddings.CollapseStats of the original on the given crops, or None
+    model: str = ""  # what was handed off, and its --config
+    config: str | None = None
 
-    def verify_commands(self, model: str | Path, config: str | Path | None) -> list[str]:
+    @property
+    def passed(self) -> bool:
+        """The self-checks held and the files were written (a failed check raises: nothing is written)."""
+        return bool(self.parity.passed)
+
+    def verify_commands(self, model: str | Path | None = None, config: str | Path | None = None) -> list[str]:
+        model = self.model if model is None else model
+        config = self.config if config is None else config
         cfg = f" --config {config}" if config else ""
         out = [f"reid-export parity {model} {self.onnx_path}"
                + (f" {self.openvino_xml}" if self.openvino_xml else "") + f"{cfg} --images CROPS/",
                f"reid-export eval {model}{cfg} --dataset-root Market-1501 --deployment boxmot"]
         return out
+
+    def to_dict(self) -> dict:
+        from ..report import report_header
+
+        a = self.affine
+        return {**report_header("boxmot"), "passed": self.passed, "model": self.model, "onnx": str(self.onnx_path),
+                "openvino_xml": None if self.openvino_xml is None else str(self.openvino_xml),
+                "sidecars": [str(p) for p in self.sidecars], "architecture": self.architecture,
+                "precision": self.precision, "data_config": self.data_config.to_dict(),
+                "source_data_config": self.source_config.to_dict(),
+                "folded": {"scale": list(a.scale), "bias": list(a.bias), "swap": a.swap},
+                "self_check": self.parity.to_dict(), "images": self.num_images, "openvino": list(self.openvino_lines),
+                "threshold": None if self.threshold is None else self.threshold.to_dict(),
+                "tracker_configs": [str(p) for p in self.tracker_configs],
+                "collapse": None if self.collapse is None else self.collapse.to_dict(), "notes": list(self.notes),
+                "verify": self.verify_commands()}
+
+    def table(self) -> str:
+        """What ``reid-export boxmot`` prints: the model's input, what was folded, the self-check, the files."""
+        from ..report import format_table
+
+        p, a, src = self.parity, self.affine, self.source_config
+        lines = [f"model input: {src.height}x{src.width} {src.channel_order.upper()}, pixel scale {src.pixel_scale:g}, "
+                 f"mean {list(src.mean)}, std {list(src.std)}, normalised "
+                 f"{'inside' if src.normalized_inside else 'outside'}; BoxMOT feeds RGB /255 with ImageNet mean/std",
+                 "folded into the graph, per model input channel: "
+                 + ", ".join(f"{s:.6g} * x{'[' + str(2 - i) + ']' if a.swap else ''} + {b:.6g}"
+                             for i, (s, b) in enumerate(zip(a.scale, a.bias)))
+                 + ("" if not a.identity else " (identity: the model already takes BoxMOT's input)"),
+                 format_table(["check", "min cos", "max rel L2", "top-1", "result"],
+                              [[f"folded {self.precision} ONNX on BoxMOT input vs original ({self.num_images} images)",
+                                p.min_cosine, p.max_rel_l2, f"{p.top1_agreement:.0%}",
+                                "PASS" if p.passed else "FAIL"]], floatfmt=".6g")]
+        lines += list(self.openvino_lines) + [f"note: {note}" for note in self.notes]
+        arch = self.architecture or "none (a model BoxMOT does not know)"
+        lines.append(f"wrote {self.onnx_path}" + (f", {self.openvino_xml.parent}/" if self.openvino_xml else "")
+                     + f" and {len(self.sidecars)} sidecar(s) (BoxMOT architecture: {arch}, input "
+                     f"{self.data_config.height}x{self.data_config.width}, {self.data_config.feat_dim}-d)")
+        if self.threshold is not None:
+            lines.append(f"threshold: {self.threshold.describe()}")
+            lines.append("wrote " + ", ".join(str(p) for p in self.tracker_configs)
+                         + " (BoxMOT tracker configs: pass one as the tracker config)")
+        lines.append("verify:")
+        lines += [f"  {command}" for command in self.verify_commands()]
+        return "\n".join(lines)
 
 
 def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataConfig, feat_dim: int,
@@ -323,4 +377,5 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             check_output_path(path)
         atomic_write_files(files)
     return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, source_dc, affine, parity, ov_lines, architecture,
-                        precision, len(inputs), notes, threshold, tracker_configs, collapse)
+                        precision, len(inputs), notes, threshold, tracker_configs, collapse, str(model_path),
+                        None if config is None else str(config))

@@ -165,6 +165,41 @@ class DeepStreamResult:
     threshold: object = None  # verify.thresholds.TrackerThreshold written into the config, or None
     collapse: object = None  # embeddings.CollapseStats of the self-check crops when they were real (--images)
 
+    @property
+    def passed(self) -> bool:
+        """The self-check held and the files were written (a failed check raises: nothing is written)."""
+        return bool(self.parity.passed)
+
+    def to_dict(self) -> dict:
+        from ..report import report_header
+
+        return {**report_header("deepstream"), "passed": self.passed, "onnx": str(self.onnx_path),
+                "tracker_config": str(self.yaml_path), "reid_section": self.section,
+                "data_config": self.folded.data_config.to_dict(), "self_check": self.parity.to_dict(),
+                "nvidia_scalar_check": self.scalar_parity.to_dict(), "images": self.num_images,
+                "threshold": None if self.threshold is None else self.threshold.to_dict(),
+                "collapse": None if self.collapse is None else self.collapse.to_dict(), "notes": list(self.notes)}
+
+    def table(self) -> str:
+        """What ``reid-export deepstream`` prints: the self-check beside NVIDIA's scalar, and the files."""
+        from ..deploy_preprocess import net_scale_factor
+        from ..report import format_table
+
+        p, s = self.parity, self.scalar_parity
+        lines = [f"self-check on {self.num_images} images (same resize, DeepStream-style input for the folded model):",
+                 format_table(["candidate", "min cos", "max rel L2", "top-1", "result"],
+                              [["folded ONNX, offsets 0, netScaleFactor 1", p.min_cosine, p.max_rel_l2,
+                                f"{p.top1_agreement:.0%}", "PASS" if p.passed else "FAIL"],
+                               [f"NVIDIA scalar {net_scale_factor(self.folded.data_config):.8f} (not used)",
+                                s.min_cosine, s.max_rel_l2, f"{s.top1_agreement:.0%}", "-"]], floatfmt=".6g")]
+        if self.threshold is not None:
+            lines.append(f"threshold: {self.threshold.describe()}; minMatchingScore4ReidSimilarity "
+                         f"{self.threshold.similarity:.4f}")
+        sec = self.section
+        lines.append(f"wrote {self.onnx_path} and {self.yaml_path} (ReID: reidFeatureSize {sec['reidFeatureSize']}, "
+                     f"inferDims {sec['inferDims']}, colorFormat {sec['colorFormat']}, keepAspc {sec['keepAspc']})")
+        return "\n".join(lines)
+
 
 def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Path] = (), color_order: str | None = None,
           network_mode: str | None = None, reid_type: str = "deepsort", batch_size: int = 100,
