@@ -193,3 +193,15 @@ def test_hand_offs_return_reports(setup, tmp_path):
     assert isinstance(bm, api.BoxmotResult) and bm.passed and bm.onnx_path.exists()
     assert bm.to_dict()["command"] == "boxmot" and json.dumps(bm.to_dict())
     assert "verify:" in bm.table() and f"reid-export parity {fp32}" in bm.table()
+
+
+def test_collapse_and_threshold_take_paths_and_encoders(setup):
+    """check_collapse and reference_threshold give the same answer for a path and for the open encoder."""
+    images = sorted(p for p in (setup["root"] / "bounding_box_test").iterdir())
+    with api.open_encoder(setup["a"]) as enc:
+        by_path = api.check_collapse(setup["a"], images)
+        by_encoder = api.check_collapse(enc, images)
+        assert by_path is not None and by_path.to_dict() == by_encoder.to_dict()
+        t_path = api.reference_threshold(setup["a"], setup["root"], 0.5)
+        t_enc = api.reference_threshold(enc, setup["root"], 0.5)
+        assert isinstance(t_enc, api.TrackerThreshold) and t_enc.distance == t_path.distance
