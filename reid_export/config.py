@@ -27,7 +27,8 @@ from .errors import ReidExportError, UsageError
 
 BASE_KEY = "_BASE_"
 # The keys reid-export adds to fast-reid's config (fast-reid's merge_from_file rejects them).
-OWN_KEYS = ("MODEL.BACKBONE.STEM_POOL_PADDING", "INPUT.INTERPOLATION", "DATASETS.ROOT", "SEED")
+OWN_KEYS = ("MODEL.BACKBONE.STEM_POOL_PADDING", "INPUT.INTERPOLATION", "DATASETS.ROOT", "SEED",
+            "MODEL.LOSSES.TRI.GLOBAL_MINING", "SOLVER.AMP.CHANNELS_LAST")
 SIDECAR_SUFFIX = ".reid-export.yaml"
 
 
@@ -113,7 +114,9 @@ def _C() -> CfgNode:  # noqa: N802 - fast-reid's name for the default node
                 "NAME": ("CrossEntropyLoss",),
                 "CE": {"EPSILON": 0.0, "ALPHA": 0.2, "SCALE": 1.0},
                 "FL": {"ALPHA": 0.25, "GAMMA": 2, "SCALE": 1.0},
-                "TRI": {"MARGIN": 0.3, "NORM_FEAT": False, "HARD_MINING": False, "SCALE": 1.0},
+                # reid-export: GLOBAL_MINING mines over the global batch under torchrun (trainer/distributed.py)
+                "TRI": {"MARGIN": 0.3, "NORM_FEAT": False, "HARD_MINING": False, "SCALE": 1.0,
+                        "GLOBAL_MINING": False},
                 "CIRCLE": {"MARGIN": 0.25, "GAMMA": 128, "SCALE": 1.0},
                 "COSFACE": {"MARGIN": 0.25, "GAMMA": 128, "SCALE": 1.0},
             },
@@ -159,7 +162,8 @@ def _C() -> CfgNode:  # noqa: N802 - fast-reid's name for the default node
             "SET_WEIGHT": [],
         },
         "SOLVER": {
-            "AMP": {"ENABLED": False},
+            # reid-export: CHANNELS_LAST None = on with AMP on CUDA, True/False to force it
+            "AMP": {"ENABLED": False, "CHANNELS_LAST": None},
             "OPT": "Adam",
             "MAX_EPOCH": 120,
             "BASE_LR": 3e-4,

@@ -19,6 +19,12 @@ Output folder (OUTPUT_DIR, or ``--output-dir``):
 Resuming loads the newest checkpoint and continues with the next epoch: the batches and the
 augmentation of an epoch depend only on (seed, epoch), the lr only on (iteration, epoch), so the
 result equals an uninterrupted run; a kill loses at most the epochs since the last checkpoint.
+
+Under ``torchrun`` (:mod:`trainer.distributed`) every process trains its slice of each global batch
+in DistributedDataParallel; rank 0 alone logs, evaluates (alone, on the whole query/gallery) and
+writes the output folder, while the other ranks wait for it. The sampler, the augmentation seeds and
+the schedule depend on the global batch only, so ``--resume`` continues a run with the same world
+size (or, with global mining and syncBN, another one) as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from reid_export.fileio import atomic_write_json, atomic_write_text
 from reid_export.modeling import build_model
 
 from .datasets import TrainSet, collate, load_train_items, worker_init
+from .distributed import (SINGLE, DistContext, all_reduce_mean, barrier, broadcast_object, check_divisible,
+                          convert_sync_batchnorm, init_distributed, shutdown)
 from .evaluator import evaluate, format_results
 from .losses import check_loss_names, compute_losses
 from .pretrain import load_pretrained_backbone
@@ -65,12 +73,18 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(output_dir: Path) -> logging.Logger:
+def setup_logging(output_dir: Path, ctx: DistContext = SINGLE) -> logging.Logger:
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    if not ctx.is_main:  # rank 0 alone logs; the others say only what stops them
+        console = _TqdmHandler()
+        console.setLevel(logging.ERROR)
+        console.setFormatter(logging.Formatter(f"[reid-train rank {ctx.rank}] %(message)s"))
+        log.addHandler(console)
+        return log
     file_handler = logging.FileHandler(output_dir / "log.txt", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console = _TqdmHandler()
@@ -86,11 +100,11 @@ def close_logging() -> None:
         handler.close()
 
 
-def pick_device(cfg) -> str:
+def pick_device(cfg, ctx: DistContext = SINGLE) -> str:
     device = str(cfg.MODEL.DEVICE)
     if device.startswith("cuda"):
         if torch.cuda.is_available():
-            return device
+            return f"cuda:{ctx.local_rank}" if ctx.launched else device
         log.warning("MODEL.DEVICE is %s but CUDA is not available here; training on the CPU "
                     "(set MODEL.DEVICE cpu to silence this)", device)
         return "cpu"
@@ -208,16 +222,19 @@ def run(cfg: CfgNode, *, resume: bool = False, eval_only: bool = False, progress
     """Train (or only evaluate) as the config says; returns a summary dict."""
     output_dir = Path(cfg.OUTPUT_DIR).expanduser()
     output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(output_dir)
+    cuda = str(cfg.MODEL.DEVICE).startswith("cuda") and torch.cuda.is_available()
+    ctx = init_distributed("cuda" if cuda else "cpu")
+    setup_logging(output_dir, ctx)
     try:
-        return _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
+        return _run(cfg, output_dir, resume, eval_only, progress and ctx.is_main, model_name, on_epoch_end, ctx)
     finally:
         close_logging()
+        shutdown(ctx)
 
 
-def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end) -> dict:
-    log.info("reid-train: %s", " ".join(sys.argv[1:]) or "(library call)")
-    device = pick_device(cfg)
+def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end, ctx=SINGLE) -> dict:
+    log.info("reid-train (%s): %s", ctx.describe(), " ".join(sys.argv[1:]) or "(library call)")
+    device = pick_device(cfg, ctx)
     check_loss_names(cfg)
     _warn_unsupported(cfg)
     if device.startswith("cuda"):
@@ -225,7 +242,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
 
     state = None
     ckpt_path = find_last_checkpoint(output_dir) if resume else None
-    if resume:
+    if resume and ctx.is_main:
         for tmp in remove_partial_checkpoints(output_dir):
             log.info("removed %s, a partial checkpoint from an interrupted write", tmp.name)
     if resume and ckpt_path is None:
@@ -242,11 +259,18 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
             log.warning("SEED %d differs from the checkpoint's %d; keeping the checkpoint's", cfg.SEED, seed)
     else:
         seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else secrets.randbelow(2**31)
+    seed = broadcast_object(ctx, seed)  # a drawn seed is rank 0's on every rank
     cfg.SEED = seed
     log.info("seed %d, device %s, output %s", seed, device, output_dir)
 
     if eval_only:
-        return _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name)
+        if not ctx.is_main:  # rank 0 evaluates alone
+            barrier(ctx)
+            return {"output_dir": str(output_dir), "results": None, "seed": seed, "rank": ctx.rank}
+        try:
+            return _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name)
+        finally:
+            barrier(ctx)
 
     items, sources = load_train_items(cfg)
     num_classes = 1 + max(it.pid for it in items)
@@ -266,13 +290,32 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     torch.manual_seed(seed)
     model = build_model(cfg)
     init = _init_weights(cfg, model) if state is None else "resumed"
+    synced = []
+    if ctx.distributed:
+        for part, norm in (("backbone", cfg.MODEL.BACKBONE.NORM), ("heads", cfg.MODEL.HEADS.NORM)):
+            if norm == "syncBN":
+                n = convert_sync_batchnorm(getattr(model, part), use_torch=device.startswith("cuda"))
+                synced.append(f"{part} ({n} layers)")
     model.to(device)
+    amp = bool(cfg.SOLVER.AMP.ENABLED) and device.startswith("cuda")
+    channels_last = cfg.SOLVER.AMP.get("CHANNELS_LAST")
+    channels_last = amp if channels_last is None else bool(channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     transform = TrainTransform(cfg)
-    sampler = build_batch_sampler(cfg, [it.pid for it in items], seed, log)
+    mining = "global" if bool(cfg.MODEL.LOSSES.TRI.get("GLOBAL_MINING", False)) else "per-rank"
+    if ctx.distributed:
+        sampler_name = cfg.DATALOADER.SAMPLER_TRAIN
+        check_divisible(ctx, int(cfg.SOLVER.IMS_PER_BATCH),
+                        int(cfg.DATALOADER.NUM_INSTANCE) if sampler_name != "TrainingSampler" else None)
+        log.info("DistributedDataParallel over %d processes (%s): %d images of each global batch per process, "
+                 "triplet mining %s, synchronised BN in %s", ctx.world_size, ctx.backend,
+                 int(cfg.SOLVER.IMS_PER_BATCH) // ctx.world_size, mining,
+                 ", ".join(synced) or "nothing (MODEL.BACKBONE.NORM / MODEL.HEADS.NORM: BN; statistics per process)")
+    sampler = build_batch_sampler(cfg, [it.pid for it in items], seed, log, ctx.world_size, ctx.rank)
     iters_per_epoch = len(sampler)
     schedule = LRSchedule(cfg, iters_per_epoch)
-    amp = bool(cfg.SOLVER.AMP.ENABLED) and device.startswith("cuda")
     if cfg.SOLVER.AMP.ENABLED and not amp:
         log.info("SOLVER.AMP.ENABLED: mixed precision needs CUDA; training in FP32 on the CPU")
     scaler = torch.amp.GradScaler("cuda", enabled=amp) if amp else None
@@ -294,10 +337,25 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
             torch.set_rng_state(rng["torch"])
         if scaler is not None and isinstance(state.get("grad_scaler"), dict):
             scaler.load_state_dict(state["grad_scaler"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != ctx.world_size:
+            same = mining == "global" and (not _has_bn(model) or
+                                           cfg.MODEL.BACKBONE.NORM == cfg.MODEL.HEADS.NORM == "syncBN")
+            log.warning("resuming a run of world size %d with world size %d: %s", saved_world, ctx.world_size,
+                        "the global batches are the same, and with global mining and syncBN so is the computation"
+                        if same else "the global batches are the same, but per-rank triplet mining and BatchNorm "
+                        "statistics see other slices, so the run will not equal an uninterrupted one "
+                        "(set MODEL.LOSSES.TRI.GLOBAL_MINING True and NORM syncBN for that)")
     freezer = LayerFreezer(cfg, model, optimizer)
+    net = model
+    if ctx.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, broadcast_buffers=False,
+            find_unused_parameters=bool(freezer.names))
 
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
-    write_config(output_dir / "config.yaml", cfg)
+    if ctx.is_main:
+        write_config(output_dir / "config.yaml", cfg)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
     loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
@@ -311,13 +369,15 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     last_results, history = None, []
 
     def save(name: str, epoch: int, mark_last: bool = True) -> Path:
+        if not ctx.is_main:
+            return output_dir / f"{name}.pth"
         path = save_checkpoint(
             output_dir / f"{name}.pth", model, cfg, data_config,
             optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(iteration, epoch + 1),
             epoch=epoch, iteration=iteration, seed=seed,
             sampler={"name": cfg.DATALOADER.SAMPLER_TRAIN, "seed": seed, "next_epoch": epoch + 1},
             rng={"torch": torch.get_rng_state()}, best_metric=best,
-            grad_scaler=scaler.state_dict() if scaler is not None else None,
+            grad_scaler=scaler.state_dict() if scaler is not None else None, world_size=ctx.world_size,
         )
         if mark_last:
             atomic_write_text(output_dir / "last_checkpoint", f"{name}.pth")
@@ -329,7 +389,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
     try:
         for epoch in range(start_epoch, max_epoch):
             sampler.epoch = epoch
-            model.train()
+            net.train()
             freezer.apply_mode()
             sums: dict[str, float] = {}
             images_seen, t_start, t_compute = 0, time.time(), 0.0
@@ -341,14 +401,21 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
                 freezer.update(iteration)
                 lr = schedule.apply(optimizer, iteration, epoch)
                 images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 pids = pids.to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
-                    outputs = model(images, pids)
-                losses = compute_losses(cfg, outputs, pids)
+                    outputs = net(images, pids)
+                losses = compute_losses(cfg, outputs, pids, ctx)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
+                # the values to log: the mean over the ranks of each rank's share is the loss (losses.py)
+                shown = dict(losses, loss=loss)
+                if ctx.distributed:
+                    reduced = all_reduce_mean(ctx, torch.stack([v.detach().float() for v in shown.values()]))
+                    shown = dict(zip(shown, reduced))
+                if not torch.isfinite(shown["loss"]):
                     raise ReidExportError(
-                        f"the loss became {float(loss)} at epoch {epoch + 1}, iteration {iteration}; lower "
+                        f"the loss became {float(shown['loss'])} at epoch {epoch + 1}, iteration {iteration}; lower "
                         "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, and resume from the last checkpoint"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -365,17 +432,16 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
                         _clip(model, clip)
                     optimizer.step()
                 iteration += 1
-                n = images.shape[0]
+                n = images.shape[0] * ctx.world_size
                 images_seen += n
-                for key, value in losses.items():
+                for key, value in shown.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().item() * n
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach().item() * n
                 now = time.time()
                 t_compute += now - t0
                 window = (window + [(now, n)])[-20:]
                 rate = (sum(k for _, k in window[1:]) / (window[-1][0] - window[0][0])
                         if len(window) > 1 else n / max(now - t_start, 1e-9))
-                bar.set_postfix_str(f"loss={loss.detach().item():.3f} lr={lr:.2e} {rate:.1f} img/s", refresh=False)
+                bar.set_postfix_str(f"loss={shown['loss'].detach().item():.3f} lr={lr:.2e} {rate:.1f} img/s", refresh=False)
                 bar.update(1)
             bar.close()
             seconds = time.time() - t_start
@@ -384,15 +450,16 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
                           "seconds": round(seconds, 2), "img_per_s": images_seen / max(seconds, 1e-9),
                           "compute_img_per_s": images_seen / max(t_compute, 1e-9)})
             history.append(stats)
-            with open(output_dir / "history.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(stats) + "\n")
+            if ctx.is_main:
+                with open(output_dir / "history.jsonl", "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(stats) + "\n")
             terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
             log.info("epoch %d/%d: %s lr=%.2e %.1f img/s (%.1f s)", epoch + 1, max_epoch, terms, lr,
                      stats["img_per_s"], seconds)
 
             final = epoch == max_epoch - 1
             improved = False
-            if final or (eval_period > 0 and (epoch + 1) % eval_period == 0):
+            if ctx.is_main and (final or (eval_period > 0 and (epoch + 1) % eval_period == 0)):
                 results = evaluate(model, cfg, data_config, device, progress)
                 freezer.apply_mode()
                 last_results = results
@@ -413,6 +480,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
             if improved:
                 save("model_best", epoch, mark_last=False)
                 log.info("saved model_best.pth ((Rank-1 + mAP) / 2 = %.2f)", best)
+            barrier(ctx)  # the other ranks wait while rank 0 evaluates and writes
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     except KeyboardInterrupt:
@@ -421,7 +489,11 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end)
                     last.name if last else "(none yet)")
         raise
     return {"output_dir": str(output_dir), "history": history, "results": last_results, "best_metric": best,
-            "seed": seed, "iterations_per_epoch": iters_per_epoch}
+            "seed": seed, "iterations_per_epoch": iters_per_epoch, "world_size": ctx.world_size, "rank": ctx.rank}
+
+
+def _has_bn(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _clip(model, clip) -> None:

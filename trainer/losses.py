@@ -9,6 +9,14 @@
   (``sqrt(clamp(|x|^2 + |y|^2 - 2 x.y, 1e-12))``), features L2-normalised first when NORM_FEAT;
   ``margin_ranking_loss`` with MARGIN, or the soft margin ``softplus(d_ap - d_an)`` when MARGIN is 0.
 * Each loss is multiplied by its SCALE; the total is their sum.
+
+Under torchrun (``ctx``, :mod:`trainer.distributed`) every rank returns its share of the loss, such
+that the mean over the ranks is the loss (DistributedDataParallel averages the gradients): by
+default each rank's own batch slice, mined within the slice (fast-reid's behaviour); with
+``MODEL.LOSSES.TRI.GLOBAL_MINING`` the triplet loss of the rank's anchors mined over the features
+of the whole global batch (gathered with gradients), and cross entropy summed over the rank's
+samples and divided by the global count times the world size, so that N processes compute
+the single-process loss and gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from reid_export.errors import ReidExportError
 SUPPORTED_LOSSES = ("CrossEntropyLoss", "TripletLoss")
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float, alpha: float = 0.2) -> torch.Tensor:
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float, alpha: float = 0.2,
+                       count_all=None) -> torch.Tensor:
+    """``count_all``: a function of the local count of non-zero losses that returns the divisor
+    (the global count, scaled; see :func:`compute_losses`); by default the local count."""
     num_classes = logits.shape[1]
     log_probs = F.log_softmax(logits, dim=1)
     with torch.no_grad():
@@ -34,7 +45,8 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float, 
         soft = soft.scatter(1, targets.view(-1, 1), 1 - smooth)
     loss = (-soft * log_probs).sum(dim=1)
     with torch.no_grad():
-        count = max(int((loss != 0).sum()), 1)
+        local = (loss != 0).sum()
+        count = max(float(count_all(local)) if count_all is not None else int(local), 1)
     return loss.sum() / count
 
 
@@ -74,11 +86,19 @@ def weighted_example_mining(dist: torch.Tensor, is_pos: torch.Tensor, is_neg: to
 
 
 def triplet_loss(embedding: torch.Tensor, targets: torch.Tensor, margin: float, norm_feat: bool,
-                 hard_mining: bool) -> torch.Tensor:
+                 hard_mining: bool, gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Batch-hard/soft triplet of the anchors ``embedding``; positives and negatives are mined among
+    ``gallery`` = (features, labels) (the global batch under torchrun), by default the anchors themselves."""
     if norm_feat:
         embedding = normalize(embedding)
-    dist = euclidean_dist(embedding, embedding)
-    same = targets.view(-1, 1) == targets.view(1, -1)
+    if gallery is None:
+        others, other_targets = embedding, targets
+    else:
+        others, other_targets = gallery
+        if norm_feat:
+            others = normalize(others)
+    dist = euclidean_dist(embedding, others)
+    same = targets.view(-1, 1) == other_targets.view(1, -1)
     if bool(same.all()):
         return embedding.sum() * 0.0  # one identity in the batch: no negatives, nothing to rank
     mine = hard_example_mining if hard_mining else weighted_example_mining
@@ -106,15 +126,26 @@ def check_loss_names(cfg) -> tuple[str, ...]:
     return names
 
 
-def compute_losses(cfg, outputs: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """fast-reid's ``Baseline.losses``: ``loss_cls`` and/or ``loss_triplet``, each times its SCALE."""
+def compute_losses(cfg, outputs: dict, targets: torch.Tensor, ctx=None) -> dict[str, torch.Tensor]:
+    """fast-reid's ``Baseline.losses``: ``loss_cls`` and/or ``loss_triplet``, each times its SCALE.
+
+    ``ctx`` (a :class:`trainer.distributed.DistContext`): under torchrun, this rank's share (module doc)."""
     names = check_loss_names(cfg)
     losses = {}
     L = cfg.MODEL.LOSSES
+    global_mining = ctx is not None and ctx.distributed and bool(L.TRI.get("GLOBAL_MINING", False))
+    if global_mining:
+        from .distributed import all_reduce_sum, gather, gather_with_grad
     if "CrossEntropyLoss" in names:
+        count_all = None
+        if global_mining:
+            def count_all(local):
+                return all_reduce_sum(ctx, local.float()) / ctx.world_size
         losses["loss_cls"] = cross_entropy_loss(outputs["logits"].float(), targets, L.CE.EPSILON,
-                                                L.CE.ALPHA) * L.CE.SCALE
+                                                L.CE.ALPHA, count_all) * L.CE.SCALE
     if "TripletLoss" in names:
-        losses["loss_triplet"] = triplet_loss(outputs["features"].float(), targets, L.TRI.MARGIN,
-                                              bool(L.TRI.NORM_FEAT), bool(L.TRI.HARD_MINING)) * L.TRI.SCALE
+        features = outputs["features"].float()
+        gallery = (gather_with_grad(ctx, features), gather(ctx, targets)) if global_mining else None
+        losses["loss_triplet"] = triplet_loss(features, targets, L.TRI.MARGIN, bool(L.TRI.NORM_FEAT),
+                                              bool(L.TRI.HARD_MINING), gallery) * L.TRI.SCALE
     return losses

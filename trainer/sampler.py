@@ -9,6 +9,12 @@ Within a pass, every identity's images are shuffled (identities with fewer than 
 filled up by drawing with replacement) and dealt K at a time; each batch takes P identities
 that still have K undealt images, without replacement. Passes repeat until the epoch has its
 ``len(dataset) // batch_size`` batches (fast-reid's iterations per epoch).
+
+Under torchrun, :class:`DistributedBatchSampler` gives rank ``r`` of ``N`` the ``r``-th of ``N`` equal
+slices of every global batch: each rank draws the same global batches from the same seed (no
+communication), the slices hold whole identities (a PK batch is laid out identity by identity),
+and each sample keeps the augmentation seed of its position in the global batch, so the N
+processes together see exactly the images, and the augmented pixels, of one process.
 """
 
 from __future__ import annotations
@@ -99,10 +105,50 @@ class RandomBatchSampler(PKBatchSampler):
         return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(self.num_batches)]
 
 
+class DistributedBatchSampler:
+    """Rank ``rank``'s slice of every global batch of ``base`` (``base.epoch`` is set through ``.epoch``)."""
+
+    def __init__(self, base: PKBatchSampler, world_size: int, rank: int):
+        if base.batch_size % world_size:
+            raise ReidExportError(f"the world size ({world_size}) must divide SOLVER.IMS_PER_BATCH ({base.batch_size})")
+        per_rank = base.batch_size // world_size
+        k = getattr(base, "num_instances", None)
+        if k and per_rank % k:
+            raise ReidExportError(
+                f"the world size ({world_size}) must divide the {base.batch_size // k} identities of a batch "
+                f"(SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE) so that each process gets whole identities")
+        self.base, self.world_size, self.rank, self.per_rank = base, int(world_size), int(rank), per_rank
+        self.batch_size = base.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.base.epoch = value
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        lo, hi = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        for batch in self.base:
+            yield batch[lo:hi]
+
+
 IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler")
 
 
-def build_batch_sampler(cfg, labels: Sequence[int], seed: int, log=None) -> PKBatchSampler:
+def build_batch_sampler(cfg, labels: Sequence[int], seed: int, log=None, world_size: int = 1, rank: int = 0):
+    """The sampler DATALOADER.SAMPLER_TRAIN names; with ``world_size > 1`` this rank's slice of it."""
+    base = _build_global_sampler(cfg, labels, seed, log)
+    if world_size > 1:
+        return DistributedBatchSampler(base, world_size, rank)
+    return base
+
+
+def _build_global_sampler(cfg, labels: Sequence[int], seed: int, log=None) -> PKBatchSampler:
     name = cfg.DATALOADER.SAMPLER_TRAIN
     batch_size = int(cfg.SOLVER.IMS_PER_BATCH)
     if name in IDENTITY_SAMPLERS:

@@ -27,7 +27,8 @@ class BatchNorm(nn.BatchNorm2d):
 
 def get_norm(norm: str, channels: int, **kwargs) -> nn.Module:
     if norm in ("BN", "syncBN"):
-        # syncBN is BN at inference; the trainer here runs on one device.
+        # syncBN is BN at inference and in one process; under torchrun reid-train synchronises these
+        # layers over the processes (trainer/distributed.py: convert_sync_batchnorm).
         return BatchNorm(channels, **kwargs)
     raise ReidExportError(
         f"normalization {norm!r} is not supported (MODEL.BACKBONE.NORM / MODEL.HEADS.NORM); use BN"
