@@ -351,7 +351,8 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
     if ctx.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, broadcast_buffers=False,
-            find_unused_parameters=bool(freezer.names))
+            # frozen layers (FREEZE_ITERS) and a classifier without CrossEntropyLoss take no gradient
+            find_unused_parameters=bool(freezer.names) or "CrossEntropyLoss" not in cfg.MODEL.LOSSES.NAME)
 
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
     if ctx.is_main:
