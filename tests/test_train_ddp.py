@@ -152,7 +152,7 @@ def test_two_processes_equal_one_with_global_mining_and_syncbn(toy_root, tmp_pat
 
 
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(toy_root, tmp_path):
-    opts = tiny_opts(toy_root, "SOLVER.MAX_EPOCH", "4", *EXACT)
+    opts = tiny_opts(toy_root, "SOLVER.MAX_EPOCH", "3", *EXACT)
     run_torchrun(2, tmp_path / "whole", opts)
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_cmd(2, out, opts), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,

@@ -59,7 +59,7 @@ class DistContext:
 
     def describe(self) -> str:
         if not self.launched:
-            return "world size 1 (one process, no torchrun)"
+            return "world size 1, one process (no torchrun)"
         return f"world size {self.world_size}, backend {self.backend}, rank {self.rank} (local {self.local_rank})"
 
 

@@ -29,6 +29,7 @@ size (or, with global mining and syncBN, another one) as if it had never stopped
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -233,7 +234,7 @@ def run(cfg: CfgNode, *, resume: bool = False, eval_only: bool = False, progress
 
 
 def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end, ctx=SINGLE) -> dict:
-    log.info("reid-train (%s): %s", ctx.describe(), " ".join(sys.argv[1:]) or "(library call)")
+    log.info("reid-train, %s: %s", ctx.describe(), " ".join(sys.argv[1:]) or "(library call)")
     device = pick_device(cfg, ctx)
     check_loss_names(cfg)
     _warn_unsupported(cfg)
@@ -349,8 +350,13 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
     freezer = LayerFreezer(cfg, model, optimizer)
     net = model
     if ctx.distributed:
+        # buffers are not broadcast from rank 0 before every forward (fast-reid's broadcast_buffers=False);
+        # newer torch names that forward_sync_buffers
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, broadcast_buffers=False,
+            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, **buffers,
             # frozen layers (FREEZE_ITERS) and a classifier without CrossEntropyLoss take no gradient
             find_unused_parameters=bool(freezer.names) or "CrossEntropyLoss" not in cfg.MODEL.LOSSES.NAME)
 
