@@ -27,7 +27,9 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO
-from test_train import make_market, tiny_opts
+from test_train import make_market, reid_train, tiny_opts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU_CONFIG = CONFIGS / "CUHK03" / "bagtricks_R18_cpu.yml"
 EXACT = ("MODEL.BACKBONE.NORM", "syncBN", "MODEL.HEADS.NORM", "syncBN", "MODEL.LOSSES.TRI.GLOBAL_MINING", "True",
@@ -64,11 +66,11 @@ def run_torchrun(nproc: int, out: Path, opts: list[str], *flags: str) -> str:
     return proc.stderr
 
 
-def run_single(out: Path, opts: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "--config", str(CPU_CONFIG), "--output-dir", str(out),
-                           "--no-progress", "--opts", *opts], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def run_single(out: Path, opts: list[str], *flags: str) -> str:
+    """reid-train in this process (no torchrun variables here: one process); its stderr."""
+    code, err = reid_train("--config", CPU_CONFIG, "--output-dir", out, "--no-progress", *flags, "--opts", *opts)
+    assert code == 0, err
+    return err
 
 
 def _weights(path: Path) -> dict:
@@ -171,3 +173,17 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(toy_root, tm
     err = run_torchrun(2, out, opts, "--resume")
     assert "resuming from" in err
     _assert_close(_weights(tmp_path / "whole" / "model_final.pth"), _weights(out / "model_final.pth"), atol=1e-6)
+
+
+def test_resume_with_another_world_size_continues_the_computation(toy_root, tmp_path):
+    """Global mining + syncBN: 1 iteration on 2 processes, then 2 more in one process == 3 in one process
+    (a global batch of 32 = 8 identities x 4 images makes an epoch of the toy set one iteration)."""
+    opts = tiny_opts(toy_root, *EXACT, "SOLVER.IMS_PER_BATCH", "32")
+    run_single(tmp_path / "one", [*opts, "SOLVER.MAX_EPOCH", "3"])
+    run_torchrun(2, tmp_path / "mixed", [*opts, "SOLVER.MAX_EPOCH", "1"])
+    assert _weights(tmp_path / "mixed" / "model_final.pth")["iteration"] == 1
+    err = run_single(tmp_path / "mixed", [*opts, "SOLVER.MAX_EPOCH", "3"], "--resume")
+    assert "world size 2 with world size 1" in err and "so is the computation" in err
+    one, mixed = _weights(tmp_path / "one" / "model_final.pth"), _weights(tmp_path / "mixed" / "model_final.pth")
+    assert one["iteration"] == mixed["iteration"] == 3
+    _assert_close(one, mixed, atol=1e-5)

@@ -83,6 +83,10 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistContext:
     if dist.is_initialized():
         return DistContext(dist.get_world_size(), dist.get_rank(), local_rank, dist.get_backend(), True)
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ReidExportError(
+                f"torchrun started local rank {local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                "--nproc-per-node must not exceed the GPUs (one GPU per process), or set MODEL.DEVICE cpu")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(world_size, rank, local_rank, backend, True)
