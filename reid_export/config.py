@@ -29,6 +29,9 @@ BASE_KEY = "_BASE_"
 # The keys reid-export adds to fast-reid's config (fast-reid's merge_from_file rejects them).
 OWN_KEYS = ("MODEL.BACKBONE.STEM_POOL_PADDING", "INPUT.INTERPOLATION", "DATASETS.ROOT", "SEED",
             "MODEL.LOSSES.TRI.GLOBAL_MINING", "SOLVER.AMP.CHANNELS_LAST")
+# Own keys written beside the config only when they differ from these defaults (added later: files that
+# never set them stay as they were).
+OWN_KEYS_IF_SET = {"MODEL.LOSSES.TRI.GLOBAL_MINING": False, "SOLVER.AMP.CHANNELS_LAST": None}
 SIDECAR_SUFFIX = ".reid-export.yaml"
 
 
@@ -453,8 +456,22 @@ def split_own(cfg: CfgNode) -> tuple[dict, dict]:
             node = node.get(part, {})
             target = target.setdefault(part, {})
         if leaf in node:
-            target[leaf] = node.pop(leaf)
-    return theirs, own
+            value = node.pop(leaf)
+            if key not in OWN_KEYS_IF_SET or value != OWN_KEYS_IF_SET[key]:
+                target[leaf] = value
+    return theirs, _prune(own)
+
+
+def _prune(d: dict) -> dict:
+    """``d`` without the sections left empty."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            value = _prune(value)
+            if not value:
+                continue
+        out[key] = value
+    return out
 
 
 def fastreid_dump(cfg: CfgNode) -> str:
