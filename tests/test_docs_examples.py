@@ -52,6 +52,8 @@ def _commands_in_block(lines: list[str], where: str) -> list[tuple[str, str]]:
         text = line.strip()
         if text.startswith("$ "):
             text = text[2:]
+        if text.startswith("torchrun ") and " --no-python reid-train" in text:  # the command torchrun starts
+            text = "reid-train" + text.split(" --no-python reid-train", 1)[1]
         for program in PROGRAMS:
             if text.startswith(program + " ") or text == program:
                 out.append((where, _strip_shell(text)))
