@@ -43,7 +43,7 @@ def cpu_model() -> str:
 
 
 def reid_train(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "trainer.cli", *args]
+    cmd = [sys.executable, "-m", "reid_train.cli", *args]
     print("$ reid-train " + " ".join(args), flush=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, cwd=REPO, env=env)

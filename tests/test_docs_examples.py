@@ -72,7 +72,7 @@ def _strip_shell(text: str) -> str:
 
 def _help_examples() -> list[tuple[str, str]]:
     from reid_export.cli.main import cli
-    from trainer.cli import train_command
+    from reid_train.cli import train_command
 
     out = []
     commands = [(f"reid-export {name}", cmd) for name, cmd in cli.commands.items()] + [("reid-train", train_command)]
@@ -110,7 +110,7 @@ def test_the_docs_hold_examples_of_every_command():
 @pytest.mark.parametrize("where,line", EXAMPLES, ids=[f"{w}:{i}" for i, (w, _) in enumerate(EXAMPLES)])
 def test_example_parses(where, line):
     from reid_export.cli.main import cli
-    from trainer.cli import train_command
+    from reid_train.cli import train_command
 
     words = shlex.split(line)
     if words[0] == "reid-train":

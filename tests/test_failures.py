@@ -214,7 +214,7 @@ def shown_warnings():
 
 def run_train(*args) -> CliResult:
     """``reid-train ARGS`` in-process; its log lines ([reid-train] ...) are progress, not errors."""
-    from trainer.cli import main
+    from reid_train.cli import main
 
     result = run_main(main, args)
     lines = [line for line in result.err.splitlines() if not line.startswith("[reid-train]")]
@@ -432,7 +432,7 @@ def fsync(fd):
 
 
 os.fsync = fsync
-from trainer.cli import main
+from reid_train.cli import main
 
 main(sys.argv[3:])
 '''

@@ -40,7 +40,7 @@ TOP_LEVEL_UNITS = {"checkpoint": "modeling", "api": "api", "__main__": "cli"}
 def unit_of(module: str) -> str | None:
     """The layer of a dotted module name inside this project (None for anything outside)."""
     parts = module.split(".")
-    if parts[0] == "trainer":
+    if parts[0] in ("trainer", "reid_train"):  # the folder trainer/ installs as reid_train
         return "trainer"
     if parts[0] != "reid_export":
         return None
@@ -117,7 +117,7 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module,unit", [("reid_export.errors", "base"), ("reid_export.checkpoint", "modeling"),
-                                         ("reid_export.runtime.encoder", "runtime"), ("trainer.engine", "trainer"),
+                                         ("reid_export.runtime.encoder", "runtime"), ("trainer.engine", "trainer"), ("reid_train.engine", "trainer"),
                                          ("numpy", None)])
 def test_units(module, unit):
     assert unit_of(module) == unit

@@ -281,7 +281,7 @@ def test_eval_takes_the_checkpoint_and_its_onnx_with_one_config(torchreid_onnx, 
 
 def test_fastreid_osnet_config_trains_a_few_iterations_and_exports(tmp_path):
     from test_train import make_market, tiny_opts
-    from trainer.cli import main as train_main
+    from reid_train.cli import main as train_main
 
     root = tmp_path / "datasets"
     make_market(root / "toy")

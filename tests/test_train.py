@@ -64,7 +64,7 @@ def tiny_opts(root: Path, *extra) -> list[str]:
 
 def reid_train(*args) -> tuple[int, str]:
     """Run ``reid-train ARGS`` in-process; (exit code, stderr)."""
-    from trainer.cli import main
+    from reid_train.cli import main
 
     result = run_main(main, args)
     return result.code, result.err
@@ -146,7 +146,7 @@ def _assert_same_run(a: dict, b: dict):
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(toy_root, reference, tmp_path):
     from reid_export.config import load_config
-    from trainer.engine import run
+    from reid_train.engine import run
 
     class Crash(Exception):
         pass
@@ -171,7 +171,7 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(toy_root, reference, t
     """A real SIGKILL as soon as the first checkpoint exists, then --resume to the same end."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     # MAX_EPOCH 50 so that the kill always lands mid-run; the schedule (MultiStep) does not depend on it.
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "--config", str(CPU_CONFIG), "--output-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "reid_train.cli", "--config", str(CPU_CONFIG), "--output-dir",
                              str(tmp_path), "--no-progress", "--opts", *resume_opts(toy_root, 50)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -242,7 +242,7 @@ class _Result:
 def test_real_cuhk03_is_found_by_name():
     root = data_dir("cuhk03-labeled").parent
     from reid_export.config import load_config
-    from trainer.datasets import load_train_items
+    from reid_train.datasets import load_train_items
 
     cfg = load_config(CPU_CONFIG, ["DATASETS.ROOT", str(root)])
     items, sources = load_train_items(cfg)
@@ -256,7 +256,7 @@ def test_training_evaluation_stops_on_nan_features(toy_root):
     from reid_export.data_config import data_config_from_cfg
     from reid_export.errors import ReidExportError
     from reid_export.modeling import build_model
-    from trainer.evaluator import evaluate
+    from reid_train.evaluator import evaluate
 
     cfg = load_config(CPU_CONFIG, tiny_opts(toy_root))
     model = build_model(cfg)

@@ -55,7 +55,7 @@ def _env() -> dict:
 def torchrun_cmd(nproc: int, out: Path, opts: list[str], *flags: str) -> list[str]:
     # --standalone: a c10d rendezvous on a free localhost port (tests may run side by side)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "trainer.cli", "--config", str(CPU_CONFIG), "--output-dir", str(out), "--no-progress",
+            "-m", "reid_train.cli", "--config", str(CPU_CONFIG), "--output-dir", str(out), "--no-progress",
             *flags, "--opts", *opts]
 
 
@@ -96,9 +96,9 @@ def _cfg(root: Path, *extra):
 
 
 def test_rank_slices_make_up_the_single_process_batch(toy_root):
-    from trainer.datasets import TrainSet, load_train_items
-    from trainer.sampler import DistributedBatchSampler, build_batch_sampler
-    from trainer.transforms import TrainTransform
+    from reid_train.datasets import TrainSet, load_train_items
+    from reid_train.sampler import DistributedBatchSampler, build_batch_sampler
+    from reid_train.transforms import TrainTransform
 
     cfg = _cfg(toy_root, "INPUT.CJ.ENABLED", "True", "INPUT.REA.PROB", "0.8")
     items, _ = load_train_items(cfg)
@@ -122,8 +122,8 @@ def test_rank_slices_make_up_the_single_process_batch(toy_root):
 
 def test_world_size_must_split_the_batch_into_whole_identities(toy_root):
     from reid_export.errors import ReidExportError
-    from trainer.distributed import DistContext, check_divisible
-    from trainer.sampler import build_batch_sampler
+    from reid_train.distributed import DistContext, check_divisible
+    from reid_train.sampler import build_batch_sampler
 
     cfg = _cfg(toy_root)
     labels = [p for p in range(8) for _ in range(6)]

@@ -11,12 +11,12 @@ from conftest import CONFIGS
 from reid_export.config import load_config
 from reid_export.errors import ReidExportError
 from reid_export.modeling import build_model
-from trainer import losses
-from trainer.datasets import resolve_dataset
-from trainer.pretrain import load_pretrained_backbone
-from trainer.sampler import PKBatchSampler
-from trainer.solver import LRSchedule, build_optimizer
-from trainer.transforms import TrainTransform, random_erasing
+from reid_train import losses
+from reid_train.datasets import resolve_dataset
+from reid_train.pretrain import load_pretrained_backbone
+from reid_train.sampler import PKBatchSampler
+from reid_train.solver import LRSchedule, build_optimizer
+from reid_train.transforms import TrainTransform, random_erasing
 
 # ---------------------------------------------------------------- cross entropy
 
@@ -235,7 +235,7 @@ def test_dataset_names_map_to_folders(tmp_path):
 
 
 def test_freeze_layers_keeps_the_backbone_fixed_then_releases_it():
-    from trainer.engine import LayerFreezer
+    from reid_train.engine import LayerFreezer
 
     cfg = _cfg("MODEL.HEADS.NUM_CLASSES", "4", "MODEL.FREEZE_LAYERS", "['backbone']", "SOLVER.FREEZE_ITERS", "1",
                "SOLVER.BASE_LR", "0.01")

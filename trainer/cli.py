@@ -40,7 +40,7 @@ def train_command(config_file, resume, eval_only, output_dir, progress, debug):
       reid-train --config configs/CUHK03/bagtricks_R18_cpu.yml --resume
       reid-train --config cfg.yml --eval-only --opts MODEL.WEIGHTS logs/x/model_best.pth
     """
-    from trainer.engine import run
+    from .engine import run
 
     cfg = load_config(config_file, get_opts())
     if output_dir is not None:

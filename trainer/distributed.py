@@ -9,7 +9,7 @@ on the CPU. Without those variables ``reid-train`` runs in one process exactly a
 What makes N processes compute what one process computes (the tests compare the weights):
 
 * the sampler draws the same global P x K batch from one seed on every rank and gives rank ``r``
-  its ``r``-th slice of whole identities (:class:`trainer.sampler.DistributedBatchSampler`); each
+  its ``r``-th slice of whole identities (:class:`reid_train.sampler.DistributedBatchSampler`); each
   image's augmentation is seeded by its position in the *global* batch;
 * every rank's loss is its share of the global loss, defined so that the mean over the ranks is
   the single-process loss; DistributedDataParallel averages the gradients over the ranks, so the

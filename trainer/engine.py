@@ -20,7 +20,7 @@ Resuming loads the newest checkpoint and continues with the next epoch: the batc
 augmentation of an epoch depend only on (seed, epoch), the lr only on (iteration, epoch), so the
 result equals an uninterrupted run; a kill loses at most the epochs since the last checkpoint.
 
-Under ``torchrun`` (:mod:`trainer.distributed`) every process trains its slice of each global batch
+Under ``torchrun`` (:mod:`reid_train.distributed`) every process trains its slice of each global batch
 in DistributedDataParallel; rank 0 alone logs, evaluates (alone, on the whole query/gallery) and
 writes the output folder, while the other ranks wait for it. The sampler, the augmentation seeds and
 the schedule depend on the global batch only, so ``--resume`` continues a run with the same world

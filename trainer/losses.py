@@ -10,7 +10,7 @@
   ``margin_ranking_loss`` with MARGIN, or the soft margin ``softplus(d_ap - d_an)`` when MARGIN is 0.
 * Each loss is multiplied by its SCALE; the total is their sum.
 
-Under torchrun (``ctx``, :mod:`trainer.distributed`) every rank returns its share of the loss, such
+Under torchrun (``ctx``, :mod:`reid_train.distributed`) every rank returns its share of the loss, such
 that the mean over the ranks is the loss (DistributedDataParallel averages the gradients): by
 default each rank's own batch slice, mined within the slice (fast-reid's behaviour); with
 ``MODEL.LOSSES.TRI.GLOBAL_MINING`` the triplet loss of the rank's anchors mined over the features
@@ -129,7 +129,7 @@ def check_loss_names(cfg) -> tuple[str, ...]:
 def compute_losses(cfg, outputs: dict, targets: torch.Tensor, ctx=None) -> dict[str, torch.Tensor]:
     """fast-reid's ``Baseline.losses``: ``loss_cls`` and/or ``loss_triplet``, each times its SCALE.
 
-    ``ctx`` (a :class:`trainer.distributed.DistContext`): under torchrun, this rank's share (module doc)."""
+    ``ctx`` (a :class:`reid_train.distributed.DistContext`): under torchrun, this rank's share (module doc)."""
     names = check_loss_names(cfg)
     losses = {}
     L = cfg.MODEL.LOSSES

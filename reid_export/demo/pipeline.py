@@ -1,7 +1,7 @@
 """The demo's stages: data -> train -> untrained -> onnx -> fp16 -> int8 (tensorrt, cpu) -> parity
 -> eval -> bench, then report.md.
 
-Each stage calls the project's own pieces: the synth generator, the trainer (``trainer.engine.run``),
+Each stage calls the project's own pieces: the synth generator, the trainer (``reid_train.engine.run``, the trainer/ folder),
 the exporter (``export_checkpoint``, ``quantize_file``) and the ``parity``/``eval``/``bench``
 commands in-process (their tables go to ``logs/<stage>.log``, their JSON reports beside
 report.md). The exact command a user would type for each stage is written at the top of its log
@@ -280,7 +280,7 @@ class Demo:
             return {"config": self._cfg_fingerprint(), "data": self.dataset_fp(), "version": __version__}
 
         def run(r: StageRun):
-            from trainer.engine import find_last_checkpoint, run as train
+            from reid_train.engine import find_last_checkpoint, run as train
 
             cfg = self.train_cfg()
             out = self.path("train")
