@@ -43,6 +43,7 @@ def setup(tmp_path_factory):
             "root": root, "images": root / "query"}
 
 
+@pytest.mark.slow
 def test_parity_returns_a_typed_report_with_its_verdict(setup):
     ok = api.parity(setup["a"], [setup["a"]], [setup["images"]], progress=False)
     assert isinstance(ok, api.ParityReport) and ok.passed and ok.exit_code == 0
@@ -71,6 +72,7 @@ def test_the_cli_prints_and_writes_what_the_api_returns(setup, tmp_path):
     assert written["candidates"] == json.loads(json.dumps(direct.to_dict()))["candidates"]
 
 
+@pytest.mark.slow
 def test_evaluate_returns_gates_and_failures(setup):
     ev = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
     assert isinstance(ev, api.EvalReport) and ev.passed and len(ev.results) == 2
@@ -114,6 +116,7 @@ def test_encode_paths_has_one_return_type(setup, tmp_path):
     assert some.kept == [0, 1, 2] and len(some.skipped) == 1 and np.array_equal(some.features, arr)
 
 
+@pytest.mark.slow
 def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_path):
     """A refused quantization is a report (``passed`` False, the one-line ``refusal``, what was tried), not an
     exception, and nothing is written; the same options with ``allow_below_gate`` write it marked below
@@ -150,6 +153,7 @@ def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_pat
         api.quantize(fp32, out, "int8", options=options)
 
 
+@pytest.mark.slow
 def test_the_library_logs_through_the_reid_export_logger(setup, tmp_path, caplog):
     """Without ``log=`` the calls say what they do as INFO records of the ``reid_export`` logger (no print)."""
     import logging
@@ -159,6 +163,7 @@ def test_the_library_logs_through_the_reid_export_logger(setup, tmp_path, caplog
     assert any(r.name == "reid_export" and "parity export" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_calls_take_open_encoders_as_they_take_paths(setup):
     """parity, evaluate and bench accept an open Encoder wherever they accept a model path: the same
     figures as with the path, the encoder named by its file, and left open for the caller."""
@@ -180,6 +185,7 @@ def test_calls_take_open_encoders_as_they_take_paths(setup):
         other.close()
 
 
+@pytest.mark.slow
 def test_hand_offs_return_reports(setup, tmp_path):
     """The tracker hand-offs keep the API's word too: passed, to_dict() with the schema, table()."""
     fp32 = tmp_path / "a.onnx"

@@ -192,6 +192,7 @@ def r18_pair(tmp_path_factory):
 FAST = ("--iterations", "2", "--warmup", "0", "--rounds", "2", "--no-progress")
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_table_json_csv_plot(r18_pair, tmp_path):
     threads_before = torch.get_num_threads()
     report, table_csv, plot = tmp_path / "bench.json", tmp_path / "bench.csv", tmp_path / "bench.png"
@@ -222,6 +223,7 @@ def test_bench_cli_writes_table_json_csv_plot(r18_pair, tmp_path):
     assert doc["notes"] and "--iterations 100" in doc["notes"][0]
 
 
+@pytest.mark.slow
 def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path, monkeypatch):
     """Decoding is inside the timed call: a decoder made 40 ms slower per image shows in every
     latency figure with --include-preprocess (batch 3: >= 120 ms); without it nothing is decoded."""
@@ -256,6 +258,7 @@ def test_bench_include_preprocess_times_real_files(r18_pair, image_dir, tmp_path
     assert not decoded  # tensors prepared untimed: no file is decoded at all
 
 
+@pytest.mark.slow
 def test_bench_onnx_beside_torch(r18_pair, tmp_path):
     onnx_path = tmp_path / "a.onnx"
     exported = run_cli("onnx", r18_pair[0], "-o", onnx_path, "--exporter", "torchscript", "--no-simplify")

@@ -33,6 +33,7 @@ def test_bad_arguments_exit_2(gpu_bench, argv, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_fold_batchnorm_keeps_the_output(gpu_bench):
     cfg = load_config(CONFIGS / "Market1501/bagtricks_R18.yml", ["INPUT.SIZE_TEST", "[64, 32]"])
     torch.manual_seed(0)
@@ -74,6 +75,7 @@ def test_short_table_and_verdict(gpu_bench):
     assert "no route" in gpu_bench.verdict([_fake("fp32", 1, 400.0)])
 
 
+@pytest.mark.slow
 def test_cpu_run_skips_cuda_routes_and_prints_the_table(gpu_bench, tmp_path, capsys):
     code = gpu_bench.main(["--device", "cpu", "--config", str(CONFIGS / "Market1501/bagtricks_R18.yml"),
                            "--size", "64", "32", "--batch-sizes", "1,2", "--warmup", "0", "--duration", "0.05",

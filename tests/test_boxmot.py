@@ -25,7 +25,7 @@ from reid_export.embeddings import collapse_stats
 from reid_export.export.metadata import get_metadata, input_info, read_data_config
 from reid_export.preprocess import preprocess
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MEAN, STD = BOXMOT_INPUT.mean, BOXMOT_INPUT.std
 # one raw graph, described four ways: the affine differs per convention, the self-check and parity must hold
@@ -147,6 +147,7 @@ def test_a_wrong_fold_fails_the_self_check_and_writes_nothing(raw_onnx, tmp_path
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_int8_and_fp16_handoffs_keep_their_precision_and_pass_parity(raw_onnx, tmp_path, image_dir):
     model = _annotated(raw_onnx, tmp_path, "fastreid")
     int8, fp16 = tmp_path / "small.int8.onnx", tmp_path / "small.fp16.onnx"

@@ -25,6 +25,7 @@ def _features(model, x):
         return model.eval()(x)
 
 
+@pytest.mark.slow
 def test_fastreid_layout_roundtrip(tmp_path):
     model, cfg = _r18("MODEL.HEADS.NUM_CLASSES", "11")
     path = tmp_path / "model_final.pth"
@@ -35,6 +36,7 @@ def test_fastreid_layout_roundtrip(tmp_path):
     assert dc.feat_dim == 512 and dc.input_size == (256, 128) and dc.normalized_inside
 
 
+@pytest.mark.slow
 def test_legacy_keys_module_prefix_and_stray_mean(tmp_path):
     model, _ = _r18()
     legacy = {}
@@ -51,6 +53,7 @@ def test_legacy_keys_module_prefix_and_stray_mean(tmp_path):
     assert torch.equal(_features(model, x), _features(loaded, x))
 
 
+@pytest.mark.slow
 def test_classifier_absent_or_other_size_is_fine(tmp_path):
     model, _ = _r18("MODEL.HEADS.NUM_CLASSES", "751")
     sd = model.state_dict()
@@ -95,6 +98,7 @@ def test_allow_partial_loads_what_matches(tmp_path):
     assert ibn_only and not any(k in given for k in ibn_only)
 
 
+@pytest.mark.slow
 def test_our_checkpoint_embeds_config(tmp_path):
     model, cfg = _r18()
     path = tmp_path / "ours.pth"
@@ -111,6 +115,7 @@ def test_our_checkpoint_embeds_config(tmp_path):
     assert torch.equal(_features(model, x), _features(loaded, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [[], ["INPUT.SIZE_TEST", "[128, 64]"]])
 def test_our_keys_travel_beside_the_config_and_older_checkpoints_load_as_before(tmp_path, opts):
     """New checkpoints keep our keys out of ``cfg`` (fast-reid's merge_from_file refuses them) and in
@@ -145,6 +150,7 @@ def test_our_keys_travel_beside_the_config_and_older_checkpoints_load_as_before(
     assert stripped.SEED != 5 and stripped.DATASETS.ROOT != "/data"
 
 
+@pytest.mark.slow
 def test_interpolation_left_unset_follows_the_checkpoint(tmp_path):
     """INPUT.INTERPOLATION unset: a fast-reid file gets fast-reid's evaluation resize (Pillow bicubic), a new
     reid-train model OpenCV cubic (recorded in its checkpoint), and an explicit value wins over both."""
@@ -168,6 +174,7 @@ def test_interpolation_left_unset_follows_the_checkpoint(tmp_path):
     assert explicit.interpolation == "pil-bicubic"
 
 
+@pytest.mark.slow
 def test_checkpoint_without_config_asks_for_one(tmp_path):
     model, _ = _r18()
     path = tmp_path / "bare.pth"
@@ -196,6 +203,7 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 
 
+@pytest.mark.slow
 def test_bad_files(tmp_path):
     with pytest.raises(ReidExportError, match="not found"):
         read_checkpoint(tmp_path / "missing.pth")

@@ -21,7 +21,7 @@ from reid_export.demo import PRESETS, Preset, run_demo
 from reid_export.demo.stages import Stage, StageFailed, StageRunner
 from reid_export.errors import ReidExportError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 STAGES = ["data", "train", "untrained", "onnx", "fp16", "int8-tensorrt", "int8-cpu", "parity", "eval", "bench"]
 

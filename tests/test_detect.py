@@ -22,6 +22,8 @@ from conftest import DATA, assert_clean_error, data_dir, run_cli, write_image
 from reid_export.export.metadata import load_onnx, read_data_config
 from reid_export.verify.detect import Convention, _as_convention, conventions, detect_convention
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 MODELS = Path(os.environ.get("REID_MODELS", DATA.parent / "models"))
 OSNET = MODELS / "osnet_x0_5_msmt17_combineall.onnx"
 OMZ = MODELS / "person-reidentification-retail-0288.FP32.xml"

@@ -13,6 +13,8 @@ from reid_export.config import load_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.modeling import build_model
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"
 
 

@@ -174,6 +174,7 @@ def osnet(tmp_path_factory):
     return {"right": right, "copy": copy, "wrong": wrong}
 
 
+@pytest.mark.slow
 def test_eval_gates_a_drop_by_default_and_no_gate_reports_only(osnet, tmp_path):
     root = data_dir("market1501-mini")
     report = tmp_path / "eval.json"

@@ -14,6 +14,8 @@ from reid_export.config import load_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.modeling import build_model
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 
 def _fastreid_checkpoint(tmp_path, cfg_name, name="model_final.pth"):
     cfg = load_config(CONFIGS / cfg_name)

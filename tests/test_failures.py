@@ -378,6 +378,7 @@ def _flipped(data: bytes, rng: random.Random, regions: list[tuple[int, int]]) ->
     return bytes(buf)
 
 
+@pytest.mark.slow
 def test_fuzzed_models_fail_cleanly(artifacts, tmp_path, capfd):
     """30 damaged copies each of a small ONNX and of a checkpoint through extract: exit 0 with
     features, or 1/2 with one line naming the file; never an internal error, a traceback, or
@@ -438,6 +439,7 @@ main(sys.argv[3:])
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the file being written in /proc/self/fd")
 def test_kill_9_while_writing_a_checkpoint(artifacts, tmp_path):
     """reid-train killed (SIGKILL) while model_0001.pth is half written: the half is a hidden temp

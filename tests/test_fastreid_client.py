@@ -31,7 +31,7 @@ import yaml
 from conftest import CONFIGS, REPO, run_cli
 from test_train import make_market, reid_train, tiny_opts
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SIDE = Path(__file__).resolve().parent / "fastreid_side.py"
 TOLERANCE = 1e-5

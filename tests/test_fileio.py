@@ -66,6 +66,7 @@ def test_existing_file_keeps_its_mode(tmp_path, umask):
     assert target.read_bytes() == b"new" and mode(target) == 0o640
 
 
+@pytest.mark.slow
 def test_command_outputs_are_readable_by_group_and_other(tmp_path, umask, image_dir):
     """Real outputs under umask 022 (a checkpoint, features and their JSON) are 0644: a serving
     container or another user can read them."""

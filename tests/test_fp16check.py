@@ -1,5 +1,6 @@
 """fp16-check: true half-precision activations expose overflow that ONNX Runtime on CPU hides."""
 
+import pytest
 import json
 
 import torch
@@ -9,6 +10,8 @@ from reid_export.checkpoint import save_checkpoint
 from reid_export.config import load_config
 from reid_export.data_config import data_config_from_cfg
 from reid_export.modeling import build_model
+
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
 
 
 def _gem_ckpt(path, scale=1.0):

@@ -34,7 +34,7 @@ TOLERANCE = 1e-5
 # left to its default gets fast-reid's evaluation resize (Pillow bicubic), so these tests name the resize.
 DEMO_RESIZE = ["INPUT.INTERPOLATION", "cubic"]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def golden(name: str) -> dict:

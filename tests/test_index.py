@@ -53,6 +53,7 @@ def test_flat_index_is_exact_across_shards_and_add(tmp_path):
     assert gindex.files()[2999] == "02999.jpg" and len(gindex.files()) == 3000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_kinds_report_their_recall(tmp_path, kind):
     rng = np.random.default_rng(1)
@@ -127,6 +128,7 @@ def tiny(tmp_path_factory):
     return ckpt, ds, root / "distractors"
 
 
+@pytest.mark.slow
 def test_index_and_search_images_end_to_end(tiny, tmp_path):
     ckpt, ds, _ = tiny
     gallery = ds / "bounding_box_test"
@@ -165,6 +167,7 @@ def test_index_and_search_images_end_to_end(tiny, tmp_path):
         [[h["file"] for h in q["hits"]] for q in doc["queries"]]
 
 
+@pytest.mark.slow
 def test_eval_feature_files_and_distractors(tiny, tmp_path):
     ckpt, ds, distractors = tiny
     assert run_cli("extract", ckpt, ds / "query", "-o", tmp_path / "q.npy", "--no-progress").code == 0

@@ -42,6 +42,7 @@ def test_per_query_rank1_and_ap_are_the_verifiers_metrics(ev):
     assert 0 < pq["r1"].mean() < 1  # a test with something to lose
 
 
+@pytest.mark.slow
 def test_identical_candidate_is_exact_and_a_broken_one_is_far(ev):
     feats, info = _retrieval()
     base = ev.per_query(feats, info, "test")

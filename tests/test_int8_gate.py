@@ -134,6 +134,7 @@ def _info(path) -> dict:
     return _quantization(path)["search"]
 
 
+@pytest.mark.slow
 def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_path):
     src, crops = osnet_like
     out = tmp_path / "entropy.onnx"
@@ -170,6 +171,7 @@ def test_entropy_fails_the_gate_that_the_chosen_method_passes(osnet_like, tmp_pa
     assert report["schema_version"] >= 1 and report["command"] == "quantize"
 
 
+@pytest.mark.slow
 def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_like, tmp_path):
     src, crops = osnet_like
     out = tmp_path / "fallback.onnx"
@@ -191,6 +193,7 @@ def test_fallback_keeps_the_worst_layers_in_float_until_the_gate_holds(osnet_lik
     assert "kept in float to meet the gate" in result.err
 
 
+@pytest.mark.slow
 def test_impossible_gate_refuses_and_the_override_marks_the_model(osnet_like, tmp_path):
     src, crops = osnet_like
     folder = tmp_path / "out"
@@ -317,6 +320,7 @@ def test_mse_threshold_is_the_least_squares_clip():
     assert found < 40.0  # clips the largest outlier
 
 
+@pytest.mark.slow
 def test_weight_range_follows_the_cpu(osnet_like, tmp_path, monkeypatch):
     assert weight_range_for_cpu({"avx2", "fma"})[0] is True
     assert weight_range_for_cpu({"avx2", "avx512_vnni"})[0] is False
@@ -352,6 +356,7 @@ def test_weight_range_follows_the_cpu(osnet_like, tmp_path, monkeypatch):
     assert model_weight_range_warning(outs["avx2 avx512f avx512_vnni"]) is None
 
 
+@pytest.mark.slow
 def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
     """On the OSNet-like net (a few channels 8x larger) entropy calibration fails the gate on the
     graph as given and passes on the equalised graph; --no-equalize tries the plain graph only."""
@@ -379,6 +384,7 @@ def test_equalisation_is_tried_and_kept_where_it_helps(osnet_like, tmp_path):
     assert_clean_error(result, "not written", "best entropy")
 
 
+@pytest.mark.slow
 def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, monkeypatch):
     """The quantizer's own check: if the rescaling went wrong (here: the consumers are not
     compensated), the equalised graph's FP32 features differ and only the plain graph is searched."""
@@ -402,6 +408,7 @@ def test_an_equalised_graph_that_changes_fp32_is_not_used(osnet_like, tmp_path, 
     assert info["equalization"]["fp32_max_rel_l2"] > 1e-4
 
 
+@pytest.mark.slow
 def test_the_default_gate_refuses_spread_error_and_names_the_recovery_that_passes(osnet_like, tmp_path):
     """The OSNet-like net's INT8 error is spread over its depthwise, gated blocks: with the defaults
     (every method on both graphs, bias correction, a quarter of the nodes in float) no candidate

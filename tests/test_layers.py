@@ -95,6 +95,7 @@ def violations() -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_layers_point_down_only():
     found = violations()
     assert not found, "imports against the layering:\n" + "\n".join(found)

@@ -13,6 +13,7 @@ def _model(cfg_name, *opts):
     return randomize_bn(build_model(cfg), size=tuple(cfg.INPUT.SIZE_TEST)).eval(), cfg
 
 
+@pytest.mark.slow
 def test_bot_r50_keys_are_fastreids():
     model, _ = _model("Market1501/bagtricks_R50.yml")
     keys = set(model.state_dict())
@@ -29,6 +30,7 @@ def test_bot_r50_keys_are_fastreids():
     assert model.heads.bottleneck[0].bias.requires_grad is False  # BNNeck bias frozen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padding,expected", [(0, (64, 32)), (1, (65, 33))])
 def test_stem_pool_map_size(padding, expected):
     """fast-reid's unpadded ceil-mode pool gives 64x32 at 256x128; the pre-0.2.0 padded one 65x33."""
@@ -46,6 +48,7 @@ def test_stem_pool_padding_refuses_other_values():
         _model("Market1501/bagtricks_R18.yml", "MODEL.BACKBONE.STEM_POOL_PADDING", "2")
 
 
+@pytest.mark.slow
 def test_ibn_in_stages_1_to_3_only():
     model, _ = _model("Market1501/bagtricks_R50-ibn.yml")
     keys = set(model.state_dict())
@@ -55,6 +58,7 @@ def test_ibn_in_stages_1_to_3_only():
     assert model.backbone.layer1[0].bn1.IN.weight.shape == (32,)
 
 
+@pytest.mark.slow
 def test_nonlocal_positions_50x_and_101x():
     model, _ = _model("Market1501/AGW_R50.yml")
     keys = set(model.state_dict())
@@ -67,6 +71,7 @@ def test_nonlocal_positions_50x_and_101x():
     assert big.backbone.nl_positions[3] == list(range(14, 23)) and len(big.backbone.NL_3) == 9
 
 
+@pytest.mark.slow
 def test_normalization_is_not_in_place():
     model, _ = _model("Market1501/bagtricks_R18.yml")
     x = torch.rand(2, 3, 256, 128) * 255
@@ -83,6 +88,7 @@ def test_normalization_is_not_in_place():
     ("Market1501/sbs_R50-ibn.yml", (384, 128), 2048),
     ("Market1501/bagtricks_R101-ibn.yml", (256, 128), 2048),
 ])
+@pytest.mark.slow
 def test_matches_independent_fastreid_transcription(cfg_name, size, feat):
     model, cfg = _model(cfg_name)
     if cfg.MODEL.HEADS.POOL_LAYER == "GeneralizedMeanPoolingP":
@@ -101,6 +107,7 @@ def test_matches_independent_fastreid_transcription(cfg_name, size, feat):
     assert rel < 1e-10, rel
 
 
+@pytest.mark.slow
 def test_embedding_dim_and_no_bnneck():
     model, _ = _model("Market1501/bagtricks_R18.yml", "MODEL.HEADS.EMBEDDING_DIM", "256")
     assert model.heads.bottleneck[0].weight.shape == (256, 512, 1, 1)
@@ -109,6 +116,7 @@ def test_embedding_dim_and_no_bnneck():
     assert len(model.heads.bottleneck) == 0
 
 
+@pytest.mark.slow
 def test_training_outputs_and_margin_classifiers():
     for cls in ("Linear", "CircleSoftmax", "ArcSoftmax", "CosSoftmax"):
         model, _ = _model("Market1501/bagtricks_R18.yml", "MODEL.HEADS.NUM_CLASSES", "7",

@@ -75,6 +75,7 @@ if a.calibration_method == "fail":
 """
 
 
+@pytest.mark.slow
 def test_modelopt_runs_on_a_copy_and_gets_our_metadata_back(mc, tmp_path, monkeypatch):
     from reid_export.export.metadata import set_metadata
 

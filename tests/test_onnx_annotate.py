@@ -68,6 +68,7 @@ def test_foreign_onnx_is_refused_with_the_annotate_command(foreign, parity_image
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_annotate_quantize_extract(foreign, parity_images, tmp_path):
     _, path, net = foreign
     annotated = tmp_path / "annotated.onnx"

@@ -24,6 +24,8 @@ from reid_export.modeling import build_model
 from reid_export.modeling.resnet import BasicBlock
 from reid_export.runtime import open_encoder, preprocess
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 
 def trained_like(model: nn.Module, size=(256, 128), seed: int = 0, branch_gain: float = 0.15) -> nn.Module:
     """Random weights with the numerics of a trained ReID network.

@@ -26,7 +26,7 @@ from reid_export.runtime import open_encoder, preprocess  # noqa: E402
 from reid_export.runtime import openvino_backend  # noqa: E402
 from reid_export.embeddings import Tolerances, compare  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 SIZE = (64, 32)
 OMZ = DATA.parent / "models"
 

@@ -25,7 +25,7 @@ from reid_export.modeling.osnet import (OSNET_WIDTHS, SHIPPED_TORCHREID_CONFIGS,
                                         is_torchreid_layout, torchreid_to_reid_export)
 from reid_export.runtime.encoder import open_encoder
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SHARED = REPO.parent / "shared"
 GOLDEN = Path(os.environ.get("REID_GOLDEN", SHARED / "golden")) / "torchreid" / "osnet_x0_25_market1501"

@@ -103,6 +103,7 @@ def _nudged(path, src, scale=1.01):
     return path
 
 
+@pytest.mark.slow
 def test_parity_cli_passes_the_onnx_export_and_fails_near_misses(tmp_path, image_dir):
     a = _ckpt(tmp_path / "a.pth", seed=0)
     exported = tmp_path / "a.onnx"  # another backend computing the same function: not a copy of the file
@@ -125,6 +126,7 @@ def test_parity_cli_passes_the_onnx_export_and_fails_near_misses(tmp_path, image
     assert near["max_rel_l2"] > 1e-4 and near["min_cosine"] > 0.99, near
 
 
+@pytest.mark.slow
 def test_parity_cli_bad_inputs(tmp_path, image_dir):
     a = _ckpt(tmp_path / "a.pth")
     assert_clean_error(run_cli("parity", a, tmp_path / "missing.onnx", "--images", image_dir, "--no-progress"),

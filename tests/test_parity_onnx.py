@@ -18,6 +18,8 @@ from reid_export.export.metadata import save_onnx
 from reid_export.export.onnx_export import export_module
 from reid_export.modeling import build_model
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 R18 = CONFIGS / "Market1501" / "bagtricks_R18.yml"  # a shipped config, at its own 256x128
 
 

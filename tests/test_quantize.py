@@ -21,6 +21,8 @@ from reid_export.export.quantize.calibration import CalibrationImages
 from reid_export.runtime import expand_image_paths, open_encoder
 from test_onnx_export import make_checkpoint
 
+pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
+
 # An R18 BoT with GeM-P pooling (the head FP16 must keep in FP32), at 128x64 to keep CPU time small.
 OPTS = ["INPUT.SIZE_TEST", "[128, 64]", "MODEL.HEADS.POOL_LAYER", "GeneralizedMeanPoolingP"]
 

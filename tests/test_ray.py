@@ -24,7 +24,7 @@ from reid_export.config import load_config  # noqa: E402
 from reid_export.data_config import data_config_from_cfg  # noqa: E402
 from reid_export.modeling import build_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

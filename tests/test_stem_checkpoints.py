@@ -61,6 +61,7 @@ def _features(model, images, cfg=None, data_config=None):
         return model.eval()(torch.from_numpy(preprocess(arrays, dc))).numpy()
 
 
+@pytest.mark.slow
 def test_old_reid_train_checkpoint_loads_as_trained_with_a_note(tmp_path, images):
     original, path = _old_checkpoint(tmp_path)
     with pytest.warns(ReidExportNote, match=r"reid-train 0\.1\.0.*padding=1.*features unchanged"):
@@ -108,6 +109,7 @@ def test_new_checkpoints_record_fastreids_stem(tmp_path, images):
     assert np.array_equal(_features(loaded, images, data_config=dc), _features(model, images, data_config=dc))
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_from_an_unresolved_config_records_the_models_stem(tmp_path):
     """save_checkpoint writes the stem the model has, even when the config left the key unset."""
     cfg = load_config(R18, SIZE)

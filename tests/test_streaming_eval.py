@@ -36,6 +36,7 @@ def assert_same(full: dict, streamed: dict):
     assert streamed["num_valid_queries"] == full["num_valid_queries"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("integer", [False, True])
 def test_matrix_source_equals_full_matrix_for_any_chunk(integer):
     rng = np.random.default_rng(3)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import CONFIGS, REPO, assert_clean_error, data_dir, run_cli, run_main
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CPU_CONFIG = CONFIGS / "CUHK03" / "bagtricks_R18_cpu.yml"
 

@@ -29,7 +29,7 @@ import torch
 from conftest import CONFIGS, REPO
 from test_train import make_market, reid_train, tiny_opts
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CPU_CONFIG = CONFIGS / "CUHK03" / "bagtricks_R18_cpu.yml"
 EXACT = ("MODEL.BACKBONE.NORM", "syncBN", "MODEL.HEADS.NORM", "syncBN", "MODEL.LOSSES.TRI.GLOBAL_MINING", "True",

@@ -198,6 +198,7 @@ def test_random_erasing_fills_a_box():
 # ---------------------------------------------------------------- ImageNet weights, dataset lookup
 
 
+@pytest.mark.slow
 def test_pretrained_torchvision_and_ibn_layouts(tmp_path):
     cfg = _cfg()
     source = build_model(cfg).backbone
@@ -234,6 +235,7 @@ def test_dataset_names_map_to_folders(tmp_path):
         resolve_dataset("Market1501", tmp_path)
 
 
+@pytest.mark.slow
 def test_freeze_layers_keeps_the_backbone_fixed_then_releases_it():
     from reid_train.engine import LayerFreezer
 

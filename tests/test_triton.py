@@ -260,6 +260,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_triton_server_serves_the_repository_and_returns_extracts_features(models, tmp_path, image_dir):
     import os
     import shutil
