@@ -135,10 +135,25 @@ def run_quark(model_path: str, calib: np.ndarray, flavour: str, algo: str, itera
     return out
 
 
+def ours_record(report_path: str) -> dict:
+    """The record of our own gated search from a ``reid-export quantize --report`` file (same crops, same measure)."""
+    report = json.loads(Path(report_path).read_text())
+    search = report["search"]
+    return {"key": f"ours/{Path(report_path).name}", "model": Path(report.get("output", "?")).name, "algo": "ours",
+            "flavour": report["target"], "chosen": search["chosen"], "fallback_float": len(search["fallback_float"]),
+            "held_out_images": search["held_out_images"],
+            "objective": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in search["objective"].items()},
+            "wall_s": round(report["seconds"], 1), "seconds": search["seconds"], "date": report["date"],
+            "machine": report.get("machine"), "report": Path(report_path).name,
+            "held_out_retrieval": search.get("held_out_retrieval")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--flavour", choices=("cpu", "tensorrt"), required=True)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--ours", nargs="*", default=[],
+                    help="reid-export quantize --report files to record beside Quark's runs (then no model needed)")
+    ap.add_argument("--flavour", choices=("cpu", "tensorrt"), default="cpu")
     ap.add_argument("--algos", default="none,adaround,adaquant",
                     help="comma-separated, run in this order on one calibration (none first calibrates)")
     ap.add_argument("--iterations", type=int, default=1000)
@@ -149,8 +164,21 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/work/scratch-reduce/cache")
     ap.add_argument("--keep", default=None, help="folder to copy the Q/DQ graphs into")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "learned_rounding.json"))
+    ap.add_argument("--measure-graph", default=None,
+                    help="only score this Q/DQ graph (e.g. the partial model Quark's SaveAndRestore keeps mid-run)")
+    ap.add_argument("--note", default="", help="what --measure-graph is (recorded)")
     args = ap.parse_args(argv)
     algos = args.algos.split(",")
+    path = Path(args.json)
+    if args.ours:
+        records = json.loads(path.read_text()) if path.exists() else []
+        for report in args.ours:
+            record = ours_record(report)
+            records = [r for r in records if r.get("key") != record["key"]] + [record]
+            print("RESULT", json.dumps(record), flush=True)
+        path.write_text(json.dumps(records, indent=1) + "\n")
+    if not args.model:
+        return 0
 
     import onnx
     import quark
@@ -162,10 +190,22 @@ def main(argv=None) -> int:
 
     calib, val, data_config = split_arrays(args.model, Path(args.cache))
     objective = Objective(open(args.model, "rb").read(), val, data_config, args.threads)
+    if args.measure_graph:
+        measures = objective.measure(Path(args.measure_graph).read_bytes())
+        record = {"key": f"{Path(args.model).stem}/{args.flavour}/{algos[0]}/{args.iterations}/partial",
+                  "model": Path(args.model).name, "flavour": args.flavour, "algo": algos[0],
+                  "iterations": args.iterations, "data_size": args.data_size, "note": args.note,
+                  "graph": Path(args.measure_graph).name, "held_out_images": len(val),
+                  "objective": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in measures.items()},
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(["python", "benchmarks/learned_rounding.py"] + (argv or sys.argv[1:]))}
+        records = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([r for r in records if r.get("key") != record["key"]] + [record], indent=1) + "\n")
+        print("RESULT", json.dumps(record), flush=True)
+        return 0
     digest = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
     ranges = Path(args.cache) / f"ranges-{digest[:16]}-{args.flavour}.json"
     calib_seconds = None
-    path = Path(args.json)
     for algo in algos:
         start = time.time()
         with tempfile.TemporaryDirectory(prefix="quark-", dir=args.cache) as tmp:
