@@ -3,7 +3,8 @@ thin OSNet models below what our gated search reaches?
 
 One run = one model, one flavour (``cpu``: U8S8, uint8 asymmetric activations, int8 symmetric
 per-channel weights; ``tensorrt``: S8S8, symmetric activations, int8 symmetric per-channel weights),
-one Quark algorithm (``none``: Quark's calibration only; ``adaround``; ``adaquant``). Calibration and
+Quark algorithms in turn (``none``: Quark's calibration only; ``adaround``; ``adaquant``; one calibration,
+saved by the first and restored by the others). Calibration and
 held-out images are exactly those ``reid-export quantize`` uses with its defaults
 (:func:`reid_export.export.quantize.select_split`, 512 calibration crops, 128 held-out crops of
 whole held-out identities, seed 0), preprocessed by the package's own :func:`reid_export.preprocess.preprocess`
@@ -12,8 +13,11 @@ with the model's embedded data config; the Q/DQ graph is measured with the quant
 
 Quark runs on a copy of the model in a temporary folder (never the input file), in its own venv:
 
-    /work/scratch-reduce/venv/bin/python benchmarks/learned_rounding.py MODEL.onnx --flavour cpu \
-        --algo adaround --iterations 1000 --json benchmarks/learned_rounding.json
+    work/venv/bin/python benchmarks/learned_rounding.py MODEL.onnx --flavour cpu \
+        --algos none,adaround,adaquant --iterations 200 --data-size 64
+
+``--ours REPORT.json ...`` records our own search from ``reid-export quantize --report`` files;
+``--measure-graph G.onnx`` only scores a saved graph (e.g. Quark's partial model mid-run).
 
 The preprocessed arrays are cached (``--cache``) so that every run sees the same bytes at no cost.
 Each run appends one record to ``--json`` (replacing an earlier record with the same key).
