@@ -9,7 +9,7 @@ held-out images are exactly those ``reid-export quantize`` uses with its default
 (:func:`reid_export.export.quantize.select_split`, 512 calibration crops, 128 held-out crops of
 whole held-out identities, seed 0), preprocessed by the package's own :func:`reid_export.preprocess.preprocess`
 with the model's embedded data config; the Q/DQ graph is measured with the quantizer's own
-:class:`reid_export.export.int8_search.Objective` (pair error, cosines, top-1/top-5 agreement).
+:class:`reid_export.export.quantize.search.Objective` (pair error, cosines, top-1/top-5 agreement).
 
 Quark runs on a copy of the model in a temporary folder (never the input file), in its own venv:
 
@@ -60,7 +60,8 @@ def split_arrays(model_path: str, cache: Path, calib_dir: str = CALIB_DIR):
     if path.exists():
         data = np.load(path)
         return data["calib"], data["val"], data_config
-    calib_paths, val_paths, _ = select_split([calib_dir], DEFAULT_CALIB_SIZE, [], DEFAULT_VAL_SIZE, 0, print)
+    split = select_split([calib_dir], DEFAULT_CALIB_SIZE, [], DEFAULT_VAL_SIZE, 0, print)
+    calib_paths, val_paths = split.calibration, split.held_out
     calib, val = preprocess(calib_paths, data_config), preprocess(val_paths, data_config)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, calib=calib, val=val)
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from reid_export.cpuinfo import read_cpu_flags
-    from reid_export.export.int8_search import Objective
+    from reid_export.export.quantize.search import Objective
 
     calib, val, data_config = split_arrays(args.model, Path(args.cache))
     objective = Objective(open(args.model, "rb").read(), val, data_config, args.threads)
