@@ -382,6 +382,14 @@ def run_summary(report: dict | None, facts: dict | None) -> dict:
     return out
 
 
+def same_search(a: dict, b: dict) -> bool:
+    """Whether two quantize reports tried the same candidates with the same measures and chose the same one
+    (a default run and its --allow-below-gate twin)."""
+    def trials(r):
+        return [(t.get("label"), json.dumps(t.get("objective"), sort_keys=True)) for t in r["search"]["tried"]]
+    return trials(a) == trials(b) and a["search"]["chosen"] == b["search"]["chosen"]
+
+
 def load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -462,6 +470,10 @@ def cmd_measure(args) -> int:
             if facts or report:
                 entry["runs"][kind] = run_summary(report, facts)
                 entry["runs"][kind]["refusal_line"] = refusal_line(Path(f"{base}.log"))
+        for target in TARGETS:
+            reports = [load_json(args.work / "runs" / f"{name}.int8-{target}-{mode}.json") for mode in ("default", "allow")]
+            if all(reports):
+                entry["runs"][f"int8-{target}-allow"]["same_search_as_default"] = same_search(*reports)
         for method in MODELOPT_METHODS:
             facts = load_json(args.work / "modelopt" / f"{name}-{method}" / "facts.json")
             if facts:

@@ -137,3 +137,12 @@ def test_markdown_table_from_synthetic_json(ms):
     assert "ModelOpt entropy (its default)" in lines[5] and "| 99 |" in lines[5]
     assert "R1 40.00 / mAP 41.00 (10 q)" in lines[2]
     assert math.isclose(float(trt.split("|")[5]), 0.123)
+
+
+def test_same_search(ms):
+    def report(pair, chosen="mse"):
+        return {"search": {"chosen": chosen, "tried": [{"label": "mse", "objective": {"pair_error": pair}},
+                                                       {"label": "entropy", "objective": {"pair_error": 5.0}}]}}
+    assert ms.same_search(report(0.2), report(0.2))
+    assert not ms.same_search(report(0.2), report(0.21))
+    assert not ms.same_search(report(0.2), report(0.2, chosen="entropy"))
