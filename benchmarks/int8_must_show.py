@@ -539,7 +539,8 @@ def outcome(runs: dict, target: str) -> str:
     d, a = runs.get(f"int8-{target}-default"), runs.get(f"int8-{target}-allow")
     if d and d.get("returncode") is not None:
         written = d.get("written")
-        return f"{'passed' if written else 'refused'} (exit {d['returncode']})"
+        took = f", {d['seconds']:.0f} s" if d.get("seconds") is not None else ""
+        return f"{'passed' if written else 'refused'} (exit {d['returncode']}{took})"
     if a and a.get("gate_passed") is not None:
         return f"{'passed' if a['gate_passed'] else 'refused'} (not run; gate result of the allow run)"
     return "not run"

@@ -72,7 +72,7 @@ def _run(gate_passed, rc=None, written=None, **extra):
 def test_outcome_observed_and_inferred(ms):
     runs = {"int8-tensorrt-default": _run(False, rc=1, written=False), "int8-tensorrt-allow": _run(False, rc=0, written=True),
             "int8-cpu-allow": _run(True, rc=0, written=True)}
-    assert ms.outcome(runs, "tensorrt") == "refused (exit 1)"
+    assert ms.outcome(runs, "tensorrt") == "refused (exit 1, 600 s)"
     assert ms.outcome(runs, "cpu").startswith("passed (not run")
     assert ms.outcome({}, "cpu") == "not run"
     assert ms.candidate_text(runs["int8-cpu-allow"]) == "mse, equalised, bias-corr., 3 fallback / 20 float"
@@ -130,7 +130,7 @@ def test_markdown_table_from_synthetic_json(ms):
     assert len(lines) == 2 + 4
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     trt = lines[3]
-    assert "INT8 tensorrt (below gate)" in trt and "refused (exit 1)" in trt and "0.123" in trt
+    assert "INT8 tensorrt (below gate)" in trt and "refused (exit 1, 600 s)" in trt and "0.123" in trt
     assert "-1.00 ± 0.50 / +0.25 ± 0.50" in trt and "-1.00 [-3.0, +1.0] / +0.50 [-0.2, +1.2]" in trt
     assert "| 600 |" in trt
     assert "passed (exit 0)" in lines[4]
