@@ -121,6 +121,9 @@ def cmd_quantize(args) -> int:
             if facts_path.is_file():
                 log(f"{name} {kind}: cached ({json.loads(facts_path.read_text())['returncode']=})")
                 continue
+            if (runs / f"{name}.{kind}.log").is_file() and not args.rerun:
+                log(f"{name} {kind}: a log but no facts: running in another process or interrupted (--rerun)")
+                continue
             log(f"{name} {kind}: running")
             facts = run_logged(quantize_command(model, out, kind, args.calib_dir, args.threads), facts_path)
             log(f"{name} {kind}: exit {facts['returncode']} in {facts['seconds']} s")
@@ -623,6 +626,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-dir", type=Path, required=True)
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--kinds", default="", help="only these runs (int8-tensorrt-default,...,fp16)")
+    p.add_argument("--rerun", action="store_true", help="also start runs that left a log but no facts")
     p.set_defaults(func=cmd_quantize)
     p = common(sub.add_parser("modelopt"))
     p.add_argument("--calib-dir", type=Path, required=True)
