@@ -552,7 +552,7 @@ def outcome(runs: dict, target: str) -> str:
 def candidate_text(run: dict | None) -> str:
     if not run or not run.get("candidate"):
         return "-"
-    parts = [run.get("method") or run["candidate"], "equalised" if run.get("variant") == "equalised" else "plain",
+    parts = [run["candidate"].split(",")[0], "equalised" if run.get("variant") == "equalised" else "plain",
              "bias-corr." if run.get("bias_corrected") else "no bias-corr.",
              f"{run.get('fallback_float', 0)} fallback / {run.get('kept_float', 0)} float"]
     return ", ".join(parts)

@@ -62,8 +62,8 @@ def test_retrieval_scores_market_protocol(ms):
 
 
 def _run(gate_passed, rc=None, written=None, **extra):
-    run = {"gate_passed": gate_passed, "written": written, "returncode": rc, "candidate": "mse, equalised",
-           "method": "mse", "variant": "equalised", "bias_corrected": True, "fallback_float": 3, "kept_float": 20,
+    run = {"gate_passed": gate_passed, "written": written, "returncode": rc, "candidate": "mse, equalised, bias-corrected, 3 nodes in float",
+           "method": "mse, equalised, bias-corrected, 3 nodes in float", "variant": "equalised", "bias_corrected": True, "fallback_float": 3, "kept_float": 20,
            "seconds": 600.0, "held_out_retrieval": None}
     run.update(extra)
     return run
