@@ -101,7 +101,7 @@ def run_logged(cmd: list[str], facts_path: Path) -> dict:
     load0, start = os.getloadavg(), time.time()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(str(facts_path).replace(".facts.json", ".log"), "w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+        rc = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONPATH=str(HERE.parent))).returncode
     facts = {"command": " ".join(["python3"] + cmd[1:]), "returncode": rc, "seconds": round(time.time() - start, 1),
              "started_utc": started, "load_average_start": list(load0), "load_average_end": list(os.getloadavg())}
@@ -136,7 +136,11 @@ def cmd_modelopt(args) -> int:
     from modelopt_compare import run_modelopt
 
     from reid_export.export.metadata import load_onnx, require_data_config
-    from reid_export.export.quantize import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, select_images
+    from reid_export.export.quantize import (
+        DEFAULT_CALIB_SIZE,
+        DEFAULT_VAL_SIZE,
+        select_images,
+    )
     from reid_export.preprocess import preprocess
 
     calib_paths, _ = select_images([args.calib_dir], DEFAULT_CALIB_SIZE, [], DEFAULT_VAL_SIZE, 0, lambda line: None)
@@ -434,7 +438,11 @@ def cmd_measure(args) -> int:
     from reid_export.cpuinfo import read_cpu_flags
     from reid_export.data.market import MarketDataset
     from reid_export.export.metadata import load_onnx, require_data_config
-    from reid_export.export.quantize import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, select_split
+    from reid_export.export.quantize import (
+        DEFAULT_CALIB_SIZE,
+        DEFAULT_VAL_SIZE,
+        select_split,
+    )
     from reid_export.preprocess import preprocess
     from reid_export.verify.evaluate import SplitArrays
 
@@ -560,8 +568,8 @@ def candidate_text(run: dict | None) -> str:
 
 def markdown_table(data: dict) -> str:
     sets = list(data.get("sets", {}))
-    head = ["model", "graph", "default outcome", "chosen candidate (method, equalised, bias-corr., nodes in float: "
-            "fallback / all)", "pair err", "min / mean cos", "top-1"]
+    head = ["model", "graph", "default outcome", ("chosen candidate (method, equalised, bias-corr., nodes in float: "
+             "fallback / all)"), "pair err", "min / mean cos", "top-1"]
     head += [f"{s}: d R1 / d mAP" for s in sets]
     head += ["held-out ids: d R1 / d mAP (95%)", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
