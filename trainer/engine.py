@@ -367,8 +367,9 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
     loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
                         collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
                         persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
+    norm = "IBN" if cfg.MODEL.BACKBONE.WITH_IBN else ("syncBN" if synced else "BN")
     log.info("model %s-%s, %d iterations/epoch of %d images, epochs %d..%d, init %s, AMP %s",
-             cfg.MODEL.BACKBONE.DEPTH, "IBN" if cfg.MODEL.BACKBONE.WITH_IBN else "BN", iters_per_epoch,
+             cfg.MODEL.BACKBONE.DEPTH, norm, iters_per_epoch,
              cfg.SOLVER.IMS_PER_BATCH, start_epoch + 1, max_epoch, init, "on" if amp else "off")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     eval_period = int(cfg.TEST.EVAL_PERIOD)
