@@ -34,6 +34,8 @@ from .serve.boxmot import BoxmotResult
 from .serve.boxmot import build as boxmot
 from .serve.deepstream import DeepStreamResult
 from .serve.deepstream import build as deepstream
+from .serve.triton import RepoOptions, TritonReport
+from .serve.triton import build_repository as triton
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
 from .verify.retrieval import EvalOptions
@@ -57,7 +59,7 @@ def quantize(model, output, precision: str | None = None, **options) -> Quantize
 
 
 __all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotResult", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
-           "EvalOptions", "EvalReport", "ExportReport", "Gate", "ParityReport", "ParityResult", "QuantizeOptions",
+           "EvalOptions", "EvalReport", "ExportReport", "Gate", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
            "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
-           "boxmot", "check_collapse", "deepstream", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold"]
+           "boxmot", "check_collapse", "deepstream", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold", "triton"]

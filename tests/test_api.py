@@ -211,3 +211,15 @@ def test_collapse_and_threshold_take_paths_and_encoders(setup):
         t_path = api.reference_threshold(setup["a"], setup["root"], 0.5)
         t_enc = api.reference_threshold(enc, setup["root"], 0.5)
         assert isinstance(t_enc, api.TrackerThreshold) and t_enc.distance == t_path.distance
+
+
+@pytest.mark.slow
+def test_triton_repository_is_a_report(setup, tmp_path):
+    """api.triton writes the repository and returns its report (passed, to_dict with the schema, table)."""
+    fp32 = tmp_path / "a.onnx"
+    api.export_onnx(setup["a"], fp32, log=lambda line: None)
+    rep = api.triton([fp32], tmp_path / "repo", api.RepoOptions(kind="cpu"))
+    assert isinstance(rep, api.TritonReport) and rep.passed and (tmp_path / "repo" / "a" / "config.pbtxt").exists()
+    doc = rep.to_dict()
+    assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["models"][0]["name"] == "a"
+    assert "repository" in rep.table() and "onnxruntime_onnx" in rep.table()

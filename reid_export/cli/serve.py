@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from ..errors import ReidExportError
-from ..report import format_table
 from .common import OptsCommand, get_opts, positive_int
 from .main import cli
 
@@ -74,33 +73,16 @@ def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, i
       reid-export triton model.sm86.engine model.sm90.engine -o repo/ --name reid_trt
       reid-export triton omz-0288.xml -o repo/
     """
-    from ..serve.triton import RepoOptions, collect, write_repository
+    from ..serve.triton import RepoOptions, build_repository
 
     if max_batch_size is not None and max_batch_size < 0:
         raise ReidExportError("--max-batch-size must be >= 0", exit_code=2)
     if max_queue_delay_us < 0:
         raise ReidExportError("--max-queue-delay-us must be >= 0", exit_code=2)
-    opts = RepoOptions(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
-                       max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, gpus=gpus,
-                       tensorrt_accelerator=tensorrt_accelerator, force=force)
-    entries = collect(models, names)
-    try:
-        import tritonclient.grpc.model_config_pb2  # noqa: F401
-        validate = True
-    except ImportError:
-        validate = False
-    written = write_repository(entries, repo, opts, validate=validate)
-    rows = [[e.name, e.platform, e.precision, e.max_batch_size, ", ".join(sorted(e.sources)),
-             ", ".join(e.cc_model_filenames) or "-"] for e in entries]
-    click.echo(format_table(["model", "platform", "precision", "max batch", "files", "GPU archs"], rows))
-    for e in entries:
-        for note in e.notes:
-            click.echo(f"note: {note}")
-    if validate:
-        click.echo(f"{len(written)} config.pbtxt checked with Triton's ModelConfig protobuf; repository {repo}")
-    else:
-        click.echo(f"repository {repo} written; configs NOT checked (pip install 'reid-export[triton]' for "
-                   "Triton's protobuf)")
+    options = RepoOptions(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
+                          max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, gpus=gpus,
+                          tensorrt_accelerator=tensorrt_accelerator, force=force)
+    click.echo(build_repository(models, repo, options, names).table())
     return 0
 
 

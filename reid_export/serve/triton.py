@@ -408,3 +408,59 @@ def write_repository(entries: list[ModelEntry], repo: str | Path, opts: RepoOpti
         written.append(repo / entry.name)
     atomic_write_text(repo / "README.md", repository_readme(repo))
     return written
+
+
+@dataclass
+class TritonReport:
+    """What ``triton`` wrote: one model folder per entry, each ``config.pbtxt`` checked with Triton's own
+    ModelConfig protobuf where tritonclient is installed (``validated``). A config Triton would reject, or
+    a folder that cannot be written, raises with one line instead: nothing is half-written."""
+
+    repo: Path
+    entries: list[ModelEntry]
+    written: list[Path]
+    validated: bool
+
+    @property
+    def passed(self) -> bool:
+        return len(self.written) == len(self.entries)
+
+    def to_dict(self) -> dict:
+        from ..report import report_header
+
+        return {**report_header("triton"), "passed": self.passed, "repository": str(self.repo),
+                "configs_checked_with_triton_protobuf": self.validated,
+                "models": [{"name": e.name, "platform": e.platform, "precision": e.precision,
+                            "max_batch_size": e.max_batch_size, "files": sorted(e.sources),
+                            "gpu_archs": list(e.cc_model_filenames), "folder": str(self.repo / e.name),
+                            "notes": list(e.notes)} for e in self.entries]}
+
+    def table(self) -> str:
+        from ..report import format_table
+
+        rows = [[e.name, e.platform, e.precision, e.max_batch_size, ", ".join(sorted(e.sources)),
+                 ", ".join(e.cc_model_filenames) or "-"] for e in self.entries]
+        lines = [format_table(["model", "platform", "precision", "max batch", "files", "GPU archs"], rows)]
+        lines += [f"note: {note}" for e in self.entries for note in e.notes]
+        if self.validated:
+            lines.append(f"{len(self.written)} config.pbtxt checked with Triton's ModelConfig protobuf; "
+                         f"repository {self.repo}")
+        else:
+            lines.append(f"repository {self.repo} written; configs NOT checked (pip install 'reid-export[triton]' "
+                         "for Triton's protobuf)")
+        return "\n".join(lines)
+
+
+def build_repository(models: Sequence[str | Path], repo: str | Path, options: RepoOptions | None = None,
+                     names: Sequence[str] = ()) -> TritonReport:
+    """A Triton model repository for ``models`` (.onnx, .engine/.plan, OpenVINO .xml) in ``repo``: each
+    config checked with Triton's ModelConfig protobuf when tritonclient is installed."""
+    options = options or RepoOptions()
+    entries = collect(models, names)
+    try:
+        import tritonclient.grpc.model_config_pb2  # noqa: F401
+        validated = True
+    except ImportError:
+        validated = False
+    written = write_repository(entries, repo, options, validate=validated)
+    return TritonReport(Path(repo), entries, written, validated)
