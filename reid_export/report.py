@@ -23,6 +23,11 @@ def report_header(command: str) -> dict:
             "machine": platform.node(), "python": platform.python_version()}
 
 
+def format_size(megabytes: float) -> str:
+    """A file size as the commands print it: MB from 1 MB up, kB below."""
+    return f"{megabytes:.1f} MB" if megabytes >= 1 else f"{megabytes * 1000:.0f} kB"
+
+
 def _cell(value: Any, floatfmt: str) -> str:
     if value is None:
         return "-"

@@ -39,17 +39,17 @@ def _commands_in_markdown(path: Path) -> list[tuple[str, str]]:
 
 
 def _commands_in_block(lines: list[str], where: str) -> list[tuple[str, str]]:
+    """(where, command) for every reid-export / reid-train line of ``lines``, continuation lines joined."""
     joined, current = [], ""
     for line in lines:
-        current += line.rstrip()
+        current += line.strip()
         if current.endswith("\\"):
             current = current[:-1] + " "
             continue
         joined.append(current)
         current = ""
     out = []
-    for line in joined:
-        text = line.strip()
+    for text in joined:
         if text.startswith("$ "):
             text = text[2:]
         if text.startswith("torchrun ") and " --no-python reid-train" in text:  # the command torchrun starts
@@ -77,19 +77,7 @@ def _help_examples() -> list[tuple[str, str]]:
     out = []
     commands = [(f"reid-export {name}", cmd) for name, cmd in cli.commands.items()] + [("reid-train", train_command)]
     for label, cmd in commands:
-        doc = cmd.help or ""
-        lines = [line.rstrip() for line in doc.splitlines()]
-        joined, current = [], ""
-        for line in lines:
-            current += line.strip()
-            if current.endswith("\\"):
-                current = current[:-1] + " "
-                continue
-            joined.append(current)
-            current = ""
-        for line in joined:
-            if line.startswith(PROGRAMS):
-                out.append((f"{label} --help", _strip_shell(line)))
+        out += _commands_in_block((cmd.help or "").splitlines(), f"{label} --help")
     return out
 
 

@@ -447,3 +447,39 @@ def test_the_fp16_variant_is_held_to_the_same_gate(osnet_like, tmp_path):
     assert "FP16 model misses the accuracy gate" in refused.refusal and "pair error" in refused.table()
     report = api.quantize(src, out, "fp16", gate=api.Gate(max_pair_error=0.0), log=lambda line: None)
     assert report.written and report.gate_passed is None and report.passed
+
+
+@pytest.mark.slow
+def test_quantize_scores_held_out_identities_as_an_independent_extract_does(osnet_like, tmp_path):
+    """Calibration crops with Market-1501 names: quantize holds whole people out, gates on some of their
+    images and scores FP32 against the written INT8 graph on all of them. The figures equal what
+    ``score_held_out`` gives on features computed independently by ``extract``'s encoders."""
+    from reid_export.export.quantize import select_split
+    from reid_export.runtime import open_encoder
+    from reid_export.verify.heldout import score_held_out
+
+    src, _ = osnet_like
+    folder = tmp_path / "train"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for pid in range(1, 31):
+        for cam in (1, 2):
+            for i in range(3):
+                cv2.imwrite(str(folder / f"{pid:04d}_c{cam}s1_{i:06d}_00.png"), _crop(rng))
+    out, report = tmp_path / "q.onnx", tmp_path / "q.json"
+    result = _quantize(src, out, "--calib-dir", folder, "--method", "mse", "--no-equalize", "--max-float", "0",
+                       "--allow-below-gate", "--report", report, *SMALL)
+    assert result.code == 0, result
+    assert "people never calibrated on" in result.err
+    retrieval = json.loads(report.read_text())["search"]["held_out_retrieval"]
+    held = select_split([folder], 32, [], 16, 0, lambda line: None).identities
+    assert held is not None and retrieval["identities"] == held.identities
+    with open_encoder(src) as fp32, open_encoder(out) as int8:
+        ref = fp32.encode_files(held.paths, progress=False)
+        cand = int8.encode_files(held.paths, progress=False)
+    expected = score_held_out(ref, cand, held.pids, held.camids, held.is_query)
+    assert not np.allclose(ref, cand)  # the INT8 graph computes other features: the figures say which
+    for key in ("queries", "gallery"):
+        assert retrieval[key] == expected[key]
+    for key in ("delta_Rank-1", "delta_mAP"):
+        assert retrieval[key] == pytest.approx(expected[key], abs=1e-6)

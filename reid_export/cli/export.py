@@ -18,10 +18,6 @@ def _log(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _size(megabytes: float) -> str:
-    return f"{megabytes:.1f} MB" if megabytes >= 1 else f"{megabytes * 1000:.0f} kB"
-
-
 def _parse_batch(ctx, param, value):
     if value is None or str(value).lower() == "dynamic":
         return None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..report import format_size
 from .common import positive_int
 from .export import _parse_batch
 from .main import cli
@@ -51,6 +52,6 @@ def openvino_command(model, output, fp16, batch, parity_images, min_cosine, max_
     images = expand_image_paths(parity_images) if parity_images else None
     report = convert_file(model, output, fp16=fp16, batch=batch, parity_images=images, threads=threads,
                           min_cosine=min_cosine, max_rel_l2=max_rel_l2, log=_log)
-    size = f"{report.size_mb:.1f} MB" if report.size_mb >= 1 else f"{report.size_mb * 1000:.0f} kB"
+    size = format_size(report.size_mb)
     _log(f"wrote {report.output} and {report.output.with_suffix('.bin').name} ({report.precision}, batch "
          f"{report.batch}, {size}) in {report.seconds:.0f} s")

@@ -317,13 +317,13 @@ class ExportReport:
                 "seconds": round(self.seconds, 1)}
 
     def table(self) -> str:
-        from ..report import format_table
+        from ..report import format_size, format_table
 
         rows = [[c.name, f"{c.max_rel_l2:.2e}", f"{c.limit:.0e}", "pass" if c.passed else "FAIL"] for c in self.checks]
         lines = [format_table(["check", "max rel L2", "limit", "result"], rows)]
         if self.written:
-            size = f"{self.size_mb:.1f} MB" if self.size_mb >= 1 else f"{self.size_mb * 1000:.0f} kB"
-            lines.append(f"wrote {self.output} (opset {self.opset}, batch {self.batch}, {self.nodes} nodes, {size}"
+            lines.append(f"wrote {self.output} (opset {self.opset}, batch {self.batch}, {self.nodes} nodes, "
+                         f"{format_size(self.size_mb)}"
                          f"{', simplified' if self.simplified else ''}) in {self.seconds:.0f} s")
         else:
             lines.append(self.refusal or f"{self.output}: not written")

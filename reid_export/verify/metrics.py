@@ -38,6 +38,7 @@ __all__ = [
     "compute_distance",
     "evaluate_rank",
     "fmr_thresholds",
+    "in_percent",
     "rank_metrics",
     "roc_curve",
     "roc_tpr_at_fpr",
@@ -286,7 +287,12 @@ def rank_metrics(distmat, q_pids, g_pids, q_camids, g_camids) -> dict:
 
     With fewer than k gallery items, Rank-k is the CMC at the last gallery position.
     """
-    res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10)
+    return in_percent(evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10))
+
+
+def in_percent(res: dict) -> dict:
+    """Rank-1/5/10, mAP, mINP in percent (and ``num_valid_queries``) from ``evaluate_rank``'s result (or
+    the streamed one's): with fewer than k gallery items, Rank-k is the CMC at the last position."""
     cmc = res["cmc"]
     out = {f"Rank-{k}": float(cmc[min(k, cmc.size) - 1] * 100.0) for k in (1, 5, 10)}
     out["mAP"] = res["mAP"] * 100.0

@@ -22,7 +22,7 @@ from ..data.market import parse_name
 from ..errors import ReidExportError, UsageError
 from ..preprocess import expand_image_paths
 from ..embeddings import l2_normalize
-from .metrics import QueryGroups, check_no_nan
+from .metrics import QueryGroups, check_no_nan, in_percent
 from .retrieval import EvalResult, SplitArrays, collapse_dict
 from .npy_rows import NpyRows
 from .thresholds import cosine_thresholds
@@ -541,10 +541,4 @@ def _metrics_of_ranks(ranks: np.ndarray, n_pos: np.ndarray, length: int, valid: 
 
 def rank_metrics_streamed(source, q_pids, g_pids, q_camids, g_camids, **kwargs) -> dict:
     """:func:`rank_metrics` (percent) from :func:`evaluate_rank_streamed`."""
-    res = evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank=10, **kwargs)
-    cmc = res["cmc"]
-    out = {f"Rank-{k}": float(cmc[min(k, cmc.size) - 1] * 100.0) for k in (1, 5, 10)}
-    out["mAP"] = res["mAP"] * 100.0
-    out["mINP"] = res["mINP"] * 100.0
-    out["num_valid_queries"] = res["num_valid_queries"]
-    return out
+    return in_percent(evaluate_rank_streamed(source, q_pids, g_pids, q_camids, g_camids, max_rank=10, **kwargs))

@@ -29,7 +29,7 @@ from ...embeddings import PAIR_ERROR_MIN_IMAGES
 from ...preprocess import preprocess
 from .calibration import CalibrationImages, calibrate
 from .equalize import EQUALIZE_IMAGES, equalised_variant
-from .images import ImageSplit, select_split
+from .images import HeldOut, select_split
 from .options import DEFAULT_MAX_FLOAT_FRACTION, QuantizeOptions
 from .qdq import Prepared, conv_input_means, describe, prepare, weight_range_for_cpu
 from .report import SearchRecord
@@ -69,7 +69,15 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, options: Quan
 
     phase = time.time()
     calibration = calibrate(prepared, images, options.num_bins, options.batch_size, options.threads, options.progress)
-    objective = Objective(prepared.model, preprocess(split.held_out, data_config), data_config, options.threads)
+    # the held-out identities' images are decoded once: the gate's images are among them
+    held_inputs = (preprocess(split.identities.paths, data_config)
+                   if split.identities is not None and score_retrieval is not None else None)
+    if held_inputs is not None:
+        row = {path: i for i, path in enumerate(split.identities.paths)}
+        val_inputs = held_inputs[[row[path] for path in split.held_out]]
+    else:
+        val_inputs = preprocess(split.held_out, data_config)
+    objective = Objective(prepared.model, val_inputs, data_config, options.threads)
     variants, equalization = _variants(prepared, calibration, objective, images, options, note)
     calib_seconds = time.time() - phase
 
@@ -81,8 +89,8 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, options: Quan
     search_seconds = time.time() - phase
 
     retrieval = None
-    if split.identities is not None and score_retrieval is not None:
-        retrieval = _score_held_out(split, prepared, result, objective, data_config, score_retrieval)
+    if held_inputs is not None:
+        retrieval = _score_held_out(split.identities, held_inputs, prepared, result, objective, score_retrieval)
         note(f"int8 {_describe_retrieval(retrieval)}")
     calibration_record, held_out_record = split.record(options.calib_dirs, options.val_dirs, options.calib_size,
                                                        options.seed)
@@ -150,10 +158,8 @@ def _locate_inputs(inputs: np.ndarray, static_batch: int | None) -> np.ndarray:
     return chosen
 
 
-def _score_held_out(split: ImageSplit, prepared: Prepared, result: SearchResult, objective: Objective,
-                    data_config: DataConfig, score_retrieval: Callable) -> dict:
-    held = split.identities
-    inputs = preprocess(held.paths, data_config)
+def _score_held_out(held: HeldOut, inputs: np.ndarray, prepared: Prepared, result: SearchResult, objective: Objective,
+                    score_retrieval: Callable) -> dict:
     return score_retrieval(objective.features(prepared.model, inputs, prepared.static_batch),
                            objective.features(result.model, inputs, prepared.static_batch),
                            held.pids, held.camids, held.is_query)

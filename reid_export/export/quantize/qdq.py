@@ -282,36 +282,32 @@ __all__ = ["TARGETS", "QDQ_OP_TYPES", "Prepared", "prepare", "float_sum_nodes", 
            "weight_range_for_cpu", "full_range_warning", "describe", "correct_biases", "conv_input_means"]
 
 
-def quantization_target(path: str | Path) -> str | None:
-    """``tensorrt`` / ``cpu`` for an INT8 ONNX this toolchain wrote (from its metadata), else None."""
+def quantization_metadata(path: str | Path) -> dict:
+    """The ``reid_export.quantization`` metadata of an ONNX file this toolchain quantized ({} for any other
+    file, or one that cannot be read: not ours to judge, the backend reports unreadable models itself)."""
     import json
 
     path = Path(path)
     if path.suffix != ".onnx" or not path.is_file():
-        return None
+        return {}
     try:
         model = onnx.load(str(path), load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
-        return json.loads(props.get("reid_export.quantization", "{}")).get("target")
-    except Exception:  # noqa: BLE001 - not ours to judge: the backend reports unreadable models itself
-        return None
+        return json.loads(props.get("reid_export.quantization", "{}"))
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def quantization_target(path: str | Path) -> str | None:
+    """``tensorrt`` / ``cpu`` for an INT8 ONNX this toolchain wrote (from its metadata), else None."""
+    return quantization_metadata(path).get("target")
 
 
 def model_weight_range_warning(path: str | Path, flags: set[str] | None = None) -> str | None:
     """For an ONNX file quantized by ``--target cpu`` with full 8-bit weights: the warning when this
     CPU lacks the int8 dot product it was made for (None for every other model)."""
-    import json
-
-    path = Path(path)
-    if path.suffix != ".onnx" or not path.is_file():
-        return None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        props = {p.key: p.value for p in model.metadata_props}
-        info = json.loads(props.get("reid_export.quantization", "{}"))
-    except Exception:  # not ours to judge: the backend reports unreadable models itself
-        return None
+    info = quantization_metadata(path)
     if info.get("target") != "cpu" or info.get("reduce_range", True):
         return None
     warning = full_range_warning(flags)
-    return f"warning: {path.name}: {warning}" if warning else None
+    return f"warning: {Path(path).name}: {warning}" if warning else None

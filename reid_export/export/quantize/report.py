@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...report import format_table, report_header
+from ...report import format_size, format_table, report_header
 from .qdq_check import FusionReport, QDQReport
 
 
@@ -130,8 +130,7 @@ class QuantizeReport:
         floats = f"kept in float: {len(self.kept_float)} nodes"
         if self.search is not None:  # the head, --exclude and float sums, and the search's own fallback
             floats += f" ({len(self.search.fallback_float)} of them by the search's fallback)"
-        size = f"{self.size_mb:.1f} MB" if self.size_mb >= 1 else f"{self.size_mb * 1000:.0f} kB"
-        return f"wrote {self.output} ({what}; {floats}{gate}; {size}) in {self.seconds:.0f} s"
+        return f"wrote {self.output} ({what}; {floats}{gate}; {format_size(self.size_mb)}) in {self.seconds:.0f} s"
 
 
 __all__ = ["QuantizeReport", "SearchRecord"]
