@@ -525,7 +525,7 @@ def print_table(rows, thresholds, predictive) -> None:
 
 
 def current_gate(row: dict) -> bool:
-    """The quantizer's default gate today (quantize.search.Gate): min cosine >= 0.90, mean >= 0.98, pair error <= 0.20."""
+    """The quantizer's default gate today (Tolerances.reduced_precision): min cosine >= 0.90, mean >= 0.98, pair error <= 0.20."""
     return row["finite"] and row["min_cosine"] >= 0.90 and row["mean_cosine"] >= 0.98 and row["pair_error"] <= 0.20
 
 

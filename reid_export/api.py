@@ -28,7 +28,7 @@ from .embeddings import ParityResult, Tolerances
 from .errors import ReidExportError, UsageError
 from .export.onnx_export import ExportReport
 from .export.onnx_export import export_checkpoint as export_onnx
-from .export.quantize import Gate, QuantizeOptions, QuantizeReport
+from .export.quantize import QuantizeOptions, QuantizeReport
 from .runtime import Encoder, open_encoder
 from .serve.boxmot import BoxmotResult
 from .serve.boxmot import build as boxmot
@@ -59,7 +59,7 @@ def quantize(model, output, precision: str | None = None, **options) -> Quantize
 
 
 __all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotResult", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
-           "EvalOptions", "EvalReport", "ExportReport", "Gate", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
+           "EvalOptions", "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
            "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
            "boxmot", "check_collapse", "deepstream", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold", "triton"]

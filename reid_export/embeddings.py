@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import numpy as np
+
+from .errors import UsageError
 
 # One definition of "good enough" for a reduced-precision variant (FP16, bf16, INT8), shared by
 # ``quantize`` (its search and refusal), ``parity`` and ``eval`` (its reduced-precision rows).
@@ -47,11 +50,17 @@ PAIR_ERROR_MIN_IMAGES = 16
 
 @dataclass
 class Tolerances:
-    """What a candidate's features must keep of the reference's on the same images (None: not checked).
+    """What a candidate's features must keep of the reference's on the same images (None: not checked):
+    the one way a gate on features is stated, by ``parity`` (``gate=``), ``quantize``
+    (``QuantizeOptions.gate``) and ``eval`` (``EvalGates.fidelity``).
 
     ``max_pair_error``: :func:`pair_similarity_error`'s relative value; ``min_top1_agreement`` /
     ``min_top5_agreement``: neighbour agreement (:func:`neighbour_agreement`); ``atol``/``rtol``:
-    elementwise, with Polygraphy's semantics (both must be exceeded)."""
+    elementwise, with Polygraphy's semantics (both must be exceeded), so they go together.
+
+    Build one with :meth:`for_precision` (a precision's default gate with overrides),
+    :meth:`reduced_precision` (the FP16/bf16/INT8 gate) or :meth:`by_precision` (every precision's
+    default, the same overrides applied to all: what ``parity`` applies when ``gate`` is not given)."""
 
     min_cosine: float | None = None
     max_rel_l2: float | None = None
@@ -61,6 +70,10 @@ class Tolerances:
     min_mean_cosine: float | None = None
     max_pair_error: float | None = None
     min_top5_agreement: float | None = None
+
+    def __post_init__(self):
+        if (self.atol is None) != (self.rtol is None):
+            raise UsageError("`atol` and `rtol` go together; give both")
 
     @classmethod
     def for_precision(cls, precision: str, **overrides) -> "Tolerances":
@@ -72,6 +85,11 @@ class Tolerances:
     def reduced_precision(cls, **overrides) -> "Tolerances":
         """The one gate of every FP16/bf16/INT8 variant (``quantize``, ``parity``, ``eval``)."""
         return cls.for_precision("int8", **overrides)
+
+    @classmethod
+    def by_precision(cls, **overrides) -> dict[str, "Tolerances"]:
+        """``{precision: gate}`` for fp32, fp16, bf16 and int8: each one's default with ``overrides``."""
+        return {precision: cls.for_precision(precision, **overrides) for precision in DEFAULT_TOLERANCES}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +127,17 @@ class Tolerances:
             out.append(f"{elementwise} of {measured.get('num_elements', '?')} elements exceed atol={self.atol:g} "
                        f"and rtol={self.rtol:g}")
         return out
+
+
+def gate_for(gate: "Tolerances | Mapping[str, Tolerances] | None", precision: str) -> Tolerances:
+    """The gate a candidate of ``precision`` is held to: ``gate`` itself when it is one
+    :class:`Tolerances`, its entry for the precision when it is a mapping (as
+    :meth:`Tolerances.by_precision` builds), and the precision's default when it is None or has none."""
+    if isinstance(gate, Tolerances):
+        return gate
+    if gate is not None and precision in gate:
+        return gate[precision]
+    return Tolerances.for_precision(precision)
 
 
 def _shown(value, fmt: str) -> str:

@@ -56,9 +56,12 @@ def test_parity_returns_a_typed_report_with_its_verdict(setup):
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["command"] == "parity" and doc["passed"] is False
     json.dumps(doc)  # JSON-able as it is
     # a looser gate, through the API, passes the near miss
-    loose = api.parity(setup["a"], [setup["near"]], [setup["images"]], min_cosine=0.9, max_rel_l2=0.5,
-                       atol=10.0, rtol=10.0, progress=False)
-    assert loose.passed
+    loose_gate = api.Tolerances.by_precision(min_cosine=0.9, max_rel_l2=0.5, atol=10.0, rtol=10.0)
+    loose = api.parity(setup["a"], [setup["near"]], [setup["images"]], gate=loose_gate, progress=False)
+    assert loose.passed and loose.candidates[0].tolerances["min_cosine"] == 0.9
+    # one Tolerances is the rule for every candidate, whatever its precision
+    strict = api.Tolerances(min_cosine=1.001)  # no cosine reaches it
+    assert not api.parity(setup["a"], [setup["a"]], [setup["images"]], gate=strict, progress=False).passed
 
 
 def test_the_cli_prints_and_writes_what_the_api_returns(setup, tmp_path):
@@ -97,8 +100,8 @@ def test_bench_returns_results_and_environment(setup):
 def test_bad_input_is_one_error_not_a_report(setup, tmp_path):
     with pytest.raises(api.ReidExportError, match="missing.onnx"):
         api.parity(setup["a"], [tmp_path / "missing.onnx"], [setup["images"]], progress=False)
-    with pytest.raises(api.UsageError, match="--atol and --rtol"):
-        api.parity(setup["a"], [setup["a"]], [setup["images"]], atol=1e-3)
+    with pytest.raises(api.UsageError, match="`atol` and `rtol` go together"):  # the parameters, not the flags
+        api.parity(setup["a"], [setup["a"]], [setup["images"]], gate=api.Tolerances.by_precision(atol=1e-3))
     with pytest.raises(api.ReidExportError, match="nowhere"):
         api.evaluate([setup["a"]], tmp_path / "nowhere", progress=False)
 
@@ -128,7 +131,7 @@ def test_quantize_takes_options_and_returns_a_refusal_as_a_report(setup, tmp_pat
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["passed"] and all(c["passed"] for c in doc["checks"])
     assert "wrote" in exported.table() and "pixels" in exported.table()
     crops = setup["root"] / "bounding_box_test"
-    impossible = api.Gate(min_mean_cosine=1.001)  # no model has a cosine above 1
+    impossible = api.Tolerances.reduced_precision(min_mean_cosine=1.001)  # no model has a cosine above 1
     options = api.QuantizeOptions("int8", calib_dirs=[crops], calib_size=4, val_size=2, method="minmax",
                                   max_float=0, equalize=False, gate=impossible, progress=False)
     out = tmp_path / "q" / "a.int8.onnx"

@@ -441,11 +441,11 @@ def test_the_fp16_variant_is_held_to_the_same_gate(osnet_like, tmp_path):
 
     src, crops = osnet_like
     out = tmp_path / "q.fp16.onnx"
-    refused = api.quantize(src, out, "fp16", calib_dirs=[crops], gate=api.Gate(max_pair_error=0.0),
+    refused = api.quantize(src, out, "fp16", calib_dirs=[crops], gate=api.Tolerances.reduced_precision(max_pair_error=0.0),
                            log=lambda line: None)
     assert not out.exists() and refused.gate_passed is False and not refused.passed and not refused.written
     assert "FP16 model misses the accuracy gate" in refused.refusal and "pair error" in refused.table()
-    report = api.quantize(src, out, "fp16", gate=api.Gate(max_pair_error=0.0), log=lambda line: None)
+    report = api.quantize(src, out, "fp16", gate=api.Tolerances.reduced_precision(max_pair_error=0.0), log=lambda line: None)
     assert report.written and report.gate_passed is None and report.passed
 
 

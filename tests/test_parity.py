@@ -156,3 +156,22 @@ def test_collapse_stats_flags_nearly_constant_features_only():
     # zero rows carry no direction
     assert collapse_stats(np.zeros((4, 8))).collapsed
     assert collapse_stats(distinct[:2]) is None
+
+
+def test_a_gate_is_one_tolerances_or_one_per_precision():
+    """The one way to state a gate on features: a Tolerances for every candidate, or one per precision."""
+    from reid_export.embeddings import DEFAULT_TOLERANCES, Tolerances, gate_for
+    from reid_export.errors import UsageError
+
+    by = Tolerances.by_precision(max_pair_error=0.02)
+    assert set(by) == set(DEFAULT_TOLERANCES)
+    assert gate_for(by, "int8").max_pair_error == 0.02 and gate_for(by, "fp16").min_cosine == 0.90
+    assert gate_for(by, "fp32").atol == 1e-4 and gate_for(by, "fp32").max_pair_error == 0.02
+    assert gate_for(None, "fp16") == Tolerances.reduced_precision()
+    assert gate_for({"int8": Tolerances()}, "fp32") == Tolerances.for_precision("fp32")  # none given: the default
+    one = Tolerances(min_cosine=0.5)
+    assert gate_for(one, "fp32") is one and gate_for(one, "int8") is one
+    with pytest.raises(UsageError, match="`atol` and `rtol` go together"):
+        Tolerances(atol=1e-3)
+    with pytest.raises(UsageError, match="`atol` and `rtol` go together"):
+        Tolerances.by_precision(rtol=1e-2)  # the reduced-precision gates have no atol to pair it with

@@ -262,7 +262,7 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
           --calib-dir data/market1501/bounding_box_train
       reid-export quantize model.onnx -o model.int8-cpu.onnx --precision int8 --target cpu --calib-dir crops/
     """
-    from ..api import Gate, QuantizeOptions
+    from ..api import QuantizeOptions, Tolerances
     from ..api import quantize as quantize_file
     from ..fileio import atomic_write_json, check_output_path
 
@@ -277,8 +277,9 @@ def quantize(model, output, precision, target, calib_dir, calib_size, val_dir, v
             _log(f"note: ignored for fp16 (int8 options): {', '.join(ignored)}")
     if report_path is not None:
         check_output_path(report_path)
-    gate = Gate(min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
-                min_top1_agreement=min_top1, min_top5_agreement=min_top5)
+    gate = Tolerances.reduced_precision(min_cosine=min_cosine, min_mean_cosine=min_mean_cosine,
+                                        max_pair_error=max_pair_error, min_top1_agreement=min_top1,
+                                        min_top5_agreement=min_top5)
     options = QuantizeOptions(precision, target=target, calib_dirs=calib_dir, calib_size=calib_size, method=method,
                               percentile=percentile, exclude=exclude, seed=seed, num_bins=num_bins,
                               batch_size=calib_batch, reduce_range=reduce_range, threads=threads, progress=progress,

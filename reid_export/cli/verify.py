@@ -78,13 +78,14 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
     Example:
       reid-export parity model.pth model.onnx model.fp16.onnx model.int8.onnx --images crops/ --locate
     """
+    from ..embeddings import Tolerances
     from ..verify.parity import run_parity
 
     _check_outputs(report)
-    result = run_parity(reference, candidates, image_inputs, config=config, batch_size=batch_size,
-                        min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
-                        max_rel_l2=max_rel_l2, atol=atol, rtol=rtol,
-                        min_top1_agreement=min_top1_agreement, locate=locate, deployment=deployment, device=device,
+    gate = Tolerances.by_precision(min_cosine=min_cosine, min_mean_cosine=min_mean_cosine, max_pair_error=max_pair_error,
+                                   max_rel_l2=max_rel_l2, atol=atol, rtol=rtol, min_top1_agreement=min_top1_agreement)
+    result = run_parity(reference, candidates, image_inputs, config=config, batch_size=batch_size, gate=gate,
+                        locate=locate, deployment=deployment, device=device,
                         progress=progress, skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))
     click.echo(result.table())
     if report:

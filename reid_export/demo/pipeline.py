@@ -454,9 +454,9 @@ class Demo:
             models = self._models()
             args = ["parity", *models, *[a for p in images for a in ("--images", p)],
                     "--max-pair-error", DEMO_MAX_PAIR_ERROR, "--report", self.path("parity.json"), self.progress_flag()]
-            report = self.call(r, "parity", args, lambda: api.parity(models[0], models[1:], images,
-                                                                      max_pair_error=DEMO_MAX_PAIR_ERROR,
-                                                                      progress=self.progress, warn=r.log))
+            report = self.call(r, "parity", args, lambda: api.parity(
+                models[0], models[1:], images, gate=api.Tolerances.by_precision(max_pair_error=DEMO_MAX_PAIR_ERROR),
+                progress=self.progress, warn=r.log))
             atomic_write_json(self.path("parity.json"), report.to_dict())
             for line in report.collapse_warnings():
                 r.log(line)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..deploy_preprocess import get_deployment
-from ..embeddings import CollapseStats, ParityResult, Tolerances, compare, data_config_differences
+from ..embeddings import CollapseStats, ParityResult, Tolerances, compare, data_config_differences, gate_for
 from ..errors import ReidExportError, UsageError
 from ..export.quantize.locate import locate as locate_layers
 from ..preprocess import expand_image_paths, preprocess, read_images, skipped_summary
@@ -95,17 +95,16 @@ def use_deployment(encoder: Encoder, name: str | None) -> Encoder:
 
 def run_parity(reference: "str | Path | Encoder", candidates: Sequence["str | Path | Encoder"],
                images: Sequence[str | Path], *,
-               config: str | Path | None = None, batch_size: int = 16, min_cosine: float | None = None,
-               min_mean_cosine: float | None = None, max_pair_error: float | None = None, max_rel_l2: float | None = None, atol: float | None = None, rtol: float | None = None,
-               min_top1_agreement: float | None = None, locate: bool = False, deployment: str | None = None,
+               config: str | Path | None = None, batch_size: int = 16,
+               gate: "Tolerances | Mapping[str, Tolerances] | None" = None, locate: bool = False,
+               deployment: str | None = None,
                device: str = "cpu", progress: bool = True, skip_bad_images: bool = False,
                warn: Callable[[str], None] = lambda line: None) -> ParityReport:
     """Embeddings of ``candidates`` against ``reference`` on the same decoded images, each model
     preprocessing them with its own data config (or, with ``deployment``, the candidates through that
-    deployment's preprocessing). Default gates follow each candidate's precision
-    (:meth:`Tolerances.for_precision`); the overrides apply to all. ``warn`` gets the skipped-images line."""
-    if (atol is None) != (rtol is None):
-        raise UsageError("--atol and --rtol go together; give both")
+    deployment's preprocessing). ``gate``: one :class:`Tolerances` for every candidate, or one per
+    precision (``Tolerances.by_precision(max_pair_error=0.02)``); by default each candidate is held to
+    its precision's gate (:meth:`Tolerances.for_precision`). ``warn`` gets the skipped-images line."""
     if not candidates:
         raise UsageError("parity needs at least one candidate model")
     paths = expand_image_paths(images)
@@ -128,9 +127,7 @@ def run_parity(reference: "str | Path | Encoder", candidates: Sequence["str | Pa
             enc = use_deployment(open_encoder(cand, config=cand_config, device=device), deployment)
             encoders.append(enc)
             feats = enc.encode_files(arrays, batch_size, progress=progress, desc=f"{enc.path.name} ({enc.backend})")
-            tol = Tolerances.for_precision(enc.precision, min_cosine=min_cosine, min_mean_cosine=min_mean_cosine,
-                                           max_pair_error=max_pair_error, max_rel_l2=max_rel_l2, atol=atol,
-                                           rtol=rtol, min_top1_agreement=min_top1_agreement)
+            tol = gate_for(gate, enc.precision)
             res = compare(ref_feats, feats, tol, model_name(cand) + (f"@{deployment}" if deployment else ""),
                           enc.backend, enc.precision)
             if res.candidate not in collapse:  # the reference again: checked once

@@ -27,9 +27,8 @@ from .options import DEFAULT_CALIB_SIZE, DEFAULT_METHOD, DEFAULT_VAL_SIZE, PRECI
 from .qdq import MIN_QDQ_OPSET, QDQ_OP_TYPES, TARGETS
 from .report import QuantizeReport, SearchRecord
 from .run import load_fp32, quantize_file
-from .search import Gate
 
-__all__ = ["quantize_file", "QuantizeOptions", "QuantizeReport", "SearchRecord", "Gate", "load_fp32",
+__all__ = ["quantize_file", "QuantizeOptions", "QuantizeReport", "SearchRecord", "load_fp32",
            "select_split", "select_images", "select_calibration_images", "ImageSplit", "HeldOut", "HELD_OUT_IMAGES",
            "convert_fp16", "FP16_CHECK_IMAGES", "FP16_MAX", "FP16_MIN_NORMAL", "FP16_MIN_SUBNORMAL", "PRECISIONS",
            "DEFAULT_CALIB_SIZE", "DEFAULT_VAL_SIZE", "DEFAULT_METHOD", "TARGETS", "QDQ_OP_TYPES", "MIN_QDQ_OPSET"]

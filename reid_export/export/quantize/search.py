@@ -43,16 +43,6 @@ AUTO_CANDIDATES: list[tuple[str, float | None]] = [
     ("minmax", None)]
 
 
-def Gate(**overrides) -> Tolerances:  # noqa: N802 (the name scripts and tests use)
-    """The quantizer's accuracy gate: the one reduced-precision gate
-    (:meth:`reid_export.embeddings.Tolerances.reduced_precision`, shared with ``parity`` and ``eval``),
-    with ``overrides`` (``max_pair_error=``, ``min_cosine=``, ``min_mean_cosine=``,
-    ``min_top1_agreement=``, ``min_top5_agreement=``). Retrieval ranks by the pairwise similarities, and
-    their error ranked the candidates as their mAP did where the mean cosine did not
-    (benchmarks/RESULTS-archive.md, issue 15)."""
-    return Tolerances.reduced_precision(**overrides)
-
-
 @dataclass
 class Variant:
     """One FP32 graph to quantize and its calibration: the model as given ("plain") or rescaled by
@@ -298,4 +288,4 @@ def parse_methods(method: str, percentile: float | None) -> list[tuple[str, floa
              else None)]
 
 
-__all__ = ["Gate", "Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]
+__all__ = ["Trial", "Variant", "Objective", "SearchResult", "search", "parse_methods", "AUTO_CANDIDATES"]
