@@ -39,7 +39,7 @@ from .serve.triton import build_repository as triton
 from .verify.detect import DetectReport
 from .verify.detect import detect_and_annotate as annotate_detected
 from .verify.retrieval import EvalOptions
-from .verify.evaluation import DEFAULT_MAX_MAP_DROP, DEFAULT_MAX_R1_DROP, EvalGates, EvalReport
+from .verify.evaluation import DEFAULT_MAX_MAP_DROP, DEFAULT_MAX_R1_DROP, EvalGates, EvalReport, EvalRow
 from .verify.evaluation import run_evaluation as evaluate
 from .verify.parity import ParityReport
 from .verify.collapse import check_collapse
@@ -59,7 +59,7 @@ def quantize(model, output, precision: str | None = None, **options) -> Quantize
 
 
 __all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotResult", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
-           "EvalOptions", "EvalReport", "ExportReport", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
+           "EvalOptions", "EvalReport", "EvalRow", "ExportReport", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
            "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",
            "boxmot", "check_collapse", "deepstream", "evaluate", "export_onnx", "open_encoder", "parity", "quantize", "reference_threshold", "triton"]

@@ -78,16 +78,20 @@ def test_the_cli_prints_and_writes_what_the_api_returns(setup, tmp_path):
 @pytest.mark.slow
 def test_evaluate_returns_gates_and_failures(setup):
     ev = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
-    assert isinstance(ev, api.EvalReport) and ev.passed and len(ev.results) == 2
-    assert ev.scored[0].ok and ev.scored[0].distmat.shape == (3, 6)
-    assert ev.results[1]["delta_mAP"] < -api.DEFAULT_MAX_MAP_DROP, "fixture: the other model must rank worse"
+    assert isinstance(ev, api.EvalReport) and ev.passed and len(ev.rows) == 2
+    assert all(isinstance(row, api.EvalRow) for row in ev.rows)
+    assert ev.rows[0].ok and ev.rows[0].result.distmat.shape == (3, 6) and ev.rows[0].delta_map == 0.0
+    assert ev.rows[1].delta_map < -api.DEFAULT_MAX_MAP_DROP, "fixture: the other model must rank worse"
+    assert ev.rows[1].delta_map == ev.rows[1].mAP - ev.rows[0].mAP and ev.rows[1].status == "not gated"
     # the default gates: the second model is more than 2 mAP points below the first
     gated = api.evaluate([setup["a"], setup["other"]], setup["root"], progress=False)
     assert not gated.passed and gated.exit_code == 1 and "mAP" in gated.failures[0]
-    assert [r["status"] for r in gated.results] == ["ok", "FAIL"]
+    assert [row.status for row in gated.rows] == ["ok", "FAIL"]
     doc = gated.to_dict()
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["failures"] == gated.failures
     assert all(not k.startswith("_") for m in doc["models"] for k in m)
+    assert [m["status"] for m in doc["models"]] == ["ok", "FAIL"] and doc["models"][1]["delta_mAP"] == gated.rows[1].delta_map
+    assert doc["models"][1]["mAP"] == gated.rows[1].mAP and doc["models"][1]["model"] == gated.rows[1].model
 
 
 def test_bench_returns_results_and_environment(setup):
@@ -178,8 +182,8 @@ def test_calls_take_open_encoders_as_they_take_paths(setup):
         assert by_encoder.reference["model"] == str(setup["a"]) and by_encoder.passed == by_path.passed
         ev = api.evaluate([ref, setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
         ev_path = api.evaluate([setup["a"], setup["other"]], setup["root"], gates=api.EvalGates.off(), progress=False)
-        assert [r["mAP"] for r in ev.results] == [r["mAP"] for r in ev_path.results]
-        assert ev.results[0]["model"] == str(setup["a"])
+        assert [r.mAP for r in ev.rows] == [r.mAP for r in ev_path.rows]
+        assert ev.rows[0].model == str(setup["a"])
         rep = api.bench([ref], [1], iterations=2, warmup=0, rounds=1, threads=1, progress=False)
         assert rep.passed and rep.results[0]["model"] == str(setup["a"]) and rep.models[0]["name"] == "a.pth"
         assert ref(np.zeros((1, 3, 64, 32), np.float32)).shape[0] == 1  # still open

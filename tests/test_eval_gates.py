@@ -147,7 +147,7 @@ def test_the_hand_offs_functions_agree_with_eval(small, tmp_path):
     root = data_dir("market1501-mini")
     thr = api.reference_threshold(small["good"], root, 0.1)
     ev = api.evaluate([small["good"]], root, progress=False)
-    point = next(p for p in ev.results[0]["thresholds"]["points"] if p["fmr"] == 0.1)
+    point = next(p for p in ev.rows[0].metrics["thresholds"]["points"] if p["fmr"] == 0.1)
     assert thr.distance == pytest.approx(point["distance"]) and thr.tmr == pytest.approx(point["tmr"])
     assert thr.similarity == pytest.approx(1.0 - thr.distance) and thr.num_negative_pairs == 131
     with pytest.raises(api.ReidExportError, match="needs >= 1000"):

@@ -512,8 +512,8 @@ class Demo:
                 report.write_plots(self.path("plots"))
             atomic_write_json(self.path("eval.json"), report.to_dict())
             return {"exit_code": report.exit_code, "passed": report.passed, "failures": list(report.failures),
-                    "mAP": {Path(m["model"]).name: m.get("mAP") for m in report.results},
-                    "Rank-1": {Path(m["model"]).name: m.get("Rank-1") for m in report.results}}
+                    "mAP": {Path(row.model).name: row.mAP for row in report.rows},
+                    "Rank-1": {Path(row.model).name: row.rank1 for row in report.rows}}
 
         def summary(res):
             return "mAP " + ", ".join(f"{name} {v:.1f}" if v is not None else f"{name} ERROR"

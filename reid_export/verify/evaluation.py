@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.market import MarketDataset
-from ..embeddings import CollapseStats, Tolerances, compare
+from ..embeddings import CollapseStats, ParityResult, Tolerances, compare
 from ..report import format_table, report_header
 from ..runtime import Encoder, model_name, open_encoder
 from ..runtime.encoder import configs_for
@@ -80,12 +80,76 @@ class EvalGates:
 
 
 @dataclass
+class EvalRow:
+    """One row of an evaluation: a model, or a model through a deployment's preprocessing, with its
+    scores (``result``: metrics in percent or the error, and the arrays behind them), what it is
+    measured against and its verdict (``status``: ok, FAIL, ERROR, contrast or not gated)."""
+
+    model: str                                 # the model's name, ``name@deployment`` for a deployment row
+    backend: str
+    precision: str
+    deployment: str | None
+    result: EvalResult
+    delta_map: float | None = None             # points against the first model
+    delta_rank1: float | None = None
+    delta_map_ci95: tuple[float, float] | None = None    # paired bootstrap over the queries
+    delta_rank1_ci95: tuple[float, float] | None = None
+    cost_map: float | None = None              # a deployment row: points its preprocessing costs the model
+    cost_rank1: float | None = None
+    fidelity: ParityResult | None = None       # an FP16/bf16/INT8 row: its features against the first model's
+    status: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+    @property
+    def error(self) -> str | None:
+        return self.result.error
+
+    @property
+    def metrics(self) -> dict:
+        """Rank-1/5/10, mAP, mINP, TPR@FPR (percent) and the extras (``thresholds``, ``collapse``, ...)."""
+        return self.result.metrics
+
+    @property
+    def mAP(self) -> float | None:  # noqa: N802 (the metric's name)
+        return self.result.metrics.get("mAP")
+
+    @property
+    def rank1(self) -> float | None:
+        return self.result.metrics.get("Rank-1")
+
+    @property
+    def collapse(self) -> CollapseStats | None:
+        found = self.result.metrics.get("collapse")
+        return CollapseStats(**found) if found else None
+
+    def to_dict(self) -> dict:
+        """The row of the ``eval`` JSON (``models``): metrics (or ``error``), names, deltas, costs, verdict."""
+        out = self.result.row()
+        out.update({"model": self.model, "backend": self.backend, "precision": self.precision,
+                    "deployment": self.deployment})
+        if self.cost_map is not None:
+            out.update({"cost_mAP": self.cost_map, "cost_Rank-1": self.cost_rank1})
+        if self.fidelity is not None:
+            f = self.fidelity
+            out["fidelity"] = {**{k: _finite(v) for k, v in f.measures().items()}, "passed": f.passed,
+                               "failures": f.failures}
+        if self.delta_map is not None:
+            out.update({"delta_mAP": self.delta_map, "delta_Rank-1": self.delta_rank1})
+        if self.delta_map_ci95 is not None:
+            out.update({"delta_mAP_ci95": list(self.delta_map_ci95), "delta_Rank-1_ci95": list(self.delta_rank1_ci95)})
+        out["status"] = self.status
+        return {k: _finite(v) for k, v in out.items()}
+
+
+@dataclass
 class EvalReport:
     dataset: MarketDataset
     options: EvalOptions
     gates: EvalGates
-    results: list[dict]                        # per model (and deployment): its row (metrics, or "error")
-    scored: list[EvalResult] = field(default_factory=list)  # the same, with the arrays behind them
+    rows: list[EvalRow]                        # per model (and deployment): scores, deltas, verdict
     deployments: list[str] = field(default_factory=list)
     distractors: bool = False
     failures: list[str] = field(default_factory=list)
@@ -99,36 +163,36 @@ class EvalReport:
         return 0 if self.passed else 1
 
     def table(self) -> str:
-        results, base = self.results, self.results[0]
-        tpr_keys = [k for k in base if k.startswith("TPR@")] if "error" not in base else []
+        base = self.rows[0]
+        tpr_keys = [k for k in base.metrics if k.startswith("TPR@")] if base.ok else []
         rows = []
-        for res in results:
-            name = [Path(res["model"]).name, res["backend"], res["precision"]]
-            status = res.get("status", "ok")
-            if "error" in res:
-                rows.append(name + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 2) + [status])
+        for row in self.rows:
+            name = [Path(row.model).name, row.backend, row.precision]
+            if not row.ok:
+                rows.append(name + ["-"] * (len(METRIC_KEYS) + len(tpr_keys[-1:]) + 2) + [row.status])
             else:
-                ci = res.get("delta_mAP_ci95")
-                rows.append(name + [res[k] for k in METRIC_KEYS] + [res.get(k) for k in tpr_keys[-1:]]
-                            + [res.get("delta_mAP"), f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", status])
+                ci = row.delta_map_ci95
+                rows.append(name + [row.metrics[k] for k in METRIC_KEYS] + [row.metrics.get(k) for k in tpr_keys[-1:]]
+                            + [row.delta_map, f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-", row.status])
         o, ds = self.options, self.dataset
         lines = [f"dataset: {ds.root} ({len(ds.query)} queries, {len(ds.gallery)} gallery); metric {o.metric}"
                  f"{', flip' if o.flip_test else ''}{', AQE' if o.aqe else ''}{', re-rank' if o.rerank else ''}"
                  f"; gates: {self.gates.describe()}",
                  format_table(["model", "backend", "prec", *METRIC_KEYS, *tpr_keys[-1:], "d mAP", "d mAP 95% CI",
                                "status"], rows, floatfmt=".2f")]
-        if self.distractors and "error" not in base:
-            lines.append(f"gallery + {base['num_distractors']} distractors = {base['num_gallery']} items, streamed "
-                         f"exact evaluation; peak RSS {max(r.get('peak_rss_mib', 0) for r in results):.0f} MiB")
+        if self.distractors and base.ok:
+            lines.append(f"gallery + {base.metrics['num_distractors']} distractors = {base.metrics['num_gallery']} "
+                         f"items, streamed exact evaluation; peak RSS "
+                         f"{max(r.metrics.get('peak_rss_mib', 0) for r in self.rows):.0f} MiB")
         if self.deployments:
             g = self.gates
             lines.append("\ncost of each deployment's preprocessing against the model's own (points; gates mAP "
                          f"{_gate_text(g.max_deployment_map_drop)}, Rank-1 {_gate_text(g.max_deployment_r1_drop)}):")
             lines.append(format_table(
                 ["model", "deployment", "Rank-1", "mAP", "cost Rank-1", "cost mAP", "result"],
-                [[Path(r["model"]).name.rpartition("@")[0], r["deployment"], r["Rank-1"], r["mAP"], r["cost_Rank-1"],
-                  r["cost_mAP"], _deployment_verdict(r, g)]
-                 for r in results if r.get("deployment") and "cost_mAP" in r], floatfmt=".2f"))
+                [[Path(r.model).name.rpartition("@")[0], r.deployment, r.rank1, r.mAP, r.cost_rank1, r.cost_map,
+                  _deployment_verdict(r, g)]
+                 for r in self.rows if r.deployment and r.cost_map is not None], floatfmt=".2f"))
         lines += self.fidelity_lines()
         lines += self.threshold_lines()
         lines += [f"FAIL {line}" for line in self.failures]
@@ -137,17 +201,16 @@ class EvalReport:
     def collapse_warnings(self) -> list[str]:
         """One warning line per model (or deployment row) whose embeddings collapsed (the CLI prints them
         once the report is written; the gate's FAIL line is in the table)."""
-        return [CollapseStats(**r["collapse"]).warning(r["model"]) for r in self.results
-                if r.get("collapse") and r["collapse"]["collapsed"]]
+        return [row.collapse.warning(row.model) for row in self.rows if row.collapse and row.collapse.collapsed]
 
     def fidelity_lines(self) -> list[str]:
         """Each reduced-precision row's features against the first model's on the same images."""
-        rows = [[Path(r["model"]).name, r["precision"], f["images"], f["pair_error"], f["min_cosine"], f["mean_cosine"],
-                 f"{f['top1_agreement']:.1%}", "PASS" if f["passed"] else ("FAIL" if self.gates.fidelity else "not gated")]
-                for r in self.results if (f := r.get("fidelity"))]
+        rows = [[Path(r.model).name, r.precision, f.num_images, _finite(f.pair_error), f.min_cosine, f.mean_cosine,
+                 f"{f.top1_agreement:.1%}", "PASS" if f.passed else ("FAIL" if self.gates.fidelity else "not gated")]
+                for r in self.rows if (f := r.fidelity) is not None]
         if not rows:
             return []
-        return [f"\nfidelity to {Path(self.results[0]['model']).name} on the eval's own images (the reduced-precision "
+        return [f"\nfidelity to {Path(self.rows[0].model).name} on the eval's own images (the reduced-precision "
                 "gate of quantize and parity):",
                 format_table(["model", "prec", "images", "pair error", "min cos", "mean cos", "top-1", "result"], rows,
                              floatfmt=".4f")]
@@ -156,8 +219,8 @@ class EvalReport:
         """The compact thresholds table: per model (and deployment) the cosine distance at each FMR,
         the true-match rate there and the shift against the first model."""
         rows, notes, fmrs = [], [], None
-        for res in self.results:
-            th = res.get("thresholds")
+        for row in self.rows:
+            th = row.metrics.get("thresholds")
             if not th:
                 continue
             fmrs = fmrs or [p["fmr"] for p in th["points"]]
@@ -170,12 +233,12 @@ class EvalReport:
                     continue
                 shift = p.get("shift")
                 cells.append(f"{p['distance']:.4f} ({p['tmr']:.1f}%)" + (f" {shift:+.4f}" if shift is not None else ""))
-            model = Path(res["model"]).name
-            rows.append([model.rpartition("@")[0] if res.get("deployment") else model, res["precision"],
-                         res.get("deployment") or "-", *cells])
+            model = Path(row.model).name
+            rows.append([model.rpartition("@")[0] if row.deployment else model, row.precision,
+                         row.deployment or "-", *cells])
         if not rows:
             return []
-        first = Path(self.results[0]["model"]).name
+        first = Path(self.rows[0].model).name
         return ["\ntracker thresholds: the cosine distance (1 - cos of L2-normalised features) below which a pair "
                 f"matches at each false-match rate, (the share of same-identity pairs it accepts) and its shift "
                 f"against {first}:",
@@ -193,13 +256,13 @@ class EvalReport:
         doc.update({"dataset": str(self.dataset.root), "num_query": len(self.dataset.query),
                     "num_gallery": len(self.dataset.gallery), "options": self.options.__dict__, "gates": gates,
                     "deployments": self.deployments,
-                    "models": [{k: _finite(v) for k, v in r.items()} for r in self.results],
+                    "models": [row.to_dict() for row in self.rows],
                     "failures": self.failures, "passed": self.passed})
         return doc
 
     def write_plots(self, folder: Path) -> None:
         """``roc.png`` (every model) and the first model's best and worst rank lists."""
-        if not self.scored or self.scored[0].distmat is None:
+        if self.rows[0].result.distmat is None:
             return  # the first model failed, or a streamed evaluation (no matrix held)
         from . import metrics
         from .retrieval import per_query_ap
@@ -207,15 +270,16 @@ class EvalReport:
 
         folder.mkdir(parents=True, exist_ok=True)
         curves = {}
-        for i, (res, scored) in enumerate(zip(self.results, self.scored)):
+        for i, row in enumerate(self.rows):
+            scored = row.result
             if scored.distmat is None:
                 continue
             q, g = scored.query, scored.gallery
-            curves[f"{i + 1}. {Path(res['model']).name} ({res['backend']}, {res['precision']})"] = metrics.roc_curve(
+            curves[f"{i + 1}. {Path(row.model).name} ({row.backend}, {row.precision})"] = metrics.roc_curve(
                 scored.distmat, q.pids, g.pids, q.camids, g.camids)
+        base = self.rows[0].result
         roc_plot(curves, folder / "roc.png", title=f"ROC on {dataset_name(self.dataset.root)}: "
-                                                      f"{len(self.scored[0].query.pids)} queries")
-        base = self.scored[0]
+                                                      f"{len(base.query.pids)} queries")
         ap = per_query_ap(base.distmat, base.query, base.gallery)
         valid = np.where(np.isfinite(ap))[0]
         order = valid[np.argsort(ap[valid], kind="stable")]
@@ -244,12 +308,11 @@ def _over(value: float, gate: float | None) -> bool:
     return gate is not None and value > gate
 
 
-def _deployment_verdict(row: dict, gates: EvalGates) -> str:
+def _deployment_verdict(row: EvalRow, gates: EvalGates) -> str:
     """PASS / FAIL of a deployment row's cost, or "not gated" when both its gates are off."""
     if gates.max_deployment_map_drop is None and gates.max_deployment_r1_drop is None:
         return "not gated"
-    failed = (_over(row["cost_mAP"], gates.max_deployment_map_drop)
-              or _over(row["cost_Rank-1"], gates.max_deployment_r1_drop))
+    failed = _over(row.cost_map, gates.max_deployment_map_drop) or _over(row.cost_rank1, gates.max_deployment_r1_drop)
     return "FAIL" if failed else "PASS"
 
 
@@ -274,7 +337,7 @@ def run_evaluation(models: Sequence["str | Path | Encoder"], dataset_root: str |
     check_queries_have_matches(dataset)
     on_error = "skip" if skip_bad_images else "raise"
     deployments = list(dict.fromkeys(deployments))
-    results, scored, skip_notes = [], [], []
+    rows, skip_notes = [], []
     for model, model_config in zip(models, configs_for(models, config)):
         with open_encoder(model, config=model_config, device=device) as enc:
             own = None
@@ -287,26 +350,24 @@ def run_evaluation(models: Sequence["str | Path | Encoder"], dataset_root: str |
                                                        chunk_elements=chunk_elements)
                 else:
                     result = evaluate_encoder(enc, dataset, options, progress, on_error=on_error)
-                scored.append(result)
-                res = result.row()
-                res.update({"model": model_name(model) + (f"@{deployment}" if deployment else ""), "backend": enc.backend,
-                            "precision": enc.precision, "deployment": deployment})
+                row = EvalRow(model_name(model) + (f"@{deployment}" if deployment else ""), enc.backend,
+                              enc.precision, deployment, result)
                 if deployment is None:
-                    own = res
-                elif "error" not in res and "error" not in own:
-                    res["cost_mAP"] = own["mAP"] - res["mAP"]
-                    res["cost_Rank-1"] = own["Rank-1"] - res["Rank-1"]
-                results.append(res)
-                if res.get("skipped") and res["skipped"] not in skip_notes:  # the same files fail for every model
-                    skip_notes.append(res["skipped"])
-                    warn(res["skipped"])
-    report = EvalReport(dataset, options, gates, results, scored, deployments, bool(distractors))
-    _fidelity(results, scored, gates)
-    report.failures = _gate(results, gates)
-    if "error" not in results[0]:
-        for res in results[1:]:
-            threshold_shifts(res, results[0])
-    _delta_intervals(results, scored)
+                    own = row
+                elif row.ok and own.ok:
+                    row.cost_map, row.cost_rank1 = own.mAP - row.mAP, own.rank1 - row.rank1
+                rows.append(row)
+                summary = result.row().get("skipped")
+                if summary and summary not in skip_notes:  # the same files fail for every model
+                    skip_notes.append(summary)
+                    warn(summary)
+    report = EvalReport(dataset, options, gates, rows, deployments, bool(distractors))
+    _fidelity(rows, gates)
+    report.failures = _gate(rows, gates)
+    if rows[0].ok:
+        for row in rows[1:]:
+            threshold_shifts(row.metrics, rows[0].metrics)
+    _delta_intervals(rows)
     return report
 
 
@@ -340,91 +401,90 @@ def paired_interval(base: np.ndarray, other: np.ndarray, resamples: int = BOOTST
     return float(lo), float(hi)
 
 
-def _delta_intervals(results: list[dict], scored: list) -> None:
+def _delta_intervals(rows: list[EvalRow]) -> None:
     """For every model against the first: the 95% bootstrap interval of d mAP and d Rank-1 over the
     queries (how far the same two models could differ on another draw of as many queries)."""
-    if len(results) < 2 or "error" in results[0] or not scored or getattr(scored[0], "distmat", None) is None:
+    base = rows[0].result
+    if len(rows) < 2 or not base.ok or base.distmat is None:
         return
-    base = scored[0]
     base_ap, base_hit = per_query_scores(base.distmat, base.query, base.gallery)
-    for res, sc in zip(results[1:], scored[1:]):
-        if "error" in res or res.get("deployment") or getattr(sc, "distmat", None) is None:
+    for row in rows[1:]:
+        sc = row.result
+        if not sc.ok or row.deployment or sc.distmat is None:
             continue
         ap, hit = per_query_scores(sc.distmat, sc.query, sc.gallery)
-        res["delta_mAP_ci95"] = [round(v, 3) for v in paired_interval(base_ap, ap)]
-        res["delta_Rank-1_ci95"] = [round(v, 3) for v in paired_interval(base_hit, hit)]
+        row.delta_map_ci95 = tuple(round(v, 3) for v in paired_interval(base_ap, ap))
+        row.delta_rank1_ci95 = tuple(round(v, 3) for v in paired_interval(base_hit, hit))
 
 
 REDUCED_PRECISIONS = ("fp16", "bf16", "int8")
 FIDELITY_MAX_IMAGES = 2000
 
 
-def _fidelity(results: list[dict], scored: list, gates: EvalGates) -> None:
+def _fidelity(rows: list[EvalRow], gates: EvalGates) -> None:
     """For each FP16/bf16/INT8 row (not a deployment) of a model whose first model is of another
     precision: its features against the first model's on the same query and gallery images (at most
     ``FIDELITY_MAX_IMAGES``, evenly spaced), judged by the reduced-precision gate."""
-    if not scored or "error" in results[0] or getattr(scored[0], "features", None) is None:
+    first = rows[0]
+    if not first.ok or first.result.features is None:
         return
-    base = np.concatenate(scored[0].features)
+    base = np.concatenate(first.result.features)
     tol = gates.fidelity or Tolerances.reduced_precision()
-    for res, sc in zip(results[1:], scored[1:]):
-        if ("error" in res or res.get("deployment") or res["precision"] not in REDUCED_PRECISIONS
-                or res["precision"] == results[0]["precision"] or getattr(sc, "features", None) is None):
+    for row in rows[1:]:
+        if (not row.ok or row.deployment or row.precision not in REDUCED_PRECISIONS
+                or row.precision == first.precision or row.result.features is None):
             continue
-        feats = np.concatenate(sc.features)
+        feats = np.concatenate(row.result.features)
         if feats.shape != base.shape:
             continue
-        rows = (np.linspace(0, len(base) - 1, FIDELITY_MAX_IMAGES).round().astype(int)
+        keep = (np.linspace(0, len(base) - 1, FIDELITY_MAX_IMAGES).round().astype(int)
                 if len(base) > FIDELITY_MAX_IMAGES else slice(None))
-        measured = compare(base[rows], feats[rows], tol)
-        res["fidelity"] = {**{k: _finite(v) for k, v in measured.measures().items()}, "passed": measured.passed,
-                           "failures": measured.failures}
+        row.fidelity = compare(base[keep], feats[keep], tol, row.model, row.backend, row.precision)
 
 
-def _gate(results: list[dict], gates: EvalGates) -> list[str]:
-    """Deltas against the first model (stored in each result), each row's ``status`` and every gate
+def _gate(rows: list[EvalRow], gates: EvalGates) -> list[str]:
+    """Deltas against the first model (stored in each row), each row's ``status`` and every gate
     that fails. Deployment rows are gated on their cost against the model's own preprocessing, the
     other rows on their drop against the first model; a collapsed model fails either way."""
-    base, failed = results[0], []
-    for i, res in enumerate(results):
+    base, failed = rows[0], []
+    for i, row in enumerate(rows):
         mine = []
-        exempt = gates.is_exempt(res["model"])
-        if "error" in res:
-            mine.append(f"{res['model']}: {res['error']}")
+        exempt = gates.is_exempt(row.model)
+        if not row.ok:
+            mine.append(f"{row.model}: {row.error}")
         else:
-            if "error" not in base:
-                res["delta_mAP"] = res["mAP"] - base["mAP"]
-                res["delta_Rank-1"] = res["Rank-1"] - base["Rank-1"]
+            if base.ok:
+                row.delta_map, row.delta_rank1 = row.mAP - base.mAP, row.rank1 - base.rank1
             if exempt:
                 pass
-            elif res.get("deployment"):
-                if "cost_mAP" in res:
-                    own_name = Path(res["model"].rpartition("@")[0]).name
-                    if _over(res["cost_mAP"], gates.max_deployment_map_drop):
-                        mine.append(f"{res['model']}: the {res['deployment']} preprocessing costs {res['cost_mAP']:.2f} "
+            elif row.deployment:
+                if row.cost_map is not None:
+                    own_name = Path(row.model.rpartition("@")[0]).name
+                    if _over(row.cost_map, gates.max_deployment_map_drop):
+                        mine.append(f"{row.model}: the {row.deployment} preprocessing costs {row.cost_map:.2f} "
                                     f"mAP points against {own_name}'s own (gate {gates.max_deployment_map_drop})")
-                    if _over(res["cost_Rank-1"], gates.max_deployment_r1_drop):
-                        mine.append(f"{res['model']}: the {res['deployment']} preprocessing costs "
-                                    f"{res['cost_Rank-1']:.2f} Rank-1 points against {own_name}'s own "
+                    if _over(row.cost_rank1, gates.max_deployment_r1_drop):
+                        mine.append(f"{row.model}: the {row.deployment} preprocessing costs "
+                                    f"{row.cost_rank1:.2f} Rank-1 points against {own_name}'s own "
                                     f"(gate {gates.max_deployment_r1_drop})")
-            elif i > 0 and "error" not in base:
-                if _over(-res["delta_mAP"], gates.max_map_drop):
-                    mine.append(f"{res['model']}: mAP {res['mAP']:.2f} is {-res['delta_mAP']:.2f} points below "
-                                f"{base['model']} (gate {gates.max_map_drop:g}; --max-map-drop sets it)")
-                if _over(-res["delta_Rank-1"], gates.max_r1_drop):
-                    mine.append(f"{res['model']}: Rank-1 {res['Rank-1']:.2f} is {-res['delta_Rank-1']:.2f} points "
-                                f"below {base['model']} (gate {gates.max_r1_drop:g}; --max-r1-drop sets it)")
-            fidelity = res.get("fidelity")
-            if gates.fidelity is not None and not exempt and fidelity and not fidelity["passed"]:
-                mine.append(f"{res['model']}: its {res['precision']} features moved from {base['model']}'s on "
-                            f"{fidelity['images']} images of the dataset: {'; '.join(fidelity['failures'])} (the "
+            elif i > 0 and base.ok:
+                if _over(-row.delta_map, gates.max_map_drop):
+                    mine.append(f"{row.model}: mAP {row.mAP:.2f} is {-row.delta_map:.2f} points below "
+                                f"{base.model} (gate {gates.max_map_drop:g}; --max-map-drop sets it)")
+                if _over(-row.delta_rank1, gates.max_r1_drop):
+                    mine.append(f"{row.model}: Rank-1 {row.rank1:.2f} is {-row.delta_rank1:.2f} points "
+                                f"below {base.model} (gate {gates.max_r1_drop:g}; --max-r1-drop sets it)")
+            fidelity = row.fidelity
+            if gates.fidelity is not None and not exempt and fidelity is not None and not fidelity.passed:
+                mine.append(f"{row.model}: its {row.precision} features moved from {base.model}'s on "
+                            f"{fidelity.num_images} images of the dataset: {'; '.join(fidelity.failures)} (the "
                             "reduced-precision gate of quantize and parity; --no-gate reports without failing)")
-            collapse = res.get("collapse")
-            if gates.fail_collapsed and not exempt and collapse and collapse["collapsed"]:
-                mine.append(f"{res['model']}: collapsed embeddings (every pair of {collapse['num_images']} different "
-                            f"images at cosine >= {collapse['min_pair_cosine']:.3f}); normalised twice? wrong pixel "
+            collapse = row.collapse
+            if gates.fail_collapsed and not exempt and collapse is not None and collapse.collapsed:
+                mine.append(f"{row.model}: collapsed embeddings (every pair of {collapse.num_images} different "
+                            f"images at cosine >= {collapse.min_pair_cosine:.3f}); normalised twice? wrong pixel "
                             "scale? check the data config (reid-export annotate --detect)")
-        res["status"] = ("ERROR" if "error" in res else "FAIL" if mine else "contrast" if exempt
-                         else "ok" if gates.active else "not gated")
+        row.status = ("ERROR" if not row.ok else "FAIL" if mine else "contrast" if exempt
+                      else "ok" if gates.active else "not gated")
         failed += mine
     return failed
