@@ -171,16 +171,16 @@ def test_matches_reference(num_q, num_g, num_pids, num_cams, integer):
     assert abs(res["mINP"] - m_inp) < 1e-10
 
 
+@pytest.mark.parametrize("path", [{}, {"_linear_max": 0}, {"workers": 2}], ids=["default", "buckets", "threads"])
 @pytest.mark.parametrize("integer", [False, True])
-def test_both_bucket_paths_threads_and_float32_agree(integer):
+def test_both_bucket_paths_threads_and_float32_agree(integer, path):
     rng = np.random.default_rng(7 + integer)
     case = random_case(rng, 50, 200, 8, 3, integer, dtype=np.float32)
     cmc, m_ap, m_inp, _ = reference_rank(*case, max_rank=20)
-    for kwargs in ({}, {"_linear_max": 0}, {"workers": 2}):
-        res = evaluate_rank(*case, max_rank=20, **kwargs)
-        np.testing.assert_allclose(res["cmc"], cmc, rtol=0, atol=1e-10)
-        assert abs(res["mAP"] - m_ap) < 1e-10
-        assert abs(res["mINP"] - m_inp) < 1e-10
+    res = evaluate_rank(*case, max_rank=20, **path)
+    np.testing.assert_allclose(res["cmc"], cmc, rtol=0, atol=1e-10)
+    assert abs(res["mAP"] - m_ap) < 1e-10
+    assert abs(res["mINP"] - m_inp) < 1e-10
 
 
 def test_many_chunks_keep_query_order(monkeypatch):

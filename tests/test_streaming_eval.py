@@ -58,9 +58,10 @@ def test_matrix_source_equals_full_matrix_for_any_chunk(integer):
                 assert not row[ranks.size:].any()
 
 
+@pytest.mark.parametrize("chunk", [997, 40 * 300, 1 << 24])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_feature_source_equals_full_matrix(metric, dtype):
+def test_feature_source_equals_full_matrix(metric, dtype, chunk):
     rng = np.random.default_rng(0)
     nq, ng, dim, pids = 40, 2500, 24, 30
     centres = rng.standard_normal((pids, dim))
@@ -68,26 +69,25 @@ def test_feature_source_equals_full_matrix(metric, dtype):
     qf = (centres[q_pids] + 0.8 * rng.standard_normal((nq, dim))).astype(dtype)
     gf = (centres[g_pids] + 0.8 * rng.standard_normal((ng, dim))).astype(dtype)
     full = evaluate_rank(compute_distance(qf, gf, metric), q_pids, g_pids, q_cams, g_cams)
-    for chunk in (997, 40 * 300, 1 << 24):
-        res = evaluate_rank_streamed(FeatureDistances(qf, gf, metric), q_pids, g_pids, q_cams, g_cams,
-                                     chunk_elements=chunk)
-        assert_same(full, res)
+    res = evaluate_rank_streamed(FeatureDistances(qf, gf, metric), q_pids, g_pids, q_cams, g_cams,
+                                 chunk_elements=chunk)
+    assert_same(full, res)
     assert 0.2 < full["mAP"] < 0.99  # a case where ranking is neither trivial nor random
 
 
-def test_items_tied_with_a_positive_across_chunks():
+@pytest.mark.parametrize("chunk", [1, 2, 4, 100])
+def test_items_tied_with_a_positive_across_chunks(chunk):
     # Query pid 1 cam 0. Gallery: g0 negative 0.5, g1 positive 0.5, g2 negative 0.5, g3 positive 0.2,
     # g4 same pid same camera (removed) 0.1, g5 distractor 0.3.  Stable order by (distance, index):
     # g4(removed) g3(+) g5 g0 g1(+) g2  ->  positives at ranks 1 and 4 of the valid items.
     d = np.array([[0.5, 0.5, 0.5, 0.2, 0.1, 0.3]])
     q_pids, q_cams = np.array([1]), np.array([0])
     g_pids, g_cams = np.array([2, 1, 3, 1, 1, 0]), np.array([1, 1, 1, 2, 0, 1])
-    for chunk in (1, 2, 4, 100):
-        res = evaluate_rank_streamed(MatrixDistances(d), q_pids, g_pids, q_cams, g_cams, chunk_elements=chunk,
-                                     return_ranks=True)
-        np.testing.assert_array_equal(res["ranks"], [[1, 4]])
-        assert res["mAP"] == pytest.approx((1 / 1 + 2 / 4) / 2)
-        assert res["mINP"] == pytest.approx(2 / 4)
+    res = evaluate_rank_streamed(MatrixDistances(d), q_pids, g_pids, q_cams, g_cams, chunk_elements=chunk,
+                                 return_ranks=True)
+    np.testing.assert_array_equal(res["ranks"], [[1, 4]])
+    assert res["mAP"] == pytest.approx((1 / 1 + 2 / 4) / 2)
+    assert res["mINP"] == pytest.approx(2 / 4)
 
 
 class RecordingSource(MatrixDistances):

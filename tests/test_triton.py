@@ -132,39 +132,61 @@ def test_a_single_plan_and_the_validator_rejects_broken_configs(models, tmp_path
     assert parse_config(text).max_batch_size == 4
 
 
-def test_triton_bad_inputs(models, tmp_path):
+def test_an_existing_repository_needs_force(models, tmp_path):
     folder, fp32, fp16, plans = models
     repo = tmp_path / "repo"
     assert run_cli("triton", fp32, "-o", repo).code == 0
     assert_clean_error(run_cli("triton", fp32, "-o", repo), "already exists", "--force")
     assert run_cli("triton", fp32, "-o", repo, "--force", "--max-batch-size", "8").code == 0
     assert _parse(repo / "tiny" / "config.pbtxt").max_batch_size == 8
-    assert_clean_error(run_cli("triton", plans[0], "-o", tmp_path / "r2", "--max-batch-size", "64"),
-                       "exceeds the engine's profile maximum 16")
-    assert_clean_error(run_cli("triton", plans[0], plans[0], "-o", tmp_path / "r3"), "compute capability 8.6")
-    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r4", "--kind", "cpu", "--tensorrt-accelerator",
-                               "fp16"), "runs on a GPU")
-    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r5", "--tensorrt-accelerator", "int8"),
-                       "needs a Q/DQ")
-    assert_clean_error(run_cli("triton", plans[0], "-o", tmp_path / "r6", "--kind", "cpu"), "runs on a GPU")
-    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r7", "--preferred-batch-size", "64"),
-                       "exceeds max_batch_size 32")
+
+
+def _checkpoint(tmp_path, fp32):
     ckpt = tmp_path / "model.pth"
     ckpt.write_bytes(b"x")
-    assert_clean_error(run_cli("triton", ckpt, "-o", tmp_path / "r8"), "reid-export onnx")
+    return ckpt
+
+
+def _bare_onnx(tmp_path, fp32):
     bare = tmp_path / "bare.onnx"
     model = onnx.load(str(fp32))
     del model.metadata_props[:]
     onnx.save(model, str(bare))
-    assert_clean_error(run_cli("triton", bare, "-o", tmp_path / "r9"), "annotate")
+    return bare
+
+
+def _orphan_plan(tmp_path, fp32):
     orphan = tmp_path / "orphan.plan"
     orphan.write_bytes(b"x")
-    assert_clean_error(run_cli("triton", orphan, "-o", tmp_path / "r10"), "reid-export trt")
-    assert_clean_error(run_cli("triton", fp32, fp16, "-o", tmp_path / "r11", "--name", "one"), "--name given 1 times")
-    assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r12", "--name", "bad name"), "bad name")
-    assert_clean_error(run_cli("triton", fp32, fp32, "-o", tmp_path / "r13"), "two models would be named")
-    for r in ("r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9", "r10", "r11", "r12", "r13"):
-        assert not (tmp_path / r).exists() or not any((tmp_path / r).iterdir()), r
+    return orphan
+
+
+# (case, models: "fp32" / "fp16" / "plan" or a maker of a bad file, extra flags, what the one line says)
+BAD_INPUTS = [
+    ("plan-batch-over-profile", ["plan"], ["--max-batch-size", "64"], "exceeds the engine's profile maximum 16"),
+    ("two-plans-one-arch", ["plan", "plan"], [], "compute capability 8.6"),
+    ("cpu-with-trt-accelerator", ["fp32"], ["--kind", "cpu", "--tensorrt-accelerator", "fp16"], "runs on a GPU"),
+    ("int8-accelerator-on-fp32", ["fp32"], ["--tensorrt-accelerator", "int8"], "needs a Q/DQ"),
+    ("plan-on-cpu", ["plan"], ["--kind", "cpu"], "runs on a GPU"),
+    ("preferred-over-max", ["fp32"], ["--preferred-batch-size", "64"], "exceeds max_batch_size 32"),
+    ("a-checkpoint", [_checkpoint], [], "reid-export onnx"),
+    ("onnx-without-metadata", [_bare_onnx], [], "annotate"),
+    ("plan-without-sidecar", [_orphan_plan], [], "reid-export trt"),
+    ("too-few-names", ["fp32", "fp16"], ["--name", "one"], "--name given 1 times"),
+    ("bad-name", ["fp32"], ["--name", "bad name"], "bad name"),
+    ("two-models-one-name", ["fp32", "fp32"], [], "two models would be named"),
+]
+
+
+@pytest.mark.parametrize("case,inputs,flags,says", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_triton_bad_inputs(models, tmp_path, case, inputs, flags, says):
+    """One line naming the problem, exit non-zero, no repository left behind."""
+    folder, fp32, fp16, plans = models
+    given = {"fp32": fp32, "fp16": fp16, "plan": plans[0]}
+    paths = [given[m] if isinstance(m, str) else m(tmp_path, fp32) for m in inputs]
+    out = tmp_path / "repo"
+    assert_clean_error(run_cli("triton", *paths, "-o", out, *flags), says)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_fixed_batch_onnx_gets_max_batch_size_zero(models, tmp_path):

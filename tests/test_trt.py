@@ -22,15 +22,16 @@ needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (
                                                     "its wheels come from NVIDIA's index); needs a GPU too")
 
 
-def test_parse_size():
-    assert parse_size("4GiB") == 4 * 2 ** 30
-    assert parse_size("512MiB") == 512 * 2 ** 20
-    assert parse_size("1G") == 10 ** 9
-    assert parse_size("1073741824") == 2 ** 30
-    assert parse_size("1.5GiB") == int(1.5 * 2 ** 30)
-    for bad in ("lots", "4XB", "0", "-1GiB"):
-        with pytest.raises(UsageError, match="--workspace"):
-            parse_size(bad)
+@pytest.mark.parametrize("text,size", [("4GiB", 4 * 2 ** 30), ("512MiB", 512 * 2 ** 20), ("1G", 10 ** 9),
+                                       ("1073741824", 2 ** 30), ("1.5GiB", int(1.5 * 2 ** 30))])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["lots", "4XB", "0", "-1GiB"])
+def test_parse_size_refuses(bad):
+    with pytest.raises(UsageError, match="workspace"):
+        parse_size(bad)
 
 
 def test_profile_dynamic_static_and_errors():
