@@ -105,7 +105,7 @@ def test_locate_lists_layers_for_fp16_and_int8(models, parity_images, tmp_path):
     fp16, int8 = tmp_path / "ref.fp16.onnx", tmp_path / "ref.int8.onnx"
     assert run_cli("quantize", fp32, "-o", fp16, "--precision", "fp16").code == 0
     res = run_cli("quantize", fp32, "-o", int8, "--precision", "int8", "--calib-dir", parity_images[0].parent,
-                  "--calib-size", "5", "--max-float", "0", "--allow-below-gate")  # the gate: test_int8_gate.py
+                  "--calib-size", "5", "--max-float", "0", "--allow-below-gate")  # the gate: test_quantize_int8_search.py
     assert res.code == 0, res
     report = tmp_path / "parity.json"
     res = run_cli("parity", fp32, fp16, int8, "--images", parity_images[0].parent, "--locate",
@@ -149,7 +149,7 @@ def test_locate_compares_what_follows_a_folded_relu(models, parity_images, tmp_p
     fp32, int8 = models / "ref.onnx", tmp_path / "ref.int8-cpu.onnx"
     res = run_cli("quantize", fp32, "-o", int8, "--precision", "int8", "--target", "cpu", "--calib-dir",
                   parity_images[0].parent, "--calib-size", "5", "--no-progress", "--max-float", "0",
-                  "--allow-below-gate")  # 2 held-out crops of a small net: the gate is test_int8_gate.py's subject
+                  "--allow-below-gate")  # 2 held-out crops of a small net: the gate is test_quantize_int8_search.py's subject
     assert res.code == 0, res
     cand = onnx_lib.load(str(int8))
     producers = {o: n.op_type for n in cand.graph.node for o in n.output}

@@ -110,7 +110,7 @@ def int8_models(fp32, calib_dir, tmp_path_factory):
     outs = {}
     # 24 CUHK03 crops keep this cheap; evaluated on Market-1501 crops (another domain), so the
     # CPU target, whose uint8 grid entropy would fit tightly to so few images, uses percentile.
-    # One method each and 16 held-out crops for the accuracy gate (tests/test_int8_gate.py tests the
+    # One method each and 16 held-out crops for the accuracy gate (tests/test_quantize_int8_search.py tests the
     # search and the gate); the CPU flavour asks for 7-bit weights explicitly (the default follows the CPU).
     for target, method in (("tensorrt", "entropy"), ("cpu", "percentile")):
         out = folder / f"{target}.onnx"
@@ -194,7 +194,7 @@ def test_exclude_node_and_op_type(fp32, tmp_path, parity_images):
     first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
     out = tmp_path / "ex.onnx"
     # 3 calibration crops and 2 held out: what --exclude does to the graph is the subject, not the gate
-    # (tests/test_int8_gate.py), so no fallback nodes and the model is written whatever the gate says
+    # (tests/test_quantize_int8_search.py), so no fallback nodes and the model is written whatever the gate says
     result = _quantize(fp32, out, "--precision", "int8", "--calib-dir", parity_images[0].parent, "--method",
                        "minmax", "--exclude", first_conv, "--exclude", "Add", "--max-float", "0", "--allow-below-gate")
     assert result.code == 0, result
@@ -286,7 +286,7 @@ def test_bad_inputs(fp32, tmp_path, parity_images, int8_models):
 
 def test_calib_size_larger_than_folder_uses_what_there_is(fp32, tmp_path, parity_images):
     # 5 crops: 2 held out for the accuracy gate (a quarter, at least 2), the other 3 calibrate; the
-    # gate itself is tests/test_int8_gate.py's subject, so this run may write below it
+    # gate itself is tests/test_quantize_int8_search.py's subject, so this run may write below it
     out = tmp_path / "q.onnx"
     result = _quantize(fp32, out, "--precision", "int8", "--calib-dir", parity_images[0].parent, "--calib-size",
                        "100", "--method", "percentile", "--percentile", "99.9", "--allow-below-gate")

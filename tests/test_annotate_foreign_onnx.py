@@ -92,7 +92,7 @@ def test_annotate_quantize_extract(foreign, parity_images, tmp_path):
 
     # int8 per-channel needs opset 13: upgraded, and said so.
     q = tmp_path / "int8.onnx"
-    # (the accuracy gate on 2 held-out crops of a random net is not the point: tests/test_int8_gate.py)
+    # (the accuracy gate on 2 held-out crops of a random net is not the point: tests/test_quantize_int8_search.py)
     result = run_cli("quantize", annotated, "-o", q, "--precision", "int8", "--calib-dir",
                      parity_images[0].parent, "--no-progress", "--max-float", "0", "--allow-below-gate")
     assert result.code == 0, result
