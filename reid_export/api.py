@@ -30,9 +30,9 @@ from .export.onnx_export import ExportReport
 from .export.onnx_export import export_checkpoint as export_onnx
 from .export.quantize import QuantizeOptions, QuantizeReport
 from .runtime import Encoder, open_encoder
-from .serve.boxmot import BoxmotResult
+from .serve.boxmot import BoxmotOptions, BoxmotResult
 from .serve.boxmot import build as boxmot
-from .serve.deepstream import DeepStreamResult
+from .serve.deepstream import DeepStreamOptions, DeepStreamResult
 from .serve.deepstream import build as deepstream
 from .serve.triton import RepoOptions, TritonReport
 from .serve.triton import build_repository as triton
@@ -58,7 +58,8 @@ def quantize(model, output, precision: str | None = None, **options) -> Quantize
     return quantize_file(model, output, precision, **options)
 
 
-__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotResult", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
+__all__ = ["DEFAULT_MAX_MAP_DROP", "DEFAULT_MAX_R1_DROP", "BenchReport", "BoxmotOptions", "BoxmotResult",
+           "DeepStreamOptions", "DeepStreamResult", "DetectReport", "Encoder", "EvalGates",
            "EvalOptions", "EvalReport", "EvalRow", "ExportReport", "ParityReport", "ParityResult", "QuantizeOptions", "RepoOptions", "TritonReport",
            "QuantizeReport",
            "ReidExportError", "Tolerances", "TrackerThreshold", "UsageError", "annotate_detected", "bench",

@@ -197,12 +197,13 @@ def test_hand_offs_return_reports(setup, tmp_path):
     """The tracker hand-offs keep the API's word too: passed, to_dict() with the schema, table()."""
     fp32 = tmp_path / "a.onnx"
     api.export_onnx(setup["a"], fp32, log=lambda line: None)
-    ds = api.deepstream(fp32, tmp_path / "ds")
-    assert isinstance(ds, api.DeepStreamResult) and ds.passed and ds.onnx_path.exists()
+    ds = api.deepstream(fp32, tmp_path / "ds", api.DeepStreamOptions(name="tracker", network_mode="fp16"))
+    assert isinstance(ds, api.DeepStreamResult) and ds.passed and ds.onnx_path == tmp_path / "ds" / "tracker.deepstream.onnx"
+    assert ds.section["networkMode"] == 2  # the options object's fp16, not the ONNX's fp32
     doc = ds.to_dict()
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["passed"] and doc["self_check"]["passed"]
     assert "NVIDIA scalar" in ds.table() and "wrote" in ds.table()
-    bm = api.boxmot(fp32, tmp_path / "bm", openvino=False)
+    bm = api.boxmot(fp32, tmp_path / "bm", openvino=False)  # the options' fields as keywords
     assert isinstance(bm, api.BoxmotResult) and bm.passed and bm.onnx_path.exists()
     assert bm.to_dict()["command"] == "boxmot" and json.dumps(bm.to_dict())
     assert "verify:" in bm.table() and f"reid-export parity {fp32}" in bm.table()
@@ -230,3 +231,67 @@ def test_triton_repository_is_a_report(setup, tmp_path):
     doc = rep.to_dict()
     assert doc["schema_version"] == REPORT_SCHEMA_VERSION and doc["models"][0]["name"] == "a"
     assert "repository" in rep.table() and "onnxruntime_onnx" in rep.table()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: api.DeepStreamOptions(network_mode="fp8"), ("--network-mode", "fp32, int8, fp16")),
+    (lambda: api.DeepStreamOptions(reid_type="sort"), ("--reid-type", "deepsort")),
+    (lambda: api.DeepStreamOptions(color_order="yuv"), ("rgb or bgr", "'yuv'")),
+    (lambda: api.DeepStreamOptions(batch_size=0), ("`batch_size`", ">= 1", "0")),
+    (lambda: api.DeepStreamOptions(workspace_mb=2.5), ("`workspace_mb`", "integer")),
+    (lambda: api.DeepStreamOptions(name="a/b"), ("`name`", "plain file stem")),
+    (lambda: api.DeepStreamOptions(max_rel_l2=0.0), ("`max_rel_l2`", "> 0")),
+    (lambda: api.DeepStreamOptions(threshold_fmr=1.5), ("`threshold_fmr`", "between 0 and 1", "1.5")),
+    (lambda: api.BoxmotOptions(architecture="bot_r50", openvino=False), ("--boxmot-arch", "'bot_r50'", "25.0.0")),
+    (lambda: api.BoxmotOptions(name="", openvino=False), ("--name", "plain file stem")),
+    (lambda: api.BoxmotOptions(max_rel_l2=-1.0, openvino=False), ("`max_rel_l2`", "> 0", "-1")),
+    (lambda: api.BoxmotOptions(threshold_fmr=0.0, openvino=False), ("`threshold_fmr`", "between 0 and 1")),
+    (lambda: _ray_options(shard_size=10, batch_size=4), ("--shard-size 10", "multiple of --batch-size 4")),
+    (lambda: _ray_options(batch_size=0), ("`batch_size`", ">= 1")),
+    (lambda: _ray_options(num_workers=0), ("--workers", ">= 1")),
+    (lambda: _ray_options(cpus_per_worker=0), ("`cpus_per_worker`", "> 0")),
+    (lambda: _ray_options(gpus_per_worker=-1), ("`gpus_per_worker`", ">= 0")),
+    (lambda: _ray_options(on_error="ignore"), ("`on_error`", "raise, skip", "'ignore'")),
+], ids=lambda v: v[0] if isinstance(v, tuple) else None)
+def test_options_refuse_bad_values_in_one_line(make, words):
+    """The options objects of the hand-offs and of extract on Ray check every value in one place
+    (``check()``, run first by the call) and say what is wrong in one line."""
+    options = make()
+    with pytest.raises(api.ReidExportError) as info:
+        options.check()
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def _ray_options(**fields):
+    from reid_export.runtime.ray_extract import RayOptions
+
+    return RayOptions(**fields)
+
+
+def test_good_options_pass_their_check():
+    assert api.DeepStreamOptions(network_mode="int8", reid_type="both", color_order="bgr", name="x",
+                                 max_rel_l2=1e-3, threshold_fmr=0.1).check().reid_type == "both"
+    assert api.BoxmotOptions(architecture="osnet_x0_25", openvino=False, name="osnet").check().name == "osnet"
+    assert _ray_options(shard_size=64, batch_size=32, cpus_per_worker=2, on_error="skip").check().threads == 2
+
+
+def test_hand_offs_check_their_options_before_any_work(setup, tmp_path):
+    """A bad value is refused before the model is read or a file written; options and keywords do not mix."""
+    out = tmp_path / "never"
+    with pytest.raises(api.ReidExportError, match="reid-type"):
+        api.deepstream(tmp_path / "missing.onnx", out, api.DeepStreamOptions(reid_type="sort"))
+    with pytest.raises(api.ReidExportError, match="threshold_fmr"):
+        api.boxmot(setup["a"], out, threshold_fmr=2.0, openvino=False)
+    assert not out.exists()
+    with pytest.raises(TypeError, match="not both"):
+        api.deepstream(tmp_path / "m.onnx", out, api.DeepStreamOptions(), name="x")
+    with pytest.raises(TypeError, match="not both"):
+        api.boxmot(setup["a"], out, api.BoxmotOptions(openvino=False), name="x")
+    from reid_export.runtime.ray_extract import extract_on_ray
+
+    with pytest.raises(TypeError, match="not both"):
+        extract_on_ray(setup["a"], [], tmp_path / "f.npy", _ray_options(), batch_size=4)
+    with pytest.raises(api.ReidExportError, match="multiple of --batch-size"):
+        extract_on_ray(setup["a"], [], tmp_path / "f.npy", shard_size=6, batch_size=4)
+    assert not (tmp_path / "f.npy.shards").exists()

@@ -37,6 +37,7 @@ import secrets
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -234,6 +235,8 @@ def run(cfg: CfgNode, *, resume: bool = False, eval_only: bool = False, progress
 
 
 def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end, ctx=SINGLE) -> dict:
+    """The run along its seams: restore (:func:`_restore`, :func:`_resolve_seed`), build (:func:`_build`),
+    then per epoch :func:`_train_epoch` and :func:`_evaluate_and_save`."""
     log.info("reid-train, %s: %s", ctx.describe(), " ".join(sys.argv[1:]) or "(library call)")
     device = pick_device(cfg, ctx)
     check_loss_names(cfg)
@@ -241,6 +244,44 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
 
+    ckpt_path, state = _restore(output_dir, resume, ctx)
+    seed = _resolve_seed(cfg, state, ctx)
+    log.info("seed %d, device %s, output %s", seed, device, output_dir)
+
+    if eval_only:
+        if not ctx.is_main:  # rank 0 evaluates alone
+            barrier(ctx)
+            return {"output_dir": str(output_dir), "results": None, "seed": seed, "rank": ctx.rank}
+        try:
+            return _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name)
+        finally:
+            barrier(ctx)
+
+    run = _build(cfg, output_dir, state, ckpt_path, device, seed, model_name, ctx)
+    if run.start_epoch >= run.max_epoch:
+        log.info("nothing to do: the checkpoint already finished all %d epochs (raise SOLVER.MAX_EPOCH to go on)",
+                 run.max_epoch)
+    try:
+        for epoch in range(run.start_epoch, run.max_epoch):
+            stats = _train_epoch(run, epoch, progress)
+            _evaluate_and_save(run, epoch, stats, progress)
+            barrier(ctx)  # the other ranks wait while rank 0 evaluates and writes
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    except KeyboardInterrupt:
+        last = find_last_checkpoint(output_dir)
+        log.warning("interrupted; the last checkpoint is %s: continue with --resume",
+                    last.name if last else "(none yet)")
+        raise
+    return {"output_dir": str(output_dir), "history": run.history, "results": run.last_results,
+            "best_metric": run.best, "seed": seed, "iterations_per_epoch": run.iters_per_epoch,
+            "world_size": ctx.world_size, "rank": ctx.rank}
+
+
+# ---------------------------------------------------------------------------------------------- restore
+def _restore(output_dir: Path, resume: bool, ctx: DistContext) -> tuple[Path | None, dict | None]:
+    """With ``resume``: the newest checkpoint and its contents (None, None when there is none, or without
+    ``resume``); partial checkpoint writes of an interrupted run are removed first."""
     state = None
     ckpt_path = find_last_checkpoint(output_dir) if resume else None
     if resume and ctx.is_main:
@@ -253,7 +294,11 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
         if not isinstance(state.get("epoch"), int):
             raise ReidExportError(f"{ckpt_path}: not a reid-train checkpoint (no epoch); cannot resume from it")
         log.info("resuming from %s (epoch %d done)", ckpt_path, state["epoch"] + 1)
+    return ckpt_path, state
 
+
+def _resolve_seed(cfg, state: dict | None, ctx: DistContext) -> int:
+    """The checkpoint's seed when resuming, else SEED, else a drawn one (rank 0's on every rank); set into cfg."""
     if state is not None and isinstance(state.get("seed"), int):
         seed = state["seed"]
         if int(cfg.SEED) >= 0 and int(cfg.SEED) != seed:
@@ -262,41 +307,49 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
         seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else secrets.randbelow(2**31)
     seed = broadcast_object(ctx, seed)  # a drawn seed is rank 0's on every rank
     cfg.SEED = seed
-    log.info("seed %d, device %s, output %s", seed, device, output_dir)
+    return seed
 
-    if eval_only:
-        if not ctx.is_main:  # rank 0 evaluates alone
-            barrier(ctx)
-            return {"output_dir": str(output_dir), "results": None, "seed": seed, "rank": ctx.rank}
-        try:
-            return _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_name)
-        finally:
-            barrier(ctx)
 
-    items, sources = load_train_items(cfg)
-    num_classes = 1 + max(it.pid for it in items)
-    cfg.MODEL.HEADS.NUM_CLASSES = num_classes
-    log.info("training set: %d images, %d identities from %s", len(items), num_classes, ", ".join(sources))
-    # The stem the weights were trained with: fast-reid's for a new run (recorded in the checkpoints'
-    # config), the checkpoint's own when resuming one written before 0.2.0.
-    resolve_stem(cfg, state if state is not None else {}, str(ckpt_path))
-    resolve_interpolation(cfg, state if state is not None else {}, str(ckpt_path))
-    if state is not None and isinstance(state.get("cfg"), str):
-        old = _flatten(embedded_config(state, source=str(ckpt_path)).to_dict())
-        new = _flatten(cfg.to_dict())
-        differs = sorted(k for k in new if k in old and old[k] != new[k] and k != "SEED")
-        if differs:
-            log.warning("the config differs from the checkpoint's in: %s", ", ".join(differs))
+# ------------------------------------------------------------------------------------------------ build
+@dataclass
+class _Training:
+    """One training run between its steps: made by :func:`_build`, advanced by :func:`_train_epoch`
+    (``iteration``, ``history``), judged and saved by :func:`_evaluate_and_save` (``best``, ``last_results``)."""
 
+    cfg: CfgNode
+    ctx: DistContext
+    device: str
+    output_dir: Path
+    seed: int
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: object  # torch.amp.GradScaler with AMP, else None
+    freezer: LayerFreezer
+    sampler: object
+    loader: DataLoader
+    data_config: object
+    amp: bool
+    channels_last: bool
+    iters_per_epoch: int
+    max_epoch: int
+    start_epoch: int = 0
+    iteration: int = 0
+    best: float | None = None
+    history: list = field(default_factory=list)
+    last_results: dict | None = None
+
+
+def _build(cfg, output_dir: Path, state: dict | None, ckpt_path: Path | None, device: str, seed: int,
+           model_name: str, ctx: DistContext) -> _Training:
+    """Data, model (syncBN, device, memory format), optimizer, sampler, schedule and AMP scaler, the
+    checkpoint's training state when resuming, the layer freezer, the DDP wrap and the data loader."""
+    items = _training_items(cfg, state, ckpt_path)
     torch.manual_seed(seed)
     model = build_model(cfg)
     init = _init_weights(cfg, model) if state is None else "resumed"
-    synced = []
-    if ctx.distributed:
-        for part, norm in (("backbone", cfg.MODEL.BACKBONE.NORM), ("heads", cfg.MODEL.HEADS.NORM)):
-            if norm == "syncBN":
-                n = convert_sync_batchnorm(getattr(model, part), use_torch=device.startswith("cuda"))
-                synced.append(f"{part} ({n} layers)")
+    synced = _sync_batchnorm(cfg, model, device, ctx)
     model.to(device)
     amp = bool(cfg.SOLVER.AMP.ENABLED) and device.startswith("cuda")
     channels_last = cfg.SOLVER.AMP.get("CHANNELS_LAST")
@@ -320,184 +373,233 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
     if cfg.SOLVER.AMP.ENABLED and not amp:
         log.info("SOLVER.AMP.ENABLED: mixed precision needs CUDA; training in FP32 on the CPU")
     scaler = torch.amp.GradScaler("cuda", enabled=amp) if amp else None
-    max_epoch = int(cfg.SOLVER.MAX_EPOCH)
-    start_epoch, iteration, best = 0, 0, None
+    run = _Training(cfg=cfg, ctx=ctx, device=device, output_dir=output_dir, seed=seed, model=model, net=model,
+                    optimizer=optimizer, schedule=schedule, scaler=scaler, freezer=None, sampler=sampler, loader=None,
+                    data_config=None, amp=amp, channels_last=channels_last, iters_per_epoch=iters_per_epoch,
+                    max_epoch=int(cfg.SOLVER.MAX_EPOCH))
     if state is not None:
-        load_weights(model, extract_state_dict(state, str(ckpt_path)), str(ckpt_path))
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        iteration = int(state.get("iteration", start_epoch * iters_per_epoch))
-        best = state.get("best_metric")
-        saved_ipe = (state.get("scheduler") or {}).get("iters_per_epoch")
-        if saved_ipe not in (None, iters_per_epoch):
-            log.warning("iterations per epoch changed (%s -> %d): the training data or batch size differ from "
-                        "the checkpoint's; the run will not match an uninterrupted one", saved_ipe, iters_per_epoch)
-        rng = state.get("rng") or {}
-        if isinstance(rng.get("torch"), torch.Tensor):
-            torch.set_rng_state(rng["torch"])
-        if scaler is not None and isinstance(state.get("grad_scaler"), dict):
-            scaler.load_state_dict(state["grad_scaler"])
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != ctx.world_size:
-            same = mining == "global" and (not _has_bn(model) or
-                                           cfg.MODEL.BACKBONE.NORM == cfg.MODEL.HEADS.NORM == "syncBN")
-            log.warning("resuming a run of world size %d with world size %d: %s", saved_world, ctx.world_size,
-                        "the global batches are the same, and with global mining and syncBN so is the computation"
-                        if same else "the global batches are the same, but per-rank triplet mining and BatchNorm "
-                        "statistics see other slices, so the run will not equal an uninterrupted one "
-                        "(set MODEL.LOSSES.TRI.GLOBAL_MINING True and NORM syncBN for that)")
-    freezer = LayerFreezer(cfg, model, optimizer)
-    net = model
+        _load_training_state(run, state, ckpt_path, mining)
+    run.freezer = LayerFreezer(cfg, model, optimizer)
     if ctx.distributed:
-        # buffers are not broadcast from rank 0 before every forward (fast-reid's broadcast_buffers=False);
-        # newer torch names that forward_sync_buffers
-        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                   inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, **buffers,
-            # frozen layers (FREEZE_ITERS) and a classifier without CrossEntropyLoss take no gradient
-            find_unused_parameters=bool(freezer.names) or "CrossEntropyLoss" not in cfg.MODEL.LOSSES.NAME)
+        run.net = _wrap_ddp(cfg, model, run.freezer, device, ctx)
 
-    data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
+    run.data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
     if ctx.is_main:
         write_config(output_dir / "config.yaml", cfg)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
-    loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
-                        persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
+    run.loader = DataLoader(TrainSet(items, transform), batch_sampler=sampler, num_workers=num_workers,
+                            collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
+                            persistent_workers=num_workers > 0, pin_memory=device.startswith("cuda"))
     norm = "IBN" if cfg.MODEL.BACKBONE.WITH_IBN else ("syncBN" if synced else "BN")
     log.info("model %s-%s, %d iterations/epoch of %d images, epochs %d..%d, init %s, AMP %s",
              cfg.MODEL.BACKBONE.DEPTH, norm, iters_per_epoch,
-             cfg.SOLVER.IMS_PER_BATCH, start_epoch + 1, max_epoch, init, "on" if amp else "off")
+             cfg.SOLVER.IMS_PER_BATCH, run.start_epoch + 1, run.max_epoch, init, "on" if amp else "off")
+    return run
+
+
+def _training_items(cfg, state: dict | None, ckpt_path: Path | None) -> list:
+    """The training images (NUM_CLASSES set from them), the stem and interpolation the weights were
+    trained with, and a warning where the config differs from the checkpoint's."""
+    items, sources = load_train_items(cfg)
+    num_classes = 1 + max(it.pid for it in items)
+    cfg.MODEL.HEADS.NUM_CLASSES = num_classes
+    log.info("training set: %d images, %d identities from %s", len(items), num_classes, ", ".join(sources))
+    # The stem the weights were trained with: fast-reid's for a new run (recorded in the checkpoints'
+    # config), the checkpoint's own when resuming one written before 0.2.0.
+    resolve_stem(cfg, state if state is not None else {}, str(ckpt_path))
+    resolve_interpolation(cfg, state if state is not None else {}, str(ckpt_path))
+    if state is not None and isinstance(state.get("cfg"), str):
+        old = _flatten(embedded_config(state, source=str(ckpt_path)).to_dict())
+        new = _flatten(cfg.to_dict())
+        differs = sorted(k for k in new if k in old and old[k] != new[k] and k != "SEED")
+        if differs:
+            log.warning("the config differs from the checkpoint's in: %s", ", ".join(differs))
+    return items
+
+
+def _sync_batchnorm(cfg, model, device: str, ctx: DistContext) -> list[str]:
+    """Under DDP, synchronise the BatchNorms of the parts whose NORM is syncBN; what was converted."""
+    synced = []
+    if ctx.distributed:
+        for part, norm in (("backbone", cfg.MODEL.BACKBONE.NORM), ("heads", cfg.MODEL.HEADS.NORM)):
+            if norm == "syncBN":
+                n = convert_sync_batchnorm(getattr(model, part), use_torch=device.startswith("cuda"))
+                synced.append(f"{part} ({n} layers)")
+    return synced
+
+
+def _load_training_state(run: _Training, state: dict, ckpt_path: Path | None, mining: str) -> None:
+    """A resumed run continues where the checkpoint stopped: weights, optimizer, epoch and iteration, best
+    score, torch RNG, AMP scaler; warns where the run will not equal an uninterrupted one."""
+    cfg, ctx, model = run.cfg, run.ctx, run.model
+    load_weights(model, extract_state_dict(state, str(ckpt_path)), str(ckpt_path))
+    if "optimizer" in state:
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.start_epoch = state["epoch"] + 1
+    run.iteration = int(state.get("iteration", run.start_epoch * run.iters_per_epoch))
+    run.best = state.get("best_metric")
+    saved_ipe = (state.get("scheduler") or {}).get("iters_per_epoch")
+    if saved_ipe not in (None, run.iters_per_epoch):
+        log.warning("iterations per epoch changed (%s -> %d): the training data or batch size differ from "
+                    "the checkpoint's; the run will not match an uninterrupted one", saved_ipe, run.iters_per_epoch)
+    rng = state.get("rng") or {}
+    if isinstance(rng.get("torch"), torch.Tensor):
+        torch.set_rng_state(rng["torch"])
+    if run.scaler is not None and isinstance(state.get("grad_scaler"), dict):
+        run.scaler.load_state_dict(state["grad_scaler"])
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != ctx.world_size:
+        same = mining == "global" and (not _has_bn(model) or
+                                       cfg.MODEL.BACKBONE.NORM == cfg.MODEL.HEADS.NORM == "syncBN")
+        log.warning("resuming a run of world size %d with world size %d: %s", saved_world, ctx.world_size,
+                    "the global batches are the same, and with global mining and syncBN so is the computation"
+                    if same else "the global batches are the same, but per-rank triplet mining and BatchNorm "
+                    "statistics see other slices, so the run will not equal an uninterrupted one "
+                    "(set MODEL.LOSSES.TRI.GLOBAL_MINING True and NORM syncBN for that)")
+
+
+def _wrap_ddp(cfg, model, freezer: LayerFreezer, device: str, ctx: DistContext) -> torch.nn.Module:
+    # buffers are not broadcast from rank 0 before every forward (fast-reid's broadcast_buffers=False);
+    # newer torch names that forward_sync_buffers
+    buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.local_rank] if device.startswith("cuda") else None, **buffers,
+        # frozen layers (FREEZE_ITERS) and a classifier without CrossEntropyLoss take no gradient
+        find_unused_parameters=bool(freezer.names) or "CrossEntropyLoss" not in cfg.MODEL.LOSSES.NAME)
+
+
+# ------------------------------------------------------------------------------------------------ epoch
+def _train_epoch(run: _Training, epoch: int, progress: bool) -> dict:
+    """One epoch over the loader; appends its statistics to ``run.history`` (and, on rank 0, history.jsonl)."""
+    run.sampler.epoch = epoch
+    run.net.train()
+    run.freezer.apply_mode()
+    sums: dict[str, float] = {}
+    images_seen, t_start, t_compute = 0, time.time(), 0.0
+    bar = tqdm(total=run.iters_per_epoch, desc=f"epoch {epoch + 1}/{run.max_epoch}", unit="it",
+               disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
+    window = []
+    for images, pids, _ in run.loader:
+        t0 = time.time()
+        shown, lr = _train_step(run, images, pids, epoch)
+        n = images.shape[0] * run.ctx.world_size
+        images_seen += n
+        for key, value in shown.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().item() * n
+        now = time.time()
+        t_compute += now - t0
+        window = (window + [(now, n)])[-20:]
+        rate = (sum(k for _, k in window[1:]) / (window[-1][0] - window[0][0])
+                if len(window) > 1 else n / max(now - t_start, 1e-9))
+        bar.set_postfix_str(f"loss={shown['loss'].detach().item():.3f} lr={lr:.2e} {rate:.1f} img/s", refresh=False)
+        bar.update(1)
+    bar.close()
+    seconds = time.time() - t_start
+    stats = {k: v / max(images_seen, 1) for k, v in sums.items()}
+    stats.update({"epoch": epoch, "iteration": run.iteration, "lr": lr, "images": images_seen,
+                  "seconds": round(seconds, 2), "img_per_s": images_seen / max(seconds, 1e-9),
+                  "compute_img_per_s": images_seen / max(t_compute, 1e-9)})
+    run.history.append(stats)
+    if run.ctx.is_main:
+        with open(run.output_dir / "history.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(stats) + "\n")
+    terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
+    log.info("epoch %d/%d: %s lr=%.2e %.1f img/s (%.1f s)", epoch + 1, run.max_epoch, terms, lr,
+             stats["img_per_s"], seconds)
+    return stats
+
+
+def _train_step(run: _Training, images, pids, epoch: int) -> tuple[dict, float]:
+    """One iteration: forward, losses, backward, optimizer step; (the losses to log, the learning rate)."""
+    cfg, ctx, device, optimizer = run.cfg, run.ctx, run.device, run.optimizer
+    run.freezer.update(run.iteration)
+    lr = run.schedule.apply(optimizer, run.iteration, epoch)
+    images = images.to(device, non_blocking=True)
+    if run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    pids = pids.to(device, non_blocking=True)
+    with torch.autocast("cuda", dtype=torch.float16) if run.amp else nullcontext():
+        outputs = run.net(images, pids)
+    losses = compute_losses(cfg, outputs, pids, ctx)
+    loss = sum(losses.values())
+    # the values to log: the mean over the ranks of each rank's share is the loss (losses.py)
+    shown = dict(losses, loss=loss)
+    if ctx.distributed:
+        reduced = all_reduce_mean(ctx, torch.stack([v.detach().float() for v in shown.values()]))
+        shown = dict(zip(shown, reduced))
+    if not torch.isfinite(shown["loss"]):
+        raise ReidExportError(
+            f"the loss became {float(shown['loss'])} at epoch {epoch + 1}, iteration {run.iteration}; lower "
+            "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, and resume from the last checkpoint"
+        )
     clip = cfg.SOLVER.CLIP_GRADIENTS
+    optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        if clip.ENABLED:
+            run.scaler.unscale_(optimizer)
+            _clip(run.model, clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        if clip.ENABLED:
+            _clip(run.model, clip)
+        optimizer.step()
+    run.iteration += 1
+    return shown, lr
+
+
+# ------------------------------------------------------------------------------------ evaluate and save
+def _evaluate_and_save(run: _Training, epoch: int, stats: dict, progress: bool) -> None:
+    """Rank 0 evaluates after every TEST.EVAL_PERIOD epochs and the last (metrics_NNNN.json), then the
+    checkpoints: model_final.pth at the end, model_NNNN.pth every CHECKPOINT_PERIOD, model_best.pth."""
+    cfg, ctx = run.cfg, run.ctx
     eval_period = int(cfg.TEST.EVAL_PERIOD)
     ckpt_period = max(int(cfg.SOLVER.CHECKPOINT_PERIOD), 1)
-    last_results, history = None, []
+    final = epoch == run.max_epoch - 1
+    improved = False
+    if ctx.is_main and (final or (eval_period > 0 and (epoch + 1) % eval_period == 0)):
+        results = evaluate(run.model, cfg, run.data_config, run.device, progress)
+        run.freezer.apply_mode()
+        run.last_results = results
+        log.info("evaluation after epoch %d:\n%s", epoch + 1, format_results(results))
+        score = next(iter(results.values()))["metric"] if results else None
+        improved = score is not None and (run.best is None or score > run.best)
+        if improved:
+            run.best = score
+        atomic_write_json(run.output_dir / f"metrics_{epoch:04d}.json",
+                          {"epoch": epoch, "iteration": run.iteration, "train": stats, "results": results,
+                           "best_metric": run.best})
+    if final:
+        path = _save(run, "model_final", epoch)
+        log.info("saved %s", path)
+    elif (epoch + 1) % ckpt_period == 0:
+        path = _save(run, f"model_{epoch:04d}", epoch)
+        log.info("saved %s", path)
+    if improved:
+        _save(run, "model_best", epoch, mark_last=False)
+        log.info("saved model_best.pth ((Rank-1 + mAP) / 2 = %.2f)", run.best)
 
-    def save(name: str, epoch: int, mark_last: bool = True) -> Path:
-        if not ctx.is_main:
-            return output_dir / f"{name}.pth"
-        path = save_checkpoint(
-            output_dir / f"{name}.pth", model, cfg, data_config,
-            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(iteration, epoch + 1),
-            epoch=epoch, iteration=iteration, seed=seed,
-            sampler={"name": cfg.DATALOADER.SAMPLER_TRAIN, "seed": seed, "next_epoch": epoch + 1},
-            rng={"torch": torch.get_rng_state()}, best_metric=best,
-            grad_scaler=scaler.state_dict() if scaler is not None else None, world_size=ctx.world_size,
-        )
-        if mark_last:
-            atomic_write_text(output_dir / "last_checkpoint", f"{name}.pth")
-        return path
 
-    if start_epoch >= max_epoch:
-        log.info("nothing to do: the checkpoint already finished all %d epochs (raise SOLVER.MAX_EPOCH to go on)",
-                 max_epoch)
-    try:
-        for epoch in range(start_epoch, max_epoch):
-            sampler.epoch = epoch
-            net.train()
-            freezer.apply_mode()
-            sums: dict[str, float] = {}
-            images_seen, t_start, t_compute = 0, time.time(), 0.0
-            bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{max_epoch}", unit="it",
-                       disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
-            window = []
-            for images, pids, _ in loader:
-                t0 = time.time()
-                freezer.update(iteration)
-                lr = schedule.apply(optimizer, iteration, epoch)
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                pids = pids.to(device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
-                    outputs = net(images, pids)
-                losses = compute_losses(cfg, outputs, pids, ctx)
-                loss = sum(losses.values())
-                # the values to log: the mean over the ranks of each rank's share is the loss (losses.py)
-                shown = dict(losses, loss=loss)
-                if ctx.distributed:
-                    reduced = all_reduce_mean(ctx, torch.stack([v.detach().float() for v in shown.values()]))
-                    shown = dict(zip(shown, reduced))
-                if not torch.isfinite(shown["loss"]):
-                    raise ReidExportError(
-                        f"the loss became {float(shown['loss'])} at epoch {epoch + 1}, iteration {iteration}; lower "
-                        "SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, and resume from the last checkpoint"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if clip.ENABLED:
-                        scaler.unscale_(optimizer)
-                        _clip(model, clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if clip.ENABLED:
-                        _clip(model, clip)
-                    optimizer.step()
-                iteration += 1
-                n = images.shape[0] * ctx.world_size
-                images_seen += n
-                for key, value in shown.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().item() * n
-                now = time.time()
-                t_compute += now - t0
-                window = (window + [(now, n)])[-20:]
-                rate = (sum(k for _, k in window[1:]) / (window[-1][0] - window[0][0])
-                        if len(window) > 1 else n / max(now - t_start, 1e-9))
-                bar.set_postfix_str(f"loss={shown['loss'].detach().item():.3f} lr={lr:.2e} {rate:.1f} img/s", refresh=False)
-                bar.update(1)
-            bar.close()
-            seconds = time.time() - t_start
-            stats = {k: v / max(images_seen, 1) for k, v in sums.items()}
-            stats.update({"epoch": epoch, "iteration": iteration, "lr": lr, "images": images_seen,
-                          "seconds": round(seconds, 2), "img_per_s": images_seen / max(seconds, 1e-9),
-                          "compute_img_per_s": images_seen / max(t_compute, 1e-9)})
-            history.append(stats)
-            if ctx.is_main:
-                with open(output_dir / "history.jsonl", "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(stats) + "\n")
-            terms = " ".join(f"{k}={v:.4f}" for k, v in stats.items() if k.startswith("loss"))
-            log.info("epoch %d/%d: %s lr=%.2e %.1f img/s (%.1f s)", epoch + 1, max_epoch, terms, lr,
-                     stats["img_per_s"], seconds)
-
-            final = epoch == max_epoch - 1
-            improved = False
-            if ctx.is_main and (final or (eval_period > 0 and (epoch + 1) % eval_period == 0)):
-                results = evaluate(model, cfg, data_config, device, progress)
-                freezer.apply_mode()
-                last_results = results
-                log.info("evaluation after epoch %d:\n%s", epoch + 1, format_results(results))
-                score = next(iter(results.values()))["metric"] if results else None
-                improved = score is not None and (best is None or score > best)
-                if improved:
-                    best = score
-                atomic_write_json(output_dir / f"metrics_{epoch:04d}.json",
-                                  {"epoch": epoch, "iteration": iteration, "train": stats, "results": results,
-                                   "best_metric": best})
-            if final:
-                path = save("model_final", epoch)
-                log.info("saved %s", path)
-            elif (epoch + 1) % ckpt_period == 0:
-                path = save(f"model_{epoch:04d}", epoch)
-                log.info("saved %s", path)
-            if improved:
-                save("model_best", epoch, mark_last=False)
-                log.info("saved model_best.pth ((Rank-1 + mAP) / 2 = %.2f)", best)
-            barrier(ctx)  # the other ranks wait while rank 0 evaluates and writes
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
-    except KeyboardInterrupt:
-        last = find_last_checkpoint(output_dir)
-        log.warning("interrupted; the last checkpoint is %s: continue with --resume",
-                    last.name if last else "(none yet)")
-        raise
-    return {"output_dir": str(output_dir), "history": history, "results": last_results, "best_metric": best,
-            "seed": seed, "iterations_per_epoch": iters_per_epoch, "world_size": ctx.world_size, "rank": ctx.rank}
+def _save(run: _Training, name: str, epoch: int, mark_last: bool = True) -> Path:
+    """Rank 0 writes ``NAME.pth`` (and names it in ``last_checkpoint`` with ``mark_last``)."""
+    output_dir = run.output_dir
+    if not run.ctx.is_main:
+        return output_dir / f"{name}.pth"
+    path = save_checkpoint(
+        output_dir / f"{name}.pth", run.model, run.cfg, run.data_config,
+        optimizer=run.optimizer.state_dict(), scheduler=run.schedule.state_dict(run.iteration, epoch + 1),
+        epoch=epoch, iteration=run.iteration, seed=run.seed,
+        sampler={"name": run.cfg.DATALOADER.SAMPLER_TRAIN, "seed": run.seed, "next_epoch": epoch + 1},
+        rng={"torch": torch.get_rng_state()}, best_metric=run.best,
+        grad_scaler=run.scaler.state_dict() if run.scaler is not None else None, world_size=run.ctx.world_size,
+    )
+    if mark_last:
+        atomic_write_text(output_dir / "last_checkpoint", f"{name}.pth")
+    return path
 
 
 def _has_bn(model) -> bool:

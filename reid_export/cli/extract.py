@@ -17,7 +17,7 @@ from ..embeddings import l2_normalize
 from ..report import REPORT_SCHEMA_VERSION
 from ..verify.collapse import collapse_of
 from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
-from .ray_options import ray_engine_options
+from .ray_options import ray_engine_options, ray_options
 from .main import cli
 
 
@@ -56,11 +56,10 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
     if engine == "ray":
         from ..runtime.ray_extract import run_extract_on_ray
 
-        feats, paths, skipped, info = run_extract_on_ray(
-            model, paths, output, config=config, opts=get_opts(), device=device, allow_partial=allow_partial,
-            batch_size=batch_size, flip_test=flip_test, progress=progress, skip_bad_images=skip_bad_images,
-            ray_address=ray_address, workers=workers, threads_per_worker=threads_per_worker,
-            gpus_per_worker=gpus_per_worker, shard_size=shard_size)
+        options = ray_options(ray_address, workers, threads_per_worker, gpus_per_worker, shard_size, config=config,
+                              opts=get_opts(), device=device, allow_partial=allow_partial, batch_size=batch_size,
+                              flip_test=flip_test, progress=progress, on_error="skip" if skip_bad_images else "raise")
+        feats, paths, skipped, info = run_extract_on_ray(model, paths, output, options)
     else:
         encoder = open_encoder(model, config=config, opts=get_opts(), device=device, allow_partial=allow_partial)
         with encoder:

@@ -13,7 +13,7 @@ from ..report import format_table
 from ..runtime import expand_image_paths, open_encoder
 from .common import get_opts, positive_int, skip_bad_images_option
 from .main import cli
-from .ray_options import ray_engine_options
+from .ray_options import ray_engine_options, ray_options
 
 
 def _encode(model, images, *, config, device, batch_size, flip_test, progress, skip_bad_images, engine="local",
@@ -24,9 +24,10 @@ def _encode(model, images, *, config, device, batch_size, flip_test, progress, s
         from ..runtime.ray_extract import remove_shards, run_extract_on_ray
 
         out = workdir / "features.npy"
-        feats, kept, _, info = run_extract_on_ray(model, paths, out, config=config, opts=get_opts(), device=device,
-                                                  allow_partial=False, batch_size=batch_size, flip_test=flip_test,
-                                                  progress=progress, skip_bad_images=skip_bad_images, **ray_kwargs)
+        options = ray_options(**ray_kwargs, config=config, opts=get_opts(), device=device, allow_partial=False,
+                              batch_size=batch_size, flip_test=flip_test, progress=progress,
+                              on_error="skip" if skip_bad_images else "raise")
+        feats, kept, _, info = run_extract_on_ray(model, paths, out, options)
         remove_shards(out)
         return feats, [str(p) for p in kept], info["data_config"]
     with open_encoder(model, config=config, opts=get_opts(), device=device) as enc:

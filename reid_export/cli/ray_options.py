@@ -28,3 +28,13 @@ def ray_engine_options(func):
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def ray_options(ray_address, workers, threads_per_worker, gpus_per_worker, shard_size, **encoding):
+    """The :class:`~reid_export.runtime.ray_extract.RayOptions` of the ``--engine ray`` flags and the command's
+    encoding options (``config``, ``opts``, ``device``, ``allow_partial``, ``batch_size``, ``flip_test``,
+    ``on_error``, ``progress``)."""
+    from ..runtime.ray_extract import RayOptions
+
+    return RayOptions(address=ray_address, num_workers=workers, cpus_per_worker=threads_per_worker,
+                      gpus_per_worker=gpus_per_worker, shard_size=shard_size, **encoding)

@@ -129,12 +129,13 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
       reid-export deepstream model.onnx -o deepstream/ --threshold-dataset Market-1501 --threshold-fmr 0.01
       reid-export eval model.onnx --dataset-root Market-1501 --deployment deepstream --deployment deepstream-folded
     """
-    from ..serve.deepstream import build
+    from ..serve.deepstream import DeepStreamOptions, build
 
-    res = build(model, out_dir, images=image_inputs, color_order=color_format, network_mode=network_mode,
-                reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb, history_size=history_size,
-                keep_aspect=keep_aspect, name=name, progress=progress, max_rel_l2=max_rel_l2,
-                threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
+    options = DeepStreamOptions(images=image_inputs, color_order=color_format, network_mode=network_mode,
+                                reid_type=reid_type, batch_size=batch_size, workspace_mb=workspace_mb,
+                                history_size=history_size, keep_aspect=keep_aspect, name=name, progress=progress,
+                                max_rel_l2=max_rel_l2, threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
+    res = build(model, out_dir, options)
     click.echo(res.table())
     if res.collapse is not None and res.collapse.collapsed:
         click.echo(res.collapse.warning(str(model)), err=True)
@@ -180,12 +181,12 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
       reid-export eval osnet_x0_25_market1501.pt --config configs/torchreid/osnet_x0_25.yml \\
           --dataset-root Market-1501 --deployment boxmot
     """
-    from ..serve.boxmot import build
+    from ..serve.boxmot import BoxmotOptions, build
 
-    res = build(model, out_dir, config=config, opts=get_opts(), images=image_inputs, name=name,
-                architecture=architecture, openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
-                threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr,
-                log=lambda line: click.echo(line, err=True))
+    options = BoxmotOptions(config=config, opts=get_opts(), images=image_inputs, name=name, architecture=architecture,
+                            openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
+                            threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
+    res = build(model, out_dir, options, log=lambda line: click.echo(line, err=True))
     click.echo(res.table())
     if res.collapse is not None and res.collapse.collapsed:
         click.echo(res.collapse.warning(str(model)), err=True)

@@ -263,12 +263,38 @@ def build_index(folder: str | Path, chunks, files: list[str], params: IndexParam
                 train_size: int = 100_000) -> dict:
     """Build (or with ``add``, extend) the index in ``folder`` from ``chunks``: an [N, D] array or a list of
     them, rows matching ``files``.  Returns the manifest (with build time and, for the approximate
-    kinds, ``recall@10`` against exact on ``recall_sample`` of the rows)."""
-    from tqdm import tqdm
+    kinds, ``recall@10`` against exact on ``recall_sample`` of the rows).
 
-    faiss = require_faiss()
+    The steps: check the rows, open the manifest (new, or the index's for ``add``), train the IVF
+    template (:func:`_trained_template`), add the rows shard by shard (:func:`_add_rows`), measure the
+    recall and write the manifest last (the commit point)."""
+    require_faiss()
     folder = Path(folder)
     arrays = chunks if isinstance(chunks, (list, tuple)) else [chunks]
+    dim = _check_chunks(arrays, files)
+    start = time.perf_counter()
+    if add:
+        manifest, params = _open_for_add(folder, dim, data_config)
+    else:
+        params.check()
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / MANIFEST).exists():
+            raise ReidExportError(f"{folder}: already holds an index; pass --add to extend it or choose another folder")
+        manifest = {"format": FORMAT, "params": None, "dim": dim, "count": 0, "metric": "cosine (inner product "
+                    "of L2-normalised features)", "shards": [], "data_config": data_config, "model": model}
+    template = _trained_template(folder, params, arrays, dim, add, train_size)
+    manifest["params"] = asdict(params)
+    _add_rows(folder, manifest, params, template, dim, arrays, files, progress)
+    manifest["count"] = int(sum(e["count"] for e in manifest["shards"]))
+    manifest["build_s"] = round(time.perf_counter() - start, 3)
+    if params.kind != "flat" and recall_sample > 0:
+        manifest["recall"] = measure_recall(GalleryIndex(folder, manifest), arrays, recall_sample)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _check_chunks(arrays, files: list[str]) -> int:
+    """The feature dimension of the 2-D ``arrays``, whose rows must match ``files``."""
     total = sum(a.shape[0] for a in arrays)
     if total != len(files):
         raise ReidExportError(f"{total} feature rows but {len(files)} file names")
@@ -278,45 +304,56 @@ def build_index(folder: str | Path, chunks, files: list[str], params: IndexParam
     dim = int(arrays[0].shape[1])
     if any(a.shape[1] != dim for a in arrays):
         raise ReidExportError("feature sets of different dimensions cannot share an index")
-    start = time.perf_counter()
-    if add:
-        old = GalleryIndex.open(folder)
-        manifest = old.manifest
-        params = old.params
-        if old.dim != dim:
-            raise ReidExportError(f"{folder}: the index holds {old.dim}-d features, these are {dim}-d; "
-                                  "add features of the same model")
-        if data_config is not None and manifest.get("data_config") not in (None, data_config):
-            raise ReidExportError(f"{folder}: these features were made with another data config than the index's "
-                                  "(see index.json); add features of the same model")
-    else:
-        params.check()
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / MANIFEST).exists():
-            raise ReidExportError(f"{folder}: already holds an index; pass --add to extend it or choose another folder")
-        manifest = {"format": FORMAT, "params": None, "dim": dim, "count": 0, "metric": "cosine (inner product "
-                    "of L2-normalised features)", "shards": [], "data_config": data_config, "model": model}
-    trained_path = folder / "trained.faiss"
-    template = None
-    if params.kind in ("ivf", "ivfpq"):
-        if add:
-            template = faiss.read_index(str(trained_path))
-        else:
-            rng = np.random.default_rng(0)
-            flat_rows = np.concatenate([np.arange(a.shape[0]) + sum(b.shape[0] for b in arrays[:j])
-                                        for j, a in enumerate(arrays)])
-            pick = np.sort(rng.choice(total, min(total, train_size), replace=False))
-            sample = normalize(_rows(arrays, flat_rows[pick]))
-            if params.nlist == 0:
-                params.nlist = int(max(1, min(total // 39, 4 * np.sqrt(total))))
-            if sample.shape[0] < params.nlist:
-                raise UsageError(f"--nlist {params.nlist} needs at least that many vectors to train; "
-                                 f"have {sample.shape[0]}")
-            template = _new_index(params, dim, sample)
-            _write_index(trained_path, template)
-    manifest["params"] = asdict(params)
+    return dim
 
+
+def _open_for_add(folder: Path, dim: int, data_config: dict | None) -> tuple[dict, IndexParams]:
+    """The manifest and parameters of the index in ``folder``, which ``dim``-d features of ``data_config`` extend."""
+    old = GalleryIndex.open(folder)
+    manifest = old.manifest
+    if old.dim != dim:
+        raise ReidExportError(f"{folder}: the index holds {old.dim}-d features, these are {dim}-d; "
+                              "add features of the same model")
+    if data_config is not None and manifest.get("data_config") not in (None, data_config):
+        raise ReidExportError(f"{folder}: these features were made with another data config than the index's "
+                              "(see index.json); add features of the same model")
+    return manifest, old.params
+
+
+def _trained_template(folder: Path, params: IndexParams, arrays, dim: int, add: bool, train_size: int):
+    """IVF kinds: the trained, empty index every shard starts from (``trained.faiss``: read for ``add``, else
+    trained on up to ``train_size`` rows and written; ``params.nlist`` 0 is resolved here). Others: None."""
+    if params.kind not in ("ivf", "ivfpq"):
+        return None
+    faiss = require_faiss()
+    trained_path = folder / "trained.faiss"
+    if add:
+        return faiss.read_index(str(trained_path))
+    total = sum(a.shape[0] for a in arrays)
+    rng = np.random.default_rng(0)
+    flat_rows = np.concatenate([np.arange(a.shape[0]) + sum(b.shape[0] for b in arrays[:j])
+                                for j, a in enumerate(arrays)])
+    pick = np.sort(rng.choice(total, min(total, train_size), replace=False))
+    sample = normalize(_rows(arrays, flat_rows[pick]))
+    if params.nlist == 0:
+        params.nlist = int(max(1, min(total // 39, 4 * np.sqrt(total))))
+    if sample.shape[0] < params.nlist:
+        raise UsageError(f"--nlist {params.nlist} needs at least that many vectors to train; "
+                         f"have {sample.shape[0]}")
+    template = _new_index(params, dim, sample)
+    _write_index(trained_path, template)
+    return template
+
+
+def _add_rows(folder: Path, manifest: dict, params: IndexParams, template, dim: int, arrays, files: list[str],
+              progress: bool) -> None:
+    """Add the normalised rows to the last shard while it has room, then to new ones of ``params.shard_size``;
+    each full shard and the last are written with their file names, and listed in ``manifest["shards"]``."""
+    from tqdm import tqdm
+
+    faiss = require_faiss()
     shards = manifest["shards"]
+    total = sum(a.shape[0] for a in arrays)
     bar = tqdm(total=total, desc=f"index ({params.kind})", unit="vec", unit_scale=True, disable=not progress,
                leave=False)
     file_pos = 0
@@ -353,12 +390,6 @@ def build_index(folder: str | Path, chunks, files: list[str], params: IndexParam
     entry["count"] = index.ntotal
     _write_shard(folder, entry, index, names)
     shards.append(entry)
-    manifest["count"] = int(sum(e["count"] for e in shards))
-    manifest["build_s"] = round(time.perf_counter() - start, 3)
-    if params.kind != "flat" and recall_sample > 0:
-        manifest["recall"] = measure_recall(GalleryIndex(folder, manifest), arrays, recall_sample)
-    atomic_write_json(folder / MANIFEST, manifest)
-    return manifest
 
 
 def _rows(arrays, rows: np.ndarray) -> np.ndarray:

@@ -100,7 +100,7 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     """Convert an ONNX model (with a reid-export data config) to an IR at ``output``; written only when
     the IR passes its parity check against ONNX Runtime."""
     from .onnx_backend import open_onnx
-    from ..embeddings import Tolerances, compare
+    from ..embeddings import compare
     from ..export.onnx_export import generated_images
 
     start = time.time()
@@ -119,17 +119,7 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     log(f"converting {model_path} ({source_precision}, input {data_config.height}x{data_config.width}) to OpenVINO "
         f"{ov.__version__.split('-')[0]} IR{', FP16 weights' if fp16 else ''}, batch "
         f"{'dynamic' if batch is None else batch}")
-    try:
-        model = ov.convert_model(str(model_path))
-    except Exception as exc:  # noqa: BLE001
-        raise ReidExportError(f"{model_path}: OpenVINO cannot convert it ({_first_line(exc)})") from None
-    name = model.inputs[0].get_any_name()
-    dims = [-1 if batch is None else batch, 3, data_config.height, data_config.width]
-    try:
-        model.reshape({name: ov.PartialShape(dims)})
-    except Exception as exc:  # noqa: BLE001
-        raise ReidExportError(f"{model_path}: OpenVINO cannot give the model input the shape {dims} "
-                              f"({_first_line(exc)}); use --batch N with the ONNX's own batch size") from None
+    model = _convert(ov, model_path, batch, data_config)
 
     # the self-check's inputs and reference, computed once
     sizes = PARITY_BATCHES if batch is None else (batch, batch)
@@ -138,13 +128,7 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
     inputs = preprocess(images, data_config)
     expected = np.concatenate([reference(inputs[i:i + sizes[0]]) for i in range(0, len(inputs), sizes[0])])
     reference.close()
-    tol = Tolerances.for_precision(precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2)
-    # FP32: the ONNX export's criterion (cosine and relative L2 per image), not parity's elementwise
-    # atol/rtol: OpenVINO's and ONNX Runtime's kernels sum in other orders, and on BoT-R50 a few
-    # near-zero features of 10240 differ by > 1e-4 absolute and > 1e-3 relative at relative L2 5e-5
-    tol.atol = tol.rtol = None
-    if not parity_images:  # generated images are not crops of people: how their similarities move says nothing
-        tol.max_pair_error = None
+    tol = _parity_tolerance(precision, min_cosine, max_rel_l2, bool(parity_images))
     report = ConvertReport(output=output, precision=precision, compressed_fp16=fp16,
                            batch="dynamic" if batch is None else str(batch))
 
@@ -166,20 +150,54 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
             raise ReidExportError(f"{output}: the OpenVINO IR disagrees with ONNX Runtime ({'; '.join(failed[0].failures)}"
                                   f", {precision} gate); not written")
 
-    sha = sha256_file(model_path)
-    set_rt(model, "data_config", data_config.to_json())
-    set_rt(model, "precision", precision)
-    set_rt(model, "version", __version__)
-    set_rt(model, "source", model_path.name)
-    set_rt(model, "source_sha256", sha)
-    set_rt(model, "export", {"openvino": ov.__version__, "compress_to_fp16": fp16, "batch": report.batch,
-                             "source_precision": source_precision, "parity_images": source,
-                             "parity_gate": precision})
-    model.set_friendly_name(data_config.model_name or model_path.stem)
+    _set_ir_metadata(model, model_path, data_config, precision, {
+        "openvino": ov.__version__, "compress_to_fp16": fp16, "batch": report.batch,
+        "source_precision": source_precision, "parity_images": source, "parity_gate": precision})
     save_ir(model, output, compress_to_fp16=fp16, check=check)
     report.seconds = time.time() - start
     report.size_mb = (output.stat().st_size + output.with_suffix(".bin").stat().st_size) / 1e6
     return report
+
+
+def _convert(ov, model_path: Path, batch: int | None, data_config: DataConfig):
+    """The ONNX read by OpenVINO, its input reshaped to [batch or dynamic, 3, H, W]."""
+    try:
+        model = ov.convert_model(str(model_path))
+    except Exception as exc:  # noqa: BLE001
+        raise ReidExportError(f"{model_path}: OpenVINO cannot convert it ({_first_line(exc)})") from None
+    name = model.inputs[0].get_any_name()
+    dims = [-1 if batch is None else batch, 3, data_config.height, data_config.width]
+    try:
+        model.reshape({name: ov.PartialShape(dims)})
+    except Exception as exc:  # noqa: BLE001
+        raise ReidExportError(f"{model_path}: OpenVINO cannot give the model input the shape {dims} "
+                              f"({_first_line(exc)}); use --batch N with the ONNX's own batch size") from None
+    return model
+
+
+def _parity_tolerance(precision: str, min_cosine: float | None, max_rel_l2: float | None, given_images: bool):
+    """The IR's gate against ONNX Runtime."""
+    from ..embeddings import Tolerances
+
+    tol = Tolerances.for_precision(precision, min_cosine=min_cosine, max_rel_l2=max_rel_l2)
+    # FP32: the ONNX export's criterion (cosine and relative L2 per image), not parity's elementwise
+    # atol/rtol: OpenVINO's and ONNX Runtime's kernels sum in other orders, and on BoT-R50 a few
+    # near-zero features of 10240 differ by > 1e-4 absolute and > 1e-3 relative at relative L2 5e-5
+    tol.atol = tol.rtol = None
+    if not given_images:  # generated images are not crops of people: how their similarities move says nothing
+        tol.max_pair_error = None
+    return tol
+
+
+def _set_ir_metadata(model, model_path: Path, data_config: DataConfig, precision: str, export: dict) -> None:
+    """What reid-export records in the IR's rt_info: data config, precision, version, source, how it was made."""
+    set_rt(model, "data_config", data_config.to_json())
+    set_rt(model, "precision", precision)
+    set_rt(model, "version", __version__)
+    set_rt(model, "source", model_path.name)
+    set_rt(model, "source_sha256", sha256_file(model_path))
+    set_rt(model, "export", export)
+    model.set_friendly_name(data_config.model_name or model_path.stem)
 
 
 def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataConfig,

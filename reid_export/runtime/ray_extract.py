@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..errors import ReidExportError, UsageError, require_module
 from ..fileio import atomic_write_files, atomic_write_json
+from ..preprocess import ON_ERROR
 
 INSTALL = "pip install 'reid-export[ray]'"
 PLAN = "plan.json"
@@ -36,30 +38,88 @@ def shards_dir(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
 
 
-def _plan(model, paths, batch_size, shard_size, flip_test, device, config, opts, allow_partial, on_error) -> dict:
-    digest = hashlib.sha256("\n".join(str(p) for p in paths).encode("utf-8", "surrogateescape")).hexdigest()
-    model = Path(model)
-    st = model.stat()
-    return {"model": str(model.resolve()), "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns,
-            "config": str(config) if config else None, "opts": list(opts), "allow_partial": bool(allow_partial),
-            "files_sha256": digest, "num_files": len(paths), "batch_size": batch_size, "shard_size": shard_size,
-            "flip_test": bool(flip_test), "device": device, "on_error": on_error}
+@dataclass
+class RayOptions:
+    """How :func:`extract_on_ray` runs, checked once by :meth:`check` before any work.
+
+    The model as :func:`~reid_export.runtime.open_encoder` opens it (``config``, ``opts``, ``device``,
+    ``allow_partial``); the batches (``batch_size``, ``flip_test``, ``on_error``: ``raise`` or ``skip``
+    unreadable images); ``shard_size`` files per shard (a multiple of ``batch_size``, so every model call
+    sees the batches of a single-process run); the Ray workers: ``num_workers``, ``cpus_per_worker`` (also
+    each worker's torch threads; None: this process's torch thread count, so the features are the same
+    bits as a local run), ``gpus_per_worker``, ``address`` of a cluster (None: a local Ray)."""
+
+    config: str | Path | None = None
+    opts: Sequence[str] = ()
+    device: str = "cpu"
+    allow_partial: bool = False
+    batch_size: int = 32
+    flip_test: bool = False
+    on_error: str = "raise"
+    shard_size: int = 1024
+    num_workers: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+    progress: bool = True
+
+    def check(self) -> "RayOptions":
+        """Raise a one-line :class:`UsageError` for a value that cannot work; returns ``self``."""
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UsageError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}")
+        if self.shard_size < 1 or self.shard_size % self.batch_size:
+            raise UsageError(f"--shard-size {self.shard_size} must be a positive multiple of --batch-size "
+                             f"{self.batch_size} (so the model sees the same batches as a single-process run)")
+        if self.num_workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise UsageError(f"`cpus_per_worker` must be > 0, got {self.cpus_per_worker!r}")
+        if not self.gpus_per_worker >= 0:
+            raise UsageError(f"`gpus_per_worker` must be >= 0, got {self.gpus_per_worker!r}")
+        if self.on_error not in ON_ERROR:
+            raise UsageError(f"`on_error` must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        return self
+
+    @property
+    def cpus(self) -> float:
+        """Ray CPUs per worker: ``cpus_per_worker``, else this process's torch thread count."""
+        if self.cpus_per_worker is not None:
+            return self.cpus_per_worker
+        import torch
+
+        return torch.get_num_threads()
+
+    @property
+    def threads(self) -> int:
+        """torch threads per worker (the thread count changes the float rounding)."""
+        return max(1, int(self.cpus))
+
+    def plan(self, model, paths: Sequence[str]) -> dict:
+        """What a shard folder was made with: a rerun resumes it only when this is the same."""
+        digest = hashlib.sha256("\n".join(str(p) for p in paths).encode("utf-8", "surrogateescape")).hexdigest()
+        model = Path(model)
+        st = model.stat()
+        return {"model": str(model.resolve()), "model_size": st.st_size, "model_mtime_ns": st.st_mtime_ns,
+                "config": str(self.config) if self.config else None, "opts": list(self.opts),
+                "allow_partial": bool(self.allow_partial), "files_sha256": digest, "num_files": len(paths),
+                "batch_size": self.batch_size, "shard_size": self.shard_size, "flip_test": bool(self.flip_test),
+                "device": self.device, "on_error": self.on_error, "threads_per_worker": self.threads}
 
 
 class _ShardWorker:
     """One per Ray worker: opens the model once, then encodes and writes whole shards."""
 
-    def __init__(self, model, config, opts, device, allow_partial, paths, folder, batch_size, shard_size,
-                 flip_test, on_error, threads):
+    def __init__(self, model: str, options: RayOptions, paths: list[str], folder: str):
         import torch
 
         from .encoder import open_encoder
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.encoder = open_encoder(model, config=config, opts=opts, device=device, allow_partial=allow_partial)
+        torch.set_num_threads(options.threads)
+        self.encoder = open_encoder(model, config=options.config, opts=list(options.opts), device=options.device,
+                                    allow_partial=options.allow_partial)
         self.paths, self.folder = paths, Path(folder)
-        self.batch_size, self.shard_size, self.flip_test, self.on_error = batch_size, shard_size, flip_test, on_error
+        self.batch_size, self.shard_size = options.batch_size, options.shard_size
+        self.flip_test, self.on_error = options.flip_test, options.on_error
 
     def __call__(self, batch: dict) -> dict:
         out_shard, out_rows = [], []
@@ -92,28 +152,40 @@ class _ShardWorker:
         return {"shard": np.array(out_shard), "rows": np.array(out_rows)}
 
 
-def extract_on_ray(model, paths: Sequence[Path], output: Path, *, config=None, opts=(), device: str = "cpu",
-                   allow_partial: bool = False, batch_size: int = 32, flip_test: bool = False,
-                   shard_size: int = 1024, num_workers: int = 1, cpus_per_worker: float = 1.0,
-                   gpus_per_worker: float = 0.0, address: str | None = None, progress: bool = True,
-                   on_error: str = "raise", max_shards: int | None = None) -> dict:
+def extract_on_ray(model, paths: Sequence[Path], output: Path, options: RayOptions | None = None, *,
+                   max_shards: int | None = None, **fields) -> dict:
     """Encode ``paths`` on Ray into shards beside ``output``; returns the merged result:
     ``features`` [N, D], ``kept`` (indices into ``paths``), ``skipped`` (dicts), ``backend``,
-    ``precision``, ``data_config``, ``shards`` and ``shards_reused``.  ``max_shards`` stops after
-    that many new shards (for tests of the resume)."""
-    from tqdm import tqdm
-
-    if shard_size < 1 or shard_size % batch_size:
-        raise UsageError(f"--shard-size {shard_size} must be a positive multiple of --batch-size {batch_size} "
-                         "(so the model sees the same batches as a single-process run)")
-    if num_workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {num_workers}")
+    ``precision``, ``data_config``, ``shards`` and ``shards_reused``.  Give ``options``
+    (:class:`RayOptions`) or its fields as keywords. ``max_shards`` stops after that many new shards
+    (for tests of the resume)."""
+    if options is None:
+        options = RayOptions(**fields)
+    elif fields:
+        raise TypeError("extract_on_ray: give either options= or its fields as keywords, not both")
+    options.check()
     ray = require_ray()
     paths = [str(p) for p in paths]
     folder = shards_dir(Path(output))
     folder.mkdir(parents=True, exist_ok=True)
-    plan = _plan(model, paths, batch_size, shard_size, flip_test, device, config, opts, allow_partial, on_error)
-    plan["threads_per_worker"] = max(1, int(cpus_per_worker))  # the thread count changes the float rounding
+    _check_plan(folder, options.plan(model, paths))
+    shard_size = options.shard_size
+    n_shards = (len(paths) + shard_size - 1) // shard_size
+    done = {s for s in range(n_shards) if _shard_complete(folder, s)}
+    todo = [s for s in range(n_shards) if s not in done]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    if todo:
+        _run_shards(ray, model, paths, folder, todo, done, options)
+    missing = [s for s in range(n_shards) if not _shard_complete(folder, s)]
+    result = {"shards": n_shards, "shards_reused": len(done), "missing": missing, "folder": folder}
+    if missing:
+        return result
+    return result | merge_shards(folder, n_shards)
+
+
+def _check_plan(folder: Path, plan: dict) -> None:
+    """Write the run's plan into a new shard folder; refuse a folder that holds another run's shards."""
     plan_path = folder / PLAN
     if plan_path.exists():
         try:
@@ -125,45 +197,38 @@ def extract_on_ray(model, paths: Sequence[Path], output: Path, *, config=None, o
                                   "remove that folder to start over, or rerun with the same arguments to resume")
     else:
         atomic_write_json(plan_path, plan)
-    n_shards = (len(paths) + shard_size - 1) // shard_size
-    done = {s for s in range(n_shards) if _shard_complete(folder, s)}
-    todo = [s for s in range(n_shards) if s not in done]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    if todo:
-        if not ray.is_initialized():
-            kwargs = {"address": address} if address else {"num_cpus": max(1, os.cpu_count() or 1)}
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = True
-        threads = max(1, int(cpus_per_worker))
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            _ShardWorker, batch_size=1, concurrency=num_workers, num_cpus=cpus_per_worker,
-            num_gpus=gpus_per_worker or None,
-            fn_constructor_kwargs={"model": str(model), "config": config, "opts": list(opts), "device": device,
-                                   "allow_partial": allow_partial, "paths": paths, "folder": str(folder),
-                                   "batch_size": batch_size, "shard_size": shard_size, "flip_test": flip_test,
-                                   "on_error": on_error, "threads": threads})
-        bar = tqdm(total=len(paths), initial=sum(min(shard_size, len(paths) - s * shard_size) for s in done),
-                   desc="extract (ray)", unit="img", disable=not progress, leave=False)
-        try:
-            for row in ds.iter_rows():
-                s = int(row["shard"])
-                bar.update(min(shard_size, len(paths) - s * shard_size))
-        except Exception as exc:  # a worker's ReidExportError arrives wrapped by Ray
-            cause = _user_error(exc)
-            if cause is not None:
-                raise cause from None
-            raise
-        finally:
-            bar.close()
-    missing = [s for s in range(n_shards) if not _shard_complete(folder, s)]
-    result = {"shards": n_shards, "shards_reused": len(done), "missing": missing, "folder": folder}
-    if missing:
-        return result
-    return result | merge_shards(folder, n_shards)
+
+
+def _run_shards(ray, model, paths: list[str], folder: Path, todo: list[int], done: set[int],
+                options: RayOptions) -> None:
+    """Encode and write the shards ``todo`` on Ray workers (one :class:`_ShardWorker` each), in order."""
+    from tqdm import tqdm
+
+    shard_size = options.shard_size
+    if not ray.is_initialized():
+        kwargs = {"address": options.address} if options.address else {"num_cpus": max(1, os.cpu_count() or 1)}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        _ShardWorker, batch_size=1, concurrency=options.num_workers, num_cpus=options.cpus,
+        num_gpus=options.gpus_per_worker or None,
+        fn_constructor_kwargs={"model": str(model), "options": options, "paths": paths, "folder": str(folder)})
+    bar = tqdm(total=len(paths), initial=sum(min(shard_size, len(paths) - s * shard_size) for s in done),
+               desc="extract (ray)", unit="img", disable=not options.progress, leave=False)
+    try:
+        for row in ds.iter_rows():
+            s = int(row["shard"])
+            bar.update(min(shard_size, len(paths) - s * shard_size))
+    except Exception as exc:  # a worker's ReidExportError arrives wrapped by Ray
+        cause = _user_error(exc)
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        bar.close()
 
 
 def _user_error(exc: BaseException):
@@ -212,21 +277,14 @@ def merge_shards(folder: Path, n_shards: int) -> dict:
             "precision": meta["precision"], "data_config": meta["data_config"]}
 
 
-__all__ = ["extract_on_ray", "merge_shards", "require_ray", "shards_dir"]
+__all__ = ["RayOptions", "extract_on_ray", "merge_shards", "require_ray", "shards_dir"]
 
 
-def run_extract_on_ray(model, paths, output, *, config, opts, device, allow_partial, batch_size, flip_test, progress,
-                       skip_bad_images, ray_address, workers, threads_per_worker, gpus_per_worker, shard_size):
+def run_extract_on_ray(model, paths, output, options: RayOptions):
     """What the CLI's ``--engine ray`` runs: (features, kept paths, skipped dicts, model info)."""
     import click
-    import torch
 
-    threads = threads_per_worker or torch.get_num_threads()
-    res = extract_on_ray(model, paths, Path(output), config=config, opts=opts, device=device,
-                         allow_partial=allow_partial, batch_size=batch_size, flip_test=flip_test,
-                         shard_size=shard_size, num_workers=workers, cpus_per_worker=threads,
-                         gpus_per_worker=gpus_per_worker, address=ray_address, progress=progress,
-                         on_error="skip" if skip_bad_images else "raise")
+    res = extract_on_ray(model, paths, Path(output), options)
     if res["missing"]:
         raise ReidExportError(f"{res['folder']}: {len(res['missing'])} of {res['shards']} shards are missing after "
                               "the run; rerun the same command to finish them")

@@ -27,6 +27,7 @@ against the folded ONNX by :func:`reid_export.runtime.openvino_convert.convert_f
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -200,27 +201,66 @@ def _sidecar(fmt: str, architecture: str | None, label: str, data_config: DataCo
     }
 
 
-def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | None = None, opts: Sequence[str] = (),
-          images: Sequence[str | Path] = (), name: str | None = None, architecture: str | None = None,
-          openvino: bool = True, max_rel_l2: float | None = None, progress: bool = False, exporter: str = "dynamo",
-          threshold_dataset: str | Path | None = None, threshold_fmr: float = 1e-2,
-          log: Callable[[str], None] = lambda line: None) -> BoxmotResult:
+@dataclass
+class BoxmotOptions:
+    """What ``boxmot`` is asked to do, checked once by :meth:`check` before any work.
+
+    ``config`` / ``opts``: the fast-reid/torchreid YAML and overrides for a checkpoint that lacks one;
+    ``images``: crops for the self-check (default: 8 generated ones); ``name``: the output file stem
+    (default: the model's); ``architecture``: the BoxMOT backbone name for the sidecars (default: found
+    for OSNet models); ``openvino``: also write the OpenVINO IR; ``max_rel_l2``: the self-check tolerance
+    (default: FP32 parity); ``exporter``: torch.onnx exporter for a checkpoint; ``threshold_dataset`` /
+    ``threshold_fmr``: measure the tracker threshold."""
+
+    config: str | Path | None = None
+    opts: Sequence[str] = ()
+    images: Sequence[str | Path] = ()
+    name: str | None = None
+    architecture: str | None = None
+    openvino: bool = True
+    max_rel_l2: float | None = None
+    progress: bool = False
+    exporter: str = "dynamo"
+    threshold_dataset: str | Path | None = None
+    threshold_fmr: float = 1e-2
+
+    def check(self) -> "BoxmotOptions":
+        """Raise a one-line :class:`ReidExportError` for a value that cannot work; returns ``self``."""
+        from .deepstream import check_self_check_options
+
+        if self.architecture is not None and self.architecture not in BOXMOT_BACKBONES:
+            raise UsageError(f"--boxmot-arch {self.architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it "
+                             "out for a model BoxMOT does not know (its ONNX/OpenVINO backends do not need one)")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise UsageError(f"--name {self.name!r}: give a plain file stem")
+        check_self_check_options(self.max_rel_l2, self.threshold_fmr)
+        if self.openvino:
+            try:
+                importlib.import_module("openvino")
+            except ImportError:
+                raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
+                                      "(or write only the ONNX with --no-openvino)") from None
+        return self
+
+
+def build(model_path: str | Path, out_dir: str | Path, options: BoxmotOptions | None = None, *,
+          log: Callable[[str], None] = lambda line: None, **fields) -> BoxmotResult:
     """Fold BoxMOT's input convention into MODEL, self-check, and write the ONNX, the OpenVINO IR and
     their sidecars into ``out_dir``. Nothing is written when a check fails.
 
-    With ``threshold_dataset`` (a Market-1501-layout folder) the model's cosine distance at false-match
-    rate ``threshold_fmr`` is measured there on BoxMOT's own preprocessing (``--deployment boxmot``:
-    its bilinear resize) and written as ``strongsort.reid-export.yaml`` (``max_cos_dist``) and
-    ``botsort.reid-export.yaml`` (``appearance_thresh``), partial tracker configs BoxMOT overlays on
-    its defaults, and into the sidecars."""
-    from ..embeddings import Tolerances, compare
-    from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, input_info, load_onnx,
-                                   model_precision, require_data_config, set_metadata)
-    from ..runtime import open_encoder
-    from ..runtime.onnx_backend import OnnxEncoder, make_session
+    Give ``options`` (:class:`BoxmotOptions`) or its fields as keywords. With ``threshold_dataset`` (a
+    Market-1501-layout folder) the model's cosine distance at false-match rate ``threshold_fmr`` is
+    measured there on BoxMOT's own preprocessing (``--deployment boxmot``: its bilinear resize) and
+    written as ``strongsort.reid-export.yaml`` (``max_cos_dist``) and ``botsort.reid-export.yaml``
+    (``appearance_thresh``), partial tracker configs BoxMOT overlays on its defaults, and into the
+    sidecars."""
+    from ..export.metadata import KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, input_info, set_metadata
     from .deepstream import sample_images
-    from .fold import fix_spatial_dims, prepend_affine
 
+    if options is None:
+        options = BoxmotOptions(**fields)
+    elif fields:
+        raise TypeError("boxmot: give either options= or its fields as keywords, not both")
     model_path = Path(model_path)
     suffix = model_path.suffix.lower()
     if suffix not in (".onnx", ".pt", ".pth", ".pkl"):
@@ -231,141 +271,47 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReidExportError(f"{out_dir}: is a file; give a folder for -o")
-    if architecture is not None and architecture not in BOXMOT_BACKBONES:
-        raise UsageError(f"--boxmot-arch {architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it out "
-                         "for a model BoxMOT does not know (its ONNX/OpenVINO backends do not need one)")
-    if openvino:
-        try:
-            import openvino as _ov  # noqa: F401
-        except ImportError:
-            raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
-                                  "(or write only the ONNX with --no-openvino)") from None
-    stem = name or model_path.stem
+    options.check()
+    stem = options.name or model_path.stem
     if not stem or "/" in stem:
         raise UsageError(f"--name {stem!r}: give a plain file stem")
 
     inputs: list[ImageLike]
-    if images:
-        inputs, _, _ = read_images(expand_image_paths(images))
+    if options.images:
+        inputs, _, _ = read_images(expand_image_paths(options.images))
     else:
         inputs = sample_images()
 
     with tempfile.TemporaryDirectory(prefix=".reid-export-boxmot.") as tmp_name:
         tmp = Path(tmp_name)
-        if suffix == ".onnx":
-            onnx_source = model_path
-        else:  # a checkpoint: export it first (checked against torch there)
-            from ..export.onnx_export import export_checkpoint
-
-            onnx_source = tmp / f"{stem}.source.onnx"
-            exported = export_checkpoint(model_path, onnx_source, config=config, opts=opts, exporter=exporter, log=log)
-            if not exported.written:
-                raise ReidExportError(exported.refusal or f"{model_path}: the ONNX export failed its checks")
-        model = load_onnx(onnx_source)
-        source_dc = require_data_config(model, onnx_source if suffix != ".onnx" else model_path)
-        precision = model_precision(model)
-        affine = input_affine(source_dc, BOXMOT_INPUT)
-        folded = prepend_affine(model, affine, "boxmot", "BoxMOT")
-        fix_spatial_dims(folded, source_dc.height, source_dc.width)
-        # the written model's data config: BoxMOT's input; the resize stays the model's own (the graph is
-        # checked against the original on the same pixels; eval --deployment boxmot measures BoxMOT's resize)
-        written_dc = replace(source_dc, channel_order="rgb", pixel_scale=BOXMOT_INPUT.pixel_scale,
-                             mean=BOXMOT_INPUT.mean, std=BOXMOT_INPUT.std, normalized_inside=False,
-                             extra=dict(source_dc.extra, boxmot={"source_data_config": source_dc.to_dict(),
-                                                                 "client_resize": "linear"}))
-
-        # self-check: the original on its own preprocessing vs the folded graph on BoxMOT-style input
-        reference = open_encoder(model_path, config=config, opts=opts) if suffix != ".onnx" else open_encoder(model_path)
-        try:
-            ref = reference.encode_files(inputs, batch_size=8, progress=progress, desc="original (own preprocessing)")
-        finally:
-            reference.close()
-        candidate = OnnxEncoder(make_session(folded.SerializeToString()), written_dc, stem + ".onnx",
-                                precision=precision)
-        try:
-            got = candidate.encode_files(inputs, batch_size=8, progress=progress, desc="folded (BoxMOT input)")
-            onnx_out = out_dir / f"{stem}.onnx"
-            tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
-            parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
-            if not parity.passed:
-                raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on "
-                                      f"BoxMOT-style input ({'; '.join(parity.failures)}); nothing written")
-            threshold = None
-            if threshold_dataset is not None:
-                from ..verify.thresholds import reference_threshold
-
-                # the folded graph on BoxMOT's own input (its bilinear resize): what BoxMOT computes with the file
-                threshold = reference_threshold(candidate, threshold_dataset, threshold_fmr, deployment="boxmot",
-                                                progress=progress)
-                threshold.model = model_path.name
-        finally:
-            candidate.close()
+        f = _fold(model_path, tmp, stem, options, log)
+        onnx_out = out_dir / f"{stem}.onnx"
+        ref, parity, threshold = _self_check(model_path, f, inputs, onnx_out, stem, options)
         feat_dim = int(ref.shape[1])
-        written_dc = replace(written_dc, feat_dim=feat_dim)
+        written_dc = replace(f.written_dc, feat_dim=feat_dim)
         collapse = None
-        if images:  # real crops: does the model tell them apart? (the generated ones are noise: they prove nothing)
+        if options.images:  # real crops: does the model tell them apart? (the generated ones are noise: they prove nothing)
             from ..verify.collapse import collapse_of
 
             collapse = collapse_of(ref)
+        architecture, notes = _architecture(model_path, f.source_dc, stem, options.architecture)
         source_sha = sha256_file(model_path)
-        set_metadata(folded, {
-            **base_metadata(written_dc, precision),
+        set_metadata(f.folded, {
+            **base_metadata(written_dc, f.precision),
             KEY_SOURCE: model_path.name, KEY_SOURCE_SHA256: source_sha,
-            KEY_BOXMOT: {"boxmot_version": BOXMOT_VERSION, "scale": list(affine.scale), "bias": list(affine.bias),
-                         "swapped_channels": affine.swap, "architecture": architecture},
+            KEY_BOXMOT: {"boxmot_version": BOXMOT_VERSION, "scale": list(f.affine.scale), "bias": list(f.affine.bias),
+                         "swapped_channels": f.affine.swap, "architecture": architecture},
         })
-        input_name = input_info(folded)[0]
-
-        # architecture: given, else BoxMOT's own file-name rule where reid-export builds that network as BoxMOT does
-        notes: list[str] = []
-        label = source_dc.model_name or model_path.stem
-        if architecture is None:
-            guess = file_name_backbone(label) or file_name_backbone(model_path.name)
-            if guess in SAME_NETWORK:
-                architecture = guess
-        named = file_name_backbone(stem)
-        if architecture is None:
-            notes.append(f"BoxMOT {BOXMOT_VERSION} does not know this architecture ({label}): its ONNX and OpenVINO "
-                         "backends run the written graph as it is (crop size from the sidecars), its PyTorch backend "
-                         "cannot build it; keep each .metadata.json / manifest.json beside its model"
-                         + (f" (without them BoxMOT would take the file name for {named})" if named else
-                            ", without them BoxMOT's OpenVINO backend feeds 256x128"))
-        elif named != architecture:
-            notes.append(f"the file name {stem!r} " + (f"names BoxMOT's {named}" if named else
-                         "names no BoxMOT backbone") + f"; the sidecars say {architecture}: keep them beside the files")
-        if (source_dc.height, source_dc.width) != (256, 128):
-            notes.append(f"input {source_dc.height}x{source_dc.width}: BoxMOT's OpenVINO backend takes it from the "
-                         "sidecar (model_kwargs.img_size), its ONNX backend from the graph")
-        if source_dc.interpolation != "linear":
-            notes.append(f"BoxMOT resizes with cv2 INTER_LINEAR, the model's own resize is {source_dc.interpolation}: "
-                         "measure the cost with eval --deployment boxmot")
-
-        files: dict[Path, bytes] = {}
-        files[onnx_out] = folded.SerializeToString()
         meta = dict(fmt="onnx", architecture=architecture, label=stem, data_config=written_dc, feat_dim=feat_dim,
-                    precision=precision, source=model_path, source_sha=source_sha, input_name=input_name,
-                    parity=parity, threshold=threshold)
+                    precision=f.precision, source=model_path, source_sha=source_sha,
+                    input_name=input_info(f.folded)[0], parity=parity, threshold=threshold)
+        files: dict[Path, bytes] = {onnx_out: f.folded.SerializeToString()}
         sidecars = [out_dir / f"{stem}.onnx.metadata.json"]
         files[sidecars[0]] = (json.dumps(_sidecar(**meta), indent=2, sort_keys=True) + "\n").encode()
         ov_lines: list[str] = []
         xml_out = None
-        if openvino:
-            from ..runtime.openvino_convert import convert_file
-
-            tmp_onnx = tmp / f"{stem}.onnx"
-            tmp_onnx.write_bytes(files[onnx_out])
-            tmp_xml = tmp / "ir" / f"{stem}.xml"
-            tmp_xml.parent.mkdir()
-            report = convert_file(tmp_onnx, tmp_xml, log=log)
-            ov_lines = report.lines()
-            ov_dir = out_dir / f"{stem}_openvino_model"
-            xml_out = ov_dir / f"{stem}.xml"
-            files[xml_out.with_suffix(".bin")] = tmp_xml.with_suffix(".bin").read_bytes()
-            files[xml_out] = tmp_xml.read_bytes()
-            ov_meta = (json.dumps(_sidecar(**{**meta, "fmt": "openvino"}), indent=2, sort_keys=True) + "\n").encode()
-            for path in (ov_dir / "manifest.json", ov_dir / f"{stem}.xml.metadata.json"):
-                files[path] = ov_meta
-                sidecars.append(path)
+        if options.openvino:
+            xml_out, ov_lines = _openvino_files(files, sidecars, onnx_out, tmp, stem, meta, log)
         tracker_configs = []
         if threshold is not None:
             for tracker in TRACKER_THRESHOLD_KEYS:
@@ -376,6 +322,132 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
             path.parent.mkdir(parents=True, exist_ok=True)
             check_output_path(path)
         atomic_write_files(files)
-    return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, source_dc, affine, parity, ov_lines, architecture,
-                        precision, len(inputs), notes, threshold, tracker_configs, collapse, str(model_path),
-                        None if config is None else str(config))
+    return BoxmotResult(onnx_out, xml_out, sidecars, written_dc, f.source_dc, f.affine, parity, ov_lines, architecture,
+                        f.precision, len(inputs), notes, threshold, tracker_configs, collapse, str(model_path),
+                        None if options.config is None else str(options.config))
+
+
+@dataclass
+class _Folded:
+    folded: object  # onnx.ModelProto taking BoxMOT's input
+    source_dc: DataConfig  # the original model's
+    written_dc: DataConfig  # BoxMOT's input (feat_dim not yet known)
+    precision: str
+    affine: Affine
+
+
+def _fold(model_path: Path, tmp: Path, stem: str, options: BoxmotOptions, log) -> _Folded:
+    """The model as an ONNX (a checkpoint exported into ``tmp`` first) with BoxMOT's input map folded in."""
+    from ..export.metadata import load_onnx, model_precision, require_data_config
+    from .fold import fix_spatial_dims, prepend_affine
+
+    if model_path.suffix.lower() == ".onnx":
+        onnx_source = model_path
+    else:  # a checkpoint: export it first (checked against torch there)
+        from ..export.onnx_export import export_checkpoint
+
+        onnx_source = tmp / f"{stem}.source.onnx"
+        exported = export_checkpoint(model_path, onnx_source, config=options.config, opts=options.opts,
+                                     exporter=options.exporter, log=log)
+        if not exported.written:
+            raise ReidExportError(exported.refusal or f"{model_path}: the ONNX export failed its checks")
+    model = load_onnx(onnx_source)
+    source_dc = require_data_config(model, onnx_source)
+    precision = model_precision(model)
+    affine = input_affine(source_dc, BOXMOT_INPUT)
+    folded = prepend_affine(model, affine, "boxmot", "BoxMOT")
+    fix_spatial_dims(folded, source_dc.height, source_dc.width)
+    # the written model's data config: BoxMOT's input; the resize stays the model's own (the graph is
+    # checked against the original on the same pixels; eval --deployment boxmot measures BoxMOT's resize)
+    written_dc = replace(source_dc, channel_order="rgb", pixel_scale=BOXMOT_INPUT.pixel_scale,
+                         mean=BOXMOT_INPUT.mean, std=BOXMOT_INPUT.std, normalized_inside=False,
+                         extra=dict(source_dc.extra, boxmot={"source_data_config": source_dc.to_dict(),
+                                                             "client_resize": "linear"}))
+    return _Folded(folded, source_dc, written_dc, precision, affine)
+
+
+def _self_check(model_path: Path, f: _Folded, inputs, onnx_out: Path, stem: str, options: BoxmotOptions):
+    """The original on its own preprocessing vs the folded graph on BoxMOT-style input, and the tracker
+    threshold of the folded graph when asked: (reference features, parity, threshold or None)."""
+    from ..embeddings import Tolerances, compare
+    from ..runtime import open_encoder
+    from ..runtime.onnx_backend import OnnxEncoder, make_session
+
+    progress = options.progress
+    if model_path.suffix.lower() != ".onnx":
+        reference = open_encoder(model_path, config=options.config, opts=options.opts)
+    else:
+        reference = open_encoder(model_path)
+    try:
+        ref = reference.encode_files(inputs, batch_size=8, progress=progress, desc="original (own preprocessing)")
+    finally:
+        reference.close()
+    candidate = OnnxEncoder(make_session(f.folded.SerializeToString()), f.written_dc, stem + ".onnx",
+                            precision=f.precision)
+    try:
+        got = candidate.encode_files(inputs, batch_size=8, progress=progress, desc="folded (BoxMOT input)")
+        tol = Tolerances.for_precision("fp32", max_rel_l2=options.max_rel_l2)
+        parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", f.precision)
+        if not parity.passed:
+            raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on "
+                                  f"BoxMOT-style input ({'; '.join(parity.failures)}); nothing written")
+        threshold = None
+        if options.threshold_dataset is not None:
+            from ..verify.thresholds import reference_threshold
+
+            # the folded graph on BoxMOT's own input (its bilinear resize): what BoxMOT computes with the file
+            threshold = reference_threshold(candidate, options.threshold_dataset, options.threshold_fmr,
+                                            deployment="boxmot", progress=progress)
+            threshold.model = model_path.name
+    finally:
+        candidate.close()
+    return ref, parity, threshold
+
+
+def _architecture(model_path: Path, source_dc: DataConfig, stem: str, architecture: str | None):
+    """The BoxMOT backbone name for the sidecars (given, else BoxMOT's own file-name rule where reid-export
+    builds that network as BoxMOT does) and the notes on what BoxMOT will make of the files."""
+    notes: list[str] = []
+    label = source_dc.model_name or model_path.stem
+    if architecture is None:
+        guess = file_name_backbone(label) or file_name_backbone(model_path.name)
+        if guess in SAME_NETWORK:
+            architecture = guess
+    named = file_name_backbone(stem)
+    if architecture is None:
+        notes.append(f"BoxMOT {BOXMOT_VERSION} does not know this architecture ({label}): its ONNX and OpenVINO "
+                     "backends run the written graph as it is (crop size from the sidecars), its PyTorch backend "
+                     "cannot build it; keep each .metadata.json / manifest.json beside its model"
+                     + (f" (without them BoxMOT would take the file name for {named})" if named else
+                        ", without them BoxMOT's OpenVINO backend feeds 256x128"))
+    elif named != architecture:
+        notes.append(f"the file name {stem!r} " + (f"names BoxMOT's {named}" if named else
+                     "names no BoxMOT backbone") + f"; the sidecars say {architecture}: keep them beside the files")
+    if (source_dc.height, source_dc.width) != (256, 128):
+        notes.append(f"input {source_dc.height}x{source_dc.width}: BoxMOT's OpenVINO backend takes it from the "
+                     "sidecar (model_kwargs.img_size), its ONNX backend from the graph")
+    if source_dc.interpolation != "linear":
+        notes.append(f"BoxMOT resizes with cv2 INTER_LINEAR, the model's own resize is {source_dc.interpolation}: "
+                     "measure the cost with eval --deployment boxmot")
+    return architecture, notes
+
+
+def _openvino_files(files: dict, sidecars: list, onnx_out: Path, tmp: Path, stem: str, meta: dict, log):
+    """Convert the folded ONNX to ``NAME_openvino_model/NAME.xml`` (checked against it) and add the IR and
+    its two sidecars to ``files``; (the .xml path, the conversion's report lines)."""
+    from ..runtime.openvino_convert import convert_file
+
+    tmp_onnx = tmp / f"{stem}.onnx"
+    tmp_onnx.write_bytes(files[onnx_out])
+    tmp_xml = tmp / "ir" / f"{stem}.xml"
+    tmp_xml.parent.mkdir()
+    report = convert_file(tmp_onnx, tmp_xml, log=log)
+    ov_dir = onnx_out.parent / f"{stem}_openvino_model"
+    xml_out = ov_dir / f"{stem}.xml"
+    files[xml_out.with_suffix(".bin")] = tmp_xml.with_suffix(".bin").read_bytes()
+    files[xml_out] = tmp_xml.read_bytes()
+    ov_meta = (json.dumps(_sidecar(**{**meta, "fmt": "openvino"}), indent=2, sort_keys=True) + "\n").encode()
+    for path in (ov_dir / "manifest.json", ov_dir / f"{stem}.xml.metadata.json"):
+        files[path] = ov_meta
+        sidecars.append(path)
+    return xml_out, report.lines()

@@ -201,26 +201,76 @@ class DeepStreamResult:
         return "\n".join(lines)
 
 
-def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Path] = (), color_order: str | None = None,
-          network_mode: str | None = None, reid_type: str = "deepsort", batch_size: int = 100,
-          workspace_mb: int = 1000, history_size: int = 100, keep_aspect: bool = False,
-          name: str | None = None, progress: bool = False, max_rel_l2: float | None = None,
-          threshold_dataset: str | Path | None = None, threshold_fmr: float = 1e-2) -> DeepStreamResult:
+@dataclass
+class DeepStreamOptions:
+    """What ``deepstream`` is asked to do, checked once by :meth:`check` before any work.
+
+    ``images``: crops for the self-check (default: 8 generated ones); ``color_order`` the tracker feeds
+    (``rgb``/``bgr``; default: the model's own); ``network_mode`` DeepStream builds (``fp32``/``fp16``/
+    ``int8``; default: the ONNX's precision); ``reid_type`` (``deepsort``, ``reassoc``, ``both``);
+    ``batch_size``, ``workspace_mb``, ``history_size`` and ``keep_aspect`` of the ``ReID:`` section;
+    ``name``: the output file stem (default: the model's); ``max_rel_l2``: the self-check tolerance
+    (default: FP32 parity); ``threshold_dataset`` / ``threshold_fmr``: measure the tracker threshold."""
+
+    images: Sequence[str | Path] = ()
+    color_order: str | None = None
+    network_mode: str | None = None
+    reid_type: str = "deepsort"
+    batch_size: int = 100
+    workspace_mb: int = 1000
+    history_size: int = 100
+    keep_aspect: bool = False
+    name: str | None = None
+    progress: bool = False
+    max_rel_l2: float | None = None
+    threshold_dataset: str | Path | None = None
+    threshold_fmr: float = 1e-2
+
+    def check(self) -> "DeepStreamOptions":
+        """Raise a one-line :class:`ReidExportError` (exit code 2) for a value that cannot work; returns ``self``."""
+        if self.color_order is not None and self.color_order not in COLOR_FORMAT:
+            raise ReidExportError(f"colour order must be rgb or bgr, got {self.color_order!r}", exit_code=2)
+        if self.network_mode is not None and self.network_mode not in NETWORK_MODE:
+            raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
+        if self.reid_type not in REID_TYPE:
+            raise ReidExportError(f"--reid-type must be one of {', '.join(REID_TYPE)}", exit_code=2)
+        for key in ("batch_size", "workspace_mb", "history_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ReidExportError(f"`{key}` must be an integer >= 1, got {value!r}", exit_code=2)
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ReidExportError(f"`name` {self.name!r}: give a plain file stem", exit_code=2)
+        check_self_check_options(self.max_rel_l2, self.threshold_fmr)
+        return self
+
+
+def check_self_check_options(max_rel_l2: float | None, threshold_fmr: float) -> None:
+    """The self-check tolerance and the threshold's false-match rate, shared with :mod:`.boxmot`."""
+    if max_rel_l2 is not None and not max_rel_l2 > 0:
+        raise ReidExportError(f"`max_rel_l2` must be > 0, got {max_rel_l2:g}", exit_code=2)
+    if not 0.0 < threshold_fmr < 1.0:
+        raise ReidExportError(f"`threshold_fmr` must be between 0 and 1, got {threshold_fmr:g}", exit_code=2)
+
+
+def build(model_path: str | Path, out_dir: str | Path, options: DeepStreamOptions | None = None,
+          **fields) -> DeepStreamResult:
     """Fold, self-check and write ``OUT_DIR/NAME.deepstream.onnx`` and ``NAME.tracker-reid.yml``.
 
-    With ``threshold_dataset`` (a Market-1501-layout folder) the model's cosine distance at false-match
-    rate ``threshold_fmr`` is measured on it (:func:`~reid_export.verify.thresholds.reference_threshold`,
-    the crops resized as the tracker will: letterbox with ``keep_aspect``, else stretched, bilinear)
-    and written as ``minMatchingScore4ReidSimilarity`` (the similarity ``1 - distance``) in the
-    ``DataAssociator`` section (NvDeepSORT association) and/or ``TrajectoryManagement`` (re-association).
+    Give ``options`` (:class:`DeepStreamOptions`) or its fields as keywords. With ``threshold_dataset``
+    (a Market-1501-layout folder) the model's cosine distance at false-match rate ``threshold_fmr`` is
+    measured on it (:func:`~reid_export.verify.thresholds.reference_threshold`, the crops resized as the
+    tracker will: letterbox with ``keep_aspect``, else stretched, bilinear) and written as
+    ``minMatchingScore4ReidSimilarity`` (the similarity ``1 - distance``) in the ``DataAssociator``
+    section (NvDeepSORT association) and/or ``TrajectoryManagement`` (re-association).
     Nothing is written when the self-check fails (the error says by how much).
     """
-    from ..export.metadata import (KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, load_onnx, model_precision,
-                                   refuse_openvino_ir, require_data_config, set_metadata)
-    from ..runtime import open_encoder
-    from ..runtime.onnx_backend import OnnxEncoder, make_session
-    from ..embeddings import Tolerances, compare
+    from ..export.metadata import load_onnx, model_precision, refuse_openvino_ir, require_data_config
 
+    if options is None:
+        options = DeepStreamOptions(**fields)
+    elif fields:
+        raise TypeError("deepstream: give either options= or its fields as keywords, not both")
+    options.check()
     model_path = Path(model_path)
     refuse_openvino_ir(model_path, "deepstream")
     if model_path.suffix.lower() != ".onnx":
@@ -232,20 +282,52 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
     model = load_onnx(model_path)
     data_config = require_data_config(model, model_path)
     precision = model_precision(model)
-    network_mode = network_mode or ("fp32" if precision == "fp32" else precision)
+    network_mode = options.network_mode or ("fp32" if precision == "fp32" else precision)
     if network_mode not in NETWORK_MODE:
         raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
-    if reid_type not in REID_TYPE:
-        raise ReidExportError(f"--reid-type must be one of {', '.join(REID_TYPE)}", exit_code=2)
-    color_order = color_order or data_config.channel_order
-    stem = name or model_path.stem
+    color_order = options.color_order or data_config.channel_order
+    stem = options.name or model_path.stem
     onnx_out = out_dir / f"{stem}.deepstream.onnx"
     yaml_out = out_dir / f"{stem}.tracker-reid.yml"
 
     folded = fold_normalisation(model, data_config, color_order)
+    check = _self_check(model_path, folded, data_config, precision, onnx_out, options)
+    threshold = None
+    if options.threshold_dataset is not None:
+        from ..verify.thresholds import reference_threshold
+
+        threshold = reference_threshold(model_path, options.threshold_dataset, options.threshold_fmr,
+                                        deployment="deepstream-folded" if options.keep_aspect else "bilinear",
+                                        progress=options.progress)
+    section = reid_section(folded.data_config, check.feature_size, onnx_out.name, network_mode, options.reid_type,
+                           options.batch_size, options.workspace_mb, options.history_size, options.keep_aspect)
+    _write(model_path, data_config, folded, precision, color_order, section, check, threshold, options.reid_type,
+           onnx_out, yaml_out)
+    return DeepStreamResult(onnx_out, yaml_out, section, folded, check.parity, check.scalar_parity, check.num_images,
+                            threshold=threshold, collapse=check.collapse)
+
+
+@dataclass
+class _SelfCheck:
+    parity: object  # embeddings.ParityResult, folded vs original
+    scalar_parity: object  # NVIDIA's scalar approximation vs the model's own normalisation
+    num_images: int
+    feature_size: int
+    collapse: object  # embeddings.CollapseStats of real crops, or None
+
+
+def _self_check(model_path: Path, folded: FoldedModel, data_config: DataConfig, precision: str, onnx_out: Path,
+                options: DeepStreamOptions) -> _SelfCheck:
+    """The original on its own preprocessing, NVIDIA's scalar normalisation and the folded model on
+    DeepStream-style input, on the same crops; raises when the folded model misses the FP32 tolerance."""
+    from ..embeddings import Tolerances, compare
+    from ..runtime import open_encoder
+    from ..runtime.onnx_backend import OnnxEncoder, make_session
+
+    progress = options.progress
     inputs: list[ImageLike]
-    if images:
-        paths = expand_image_paths(images)
+    if options.images:
+        paths = expand_image_paths(options.images)
         inputs, _, _ = read_images(paths)
     else:
         inputs = sample_images()
@@ -260,29 +342,28 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
     ds = OnnxEncoder(session, folded.data_config, onnx_out, precision=precision)
     got = ds.encode_files(inputs, batch_size=8, progress=progress, desc="folded (DeepStream input)")
     ds.close()
-    tol = Tolerances.for_precision("fp32", max_rel_l2=max_rel_l2)
+    tol = Tolerances.for_precision("fp32", max_rel_l2=options.max_rel_l2)
     parity = compare(ref, got, tol, str(onnx_out), "onnxruntime", precision)
     scalar_parity = compare(ref, approx, Tolerances(), "NVIDIA scalar", "onnxruntime", precision)
     if not parity.passed:
         raise ReidExportError(f"{onnx_out}: the folded model does not reproduce {model_path.name} on DeepStream-style "
                               f"input ({'; '.join(parity.failures)}); nothing written")
     collapse = None
-    if images:  # real crops: are they told apart? (the generated ones are noise; they prove nothing here)
+    if options.images:  # real crops: are they told apart? (the generated ones are noise; they prove nothing here)
         from ..verify.collapse import collapse_of
 
         collapse = collapse_of(ref)
-    threshold = None
-    if threshold_dataset is not None:
-        from ..verify.thresholds import reference_threshold
+    return _SelfCheck(parity, scalar_parity, len(inputs), int(ref.shape[1]), collapse)
 
-        threshold = reference_threshold(model_path, threshold_dataset, threshold_fmr,
-                                        deployment="deepstream-folded" if keep_aspect else "bilinear",
-                                        progress=progress)
-    feature_size = int(ref.shape[1])
-    section = reid_section(folded.data_config, feature_size, onnx_out.name, network_mode, reid_type, batch_size,
-                           workspace_mb, history_size, keep_aspect)
+
+def _write(model_path: Path, data_config: DataConfig, folded: FoldedModel, precision: str, color_order: str,
+           section: dict, check: _SelfCheck, threshold, reid_type: str, onnx_out: Path, yaml_out: Path) -> None:
+    """The folded ONNX (with its metadata) and the tracker's ``ReID:`` section, both or neither."""
+    from ..export.metadata import KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, set_metadata
+
+    parity, scalar_parity = check.parity, check.scalar_parity
     set_metadata(folded.model, {
-        **base_metadata(replace(folded.data_config, feat_dim=feature_size), precision),
+        **base_metadata(replace(folded.data_config, feat_dim=check.feature_size), precision),
         KEY_SOURCE: str(model_path), KEY_SOURCE_SHA256: sha256_file(model_path),
         KEY_DEEPSTREAM: {"color_format": color_order, "scale": folded.scale, "bias": folded.bias,
                          "swapped_channels": folded.swapped_channels, "reid": section,
@@ -294,16 +375,15 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
               f"pixel scale {data_config.pixel_scale:g}, normalised {'inside' if data_config.normalized_inside else 'outside'}"
               " the original graph). The normalisation is folded into the ONNX: offsets 0 and",
               "netScaleFactor 1.0 are exact. Merge this section into the tracker's ll-config-file.",
-              f"Self-check on {len(inputs)} images: folded vs original min cosine {parity.min_cosine:.7f}, "
+              f"Self-check on {check.num_images} images: folded vs original min cosine {parity.min_cosine:.7f}, "
               f"max relative L2 {parity.max_rel_l2:.2e};",
               f"NVIDIA's sample scalar (offsets = mean, netScaleFactor {net_scale_factor(data_config):.8f}) instead: "
               f"max relative L2 {scalar_parity.max_rel_l2:.3g}."]
     text = format_reid_yaml(section, header) + (threshold_yaml(threshold, reid_type) if threshold else "")
+    out_dir = onnx_out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_path(onnx_out)
     atomic_write_files({onnx_out: folded.model.SerializeToString(), yaml_out: text.encode("utf-8")})
-    return DeepStreamResult(onnx_out, yaml_out, section, folded, parity, scalar_parity, len(inputs),
-                            threshold=threshold, collapse=collapse)
 
 
 # Where NvMultiObjectTracker reads the least ReID similarity of a match (its sample configs and

@@ -398,25 +398,58 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
     height, width = _input_size(model, input_size)
     current_config = _current_config(model)
     crops = _load_crops(images, max_queries, max_unlabelled, progress)
-    encoder = _open(model, height, width)
-    resized: dict[str, list[np.ndarray]] = {}
+    trials = len(conventions()) + len(set(resizes) - {SEARCH_RESIZE}) + (current_config is not None)
+    runner = _TrialRunner(_open(model, height, width), crops, height, width, batch_size,
+                          tqdm(total=trials, desc="detect", unit="trial", disable=not progress, leave=False))
+    report = DetectReport(str(model), crops.source, crops.labelled,
+                          len(crops.query.paths) if crops.labelled else len(crops.images),
+                          len(crops.gallery.paths) if crops.labelled else 0, (height, width),
+                          current_config=current_config)
+    try:
+        first = [runner.run(c, "convention") for c in conventions()]
+        report.trials.extend(first)
+        alive = [t for t in first if not t.collapsed]
+        if not alive:
+            report.refusal = (f"{model}: every convention tried collapses its features (every pair of different "
+                              f"crops at cosine >= {first[0].collapse.threshold:g}); it is not a ReID model fed "
+                              "any of RGB/BGR, 0..1/0..255, with or without ImageNet mean/std: check the model")
+        elif not crops.labelled:
+            _choose_unlabelled(report, alive, images)
+        else:
+            _choose_labelled(report, alive, runner.run, resizes)
+        if current_config is not None:
+            report.current = _judge_current(report, current_config, runner.run)
+    finally:
+        runner.close()
+    report.seconds = time.time() - start
+    return report
 
-    def features(convention: Convention) -> np.ndarray:
-        if convention.interpolation not in resized:
-            resized[convention.interpolation] = [
+
+class _TrialRunner:
+    """Runs one convention on the crops: resized once per interpolation, encoded in batches, scored
+    (collapse; with identities, Rank-1/mAP and each query's AP)."""
+
+    def __init__(self, encoder, crops, height: int, width: int, batch_size: int, bar):
+        self.encoder, self.crops, self.height, self.width = encoder, crops, height, width
+        self.batch_size, self.bar = batch_size, bar
+        self.resized: dict[str, list[np.ndarray]] = {}
+
+    def features(self, convention: Convention) -> np.ndarray:
+        height, width = self.height, self.width
+        if convention.interpolation not in self.resized:
+            self.resized[convention.interpolation] = [
                 img if img.shape[:2] == (height, width) else resize_rgb(img, height, width, convention.interpolation)
-                for img in crops.images]
-        arrays = resized[convention.interpolation]
+                for img in self.crops.images]
+        arrays = self.resized[convention.interpolation]
         config = convention.data_config(height, width)
-        out = [encoder(_inputs(arrays[i:i + batch_size], config)) for i in range(0, len(arrays), batch_size)]
+        out = [self.encoder(_inputs(arrays[i:i + self.batch_size], config))
+               for i in range(0, len(arrays), self.batch_size)]
         return np.concatenate(out)
 
-    trials = len(conventions()) + len(set(resizes) - {SEARCH_RESIZE}) + (current_config is not None)
-    bar = tqdm(total=trials, desc="detect", unit="trial", disable=not progress, leave=False)
-
-    def run(convention: Convention, stage: str) -> Trial:
-        feats = features(convention)
-        bar.update(1)
+    def run(self, convention: Convention, stage: str) -> Trial:
+        crops = self.crops
+        feats = self.features(convention)
+        self.bar.update(1)
         if not np.isfinite(feats).all():
             return Trial(convention, stage, collapse_stats(np.zeros((max(len(feats), 3), 1))))
         if crops.labelled:
@@ -432,56 +465,48 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
             trial.ap = per_query_ap(distmat, crops.query, crops.gallery) * 100.0
         return trial
 
-    report = DetectReport(str(model), crops.source, crops.labelled,
-                          len(crops.query.paths) if crops.labelled else len(crops.images),
-                          len(crops.gallery.paths) if crops.labelled else 0, (height, width),
-                          current_config=current_config)
-    try:
-        first = [run(c, "convention") for c in conventions()]
-        report.trials.extend(first)
-        alive = [t for t in first if not t.collapsed]
-        if not alive:
-            report.refusal = (f"{model}: every convention tried collapses its features (every pair of different "
-                              f"crops at cosine >= {first[0].collapse.threshold:g}); it is not a ReID model fed "
-                              "any of RGB/BGR, 0..1/0..255, with or without ImageNet mean/std: check the model")
-        elif not crops.labelled:
-            if len(alive) == 1:
-                report.chosen = alive[0]
-                report.notes.append("note: unlabelled crops: chosen as the only convention whose features do not "
-                                    "collapse; retrieval was not measured")
-            else:
-                names = " / ".join(t.convention.label for t in alive)
-                report.refusal = (f"{images}: the crops carry no identities, so only collapse can be measured and "
-                                  f"{len(alive)} conventions do not collapse ({names}); give crops named "
-                                  "PPPP_cC... (Market-1501 layout) or state the convention with annotate's options")
-        else:
-            ranked = sorted(alive, key=lambda t: -t.mAP)
-            best = _choose_among_equals(ranked, report)
-            others = [t for t in ranked if t is not best and (t.agreement or 0.0) < SAME_FEATURES]
-            if others:
-                lo, hi = paired_interval(others[0].ap, best.ap)
-                report.convention_margin = Margin(others[0].convention.label, best.mAP - others[0].mAP, (lo, hi))
-            resize_trials = [best] + [run(Convention(best.convention.channel_order, best.convention.pixel_scale,
-                                                     best.convention.imagenet_outside, r), "resize")
-                                      for r in dict.fromkeys(resizes) if r != best.convention.interpolation]
-            report.trials.extend(resize_trials[1:])
-            resize_ranked = sorted((t for t in resize_trials if not t.collapsed), key=lambda t: -t.mAP)
-            report.chosen = resize_ranked[0]
-            if len(resize_ranked) > 1:
-                lo, hi = paired_interval(resize_ranked[1].ap, report.chosen.ap)
-                report.resize_margin = Margin(resize_ranked[1].convention.interpolation,
-                                              report.chosen.mAP - resize_ranked[1].mAP, (lo, hi))
-            if report.convention_margin and report.convention_margin.within_noise:
-                report.notes.append(f"warning: the runner-up convention ({report.convention_margin.against}) is "
-                                    "within noise of the chosen one; check on more queries (--max-queries) or ask "
-                                    "the model's authors")
-        if current_config is not None:
-            report.current = _judge_current(report, current_config, run)
-    finally:
-        bar.close()
-        encoder.close()
-    report.seconds = time.time() - start
-    return report
+    def close(self) -> None:
+        self.bar.close()
+        self.encoder.close()
+
+
+def _choose_unlabelled(report: DetectReport, alive: list[Trial], images) -> None:
+    """Without identities only collapse is measured: the one convention that does not collapse, else a refusal."""
+    if len(alive) == 1:
+        report.chosen = alive[0]
+        report.notes.append("note: unlabelled crops: chosen as the only convention whose features do not "
+                            "collapse; retrieval was not measured")
+    else:
+        names = " / ".join(t.convention.label for t in alive)
+        report.refusal = (f"{images}: the crops carry no identities, so only collapse can be measured and "
+                          f"{len(alive)} conventions do not collapse ({names}); give crops named "
+                          "PPPP_cC... (Market-1501 layout) or state the convention with annotate's options")
+
+
+def _choose_labelled(report: DetectReport, alive: list[Trial], run: Callable[[Convention, str], Trial],
+                     resizes: tuple[str, ...]) -> None:
+    """The convention of the best mAP (the least preprocessing among equals) and its margin over the
+    runner-up, then the best of ``resizes`` for it and that margin."""
+    ranked = sorted(alive, key=lambda t: -t.mAP)
+    best = _choose_among_equals(ranked, report)
+    others = [t for t in ranked if t is not best and (t.agreement or 0.0) < SAME_FEATURES]
+    if others:
+        lo, hi = paired_interval(others[0].ap, best.ap)
+        report.convention_margin = Margin(others[0].convention.label, best.mAP - others[0].mAP, (lo, hi))
+    resize_trials = [best] + [run(Convention(best.convention.channel_order, best.convention.pixel_scale,
+                                             best.convention.imagenet_outside, r), "resize")
+                              for r in dict.fromkeys(resizes) if r != best.convention.interpolation]
+    report.trials.extend(resize_trials[1:])
+    resize_ranked = sorted((t for t in resize_trials if not t.collapsed), key=lambda t: -t.mAP)
+    report.chosen = resize_ranked[0]
+    if len(resize_ranked) > 1:
+        lo, hi = paired_interval(resize_ranked[1].ap, report.chosen.ap)
+        report.resize_margin = Margin(resize_ranked[1].convention.interpolation,
+                                      report.chosen.mAP - resize_ranked[1].mAP, (lo, hi))
+    if report.convention_margin and report.convention_margin.within_noise:
+        report.notes.append(f"warning: the runner-up convention ({report.convention_margin.against}) is "
+                            "within noise of the chosen one; check on more queries (--max-queries) or ask "
+                            "the model's authors")
 
 
 def _preference(t: Trial) -> tuple:
