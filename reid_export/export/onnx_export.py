@@ -392,31 +392,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         report.seconds = time.time() - start
         return report
 
-    final = proto
-    if simplify:
-        try:
-            slim = _simplify(proto)
-            check_model(slim, batch, model.feat_dim, data_config.input_size)
-            slim_check = onnx_vs_torch(slim.SerializeToString(), reference, inputs, data_config, sizes, "simplified")
-            slim_check.limit = tolerance
-        except ReidExportError as exc:
-            report.notes.append(f"warning: the simplified graph failed its checks ({exc}); "
-                                "writing the unsimplified graph")
-        except Exception as exc:  # onnxslim can fail in many ways on unusual graphs
-            report.notes.append(f"warning: onnxslim failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                "writing the unsimplified graph")
-        else:
-            report.checks.append(slim_check)
-            log(slim_check.line() + f" ({len(proto.graph.node)} -> {len(slim.graph.node)} nodes)")
-            if not slim_check.passed:
-                report.notes.append(f"warning: the simplified graph disagrees with torch (max relative L2 "
-                                    f"{slim_check.max_rel_l2:.2e}); writing the unsimplified graph")
-            else:
-                final = slim
-                report.simplified = True
-        for note in report.notes:
-            log(note)
-
+    final = _simplified(proto, report, batch, model.feat_dim, reference, inputs, data_config, sizes, tolerance,
+                        log) if simplify else proto
     refusal = pixels_check.run(final.SerializeToString(), inputs, output)
     report.checks.append(pixels_check)
     log(pixels_check.line())
@@ -424,18 +401,54 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
         report.refusal, report.seconds = refusal, time.time() - start
         return report
 
+    _write(final, output, report, metadata, checkpoint, source, pixels_check, data_config)
+    report.written = True
+    report.nodes = len(final.graph.node)
+    report.size_mb = output.stat().st_size / 1e6
+    report.seconds = time.time() - start
+    return report
+
+
+def _simplified(proto, report: ExportReport, batch, feat_dim: int, reference, inputs, data_config, sizes,
+                tolerance: float, log) -> onnx.ModelProto:
+    """onnxslim's graph when it passes the same checks as the export (``report.simplified``), else ``proto``
+    with a note in ``report.notes`` saying why."""
+    final = proto
+    try:
+        slim = _simplify(proto)
+        check_model(slim, batch, feat_dim, data_config.input_size)
+        slim_check = onnx_vs_torch(slim.SerializeToString(), reference, inputs, data_config, sizes, "simplified")
+        slim_check.limit = tolerance
+    except ReidExportError as exc:
+        report.notes.append(f"warning: the simplified graph failed its checks ({exc}); "
+                            "writing the unsimplified graph")
+    except Exception as exc:  # onnxslim can fail in many ways on unusual graphs
+        report.notes.append(f"warning: onnxslim failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "writing the unsimplified graph")
+    else:
+        report.checks.append(slim_check)
+        log(slim_check.line() + f" ({len(proto.graph.node)} -> {len(slim.graph.node)} nodes)")
+        if not slim_check.passed:
+            report.notes.append(f"warning: the simplified graph disagrees with torch (max relative L2 "
+                                f"{slim_check.max_rel_l2:.2e}); writing the unsimplified graph")
+        else:
+            final = slim
+            report.simplified = True
+    for note in report.notes:
+        log(note)
+    return final
+
+
+def _write(final: onnx.ModelProto, output: Path, report: ExportReport, metadata: dict, checkpoint, source: str,
+           pixels_check, data_config) -> None:
+    """The checked graph with its name, doc string and metadata (data config, source, how it was exported)."""
     final.graph.name = data_config.model_name or "reid"
     final.doc_string = f"reid-export {__version__}: {Path(checkpoint).name} -> ONNX (fp32)"
     metadata[KEY_EXPORT] = {
-        "exporter": exporter, "opset": opset, "batch": report.batch, "simplified": report.simplified,
+        "exporter": report.exporter, "opset": report.opset, "batch": report.batch, "simplified": report.simplified,
         "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
         "parity_max_rel_l2": max(c.max_rel_l2 for c in report.checks if isinstance(c, ParityCheck)),
         "parity_images": source, "pixels_max_rel_l2": pixels_check.max_rel_l2,
     }
     set_metadata(final, metadata)
     save_onnx(final, output)
-    report.written = True
-    report.nodes = len(final.graph.node)
-    report.size_mb = output.stat().st_size / 1e6
-    report.seconds = time.time() - start
-    return report
