@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
+import common
+from common import DATA, REPO
+
 CUHK03 = DATA / "cuhk03-labeled" / "Market-1501-v15.09.15"
 PARITY_IMAGES = DATA / "parity-images"
 ORDER = [("torch eager fp32", ".pth"), ("ORT fp32", ".onnx"), ("ORT fp16", ".fp16.onnx"),
@@ -76,18 +74,10 @@ def say(message: str) -> None:
 def reid_export(args, *cli_args, output: Path | None = None, source: Path | None = None, ok_codes=(0,)) -> None:
     """Run one ``reid-export`` command (skipped when ``output`` exists, is newer than ``source``, and
     --force is not given)."""
-    shown = "reid-export " + " ".join(shlex.quote(str(a)) for a in cli_args)
     if output is not None and _fresh(output, source) and not args.force:
-        say(f"# exists, reused: {output}  ({shown})")
+        say(f"# exists, reused: {output}  ({common.shown(*cli_args)})")
         return
-    say(f"$ {shown}")
-    if args.dry_run:
-        return
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "reid_export", *map(str, cli_args)], cwd=REPO)
-    if done.returncode not in ok_codes:
-        raise SystemExit(f"cpu_bench: the command above failed with exit code {done.returncode}")
-    say(f"# {time.monotonic() - start:.0f} s")
+    common.run_step(*cli_args, ok_codes=ok_codes, say=say, dry_run=args.dry_run)
 
 
 def _fresh(output: Path, source: Path | None) -> bool:
@@ -98,40 +88,9 @@ def _fresh(output: Path, source: Path | None) -> bool:
 
 def make_random_checkpoint(config: Path, output: Path, calib_dir: Path) -> Path:
     """BoT weights drawn at random, BatchNorm running statistics measured on 64 real crops."""
-    sys.path.insert(0, str(REPO))
-    import numpy as np
-    import torch
-
-    from reid_export.checkpoint import save_checkpoint
-    from reid_export.config import load_config
-    from reid_export.data_config import data_config_from_cfg
-    from reid_export.modeling import build_model
-    from reid_export.runtime import expand_image_paths, preprocess
-
-    cfg = load_config(config)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    data_config = data_config_from_cfg(cfg, model.feat_dim, "bot-r50-random")
-    if calib_dir.exists():
-        images = expand_image_paths([calib_dir])[:64]
-        source = f"{len(images)} crops of {calib_dir}"
-    else:
-        rng = np.random.default_rng(0)
-        images = [rng.integers(0, 256, (*data_config.input_size, 3), dtype=np.uint8) for _ in range(64)]
-        source = "64 random images (no real crops found)"
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():  # the eval path up to the BNNeck, in train mode (the classifier needs no classes)
-        for i in range(0, len(images), 16):
-            x = (torch.from_numpy(preprocess(images[i:i + 16], data_config)) - model.pixel_mean) / model.pixel_std
-            model.heads.bottleneck(model.heads.pool_layer(model.backbone(x)))
-    model.eval()
-    save_checkpoint(output, model, cfg, data_config, note=f"random weights, BN statistics from {source}")
-    say(f"# wrote {output}: random weights, BatchNorm statistics from {source}")
-    return output
+    path, source = common.random_checkpoint(config, output, calib_dir=calib_dir, name="bot-r50-random")
+    say(f"# wrote {path}: random weights, BatchNorm statistics from {source}")
+    return path
 
 
 def export_variants(args, checkpoint: Path, stem: Path) -> dict[str, Path]:
@@ -158,7 +117,6 @@ def run_parity(args, paths: dict[str, Path], report: Path) -> dict | None:
 
 
 def summarize(args, bench: dict | None, accuracy: dict | None, paths: dict[str, Path] | None) -> str:
-    sys.path.insert(0, str(REPO))
     from reid_export.report import format_table
 
     lines: list[str] = []
@@ -193,8 +151,8 @@ def _speed_lines(bench: dict, paths: dict[str, Path]) -> list[str]:
     lines = [f"CPU {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2/AVX-512/VNNI flags'}), {env['cpu_count']} "
              f"cores, {env['threads']} threads; torch {env['versions']['torch']}, onnxruntime "
              f"{env['versions']['onnxruntime']}; {bench['date']}",
-             f"load average (1/5/15 min) before {_load(env.get('load_average_before'))}, after "
-             f"{_load(env.get('load_average_after'))}",
+             f"load average (1/5/15 min) before {common.format_load(env.get('load_average_before'))}, after "
+             f"{common.format_load(env.get('load_average_after'))}",
              f"command: {bench['settings'].get('command', '')}".rstrip(": "), "",
              format_table(["model", "batch", "img/s", "median ms", "p90 ms", "p99 ms", "vs torch"], rows,
                           floatfmt=".4g"), ""]
@@ -231,16 +189,12 @@ def _parity_lines(parity: dict, label_of: dict[str, str]) -> list[str]:
                           for c in parity["candidates"]], floatfmt=".4g")]
 
 
-def _load(values) -> str:
-    return " / ".join(f"{v:.2f}" for v in values) if values else "?"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.part == "accuracy" and not args.accuracy_checkpoint:
         raise SystemExit("cpu_bench: --part accuracy needs --accuracy-checkpoint (a trained model)")
     args.work.mkdir(parents=True, exist_ok=True)
-    say(f"# load average before: {_load(os.getloadavg())}")
+    say(f"# load average before: {common.format_load(common.load_average())}")
     bench = paths = None
     if args.part in ("all", "speed"):
         checkpoint = args.checkpoint
@@ -259,7 +213,7 @@ def main(argv=None) -> int:
         reid_export(args, *bench_cmd, ok_codes=(0, 1))  # 1: a model failed at some batch size; still summarised
         if not args.dry_run:
             bench = json.loads(report.read_text())
-            bench["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in bench_cmd)
+            bench["settings"]["command"] = common.shown(*bench_cmd)
         if args.checkpoint is None:
             say("# parity of the timed models skipped: random weights say nothing about precision loss "
                 "(give --checkpoint, a trained BoT-R50)")
@@ -288,7 +242,7 @@ def main(argv=None) -> int:
     from reid_export.fileio import atomic_write_text
 
     atomic_write_text(args.work / ("cpu_table.md" if bench else acc_report.with_suffix(".md").name), text)
-    say(f"# load average after: {_load(os.getloadavg())}")
+    say(f"# load average after: {common.format_load(common.load_average())}")
     say("")
     say(text.rstrip())
     return 0

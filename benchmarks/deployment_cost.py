@@ -22,53 +22,29 @@ not hidden. The load average is recorded before and after: the machine is shared
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+from common import DATA, REPO
+
 DEPLOYMENTS = ("deepstream", "deepstream-stretch", "bilinear", "deepstream-folded")
 
 
-def reid_export(*args: str) -> int:
-    cmd = [sys.executable, "-m", "reid_export.cli.main", *map(str, args)]
-    print("$ reid-export " + " ".join(map(str, args)), flush=True)
-    return subprocess.run(cmd, cwd=REPO).returncode
+def reid_export(*args) -> int:
+    return common.run_step(*args).returncode
 
 
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--dataset-root", type=Path, default=REPO.parent / "shared" / "data" / "cuhk03-labeled")
+    parser.add_argument("--dataset-root", type=Path, default=DATA / "cuhk03-labeled")
     parser.add_argument("--workdir", type=Path, default=REPO / "work" / "deployment-cost")
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-           "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(), "loadavg_before": loadavg(),
-           "dataset": str(args.dataset_root), "models": []}
+    doc = {"loadavg_before": common.load_average(), "dataset": str(args.dataset_root), "models": []}
     rows = []
     for model in args.models:
         name = model.name.split(".")[0]
@@ -79,7 +55,7 @@ def main() -> int:
             onnx = out / f"{name}.onnx"
             if reid_export("onnx", model, "-o", onnx) != 0:
                 return 1
-            crops = REPO.parent / "shared" / "data" / "parity-images"
+            crops = DATA / "parity-images"
             if crops.exists() and reid_export("parity", model, onnx, "--images", crops, "--no-progress") != 0:
                 print(f"{onnx}: does not compute {model}'s features; not measuring it", file=sys.stderr)
                 return 1
@@ -87,10 +63,10 @@ def main() -> int:
             print(f"{model}: the deepstream self-check failed", file=sys.stderr)
             return 1
         folded = out / f"{onnx.stem}.deepstream.onnx"
-        common = ["--dataset-root", args.dataset_root, "--batch-size", args.batch_size, "--no-progress"]
+        eval_opts = ["--dataset-root", args.dataset_root, "--batch-size", args.batch_size, "--no-progress"]
         deps = [a for d in DEPLOYMENTS for a in ("--deployment", d)]
-        rc_own = reid_export("eval", onnx, *deps, *common, "--report", out / "eval.json")
-        rc_folded = reid_export("eval", folded, "--deployment", "deepstream-folded", *common,
+        rc_own = reid_export("eval", onnx, *deps, *eval_opts, "--report", out / "eval.json")
+        rc_folded = reid_export("eval", folded, "--deployment", "deepstream-folded", *eval_opts,
                                 "--report", out / "eval_folded.json")
         evals = [json.loads((out / "eval.json").read_text()), json.loads((out / "eval_folded.json").read_text())]
         entry = {"model": str(model), "onnx": str(onnx), "folded": str(folded), "eval_exit": rc_own,
@@ -102,9 +78,11 @@ def main() -> int:
                 rows.append((name, row))
         entry["failures"] = evals[0]["failures"] + evals[1]["failures"]
         doc["models"].append(entry)
-    doc["loadavg_after"] = loadavg()
-    (args.workdir / "deployment_cost.json").write_text(json.dumps(doc, indent=2))
-    print(f"\n{doc['date']}, load {doc['loadavg_before']} -> {doc['loadavg_after']}, flags {' '.join(doc['cpu_flags'])}")
+    doc["loadavg_after"] = common.load_average()
+    doc = json.loads(common.write_json(args.workdir / "deployment_cost.json", doc,
+                                       command=common.command_line(__file__, argv)).read_text())
+    print(f"\n{doc['date']}, load {common.format_load(doc['loadavg_before'])} -> "
+          f"{common.format_load(doc['loadavg_after'])}, flags {' '.join(doc['cpu_flags'])}")
     print("| model | file | preprocessing | Rank-1 | mAP | mINP | cost Rank-1 | cost mAP |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, r in rows:

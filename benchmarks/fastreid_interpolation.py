@@ -14,8 +14,6 @@ under each (cosine, no flip). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,14 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from reid_export.checkpoint import load_model_from_checkpoint  # noqa: E402
-from reid_export.cpuinfo import isa_flags  # noqa: E402
-from reid_export.data.market import load_split  # noqa: E402
-from reid_export.preprocess import preprocess  # noqa: E402
-from reid_export.verify.metrics import compute_distance, rank_metrics  # noqa: E402
+import common
+from reid_export.checkpoint import load_model_from_checkpoint
+from reid_export.data.market import load_split
+from reid_export.preprocess import preprocess
+from reid_export.verify.metrics import compute_distance, rank_metrics
 
 MODES = ("cubic", "pil-bicubic")
 
@@ -81,10 +76,8 @@ def main(argv=None) -> int:
         print(f"{Path(r['model']).parent.name + '/' + Path(r['model']).name:48.48s} {r['input']:>7s} "
               f"{r['rel_l2_median']:9.4f} {r['rel_l2_max']:7.4f} {r['cubic']['mAP']:9.2f} "
               f"{r['pil-bicubic']['mAP']:8.2f} {r['cubic']['Rank-1']:8.2f} {r['pil-bicubic']['Rank-1']:7.2f}")
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "root": str(args.root), "num_query": len(query), "num_gallery": len(gallery),
-              "cpu_flags": isa_flags(), "rows": rows}
-    args.output.write_text(json.dumps(report, indent=2))
+    report = {"root": str(args.root), "num_query": len(query), "num_gallery": len(gallery), "rows": rows}
+    common.write_json(args.output, report, command=common.command_line(__file__, argv))
     return 0
 
 

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from synthetic_features import BLOCK, FULL_GALLERY, SyntheticReid  # noqa: E402
+from synthetic_features import BLOCK, FULL_GALLERY, SyntheticReid
 
 
 def market_names(pids: np.ndarray, cams: np.ndarray, folder: str) -> list[str]:

@@ -27,22 +27,19 @@ logs go to stderr: run it with ``> log 2>&1`` (gpu_bench.sh does) to keep them o
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from reid_export.bench.core import BenchSettings, CpuTimer, CudaEventTimer, Subject, run_benchmark  # noqa: E402
-from reid_export.bench.report import add_speedups, environment  # noqa: E402
-from reid_export.bench.subjects import InputCache, encoder_subject  # noqa: E402
-from reid_export.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from reid_export.report import format_table  # noqa: E402
+import common
+from common import REPO
+from reid_export.bench.core import BenchSettings, CpuTimer, CudaEventTimer, Subject, run_benchmark
+from reid_export.bench.report import add_speedups, environment
+from reid_export.bench.subjects import InputCache, encoder_subject
+from reid_export.fileio import atomic_write_text
+from reid_export.report import format_table
 
 ROUTES = ("encoder-fp32", "fp32", "fp16", "fp16-cl", "fp16-cl-graph", "fp16-cl-fold-graph", "compile", "ort-cuda")
 TARGET_IPS = 25_000          # issue 7: batch 256 on an H100, fastest route
@@ -290,8 +287,7 @@ def _ort_subject(model, cfg, data_config, device, checkpoint, inputs, timer) -> 
         checkpoint = save_checkpoint(work / "bot-r50-random.pth", model, cfg, data_config)
     onnx_path = work / (Path(checkpoint).stem + ".onnx")
     log(f"exporting {checkpoint} to {onnx_path} for ONNX Runtime")
-    done = subprocess.run([sys.executable, "-m", "reid_export", "onnx", str(checkpoint), "-o", str(onnx_path)],
-                          capture_output=True, text=True, cwd=REPO)
+    done = common.run_step("onnx", checkpoint, "-o", onnx_path, capture=True, say=None)
     if done.returncode != 0:
         raise Skip(f"ONNX export failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
     enc = open_encoder(onnx_path, device=str(device))
@@ -391,7 +387,7 @@ def write_outputs(args, doc: dict) -> str:
         lines.append(verdict(results, gflop=doc["model"]["gflop_per_image"], gpu_name=doc["environment"].get("gpu")))
     lines.append("TensorRT: not measured by this script.")
     text = "\n".join(lines) + "\n"
-    atomic_write_json(args.out / "gpu_bench.json", doc)
+    common.write_json(args.out / "gpu_bench.json", doc, command=common.command_line(__file__, doc["argv"]))
     atomic_write_text(args.out / "gpu_table.md", text)
     return text
 
@@ -421,7 +417,7 @@ def main(argv=None) -> int:
                 "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32})
     if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         notes.append("fp32 routes: convolutions run in TF32 on the tensor cores (PyTorch's cuDNN default)")
-    doc = {"tool": "benchmarks/gpu_bench.py", "argv": sys.argv[1:] if argv is None else list(argv),
+    doc = {"argv": sys.argv[1:] if argv is None else list(argv),
            "environment": env, "settings": settings.describe(), "notes": notes,
            "model": {"name": data_config.model_name, "input_size": list(data_config.input_size),
                      "checkpoint": str(checkpoint) if checkpoint else None, "weights": "checkpoint" if checkpoint

@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
     --format=csv 2>&1 || echo "nvidia-smi not available"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  "$PY" benchmarks/common.py  # machine, CPU model and flags, load average, versions
 } >"$LOG" 2>&1
 timeout 285 "$PY" benchmarks/gpu_bench.py --out "$OUT" "$@" >>"$LOG" 2>&1
 status=$?

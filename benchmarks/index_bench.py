@@ -12,9 +12,6 @@ settings. Throughput is for one batch of all queries on this machine's threads.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,14 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reid_export.index import GalleryIndex, IndexParams, build_index, recall_at_k  # noqa: E402
-from reid_export.report import format_table  # noqa: E402
-from reid_export.verify.streamed import peak_rss_mib  # noqa: E402
-from streamed_eval import cpu_flags, loadavg  # noqa: E402
-from synthetic_features import SyntheticReid  # noqa: E402
+import common
+from reid_export.index import GalleryIndex, IndexParams, build_index, recall_at_k
+from reid_export.report import format_table
+from reid_export.verify.streamed import peak_rss_mib
+from synthetic_features import SyntheticReid
 
 SWEEP = {"flat": [None], "ivf": [16, 32, 64, 128, 256], "ivfpq": [16, 32, 64], "hnsw": [32, 64, 128, 256]}
 
@@ -59,7 +53,7 @@ def main(argv=None) -> int:
     try:
         for kind in kinds:
             params = IndexParams(kind=kind, nlist=args.nlist, hnsw_m=args.hnsw_m)
-            load0 = loadavg()
+            load0 = common.load_average()
             manifest = build_index(work / kind, data, files, params, data_config=None, recall_sample=0,
                                    progress=True)
             gindex = GalleryIndex.open(work / kind)
@@ -76,7 +70,7 @@ def main(argv=None) -> int:
                 name = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind, "-")
                 run = {"kind": kind, "setting": f"{name}={setting}" if setting else "exact",
                        "build_s": manifest["build_s"], "recall@10": recall, "1-recall@10": nn_found, "queries_per_s": qf.shape[0] / search_s,
-                       "search_s": search_s, "loadavg": [load0, loadavg()]}
+                       "search_s": search_s, "loadavg": [load0, common.load_average()]}
                 doc_runs.append(run)
                 rows.append([kind, run["setting"], run["build_s"], recall, nn_found, run["queries_per_s"]])
                 print(rows[-1], flush=True)
@@ -85,13 +79,11 @@ def main(argv=None) -> int:
     print(format_table(["kind", "search setting", "build s", "recall@10 vs exact", "exact NN in top-10",
                         "queries/s"], rows, floatfmt=".4g"))
     print(f"{args.size} x {data.shape[1]} vectors, {qf.shape[0]} queries; generation {gen_s:.1f} s; "
-          f"peak RSS {peak_rss_mib():.0f} MiB; load now {loadavg()}")
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "cpu_flags": cpu_flags(), "command": " ".join(sys.argv),
-           "size": args.size, "noise": args.noise, "dim": int(data.shape[1]), "queries": int(qf.shape[0]), "nlist": args.nlist,
+          f"peak RSS {peak_rss_mib():.0f} MiB; load now {common.format_load(common.load_average())}")
+    doc = {"size": args.size, "noise": args.noise, "dim": int(data.shape[1]), "queries": int(qf.shape[0]), "nlist": args.nlist,
            "hnsw_m": args.hnsw_m, "peak_rss_mib": peak_rss_mib(), "runs": doc_runs}
     if args.output:
-        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        common.write_json(args.output, doc, command=common.command_line(__file__, argv))
     return 0
 
 

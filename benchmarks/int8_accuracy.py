@@ -15,25 +15,21 @@ writes the JSON report.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reid_export import __version__  # noqa: E402
-from reid_export.data.market import MarketDataset  # noqa: E402
-from reid_export.export.onnx_export import export_checkpoint  # noqa: E402
-from reid_export.export.quantize import quantize_file  # noqa: E402
-from reid_export.fileio import atomic_write_json, sha256_file  # noqa: E402
-from reid_export.report import format_table  # noqa: E402
-from reid_export.runtime import open_encoder  # noqa: E402
-from reid_export.verify.retrieval import EvalOptions, evaluate_encoder  # noqa: E402
-from reid_export.embeddings import Tolerances, compare  # noqa: E402
+import common
+from reid_export.data.market import MarketDataset
+from reid_export.embeddings import Tolerances, compare
+from reid_export.export.onnx_export import export_checkpoint
+from reid_export.export.quantize import quantize_file
+from reid_export.fileio import sha256_file
+from reid_export.report import format_table
+from reid_export.runtime import open_encoder
+from reid_export.verify.retrieval import EvalOptions, evaluate_encoder
 
 
 def evaluate(model: Path, dataset: MarketDataset, config=None, opts=(), batch_size: int = 64) -> dict:
@@ -118,15 +114,12 @@ def main(argv=None) -> int:
                           "dRank-1", "dmAP", "min cos", "top-1 same %"], rows, floatfmt=".2f")
     print(table)
     report = {
-        "tool": f"reid-export {__version__}", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
         "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256_file(args.checkpoint),
         "dataset": str(dataset.root), "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
         "calibration": {"folder": str(calib_dir), "size": args.calib_size, "seed": args.seed},
         "metric": "cosine", "results": results, "table": table,
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
-    atomic_write_json(args.json or args.out_dir / "report.json", report)
+    common.write_json(args.json or args.out_dir / "report.json", report, command=common.command_line(__file__, argv))
     return 0
 
 

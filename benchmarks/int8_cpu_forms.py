@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
+import common
+from common import DATA, REPO
+
 WORK = REPO / "work" / "bench-cpu"
 
 FORMS = {  # name: quantize_static keyword arguments
@@ -117,11 +114,9 @@ def main(argv=None) -> int:
             print(f"  {fusion.summary()}")
     forms = quantize_forms(args)
     models = [args.fp32, args.ours, *forms.values()]
-    command = [sys.executable, "-m", "reid_export", "bench", *map(str, models), "--batch-sizes", args.batch_sizes,
-               "--threads", str(args.threads), "--warmup", "2", "--duration", str(args.duration), "--rounds", "5",
-               "--report", str(args.work / "int8_forms_bench.json"), "--no-progress"]
-    print("$ reid-export " + " ".join(shlex.quote(a) for a in command[3:]), flush=True)
-    return subprocess.run(command, cwd=REPO).returncode
+    return common.run_step("bench", *models, "--batch-sizes", args.batch_sizes, "--threads", args.threads,
+                           "--warmup", 2, "--duration", args.duration, "--rounds", 5,
+                           "--report", args.work / "int8_forms_bench.json", "--no-progress").returncode
 
 
 if __name__ == "__main__":

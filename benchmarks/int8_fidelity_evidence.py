@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 SETS = ("test", "split")  # CUHK03 test (query + bounding_box_test); retrieval split of bounding_box_train
 TARGET_N = 2000           # the size of test set users evaluate on
@@ -185,7 +184,7 @@ def run(args) -> int:
         def record(key, model_bytes, meta):
             feat_path = out / f"feat-{key}.npy"
             start = time.time()
-            load = os.getloadavg()[0]
+            load = (common.load_average() or [float("nan")])[0]
             feats = extract(model_bytes, inputs, args.threads)
             secs = time.time() - start
             np.save(feat_path, feats)
@@ -424,15 +423,15 @@ def analyse(args) -> int:
     by_metric = {metric: {kind: {m: loosest_threshold(rows, m, sign, kind, (metric,)) for m, sign in MEASURES.items()}
                           for kind in BOUND_KINDS} for metric in ("R1", "mAP")}
     predictive = {m: rank_correlation(rows, m, sign) for m, sign in MEASURES.items()}
-    doc = {"date": datetime.date.today().isoformat(), "issue": 25, "target_queries": TARGET_N, "max_move": MAX_MOVE,
+    doc = {"issue": 25, "target_queries": TARGET_N, "max_move": MAX_MOVE,
            "how_checked": (f"a candidate's bound at n={TARGET_N} is |shift| + 2 sd/sqrt({TARGET_N}), shift = mean "
                            "per-query difference (candidate - FP32) on a test set, sd = its per-query standard "
                            "deviation; 'conservative' adds the shift's own uncertainty: |shift| + 2 sd sqrt(1/n + "
                            f"1/{TARGET_N}). A threshold is safe when every candidate it admits has bound <= {MAX_MOVE} "
                            "for Rank-1 and mAP on both test sets and every model"),
-           "bound_kinds": BOUND_KINDS, "load_now": list(os.getloadavg()), "models": models,
+           "bound_kinds": BOUND_KINDS, "load_now": common.load_average(), "models": models,
            "predictive": predictive, "thresholds": thresholds, "thresholds_by_metric": by_metric, "rows": rows}
-    args.output.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    common.write_json(args.output, doc, command=common.command_line(__file__, args.argv), indent=1)
     log(f"wrote {args.output}: {len(rows)} candidates of {len(models)} models")
     print_table(rows, thresholds, predictive)
     for metric, kinds in by_metric.items():
@@ -451,7 +450,7 @@ def analyse(args) -> int:
 
 BOUND_KINDS = {
     "point": f"max over both sets and Rank-1/mAP of |shift| + 2 sd/sqrt({TARGET_N}), shift and sd per set",
-    "pooled": f"the same with shift and sd from both sets' queries together (684)",
+    "pooled": "the same with shift and sd from both sets' queries together (684)",
     "noise": f"2 sd/sqrt({TARGET_N}) only (what any test set of {TARGET_N} adds, shift assumed 0)",
     "conservative": f"|shift| + 2 sd sqrt(1/n + 1/{TARGET_N}) per set (the shift's own uncertainty included)",
 }
@@ -676,6 +675,7 @@ def main(argv=None) -> int:
     e.add_argument("--opset", type=int, default=11)
     e.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "run":
         for path in (args.dataset / "bounding_box_train", args.split / "query"):
             if not path.is_dir():

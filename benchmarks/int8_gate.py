@@ -20,21 +20,17 @@ quantize reports, the eval and bench JSON, the CPU flags and the load average be
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import common
 
-def run(args: list[str], log) -> tuple[int, float]:
-    log("$ " + " ".join(shlex.quote(str(a)) for a in args))
-    start = time.time()
-    code = subprocess.call([str(a) for a in args])
-    return code, time.time() - start
+
+def run(args: list, log) -> tuple[int, float]:
+    """``reid-export ARGS``: (exit code, wall seconds)."""
+    step = common.run_step(*args, say=log)
+    return step.returncode, step.seconds
 
 
 def main(argv=None) -> int:
@@ -53,48 +49,42 @@ def main(argv=None) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    exe = [sys.executable, "-m", "reid_export"]
     train = args.dataset / "bounding_box_train"
-    from reid_export.cpuinfo import isa_flags
-
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "model": str(args.model), "dataset": str(args.dataset), "cpu_flags": isa_flags(),
-           "load_before": list(os.getloadavg()), "steps": {}}
+    doc = {"model": str(args.model), "dataset": str(args.dataset), "load_before": common.load_average(), "steps": {}}
     stem = args.model.stem
     models = {"fp32": args.model}
     for target in ("tensorrt", "cpu"):
         q = out / f"{stem}.int8-{target}.onnx"
-        code, secs = run(exe + ["quantize", args.model, "-o", q, "--precision", "int8", "--target", target,
-                                "--calib-dir", train, "--no-progress", "--report", out / f"quantize-{target}.json"], log)
+        code, secs = run(["quantize", args.model, "-o", q, "--precision", "int8", "--target", target,
+                          "--calib-dir", train, "--no-progress", "--report", out / f"quantize-{target}.json"], log)
         doc["steps"][f"quantize-{target}"] = {"exit": code, "seconds": round(secs, 1)}
         if code == 0:
             models[f"int8-{target}"] = q
             doc["steps"][f"quantize-{target}"]["report"] = json.loads((out / f"quantize-{target}.json").read_text())
     fp16 = out / f"{stem}.fp16.onnx"
-    code, secs = run(exe + ["quantize", args.model, "-o", fp16, "--precision", "fp16", "--no-progress"], log)
+    code, secs = run(["quantize", args.model, "-o", fp16, "--precision", "fp16", "--no-progress"], log)
     doc["steps"]["quantize-fp16"] = {"exit": code, "seconds": round(secs, 1)}
     if code == 0:
-        code, secs = run(exe + ["parity", args.model, fp16, "--images", args.dataset / "query", "--no-progress",
-                                "--report", out / "parity-fp16.json"], log)
+        code, secs = run(["parity", args.model, fp16, "--images", args.dataset / "query", "--no-progress",
+                          "--report", out / "parity-fp16.json"], log)
         doc["steps"]["parity-fp16"] = {"exit": code, "report": json.loads((out / "parity-fp16.json").read_text())}
     evaluated = list(models.values()) + ([fp16] if doc["steps"]["quantize-fp16"]["exit"] == 0 else [])
     for index, root in enumerate([args.dataset] + list(args.also_eval)):
         step, report = ("eval", out / "eval.json") if index == 0 else (f"eval-{index}", out / f"eval-{index}.json")
-        code, secs = run(exe + ["eval", *evaluated, "--dataset-root", root, "--no-progress", "--report", report], log)
+        code, secs = run(["eval", *evaluated, "--dataset-root", root, "--no-progress", "--report", report], log)
         doc["steps"][step] = {"exit": code, "seconds": round(secs, 1), "dataset": str(root),
                               "report": json.loads(report.read_text()) if report.exists() else None}
     if not args.skip_bench:
-        code, secs = run(exe + ["bench", *models.values(), "--batch-sizes", str(args.batch), "--threads",
-                                str(args.threads), "--duration", str(args.duration), "--no-progress",
-                                "--report", out / "bench.json"], log)
+        code, secs = run(["bench", *models.values(), "--batch-sizes", str(args.batch), "--threads",
+                          str(args.threads), "--duration", str(args.duration), "--no-progress",
+                          "--report", out / "bench.json"], log)
         doc["steps"]["bench"] = {"exit": code, "report": json.loads((out / "bench.json").read_text())
                                  if (out / "bench.json").exists() else None}
-    doc["load_after"] = list(os.getloadavg())
-    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    doc["load_after"] = common.load_average()
+    common.write_json(out / "report.json", doc, command=common.command_line(__file__, argv), indent=1)
     log(f"wrote {out / 'report.json'}")
     return 0 if all(step.get("exit") == 0 for step in doc["steps"].values()) else 1
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

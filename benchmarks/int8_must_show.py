@@ -41,17 +41,13 @@ import hashlib
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+import common
 
 TARGETS = ("tensorrt", "cpu")
 MODELOPT_METHODS = ("entropy", "max")
@@ -84,7 +80,7 @@ def quantize_kinds(targets=TARGETS) -> list[str]:
 
 def quantize_command(model: Path, out: Path, kind: str, calib_dir: Path, threads: int) -> list[str]:
     """The user's command line for one run (``kind`` from :func:`quantize_kinds`)."""
-    cmd = [sys.executable, "-m", "reid_export", "quantize", str(model), "-o", str(out)]
+    cmd = common.cli_command("quantize", model, "-o", out)
     if kind == "fp16":
         cmd += ["--precision", "fp16"]
     else:
@@ -97,15 +93,15 @@ def quantize_command(model: Path, out: Path, kind: str, calib_dir: Path, threads
 
 
 def run_logged(cmd: list[str], facts_path: Path) -> dict:
-    """Run ``cmd`` with its output to ``*.log``; exit code, wall seconds and load average to ``facts_path``."""
-    load0, start = os.getloadavg(), time.time()
+    """Run ``cmd`` (``quantize_command``'s: ``python -m reid_export ARGS``) with its output to ``*.log``; exit code,
+    wall seconds and load average to ``facts_path``."""
+    load0 = common.load_average()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(str(facts_path).replace(".facts.json", ".log"), "w") as out:
-        rc = subprocess.run(cmd, check=False, stdout=out, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=str(HERE.parent))).returncode
-    facts = {"command": " ".join(["python3"] + cmd[1:]), "returncode": rc, "seconds": round(time.time() - start, 1),
-             "started_utc": started, "load_average_start": list(load0), "load_average_end": list(os.getloadavg())}
-    facts_path.write_text(json.dumps(facts, indent=1))
+    step = common.run_step(*cmd[3:], log_file=Path(str(facts_path).replace(".facts.json", ".log")), say=None)
+    facts = {"command": " ".join(["python3"] + cmd[1:]), "returncode": step.returncode,
+             "seconds": round(step.seconds, 1), "started_utc": started, "load_average_start": load0,
+             "load_average_end": common.load_average()}
+    common.write_json(facts_path, facts, command=facts["command"], indent=1)
     return facts
 
 
@@ -156,8 +152,8 @@ def cmd_modelopt(args) -> int:
             if not calib.is_file():
                 np.save(calib, preprocess(calib_paths, dc).astype(np.float32))
             facts = run_modelopt(args.modelopt_python, model, method, calib, folder, args.threads, True)
-            facts["load_average_end"] = list(os.getloadavg())
-            (folder / "facts.json").write_text(json.dumps(facts, indent=1))
+            facts["load_average_end"] = common.load_average()
+            common.write_json(folder / "facts.json", facts, command=facts.get("command"), indent=1)
             log(f"{name} modelopt {method}: {facts}")
         if calib.is_file():
             calib.unlink()  # 200 MB; ModelOpt's runs are cached in their folders
@@ -330,16 +326,16 @@ def cmd_train_mobilenet(args) -> int:
 
     got = onnxruntime.InferenceSession(str(raw), providers=["CPUExecutionProvider"]).run(None, {"input": probe.numpy()})[0]
     rel = float(np.max(np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)))
-    cmd = [sys.executable, "-m", "reid_export", "annotate", str(raw), "-o", str(out / "mobilenet.onnx"),
-           "--input-size", str(dc.height), str(dc.width), "--mean", ",".join(map(str, dc.mean)),
-           "--std", ",".join(map(str, dc.std)), "--pixel-scale", "1", "--channel-order", "rgb",
-           "--interpolation", dc.interpolation]
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
-    (out / "train.json").write_text(json.dumps({
+    annotate = common.run_step("annotate", raw, "-o", out / "mobilenet.onnx", "--input-size", dc.height, dc.width,
+                               "--mean", ",".join(map(str, dc.mean)), "--std", ",".join(map(str, dc.std)),
+                               "--pixel-scale", 1, "--channel-order", "rgb", "--interpolation", dc.interpolation,
+                               ok_codes=(0,), say=log)
+    common.write_json(out / "train.json", {
         "history": history, "epochs_run": len(history), "images": len(paths), "identities": int(labels.max()) + 1,
         "train_seconds": round(time.time() - start, 1), "onnx_vs_torch_max_rel_l2": rel, "threads": args.threads,
         "lr": args.lr, "batch": "8 ids x 4", "loss": "CE (label smoothing 0.1) + batch-hard triplet (margin 0.3)",
-        "annotate": " ".join(["reid-export"] + cmd[3:]), "load_average_end": list(os.getloadavg())}, indent=1))
+        "annotate": annotate.command, "load_average_end": common.load_average()},
+        command=common.command_line(__file__, args.argv), indent=1)
     return 0
 
 
@@ -436,8 +432,6 @@ def cmd_measure(args) -> int:
     from modelopt_compare import Runner, held_out_metrics
     from tqdm import tqdm
 
-    from reid_export import __version__
-    from reid_export.cpuinfo import read_cpu_flags
     from reid_export.data.market import MarketDataset
     from reid_export.export.metadata import load_onnx, require_data_config
     from reid_export.export.quantize import (
@@ -452,14 +446,9 @@ def cmd_measure(args) -> int:
     calib_paths, val_paths, held = split.calibration, split.held_out, split.identities
     sets = dict(s.split("=", 1) for s in args.set)
     used = {Path(p).name for p in calib_paths} | {Path(p).name for p in (held.paths if held else val_paths)}
-    data = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tool": f"reid-export {__version__}", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_flags": sorted(read_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8",
-                                                    "amx_bf16"}),
-            "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+    data = {"cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "threads": args.threads,
             "calib_dir": str(args.calib_dir), "held_out_images": len(val_paths), "calibration_images": len(calib_paths),
-            "sets": {}, "models": {},
-            "command": " ".join(["python3", "benchmarks/int8_must_show.py"] + (sys.argv[1:] if argv_is_cli() else []))}
+            "sets": {}, "models": {}}
     loaded = {}
     for sname, root in sets.items():
         ds = MarketDataset(root)
@@ -524,14 +513,10 @@ def cmd_measure(args) -> int:
                 row["sets"][sname] = m
             entry["graphs"].append(row)
         data["models"][name] = entry
-    data["load_average_end"] = list(os.getloadavg())
-    args.output.write_text(json.dumps(data, indent=1, default=float))
+    data["load_average_end"] = common.load_average()
+    common.write_json(args.output, data, command=common.command_line(__file__, args.argv), indent=1)
     print(markdown_table(data))
     return 0
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name == Path(__file__).name
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -658,6 +643,7 @@ def main(argv=None) -> int:
     p.add_argument("json", type=Path)
     p.set_defaults(func=lambda a: print(markdown_table(json.loads(a.json.read_text()))) or 0)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -11,9 +11,10 @@ whole held-out identities, seed 0), preprocessed by the package's own :func:`rei
 with the model's embedded data config; the Q/DQ graph is measured with the quantizer's own
 :class:`reid_export.export.quantize.search.Objective` (pair error, cosines, top-1/top-5 agreement).
 
-Quark runs on a copy of the model in a temporary folder (never the input file), in its own venv:
+Quark runs on a copy of the model in a temporary folder (never the input file), in its own venv (with
+reid-export installed there too, or the checkout on ``PYTHONPATH`` as here):
 
-    work/venv/bin/python benchmarks/learned_rounding.py MODEL.onnx --flavour cpu \
+    PYTHONPATH=. work/venv/bin/python benchmarks/learned_rounding.py MODEL.onnx --flavour cpu \
         --algos none,adaround,adaquant --iterations 200 --data-size 64
 
 ``--ours REPORT.json ...`` records our own search from ``reid-export quantize --report`` files;
@@ -26,30 +27,25 @@ Each run appends one record to ``--json`` (replacing an earlier record with the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common
 
-CALIB_DIR = "/work/shared/data/cuhk03-labeled/Market-1501-v15.09.15/bounding_box_train"
+CALIB_DIR = str(common.DATA / "cuhk03-labeled" / "Market-1501-v15.09.15" / "bounding_box_train")
 
 
 def split_arrays(model_path: str, cache: Path, calib_dir: str = CALIB_DIR):
     """(calibration inputs, held-out inputs, data config) with quantize's defaults, cached by model digest."""
     from reid_export.export.metadata import load_onnx
     from reid_export.export.quantize import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, select_split
-    from reid_export.data_config import DataConfig  # noqa: F401 (type of the config below)
     from reid_export.export.metadata import require_data_config
     from reid_export.preprocess import preprocess
 
@@ -168,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/work/scratch-reduce/cache")
     ap.add_argument("--keep", default=None, help="folder to copy the Q/DQ graphs into")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "learned_rounding.json"))
+    ap.add_argument("--json", default=str(common.REPO / "benchmarks" / "learned_rounding.json"))
     ap.add_argument("--measure-graph", default=None,
                     help="only score this Q/DQ graph (e.g. the partial model Quark's SaveAndRestore keeps mid-run)")
     ap.add_argument("--note", default="", help="what --measure-graph is (recorded)")
@@ -181,7 +177,7 @@ def main(argv=None) -> int:
             record = ours_record(report)
             records = [r for r in records if r.get("key") != record["key"]] + [record]
             print("RESULT", json.dumps(record), flush=True)
-        path.write_text(json.dumps(records, indent=1) + "\n")
+        common.write_json(path, records, indent=1)
     if not args.model:
         return 0
 
@@ -190,22 +186,21 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from reid_export.cpuinfo import read_cpu_flags
     from reid_export.export.quantize.search import Objective
 
+    command = common.command_line(__file__, argv)
     calib, val, data_config = split_arrays(args.model, Path(args.cache))
     objective = Objective(open(args.model, "rb").read(), val, data_config, args.threads)
     if args.measure_graph:
         measures = objective.measure(Path(args.measure_graph).read_bytes())
-        record = {"key": f"{Path(args.model).stem}/{args.flavour}/{algos[0]}/{args.iterations}/partial",
+        record = {**common.header(command),
+                  "key": f"{Path(args.model).stem}/{args.flavour}/{algos[0]}/{args.iterations}/partial",
                   "model": Path(args.model).name, "flavour": args.flavour, "algo": algos[0],
                   "iterations": args.iterations, "data_size": args.data_size, "note": args.note,
                   "graph": Path(args.measure_graph).name, "held_out_images": len(val),
-                  "objective": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in measures.items()},
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(["python", "benchmarks/learned_rounding.py"] + (argv or sys.argv[1:]))}
+                  "objective": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in measures.items()}}
         records = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps([r for r in records if r.get("key") != record["key"]] + [record], indent=1) + "\n")
+        common.write_json(path, [r for r in records if r.get("key") != record["key"]] + [record], indent=1)
         print("RESULT", json.dumps(record), flush=True)
         return 0
     digest = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
@@ -232,6 +227,7 @@ def main(argv=None) -> int:
         for node in onnx.load_from_string(data).graph.node:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
         record = {
+            **common.header(command),
             "key": f"{Path(args.model).stem}/{args.flavour}/{algo}/{args.iterations if algo != 'none' else 0}/{args.lr}",
             "model": Path(args.model).name, "model_sha256": digest,
             "flavour": args.flavour, "algo": algo, "iterations": args.iterations if algo != "none" else 0,
@@ -243,15 +239,10 @@ def main(argv=None) -> int:
             "calibration_s": None if calib_seconds is None else round(calib_seconds, 1), "threads": args.threads,
             "qdq_ops": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear") if k in ops},
             "quark": getattr(quark, "__version__", "?"), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "cpu_flags": sorted(f for f in read_cpu_flags()
-                                if f.startswith(("avx512_vnni", "avx512_bf16", "amx", "avx2"))),
-            "command": " ".join(["python", "benchmarks/learned_rounding.py"] + (argv or sys.argv[1:])),
         }
         records = json.loads(path.read_text()) if path.exists() else []
         records = [r for r in records if r.get("key") != record["key"]] + [record]
-        path.write_text(json.dumps(records, indent=1) + "\n")
+        common.write_json(path, records, indent=1)
         print("RESULT", json.dumps(record), flush=True)
     return 0
 

@@ -12,24 +12,29 @@ features (the features variant also computes the distances). The metrics must ag
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib
-import json
-import platform
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from reid_export.report import format_table
+from reid_export.verify.metrics import compute_distance, evaluate_rank
+from reid_export.verify.streamed import FeatureDistances, MatrixDistances, evaluate_rank_streamed
+from synthetic_features import MARKET_GALLERY, SyntheticReid
 
-from reid_export.report import format_table  # noqa: E402
-from reid_export.verify.metrics import compute_distance, evaluate_rank  # noqa: E402
-from reid_export.verify.streamed import FeatureDistances, MatrixDistances, evaluate_rank_streamed  # noqa: E402
-from streamed_eval import cpu_flags, loadavg  # noqa: E402
-from synthetic_features import MARKET_GALLERY, SyntheticReid  # noqa: E402
+
+def load_rank_cy(folder: Path):
+    """fast-reid's built ``rank_cy`` extension from ``folder`` (rank_cy*.so / .pyd), loaded by its file."""
+    built = sorted(folder.glob("rank_cy*.so")) + sorted(folder.glob("rank_cy*.pyd"))
+    if not built:
+        raise SystemExit(f"{folder}: no rank_cy*.so (build fast-reid's evaluation/rank_cylib first)")
+    spec = importlib.util.spec_from_file_location("rank_cy", built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> int:
@@ -39,8 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(args.fastreid_cy))
-    rank_cy = importlib.import_module("rank_cy")
+    rank_cy = load_rank_cy(args.fastreid_cy)
 
     synth = SyntheticReid()
     qf, q_pids, q_cams = synth.query()
@@ -69,13 +73,13 @@ def main(argv=None) -> int:
             "evaluate_rank_streamed (features, incl. distances)": streamed_features}
     times = {k: [] for k in runs}
     values = {}
-    load = [loadavg()]
+    load = [common.load_average()]
     for _ in range(args.repeats):
         for name, fn in runs.items():  # alternating, so a busy moment hits every one
             t0 = time.perf_counter()
             values[name] = fn()
             times[name].append(time.perf_counter() - t0)
-    load.append(loadavg())
+    load.append(common.load_average())
     ref = values["fast-reid evaluate_cy (Cython)"]
     rows, doc_runs = [], {}
     base = float(np.median(times["fast-reid evaluate_cy (Cython)"]))
@@ -92,12 +96,11 @@ def main(argv=None) -> int:
                           "mINP": m_inp * 100, "same_metrics_as_cython": same}
     print(format_table(["eval", "median s", "min s", "x Cython", "Rank-1", "mAP", "mINP", "same metrics"], rows,
                        floatfmt=".4g"))
-    print(f"{distmat.shape[0]} x {distmat.shape[1]}, {args.repeats} repeats each; load {load[0]} -> {load[1]}")
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "cpu_flags": cpu_flags(), "command": " ".join(sys.argv),
-           "shape": list(distmat.shape), "repeats": args.repeats, "loadavg": load, "runs": doc_runs}
+    print(f"{distmat.shape[0]} x {distmat.shape[1]}, {args.repeats} repeats each; load "
+          f"{common.format_load(load[0])} -> {common.format_load(load[1])}")
+    doc = {"shape": list(distmat.shape), "repeats": args.repeats, "loadavg": load, "runs": doc_runs}
     if args.output:
-        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        common.write_json(args.output, doc, command=common.command_line(__file__, argv))
     ok = doc_runs["evaluate_rank (full matrix)"]["speedup_vs_cython"] >= 2.0 and all(
         r["same_metrics_as_cython"] for r in doc_runs.values())
     print("PASS" if ok else "FAIL", "(evaluate_rank >= 2x evaluate_cy, same metrics)")

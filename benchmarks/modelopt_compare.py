@@ -37,11 +37,9 @@ weight DequantizeLinear outputs each consumer op type takes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -51,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 LAUNCHER = r"""
 import runpy, sys
@@ -111,7 +109,7 @@ def finish_modelopt(folder: Path, model: Path, method: str, facts: dict) -> dict
 
     out, final, facts_file = folder / "out.onnx", folder / "out.reid.onnx", folder / "facts.json"
     if "error" in facts:
-        facts_file.write_text(json.dumps(facts, indent=1))
+        common.write_json(facts_file, facts, command=facts["command"], indent=1)
         return facts
     quantized = onnx.load(str(out))
     props = get_metadata(onnx.load(str(model), load_external_data=False))
@@ -120,7 +118,7 @@ def finish_modelopt(folder: Path, model: Path, method: str, facts: dict) -> dict
     entries["reid_export.modelopt"] = {"method": method, "note": "quantized by nvidia-modelopt; metadata copied"}
     set_metadata(quantized, entries)
     onnx.save(quantized, str(final))
-    facts_file.write_text(json.dumps(facts, indent=1))
+    common.write_json(facts_file, facts, command=facts["command"], indent=1)
     return facts
 
 
@@ -130,16 +128,14 @@ def run_ours(model: Path, out: Path, target: str, calib_dir: Path, threads: int,
         data = json.loads(report.read_text())
         return {"seconds": data.get("seconds"), "output": str(out), "reused": True,
                 "chosen": data.get("search", {}).get("chosen"), "written": data.get("written")}
-    cmd = [sys.executable, "-m", "reid_export", "quantize", str(model), "-o", str(out), "--precision", "int8",
-           "--calib-dir", str(calib_dir)] + (["--target", "cpu"] if target == "cpu" else []) + [
-           "--threads", str(threads), "--report", str(report)]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    out.with_suffix(".log").write_text(proc.stdout + proc.stderr)
-    facts = {"command": " ".join(["python"] + cmd[1:]), "returncode": proc.returncode,
-             "seconds": round(time.time() - start, 1), "output": str(out)}
-    if proc.returncode != 0:
-        facts["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    args = ["quantize", model, "-o", out, "--precision", "int8", "--calib-dir", calib_dir,
+            *(["--target", "cpu"] if target == "cpu" else []), "--threads", threads, "--report", report]
+    step = common.run_step(*args, capture=True, say=None)
+    out.with_suffix(".log").write_text(step.stdout + step.stderr)
+    facts = {"command": " ".join(["python"] + common.cli_command(*args)[1:]), "returncode": step.returncode,
+             "seconds": round(step.seconds, 1), "output": str(out)}
+    if step.returncode != 0:
+        facts["error"] = (step.stderr.strip().splitlines() or ["no output"])[-1][:300]
     return facts
 
 
@@ -268,8 +264,6 @@ def main(argv=None) -> int:
     import onnx
     import onnxruntime
 
-    from reid_export import __version__
-    from reid_export.cpuinfo import read_cpu_flags
     from reid_export.export.metadata import load_onnx, require_data_config
     from reid_export.export.quantize import DEFAULT_CALIB_SIZE, DEFAULT_VAL_SIZE, select_images
     from reid_export.preprocess import preprocess
@@ -350,17 +344,13 @@ def main(argv=None) -> int:
             log(f"{name} {label}: {row.get('held_out')} {row['eval']} ({row['seconds']} s)")
     text = table(rows, list(splits))
     print(text)
-    flags = sorted(read_cpu_flags() & {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "avx512f"})
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "tool": f"reid-export {__version__}",
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_flags": flags,
-              "cores": os.cpu_count(), "load_average": os.getloadavg(), "onnx": onnx.__version__,
+    report = {"cores": os.cpu_count(), "onnx": onnx.__version__,
               "onnxruntime": onnxruntime.__version__, "threads": args.threads,
               "held_out_images": len(val_paths), "calibration_images": len(calib_paths),
               "splits": {s: str(p) for s, p in splits.items()}, "runs": runs, "rows": rows, "placement": placement,
-              "table": text, "command": " ".join(["python", "benchmarks/modelopt_compare.py"]
-                                                 + (argv if argv is not None else sys.argv[1:]))}
+              "table": text}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=float))
+        common.write_json(args.json, report, command=common.command_line(__file__, argv), indent=1)
     return 0
 
 

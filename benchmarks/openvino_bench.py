@@ -32,16 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
-MODELS = Path(os.environ.get("REID_MODELS", REPO.parent / "shared" / "models"))
+import common
+from common import DATA, MODELS, REPO
+
 CUHK03 = DATA / "cuhk03-labeled" / "Market-1501-v15.09.15"
 OMZ = "person-reidentification-retail-0288"
 ROUTES = ("ORT FP32", "ORT INT8-cpu", "OV FP32", "OV bf16", "OV INT8 (trt Q/DQ)", "OV INT8 (cpu Q/DQ)")
@@ -73,18 +69,10 @@ def say(message: str) -> None:
 
 def run(args, *cli_args, output: Path | None = None, ok_codes=(0,)) -> None:
     """One ``reid-export`` command, skipped when ``output`` exists (and --force is not given)."""
-    shown = "reid-export " + " ".join(shlex.quote(str(a)) for a in cli_args)
     if output is not None and output.exists() and not args.force:
-        say(f"# exists, reused: {output}  ({shown})")
+        say(f"# exists, reused: {output}  ({common.shown(*cli_args)})")
         return
-    say(f"$ {shown}")
-    if args.dry_run:
-        return
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "reid_export", *map(str, cli_args)], cwd=REPO)
-    if done.returncode not in ok_codes:
-        raise SystemExit(f"openvino_bench: the command above failed with exit code {done.returncode}")
-    say(f"# {time.monotonic() - start:.0f} s")
+    common.run_step(*cli_args, ok_codes=ok_codes, say=say, dry_run=args.dry_run)
 
 
 def variants(args, fp32: Path, quantize_options: tuple = ()) -> dict[str, str]:
@@ -111,7 +99,7 @@ def bench(args, routes: dict[str, str], name: str) -> dict | None:
     if args.dry_run:
         return None
     doc = json.loads(report.read_text())
-    doc["settings"]["command"] = "reid-export " + " ".join(shlex.quote(str(a)) for a in cmd)
+    doc["settings"]["command"] = common.shown(*cmd)
     return doc
 
 
@@ -128,10 +116,6 @@ def evaluate(args, specs: list[str], name: str) -> dict | None:
     run(args, "eval", *specs, "--dataset-root", args.dataset_root, "--report", report, "--no-progress",
         ok_codes=(0, 1))
     return None if args.dry_run else json.loads(report.read_text())
-
-
-def _load(values) -> str:
-    return " / ".join(f"{v:.2f}" for v in values) if values else "?"
 
 
 def _arithmetic(res: dict) -> str:
@@ -178,8 +162,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     from reid_export.cpuinfo import routes_line
 
-    load_before = os.getloadavg()
-    say(f"# load average before: {_load(load_before)}")
+    load_before = common.load_average()
+    say(f"# load average before: {common.format_load(load_before)}")
     say(f"# {routes_line()}")
     lines: list[str] = []
     envs = []
@@ -188,10 +172,9 @@ def main(argv=None) -> int:
         if not ckpt.exists() or args.force:
             say(f"$ python benchmarks/openvino_bench.py  # makes {ckpt}")
             if not args.dry_run:
-                sys.path.insert(0, str(REPO / "benchmarks"))
-                from cpu_bench import make_random_checkpoint
-
-                make_random_checkpoint(args.config, ckpt, args.calib_dir)
+                path, source = common.random_checkpoint(args.config, ckpt, calib_dir=args.calib_dir,
+                                                        name="bot-r50-random")
+                say(f"# wrote {path}: random weights, BatchNorm statistics from {source}")
         fp32 = args.work / "bot-r50.onnx"
         run(args, "onnx", ckpt, "-o", fp32, output=fp32)
         routes = variants(args, fp32)
@@ -244,7 +227,7 @@ def main(argv=None) -> int:
                                     "max rel L2", "parity gate"], rows, floatfmt=".2f"), ""]
     if args.dry_run:
         return 0
-    load_after = os.getloadavg()
+    load_after = common.load_average()
     if envs:
         env = envs[0]["environment"]
     else:
@@ -254,14 +237,15 @@ def main(argv=None) -> int:
     head = [f"CPU {env.get('cpu', '?')}, {env.get('cpu_count', '?')} cores, {args.threads} threads; "
             f"onnxruntime {env.get('versions', {}).get('onnxruntime')}, openvino {env.get('versions', {}).get('openvino')}",
             routes_line(),
-            f"load average (1/5/15 min) before {_load(load_before)}, after {_load(load_after)}", ""]
+            f"load average (1/5/15 min) before {common.format_load(load_before)}, after "
+            f"{common.format_load(load_after)}", ""]
     for doc in envs:
         head.append(f"command: {doc['settings']['command']}")
     text = "\n".join(head + [""] + lines) + "\n"
     from reid_export.fileio import atomic_write_text
 
     atomic_write_text(args.work / "openvino_table.md", text)
-    say(f"# load average after: {_load(load_after)}")
+    say(f"# load average after: {common.format_load(load_after)}")
     say("")
     say(text.rstrip())
     return 0

@@ -12,7 +12,8 @@ CKPT=$SHARED/models/torchreid_osnet_x0_25_market1501.pt
 DATA=$SHARED/data/cuhk03-labeled
 CFG=configs/torchreid/osnet_x0_25.yml
 mkdir -p "$OUT"
-echo "date $(date -u '+%Y-%m-%d %H:%M') UTC; load $(cat /proc/loadavg)"
+PY=${PYTHON:-python3}
+echo "date $(date -u '+%Y-%m-%d %H:%M') UTC; environment $("$PY" benchmarks/common.py)"
 [ -f "$OUT/osnet_x0_25.onnx" ] || reid-export onnx "$CKPT" --config "$CFG" -o "$OUT/osnet_x0_25.onnx"
 [ -f "$OUT/osnet_x0_25.fp16.onnx" ] || reid-export quantize "$OUT/osnet_x0_25.onnx" -o "$OUT/osnet_x0_25.fp16.onnx" \
     --precision fp16 --no-progress || echo "fp16 exit $?"
@@ -33,4 +34,4 @@ reid-export eval "${models[@]}" --config "$CFG" --dataset-root "$DATA" --report 
 printf '_BASE_: %s\nINPUT:\n  INTERPOLATION: linear\n' "$(realpath "$CFG")" > "$OUT/osnet_x0_25_opencv_linear.yml"
 reid-export eval "$CKPT" --config "$OUT/osnet_x0_25_opencv_linear.yml" --dataset-root "$DATA" \
     --report "$OUT/eval_opencv_linear.json" --no-progress || echo "eval (opencv) exit $?"
-echo "done $(date -u '+%H:%M') UTC; load $(cat /proc/loadavg)"
+echo "done $(date -u '+%H:%M') UTC; environment $("$PY" benchmarks/common.py)"

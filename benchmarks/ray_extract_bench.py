@@ -7,7 +7,7 @@ killed run resumes.
 3. the same command again: it must report the shards it reused, finish the rest, and write a
    feature matrix and file list equal to (1) bit for bit.
 
-The model is a BoT-R18 (random weights, BatchNorm statistics from a random batch; 128x64 input)
+The model is a BoT-R18 (random weights with a trained model's numerics, ``common.random_checkpoint``; 128x64 input)
 unless ``--model`` names one. Prints a table and writes JSON.
 
     python benchmarks/ray_extract_bench.py ../shared/data/cuhk03-labeled/Market-1501-v15.09.15/bounding_box_train \\
@@ -17,10 +17,8 @@ unless ``--model`` names one. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -30,38 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from reid_export.report import format_table  # noqa: E402
-from streamed_eval import cpu_flags, loadavg  # noqa: E402
+import common
+from common import REPO
+from reid_export.report import format_table
 
 
 def make_model(path: Path) -> Path:
-    import torch
-
-    from reid_export.checkpoint import save_checkpoint
-    from reid_export.config import load_config
-    from reid_export.data_config import data_config_from_cfg
-    from reid_export.modeling import build_model
-
-    cfg = load_config(REPO / "configs/Market1501/bagtricks_R18.yml", ["INPUT.SIZE_TEST", "[128, 64]"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # backbone BatchNorm statistics of a random batch, so features differ between images
-        model.backbone.train()
-        for m in model.backbone.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-        model.backbone(torch.rand(16, 3, 128, 64))
-        model.eval()
-    return save_checkpoint(path, model, cfg, data_config_from_cfg(cfg, model.feat_dim, "r18"))
+    return common.random_checkpoint(REPO / "configs/Market1501/bagtricks_R18.yml", path,
+                                    opts=["INPUT.SIZE_TEST", "[128, 64]"], name="r18")[0]
 
 
 def cli(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "reid_export.cli.main", *map(str, args)], env=env, cwd=REPO,
-                            start_new_session=True, **kw)
+    """``reid-export ARGS`` started in its own process group (so that the kill reaches Ray's processes)."""
+    return subprocess.Popen(common.cli_command(*args), env=env, start_new_session=True, **kw)
 
 
 def main(argv=None) -> int:
@@ -77,10 +56,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.model or make_model(args.workdir / "bot_r18_128x64.pth")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    env = common.cli_env(OMP_NUM_THREADS=str(args.threads))
     n_files = len([p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".png", ".jpeg", ".bmp")])
     n_shards = (n_files + args.shard_size - 1) // args.shard_size
-    common = ["--batch-size", args.batch_size, "--no-progress"]
+    extract_opts = ["--batch-size", args.batch_size, "--no-progress"]
     local, ray_out = args.workdir / "local.npy", args.workdir / "ray.npy"
     for p in (local, ray_out, local.with_suffix(".json"), ray_out.with_suffix(".json")):
         p.unlink(missing_ok=True)
@@ -88,13 +67,13 @@ def main(argv=None) -> int:
 
     shutil.rmtree(args.workdir / "ray.npy.shards", ignore_errors=True)
 
-    load = {"start": loadavg()}
+    load = {"start": common.load_average()}
     t0 = time.perf_counter()
-    assert cli(["extract", model, args.images, "-o", local, *common], env).wait() == 0
+    assert cli(["extract", model, args.images, "-o", local, *extract_opts], env).wait() == 0
     local_s = time.perf_counter() - t0
 
     ray_args = ["extract", model, args.images, "-o", ray_out, "--engine", "ray", "--workers", args.workers,
-                "--threads-per-worker", args.threads, "--shard-size", args.shard_size, *common]
+                "--threads-per-worker", args.threads, "--shard-size", args.shard_size, *extract_opts]
     shards = args.workdir / "ray.npy.shards"
     t0 = time.perf_counter()
     proc = cli(ray_args, env, stderr=subprocess.PIPE)
@@ -105,7 +84,7 @@ def main(argv=None) -> int:
     proc.wait()
     time.sleep(2)  # let the killed run's last worker die
     done_at_kill = len(list(shards.glob("shard-*.json")))
-    load["kill"] = loadavg()
+    load["kill"] = common.load_average()
     t0 = time.perf_counter()
     resumed = cli(ray_args, env, stderr=subprocess.PIPE)
     _, err = resumed.communicate()
@@ -114,7 +93,7 @@ def main(argv=None) -> int:
     assert resumed.returncode == 0, err[-2000:]
     m = re.search(r"resumed: (\d+) of (\d+) shards", err)
     reused = int(m.group(1)) if m else 0
-    load["end"] = loadavg()
+    load["end"] = common.load_average()
 
     a, b = np.load(local), np.load(ray_out)
     ja, jb = (json.loads(p.with_suffix(".json").read_text()) for p in (local, ray_out))
@@ -126,15 +105,13 @@ def main(argv=None) -> int:
              (n_files - reused * args.shard_size) / resume_s, reused, f"order {same_order}, bits {same_bits}"]]
     print(format_table(["run", "workers", "wall s", "img/s", "shards done", "equal to local"], rows, floatfmt=".4g"))
     print(f"{n_files} images, {n_shards} shards of {args.shard_size}; features {a.shape}; load {load}")
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "cpu_flags": cpu_flags(), "command": " ".join(sys.argv),
-           "images": str(args.images), "num_images": n_files, "model": str(model), "workers": args.workers,
+    doc = {"images": str(args.images), "num_images": n_files, "model": str(model), "workers": args.workers,
            "threads": args.threads, "batch_size": args.batch_size, "shard_size": args.shard_size,
            "local_s": local_s, "ray_killed_after_s": killed_after, "shards_at_kill": done_at_kill,
            "ray_resume_s": resume_s, "shards_reused": reused, "shards": n_shards, "same_order": same_order,
            "same_bits": same_bits, "loadavg": load, "passed": bool(same_order and same_bits and reused >= 1)}
     if args.output:
-        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        common.write_json(args.output, doc, command=common.command_line(__file__, argv))
     print("PASS" if doc["passed"] else "FAIL")
     return 0 if doc["passed"] else 1
 

@@ -13,9 +13,6 @@ full matrix of that subsample is what fits in memory). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -23,32 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reid_export.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
-from reid_export.report import format_table  # noqa: E402
-from reid_export.verify.metrics import compute_distance, evaluate_rank  # noqa: E402
-from reid_export.verify.streamed import FeatureDistances, evaluate_rank_streamed  # noqa: E402
-from synthetic_features import FULL_GALLERY, SyntheticReid  # noqa: E402
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split(" ")[0:3].__str__()
-    except OSError:
-        return "?"
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
-    except OSError:
-        pass
-    return "?"
+import common
+from reid_export.bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+from reid_export.report import format_table
+from reid_export.verify.metrics import compute_distance, evaluate_rank
+from reid_export.verify.streamed import FeatureDistances, evaluate_rank_streamed
+from synthetic_features import FULL_GALLERY, SyntheticReid
 
 
 def summary(res: dict) -> dict:
@@ -81,7 +58,7 @@ def main(argv=None) -> int:
     gen_s = time.perf_counter() - t0
 
     gallery = np.load(g_path, mmap_mode="r")
-    load_before = loadavg()
+    load_before = common.load_average()
     reset_peak_rss()
     rss0 = rss_mib()
     t0 = time.perf_counter()
@@ -91,7 +68,7 @@ def main(argv=None) -> int:
     eval_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
     peak = peak_rss_mib()
-    load_after = loadavg()
+    load_after = common.load_average()
 
     # The check: a subsample of queries against the whole gallery, as one full matrix.
     rng = np.random.default_rng(1)
@@ -121,10 +98,9 @@ def main(argv=None) -> int:
                         "CPU s", "peak RSS MiB"], rows, floatfmt=".2f"))
     print(f"subsample check: every positive's rank equal {same_ranks}, per-query INP equal {same_inp}, AP equal "
           f"{same_ap} (max |AP diff| {max_ap_diff:.3g}); "
-          f"items kept near positives {res['kept_near_positives']}; load {load_before} -> {load_after}")
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "cpu_flags": cpu_flags(), "command": " ".join(sys.argv),
-           "num_query": int(qf.shape[0]), "num_gallery": args.gallery_size, "dim": synth.dim,
+          f"items kept near positives {res['kept_near_positives']}; load {common.format_load(load_before)} -> "
+          f"{common.format_load(load_after)}")
+    doc = {"num_query": int(qf.shape[0]), "num_gallery": args.gallery_size, "dim": synth.dim,
            "chunk_elements": args.chunk_elements, "generate_s": gen_s, "eval_s": eval_s, "eval_cpu_s": cpu_s,
            "rss_before_mib": rss0, "peak_rss_mib": peak, "loadavg_before": load_before, "loadavg_after": load_after,
            "streamed": summary(res), "kept_near_positives": res["kept_near_positives"],
@@ -132,7 +108,7 @@ def main(argv=None) -> int:
                      "positive_ranks_equal": same_ranks, "per_query_AP_equal_1e-12": same_ap, "per_query_INP_equal": same_inp, "max_ap_diff": max_ap_diff},
            "passed": bool(same_ranks and same_ap and same_inp and eval_s <= 120 and peak <= 3 * 1024)}
     if args.output:
-        args.output.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        common.write_json(args.output, doc, command=common.command_line(__file__, argv))
     print("PASS" if doc["passed"] else "FAIL", "(<= 120 s, <= 3 GiB peak RSS, equal on the subsample)")
     return 0 if doc["passed"] else 1
 

@@ -14,44 +14,30 @@ change, extracted with ``git archive <commit> reid_export | tar -x -C DIR``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from streamed_eval import cpu_flags, loadavg  # noqa: E402
-
-from reid_export.report import format_table  # noqa: E402
+import common
+from common import REPO
+from reid_export.report import format_table
 
 
 def run_one(work: Path, queries: str, size: int, chunk: int, code: Path) -> dict:
     report = work / f"mem_{queries}_{size}_{chunk}.json"
-    cmd = [sys.executable, "-m", "reid_export.cli.main", "eval", "--query-features", str(work / f"{queries}.npy"),
-           "--gallery-features", str(work / f"G_{size}.npy"), "--chunk-elements", str(chunk), "--no-progress",
-           "--report", str(report)]
-    env = dict(os.environ, PYTHONPATH=str(code))
-    load = loadavg()
-    t0 = time.perf_counter()
+    load = common.load_average()
     # run from the checkout: ``-m`` puts the working folder first on sys.path, before PYTHONPATH
-    proc = subprocess.run(cmd, env=env, cwd=str(code), capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    step = common.run_step("eval", "--query-features", work / f"{queries}.npy", "--gallery-features",
+                           work / f"G_{size}.npy", "--chunk-elements", chunk, "--no-progress", "--report", report,
+                           capture=True, cwd=code, code=code, say=None)
+    if step.returncode != 0:
+        raise SystemExit(f"{step.command} failed:\n{step.stderr}")
     res = json.loads(report.read_text())["models"][0]
     report.unlink()
     return {"queries": queries, "gallery": size, "chunk_elements": chunk, "code": str(code),
-            "peak_rss_mib": res["peak_rss_mib"], "wall_s": round(wall, 2), "loadavg_before": load,
+            "peak_rss_mib": res["peak_rss_mib"], "wall_s": round(step.seconds, 2), "loadavg_before": load,
             **{k: res[k] for k in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")},
-            "kept_near_positives": res.get("kept_near_positives"),
-            "command": " ".join(["reid-export", *cmd[3:]])}
+            "kept_near_positives": res.get("kept_near_positives"), "command": step.command}
 
 
 def main(argv=None) -> int:
@@ -78,11 +64,9 @@ def main(argv=None) -> int:
                        [[r["label"], r["queries"], r["gallery"], r["chunk_elements"], r["peak_rss_mib"], r["wall_s"],
                          r["Rank-1"], r["mAP"], r["mINP"]] for r in runs], floatfmt=".2f"))
     if args.output:
-        doc = json.loads(args.output.read_text()) if args.output.exists() else {"runs": []}
-        doc.update({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": platform.node(), "cpu_flags": cpu_flags(), "python": platform.python_version()})
-        doc["runs"] += runs
-        args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        earlier = json.loads(args.output.read_text())["runs"] if args.output.exists() else []
+        doc = {"runs": earlier + runs}  # the header is this run's
+        common.write_json(args.output, doc, command=common.command_line(__file__, argv))
     return 0
 
 

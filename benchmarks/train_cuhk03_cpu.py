@@ -21,32 +21,17 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+import common
+from common import DATA, REPO
 
 
 def reid_train(args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "reid_train.cli", *args]
-    print("$ reid-train " + " ".join(args), flush=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    common.run_step(*args, tool="reid-train", ok_codes=(0,))
 
 
 def mAP_curve(epochs: list[dict], evals: list[Path], name: str) -> list[dict]:  # noqa: N802
@@ -64,21 +49,21 @@ def mAP_curve(epochs: list[dict], evals: list[Path], name: str) -> list[dict]:  
     return curve
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
+    parser.add_argument("--data", default=str(DATA),
                         help="DATASETS.ROOT: the folder holding cuhk03-labeled/")
     parser.add_argument("--config", default=str(REPO / "configs" / "CUHK03" / "bagtricks_R18_cpu.yml"))
     parser.add_argument("--output-dir", default=str(REPO / "logs" / "cuhk03" / "bagtricks_R18_cpu"))
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     parser.add_argument("--skip-before", action="store_true", help="reuse the untrained evaluation already there")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="extra config overrides (last)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     out = Path(args.output_dir)
     opts = ["DATASETS.ROOT", args.data, *args.opts]
     started = dt.datetime.now(dt.timezone.utc)
-    load_start = os.getloadavg()
+    load_start = common.load_average()
 
     before_dir = out / "untrained"
     if not (args.skip_before and (before_dir / "metrics_eval.json").is_file()):
@@ -90,7 +75,7 @@ def main() -> int:
     reid_train(["--config", args.config, "--output-dir", str(out), "--no-progress",
                 *(["--resume"] if args.resume else []), "--opts", *opts])
     wall = time.time() - t0
-    load_end = os.getloadavg()
+    load_end = common.load_average()
 
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     by_epoch = {h["epoch"]: h for h in history}  # a resumed run may repeat an epoch: keep the last
@@ -101,11 +86,12 @@ def main() -> int:
                key=lambda m: next(iter(m["results"].values()))["metric"])
     name = next(iter(final["results"]))
     pick = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
+    env = common.environment(versions=("torch",))
     summary = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": __import__("torch").__version__,
-                    "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in load_end]},
+        # kept as before: a dict, in place of the report header's host name
+        "machine": {"cpu": env["cpu"], "cores": env["cpu_count"], "python": env["python"],
+                    "torch": env["versions"]["torch"], "loadavg_start": load_start, "loadavg_end": load_end},
         "config": os.path.relpath(args.config, REPO), "opts": opts, "output_dir": str(out),
         "before": {k: before["results"][name][k] for k in pick},
         "after_final": {k: final["results"][name][k] for k in pick} | {"epoch": final["epoch"] + 1},
@@ -122,7 +108,7 @@ def main() -> int:
         "checkpoints": [str(out / "model_final.pth"), str(out / "model_best.pth")],
         "curve": mAP_curve(epochs, evals, name),
     }
-    (out / "benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.write_json(out / "benchmark.json", summary, command=common.command_line(__file__, argv))
 
     b, f, bb, t = summary["before"], summary["after_final"], summary["after_best"], summary["train"]
     print(f"\nCUHK03 ({name}), {summary['date_utc']} UTC, {summary['machine']['cpu']}, {os.cpu_count()} cores")
@@ -133,7 +119,8 @@ def main() -> int:
     print(f"| best (epoch {bb['epoch']}) | {bb['Rank-1']:.2f} | {bb['Rank-5']:.2f} | {bb['mAP']:.2f} | {bb['mINP']:.2f} |")
     print(f"training: {t['epochs']} epochs x {t['images_per_epoch']} images, median {t['img_per_s_median']:.1f} img/s "
           f"(best epoch {t['img_per_s_best_epoch']:.1f}, compute only {t['compute_img_per_s_median']:.1f}), "
-          f"{t['train_seconds_sum'] / 60:.1f} min of training; load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+          f"{t['train_seconds_sum'] / 60:.1f} min of training; load average {common.format_load(load_start)} -> "
+          f"{common.format_load(load_end)}")
     print("mAP against minutes of training: " + ", ".join(
         f"epoch {c['epoch']} {c['train_minutes']:.1f} min mAP {c['mAP']:.2f}" for c in summary["curve"]))
     print(f"mAP gain: {f['mAP'] - b['mAP']:+.2f} points (final), summary in {out / 'benchmark.json'}")

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from reid_export.modeling import random_weights
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DATA = Path(os.environ.get("REID_DATA", REPO.parent / "shared" / "data"))
+randomize_bn = random_weights.randomize_bn  # random weights with a trained model's numerics, one way for every test
 
 
 def data_dir(name: str) -> Path:
@@ -32,11 +35,17 @@ def parity_images() -> list[Path]:
 
 
 def load_benchmark(name: str):
-    """``benchmarks/NAME.py`` as a module (the benchmark scripts are not a package)."""
+    """``benchmarks/NAME.py`` as a module (the benchmark scripts are not a package), with benchmarks/ on
+    ``sys.path`` as when the script runs (its ``import common`` and imports of other scripts work)."""
     import importlib.util
+    import sys
 
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does (a dataclass in it looks its module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -57,31 +66,6 @@ def image_dir(tmp_path) -> Path:
     for i in range(4):
         write_image(folder / f"{i:04d}_c1s1_000000_00.jpg", seed=i)
     return folder
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0, size=(256, 128)) -> torch.nn.Module:
-    """Make a random-weight model behave like a trained one numerically: non-trivial affine norm
-    parameters and running statistics measured on a random batch (so activations stay in range
-    and outputs differ between images)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) and m.affine:
-                m.weight.copy_(0.5 + 0.5 * torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batch
-        for name, m in model.named_modules():
-            if ".NL_" in name and name.endswith(".W.1"):
-                m.weight.mul_(0.2)  # trained non-local blocks add a small residual
-        model.train()
-        x = (torch.rand(4, 3, *size, generator=gen) * 255 - model.pixel_mean) / model.pixel_std
-        model.heads.bottleneck(model.heads.pool_layer(model.backbone(x)))
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = 0.1
-    return model.eval()
 
 
 class CliResult:

@@ -21,7 +21,7 @@ from reid_export.export.onnx_export import export_checkpoint, export_module, gen
 from reid_export.embeddings import relative_l2
 from reid_export.fileio import sha256_file
 from reid_export.modeling import build_model
-from reid_export.modeling.resnet import BasicBlock
+from reid_export.modeling.random_weights import randomize_bn
 from reid_export.runtime import open_encoder, preprocess
 
 pytestmark = pytest.mark.slow  # a development run skips it: pytest -m "not slow"
@@ -36,29 +36,9 @@ def trained_like(model: nn.Module, size=(256, 128), seed: int = 0, branch_gain: 
     FP32 itself then differs from FP64 by ~3e-5 on IBN nets), which would turn a 1e-5 parity bound
     into a test of the random weights instead of the export.
     """
-    gen = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.affine:
-                m.weight.copy_(0.5 + 0.5 * torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-                parent = modules.get(name.rsplit(".", 1)[0])
-                last_of_branch = name.endswith((".bn3", ".W.1")) or (name.endswith(".bn2")
-                                                                     and isinstance(parent, BasicBlock))
-                if last_of_branch:
-                    m.weight.mul_(branch_gain)
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the batch below
-        config = DataConfig(height=size[0], width=size[1])  # fast-reid's: 0..255 RGB, mean/std inside
-        x = torch.from_numpy(preprocess(generated_images(4, size, seed=seed + 100), config))
-        model.train()
-        model.heads.bottleneck(model.heads.pool_layer(model.backbone((x - model.pixel_mean) / model.pixel_std)))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
-    return model.eval()
+    config = DataConfig(height=size[0], width=size[1])  # fast-reid's: 0..255 RGB, mean/std inside
+    x = torch.from_numpy(preprocess(generated_images(4, size, seed=seed + 100), config))
+    return randomize_bn(model, seed, size, inputs=[x], branch_gain=branch_gain)
 
 
 def make_checkpoint(folder, cfg_name, opts=(), name="model.pth", ours=False):
