@@ -104,10 +104,10 @@ def extract_on_ray(model, paths: Sequence[Path], output: Path, *, config=None, o
     from tqdm import tqdm
 
     if shard_size < 1 or shard_size % batch_size:
-        raise UsageError(f"--shard-size {shard_size} must be a positive multiple of --batch-size {batch_size} "
+        raise UsageError(f"`shard_size` {shard_size} must be a positive multiple of `batch_size` {batch_size} "
                          "(so the model sees the same batches as a single-process run)")
     if num_workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {num_workers}")
+        raise UsageError(f"`num_workers` must be >= 1, got {num_workers}")
     ray = require_ray()
     paths = [str(p) for p in paths]
     folder = shards_dir(Path(output))

@@ -232,17 +232,17 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
     if out_dir.exists() and not out_dir.is_dir():
         raise ReidExportError(f"{out_dir}: is a file; give a folder for -o")
     if architecture is not None and architecture not in BOXMOT_BACKBONES:
-        raise UsageError(f"--boxmot-arch {architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it out "
+        raise UsageError(f"`architecture` {architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it out "
                          "for a model BoxMOT does not know (its ONNX/OpenVINO backends do not need one)")
     if openvino:
         try:
             import openvino as _ov  # noqa: F401
         except ImportError:
             raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
-                                  "(or write only the ONNX with --no-openvino)") from None
+                                  "(or write only the ONNX with `openvino=False`)") from None
     stem = name or model_path.stem
     if not stem or "/" in stem:
-        raise UsageError(f"--name {stem!r}: give a plain file stem")
+        raise UsageError(f"`name` {stem!r}: give a plain file stem")
 
     inputs: list[ImageLike]
     if images:
@@ -338,7 +338,7 @@ def build(model_path: str | Path, out_dir: str | Path, *, config: str | Path | N
                          "sidecar (model_kwargs.img_size), its ONNX backend from the graph")
         if source_dc.interpolation != "linear":
             notes.append(f"BoxMOT resizes with cv2 INTER_LINEAR, the model's own resize is {source_dc.interpolation}: "
-                         "measure the cost with eval --deployment boxmot")
+                         "measure the cost with reid-export eval --deployment boxmot")
 
         files: dict[Path, bytes] = {}
         files[onnx_out] = folded.SerializeToString()

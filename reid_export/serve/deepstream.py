@@ -234,9 +234,9 @@ def build(model_path: str | Path, out_dir: str | Path, images: Sequence[str | Pa
     precision = model_precision(model)
     network_mode = network_mode or ("fp32" if precision == "fp32" else precision)
     if network_mode not in NETWORK_MODE:
-        raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
+        raise ReidExportError(f"`network_mode` must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
     if reid_type not in REID_TYPE:
-        raise ReidExportError(f"--reid-type must be one of {', '.join(REID_TYPE)}", exit_code=2)
+        raise ReidExportError(f"`reid_type` must be one of {', '.join(REID_TYPE)}", exit_code=2)
     color_order = color_order or data_config.channel_order
     stem = name or model_path.stem
     onnx_out = out_dir / f"{stem}.deepstream.onnx"

@@ -410,15 +410,15 @@ def _gate(results: list[dict], gates: EvalGates) -> list[str]:
             elif i > 0 and "error" not in base:
                 if _over(-res["delta_mAP"], gates.max_map_drop):
                     mine.append(f"{res['model']}: mAP {res['mAP']:.2f} is {-res['delta_mAP']:.2f} points below "
-                                f"{base['model']} (gate {gates.max_map_drop:g}; --max-map-drop sets it)")
+                                f"{base['model']} (gate {gates.max_map_drop:g}; `gates.max_map_drop` sets it)")
                 if _over(-res["delta_Rank-1"], gates.max_r1_drop):
                     mine.append(f"{res['model']}: Rank-1 {res['Rank-1']:.2f} is {-res['delta_Rank-1']:.2f} points "
-                                f"below {base['model']} (gate {gates.max_r1_drop:g}; --max-r1-drop sets it)")
+                                f"below {base['model']} (gate {gates.max_r1_drop:g}; `gates.max_r1_drop` sets it)")
             fidelity = res.get("fidelity")
             if gates.fidelity is not None and not exempt and fidelity and not fidelity["passed"]:
                 mine.append(f"{res['model']}: its {res['precision']} features moved from {base['model']}'s on "
                             f"{fidelity['images']} images of the dataset: {'; '.join(fidelity['failures'])} (the "
-                            "reduced-precision gate of quantize and parity; --no-gate reports without failing)")
+                            "reduced-precision gate of quantize and parity; `gates=None` reports without failing)")
             collapse = res.get("collapse")
             if gates.fail_collapsed and not exempt and collapse and collapse["collapsed"]:
                 mine.append(f"{res['model']}: collapsed embeddings (every pair of {collapse['num_images']} different "

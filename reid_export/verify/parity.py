@@ -105,7 +105,7 @@ def run_parity(reference: "str | Path | Encoder", candidates: Sequence["str | Pa
     deployment's preprocessing). Default gates follow each candidate's precision
     (:meth:`Tolerances.for_precision`); the overrides apply to all. ``warn`` gets the skipped-images line."""
     if (atol is None) != (rtol is None):
-        raise UsageError("--atol and --rtol go together; give both")
+        raise UsageError("`atol` and `rtol` go together; give both")
     if not candidates:
         raise UsageError("parity needs at least one candidate model")
     paths = expand_image_paths(images)
@@ -162,7 +162,7 @@ def _locate(ref_enc: Encoder, candidates: list[Encoder], arrays) -> dict:
         (e for e in candidates if e.path.suffix == ".onnx" and e.precision == "fp32"), None)
     targets = [e for e in candidates if e.path.suffix == ".onnx" and e.precision != "fp32"]
     if fp32 is None or not targets:
-        raise UsageError("--locate needs an FP32 ONNX (as reference or candidate) and FP16/INT8 ONNX "
+        raise UsageError("`locate` needs an FP32 ONNX (as reference or candidate) and FP16/INT8 ONNX "
                          "candidates made from it")
     batch = preprocess(arrays[: min(len(arrays), 8)], fp32.data_config)
     return {str(enc.path): locate_layers(fp32.path, enc.path, batch) for enc in targets}
