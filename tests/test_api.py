@@ -97,7 +97,7 @@ def test_bench_returns_results_and_environment(setup):
 def test_bad_input_is_one_error_not_a_report(setup, tmp_path):
     with pytest.raises(api.ReidExportError, match="missing.onnx"):
         api.parity(setup["a"], [tmp_path / "missing.onnx"], [setup["images"]], progress=False)
-    with pytest.raises(api.UsageError, match="--atol and --rtol"):
+    with pytest.raises(api.UsageError, match="`atol` and `rtol`"):
         api.parity(setup["a"], [setup["a"]], [setup["images"]], atol=1e-3)
     with pytest.raises(api.ReidExportError, match="nowhere"):
         api.evaluate([setup["a"]], tmp_path / "nowhere", progress=False)

@@ -148,7 +148,7 @@ def test_triton_bad_inputs(models, tmp_path):
                        "needs a Q/DQ")
     assert_clean_error(run_cli("triton", plans[0], "-o", tmp_path / "r6", "--kind", "cpu"), "runs on a GPU")
     assert_clean_error(run_cli("triton", fp32, "-o", tmp_path / "r7", "--preferred-batch-size", "64"),
-                       "exceeds max_batch_size 32")
+                       "exceeds --max-batch-size 32")
     ckpt = tmp_path / "model.pth"
     ckpt.write_bytes(b"x")
     assert_clean_error(run_cli("triton", ckpt, "-o", tmp_path / "r8"), "reid-export onnx")

@@ -29,7 +29,7 @@ def test_parse_size():
     assert parse_size("1073741824") == 2 ** 30
     assert parse_size("1.5GiB") == int(1.5 * 2 ** 30)
     for bad in ("lots", "4XB", "0", "-1GiB"):
-        with pytest.raises(UsageError, match="--workspace"):
+        with pytest.raises(UsageError, match="`workspace`"):
             parse_size(bad)
 
 
@@ -43,7 +43,7 @@ def test_profile_dynamic_static_and_errors():
     assert compute_profile([None, 3, "h", "w"], 2, 4, 8, (384, 128))["max"] == [8, 3, 384, 128]
     with pytest.raises(UsageError, match="min <= opt <= max"):
         compute_profile(["batch", 3, 256, 128], 8, 4, 16, (256, 128))
-    with pytest.raises(UsageError, match="--min-batch must be >= 1"):
+    with pytest.raises(UsageError, match="`min_batch` must be >= 1"):
         compute_profile(["batch", 3, 256, 128], 0, 4, 16, (256, 128))
     with pytest.raises(ReidExportError, match="data config says 384x128"):
         compute_profile(["batch", 3, 256, 128], 1, 4, 16, (384, 128))
@@ -77,7 +77,7 @@ def test_build_plan(version, graph, fp16, int8, expected):
 def test_build_plan_refusals():
     with pytest.raises(UsageError, match="Q/DQ"):
         build_plan("11.0.0", "fp32", True, True)
-    with pytest.raises(UsageError, match="pass --int8"):
+    with pytest.raises(UsageError, match="pass `int8`"):
         build_plan("10.1.0", "int8", True, False)
 
 

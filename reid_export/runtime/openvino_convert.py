@@ -202,8 +202,8 @@ def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataCon
         raise ReidExportError(f"{model_path}: the model input has {shape[1]} channels; expected 3 (an image)")
     for axis, want in ((2, data_config.height), (3, data_config.width)):
         if shape[axis] is not None and shape[axis] != want:
-            raise UsageError(f"`data_config.input_size` {data_config.height} {data_config.width} does not match the model "
-                             f"input {shape}; use `data_config.input_size` {shape[2]} {shape[3]}")
+            raise UsageError(f"`data_config.input_size` {data_config.height} {data_config.width} does not match "
+                             f"the model input {shape}; use `data_config.input_size` {shape[2]} {shape[3]}")
     previous = read_data_config(model, model_path)
     precision = graph_precision(model)
     # run it once (on a copy: compiling does not change the model that is saved)

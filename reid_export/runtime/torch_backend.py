@@ -37,7 +37,8 @@ class TorchEncoder(Encoder):
         self.half = half
         if half:
             if self._device.type != "cuda":
-                raise ReidExportError("`half` (MODEL@fp16) needs `device` cuda (CPU half convolutions are slow and incomplete)",
+                raise ReidExportError("`half` (MODEL@fp16) needs `device` cuda "
+                                      "(CPU half convolutions are slow and incomplete)",
                                       exit_code=2)
             self.model = self.model.half()
         self.precision = "fp16" if half else "fp32"

@@ -191,7 +191,7 @@ def collect(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[Mod
     entries += [_ir_entry(p, model_name(p)) for p in ir_paths]
     if names:
         if len(names) != len(entries):
-            raise ReidExportError(f"`names` gives {len(names)} names for {len(entries)} models (plans of one ONNX for "
+            raise ReidExportError(f"`names` given {len(names)} times for {len(entries)} models (plans of one ONNX for "
                                   "several GPUs are one model); give one per model or none", exit_code=2)
         for entry, name in zip(entries, names):
             entry.name = name
@@ -218,16 +218,16 @@ def resolve_batching(entry: ModelEntry, opts: RepoOptions) -> None:
             entry.max_batch_size = 0
             return
         if opts.max_batch_size is not None and opts.max_batch_size > limit:
-            raise ReidExportError(f"{entry.name}: `options.max_batch_size` {opts.max_batch_size} exceeds the engine's profile "
-                                  f"maximum {limit}; rebuild with reid-export trt --max-batch {opts.max_batch_size}",
+            raise ReidExportError(f"{entry.name}: `options.max_batch_size` {opts.max_batch_size} exceeds the engine's "
+                                  f"profile maximum {limit}; rebuild with reid-export trt --max-batch {opts.max_batch_size}",
                                   exit_code=2)
         entry.max_batch_size = opts.max_batch_size if opts.max_batch_size is not None else limit
     else:
         entry.max_batch_size = 32 if opts.max_batch_size is None else opts.max_batch_size
     for size in opts.preferred_batch_sizes:
         if entry.max_batch_size and size > entry.max_batch_size:
-            raise ReidExportError(f"{entry.name}: `options.preferred_batch_sizes` {size} exceeds `options.max_batch_size` "
-                                  f"{entry.max_batch_size}", exit_code=2)
+            raise ReidExportError(f"{entry.name}: `options.preferred_batch_sizes` {size} exceeds "
+                                  f"`options.max_batch_size` {entry.max_batch_size}", exit_code=2)
 
 
 def _list(values) -> str:
