@@ -144,7 +144,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             raise ReidExportError(f"{source}: checkpoint does not match the config ({'; '.join(parts)}); {advice}")
         raise ReidExportError(
             f"{source}: checkpoint does not match the config ({'; '.join(parts)}){hint}; "
-            "pass the config it was trained with (or --allow-partial to load what matches)"
+            "pass the config it was trained with (or `allow_partial` to load what matches)"
         )
     to_load = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     classifier_skipped = CLASSIFIER_KEY not in to_load
@@ -258,7 +258,7 @@ def _checkpoint_config(obj: dict, path: Path, config, opts=(), state: dict | Non
     probable = osnet_hint(state if state is not None else extract_state_dict(obj, str(path)))
     # a torchreid OSNet file: name the configs/torchreid/*.yml its shapes fit
     raise ReidExportError(f"{path}: this checkpoint holds no config; " + (
-        probable if probable else "pass --config CFG.yml (the fast-reid config it was trained with)"))
+        probable if probable else "pass `config` CFG.yml (the fast-reid config it was trained with)"))
 
 
 def load_model_from_checkpoint(path: str | Path, config: str | Path | None = None, opts=(),
@@ -278,7 +278,7 @@ def load_model_from_checkpoint(path: str | Path, config: str | Path | None = Non
     resolve_interpolation(cfg, obj, str(path))
     model = build_model(cfg)
     # A checkpoint that carries its own config and does not fit the one given: the given one is the mistake.
-    advice = (f"this checkpoint carries the config it was trained with: drop --config {config}"
+    advice = (f"this checkpoint carries the config it was trained with: drop `config` {config}"
               if config is not None and carries else "")
     load_weights(model, state, str(path), allow_partial=allow_partial, advice=advice)
     model.eval()

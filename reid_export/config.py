@@ -352,7 +352,7 @@ def parse_opts(opts: Iterable[str]) -> list[tuple[str, Any]]:
     """``["MODEL.BACKBONE.DEPTH", "101x", ...]`` -> ``[(key, value), ...]`` (values parsed as YAML)."""
     opts = list(opts)
     if len(opts) % 2:
-        raise UsageError(f"--opts takes KEY VALUE pairs, got an odd count: {' '.join(opts)}")
+        raise UsageError(f"`opts` takes KEY VALUE pairs, got an odd count: {' '.join(opts)}")
     pairs = []
     for key, raw in zip(opts[0::2], opts[1::2]):
         if not isinstance(raw, str):  # the Python API may pass values, not command-line text
@@ -372,12 +372,12 @@ def merge_opts(cfg: CfgNode, opts: Iterable[str]) -> CfgNode:
         parts = key.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), CfgNode):
-                raise UsageError(f"--opts: unknown config key {key}{_suggest(get_cfg(), key)}")
+                raise UsageError(f"`opts`: unknown config key {key}{_suggest(get_cfg(), key)}")
             node = node[part]
         if parts[-1] not in node or isinstance(node[parts[-1]], CfgNode):
-            raise UsageError(f"--opts: unknown config key {key}{_suggest(get_cfg(), key)}")
+            raise UsageError(f"`opts`: unknown config key {key}{_suggest(get_cfg(), key)}")
         try:
-            node[parts[-1]] = _coerce(key, value, node[parts[-1]], "--opts")
+            node[parts[-1]] = _coerce(key, value, node[parts[-1]], "`opts`")
         except ReidExportError as exc:
             raise UsageError(str(exc)) from None
     return cfg
@@ -435,9 +435,9 @@ def load_config_text(text: str, opts: Iterable[str] = (), source: str = "<embedd
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError:
-        raise ReidExportError(f"{source}: embedded config is not valid YAML; pass --config") from None
+        raise ReidExportError(f"{source}: embedded config is not valid YAML; pass `config`") from None
     if not isinstance(data, dict):
-        raise ReidExportError(f"{source}: embedded config is not a YAML mapping; pass --config")
+        raise ReidExportError(f"{source}: embedded config is not a YAML mapping; pass `config`")
     cfg = get_cfg()
     _merge(cfg, data, source)
     if own:

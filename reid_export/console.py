@@ -2,12 +2,17 @@
 
 A base module (it needs only click and the error types), so that the trainer's CLI uses it without
 importing ``reid_export.cli``.
+
+Library messages name the parameters of the Python call in backticks (``"`atol` and `rtol` go
+together"``); :func:`run_cli` shows each such name as the invoked command's flag (``--atol``), in
+errors, ``note:`` lines and the library's log lines (:func:`flag_names`, :func:`to_flags`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -27,9 +32,101 @@ def say(line: str) -> None:
     LOGGER.info(line)
 
 
+# library name -> flag of the command being run (set by run_cli); empty outside the CLI
+_FLAGS: dict[str, str] = {}
+# `name`, `options.name`, `name=False`: a parameter (or an attribute of one), optionally with a value
+_BACKTICKED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:=(?:True|False|None|[A-Za-z_][A-Za-z0-9_.]*\(\)))?)`")
+
+
+def flag_aliases(**aliases: str):
+    """Decorator for a click command (put it above ``@cli.command``): library parameter names that differ
+    from the command's own parameter names, e.g. ``@flag_aliases(num_workers="workers")`` shows the
+    library's ``num_workers`` as the command's ``--workers``; a name with a value (``"gates=EvalGates.off()"``) is
+    given as a dict: ``@flag_aliases(**{"gates=EvalGates.off()": "no_gate"})``."""
+
+    def decorate(command: click.Command) -> click.Command:
+        command.flag_aliases = {**getattr(command, "flag_aliases", {}), **aliases}
+        return command
+
+    return decorate
+
+
+def invoked_commands(group: click.Command, args) -> list[click.Command]:
+    """The commands ``args`` invoke: ``group``, then the subcommand named in them, and so on down."""
+    chain, command, args = [group], group, list(args)
+    while isinstance(command, click.Group):
+        takes_value = {opt for p in command.params if isinstance(p, click.Option) and not p.is_flag
+                       and not p.count for opt in p.opts + p.secondary_opts}
+        found, skip = None, False
+        for i, arg in enumerate(args):
+            if skip:
+                skip = False
+            elif arg == "--":
+                break
+            elif arg.startswith("-"):
+                skip = arg in takes_value
+            else:
+                found = command.commands.get(arg)
+                args = args[i + 1:]
+                break
+        if found is None:
+            break
+        chain.append(found)
+        command = found
+    return chain
+
+
+def flag_names(commands) -> dict[str, str]:
+    """Library parameter name -> how the command line spells it: an option's longest ``--`` flag, an
+    argument's metavar (``MODEL``), and the commands' :func:`flag_aliases`."""
+    names: dict[str, str] = {}
+    for command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option):
+                flags = [o for o in param.opts if o.startswith("--")]
+                if flags and param.name:
+                    names[param.name] = max(flags, key=len)
+                    if param.is_flag:  # `name=True` is the flag, `name=False` its --no- form
+                        names[f"{param.name}=True"] = names[param.name]
+                        offs = [o for o in param.secondary_opts if o.startswith("--")]
+                        if offs:
+                            names[f"{param.name}=False"] = max(offs, key=len)
+            elif isinstance(param, click.Argument) and param.name:
+                names[param.name] = param.human_readable_name
+        if isinstance(command, OptsCommand):
+            names["opts"] = "--opts"
+    for command in commands:
+        for library_name, param_name in getattr(command, "flag_aliases", {}).items():
+            if param_name in names:
+                names[library_name] = names[param_name]
+    return names
+
+
+def flag_for(name: str, names: dict[str, str]) -> str | None:
+    """The flag of a library name: the name itself, else its last dotted part (``options.calib_size``,
+    ``data_config.input_size``); None when the command has neither. ``name=False`` is a boolean's
+    ``--no-`` flag, ``name=True`` its flag, ``name=None`` (or another value, ``gates=EvalGates.off()``) only what
+    an alias says."""
+    return names.get(name) or names.get(name.rpartition(".")[2])
+
+
+def to_flags(text: str, names: dict[str, str] | None = None) -> str:
+    """``text`` with every backticked parameter name as its flag (``names``, default: the running
+    command's); a name the command does not know loses its backticks."""
+    names = _FLAGS if names is None else names
+    if not names:  # not under the CLI: the library's own words
+        return str(text)
+    return _BACKTICKED.sub(lambda m: flag_for(m.group(1), names) or m.group(1), str(text))
+
+
+def echo_library_line(line: str) -> None:
+    """Show a line the library said (its ``log=``) on stderr, its parameter names as flags."""
+    click.echo(to_flags(line), err=True)
+
+
 class _EchoHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(record.getMessage(), err=True)
+        echo_library_line(record.getMessage())
 
 
 def show_library_log() -> None:
@@ -44,10 +141,21 @@ def _debug_requested(args) -> bool:
 
 
 def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
-    """Run a click group; every failure becomes one line on stderr and a non-zero exit."""
+    """Run a click group; every failure becomes one line on stderr and a non-zero exit. While it runs,
+    the library's backticked parameter names show as the invoked command's flags (:func:`to_flags`)."""
     args = list(sys.argv[1:] if args is None else args)
-    debug = _debug_requested(args)
     show_library_log()
+    _FLAGS.clear()
+    _FLAGS.update(flag_names(invoked_commands(group, args)))
+    try:
+        code = _run(group, args, prog_name)
+    finally:
+        _FLAGS.clear()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(group: click.Group, args: list[str], prog_name: str):
+    debug = _debug_requested(args)
     try:
         with warnings.catch_warnings():
             _show_notes_as_lines(prog_name)
@@ -68,7 +176,7 @@ def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
     except ReidExportError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"{prog_name}: error: {exc}", err=True)
+        click.echo(f"{prog_name}: error: {to_flags(exc)}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
         click.echo(f"{prog_name}: interrupted", err=True)
@@ -79,7 +187,7 @@ def run_cli(group: click.Group, args=None, prog_name: str = PROG) -> None:
         click.echo(f"{prog_name}: internal error: {type(exc).__name__}: {exc} "
                    "(rerun with --debug for the traceback, and please report it)", err=True)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    return code
 
 
 def _show_notes_as_lines(prog_name: str) -> None:
@@ -88,7 +196,7 @@ def _show_notes_as_lines(prog_name: str) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ReidExportNote):
-            click.echo(f"{prog_name}: note: {message}", err=True)
+            click.echo(f"{prog_name}: note: {to_flags(message)}", err=True)
         else:
             default(message, category, filename, lineno, file, line)
 

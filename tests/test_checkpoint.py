@@ -179,7 +179,7 @@ def test_checkpoint_without_config_asks_for_one(tmp_path):
     model, _ = _r18()
     path = tmp_path / "bare.pth"
     torch.save({"model": model.state_dict()}, path)
-    with pytest.raises(ReidExportError, match="pass --config"):
+    with pytest.raises(ReidExportError, match="pass `config`"):
         load_model_from_checkpoint(path)
 
 

@@ -125,7 +125,7 @@ def test_no_layout_names_path_and_fix(tmp_path):
     with pytest.raises(ReidExportError) as exc:
         find_market_root(tmp_path / "elsewhere")
     msg = one_line(exc)
-    assert str(tmp_path / "elsewhere") in msg and "--dataset-root" in msg
+    assert str(tmp_path / "elsewhere") in msg and "`dataset_root`" in msg
     with pytest.raises(ReidExportError) as exc:
         find_market_root(tmp_path / "does-not-exist")
     assert "does-not-exist" in one_line(exc)

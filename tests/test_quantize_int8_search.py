@@ -230,7 +230,7 @@ def test_held_out_images_are_never_calibration_images(osnet_like):
     assert len(calib) == 32 and len(val) == 16 and not set(calib) & set(val)
     calib, val = select_images([crops], 512, [], 128, 0, lines.append)  # too few: a quarter held out
     assert len(val) == 12 and len(calib) == 36 and not set(calib) & set(val)
-    assert "fewer than --calib-size 512" in lines[-2] and "12 other images" in lines[-1]
+    assert "fewer than `calib_size` 512" in lines[-2] and "12 other images" in lines[-1]
 
 
 def _market_names(folder, people=30, cams=2, per_cam=5):

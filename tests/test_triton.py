@@ -168,7 +168,7 @@ BAD_INPUTS = [
     ("cpu-with-trt-accelerator", ["fp32"], ["--kind", "cpu", "--tensorrt-accelerator", "fp16"], "runs on a GPU"),
     ("int8-accelerator-on-fp32", ["fp32"], ["--tensorrt-accelerator", "int8"], "needs a Q/DQ"),
     ("plan-on-cpu", ["plan"], ["--kind", "cpu"], "runs on a GPU"),
-    ("preferred-over-max", ["fp32"], ["--preferred-batch-size", "64"], "exceeds max_batch_size 32"),
+    ("preferred-over-max", ["fp32"], ["--preferred-batch-size", "64"], "exceeds --max-batch-size 32"),
     ("a-checkpoint", [_checkpoint], [], "reid-export onnx"),
     ("onnx-without-metadata", [_bare_onnx], [], "annotate"),
     ("plan-without-sidecar", [_orphan_plan], [], "reid-export trt"),

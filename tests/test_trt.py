@@ -30,7 +30,7 @@ def test_parse_size(text, size):
 
 @pytest.mark.parametrize("bad", ["lots", "4XB", "0", "-1GiB"])
 def test_parse_size_refuses(bad):
-    with pytest.raises(UsageError, match="workspace"):
+    with pytest.raises(UsageError, match="`workspace`"):
         parse_size(bad)
 
 
@@ -44,7 +44,7 @@ def test_profile_dynamic_static_and_errors():
     assert compute_profile([None, 3, "h", "w"], 2, 4, 8, (384, 128))["max"] == [8, 3, 384, 128]
     with pytest.raises(UsageError, match="min <= opt <= max"):
         compute_profile(["batch", 3, 256, 128], 8, 4, 16, (256, 128))
-    with pytest.raises(UsageError, match="--min-batch must be >= 1"):
+    with pytest.raises(UsageError, match="`min_batch` must be >= 1"):
         compute_profile(["batch", 3, 256, 128], 0, 4, 16, (256, 128))
     with pytest.raises(ReidExportError, match="data config says 384x128"):
         compute_profile(["batch", 3, 256, 128], 1, 4, 16, (384, 128))
@@ -78,7 +78,7 @@ def test_build_plan(version, graph, fp16, int8, expected):
 def test_build_plan_refusals():
     with pytest.raises(UsageError, match="Q/DQ"):
         build_plan("11.0.0", "fp32", True, True)
-    with pytest.raises(UsageError, match="pass --int8"):
+    with pytest.raises(UsageError, match="pass `int8`"):
         build_plan("10.1.0", "int8", True, False)
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 
 from reid_export import __version__
-from reid_export.console import OptsCommand, get_opts, run_cli
+from reid_export.console import OptsCommand, flag_aliases, get_opts, run_cli
 from reid_export.config import load_config
 from reid_export.errors import ReidExportError
 
 PROG = "reid-train"
 
 
+@flag_aliases(config="config_file")  # the library's `config` is --config
 @click.command(name=PROG, cls=OptsCommand,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name=PROG)

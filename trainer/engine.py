@@ -48,6 +48,7 @@ from tqdm import tqdm
 from reid_export.checkpoint import (embedded_config, extract_state_dict, load_weights, read_checkpoint,
                                     resolve_interpolation, resolve_stem, save_checkpoint)
 from reid_export.config import CfgNode, write_config
+from reid_export.console import to_flags
 from reid_export.data_config import data_config_from_cfg
 from reid_export.errors import ReidExportError
 from reid_export.fileio import atomic_write_json, atomic_write_text
@@ -70,7 +71,7 @@ _CKPT_RE = re.compile(r"^model_(\d{4,})\.pth$")
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(to_flags(self.format(record)), file=sys.stderr)  # `resume` -> --resume under reid-train
         except Exception:  # noqa: BLE001 - logging must never break training
             self.handleError(record)
 
@@ -270,7 +271,7 @@ def _run(cfg, output_dir, resume, eval_only, progress, model_name, on_epoch_end,
                 on_epoch_end(epoch)
     except KeyboardInterrupt:
         last = find_last_checkpoint(output_dir)
-        log.warning("interrupted; the last checkpoint is %s: continue with --resume",
+        log.warning("interrupted; the last checkpoint is %s: continue with `resume`",
                     last.name if last else "(none yet)")
         raise
     return {"output_dir": str(output_dir), "history": run.history, "results": run.last_results,
@@ -288,7 +289,7 @@ def _restore(output_dir: Path, resume: bool, ctx: DistContext) -> tuple[Path | N
         for tmp in remove_partial_checkpoints(output_dir):
             log.info("removed %s, a partial checkpoint from an interrupted write", tmp.name)
     if resume and ckpt_path is None:
-        log.warning("--resume: no checkpoint in %s; starting from the beginning", output_dir)
+        log.warning("`resume`: no checkpoint in %s; starting from the beginning", output_dir)
     if ckpt_path is not None:
         state = read_checkpoint(ckpt_path)
         if not isinstance(state.get("epoch"), int):
@@ -639,7 +640,7 @@ def _eval_only(cfg, output_dir, state, ckpt_path, device, seed, progress, model_
         resolve_interpolation(cfg, {}, "untrained")
         model = build_model(cfg)
         source = "untrained:" + _init_weights(cfg, model)
-        log.warning("--eval-only without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)
+        log.warning("`eval_only` without MODEL.WEIGHTS or a checkpoint: evaluating the untrained model (%s)", source)
     model.to(device)
     data_config = data_config_from_cfg(cfg, feat_dim=model.feat_dim, model_name=model_name or output_dir.name)
     results = evaluate(model, cfg, data_config, device, progress)

@@ -98,13 +98,13 @@ class BenchSettings:
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ReidExportError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}", exit_code=2)
         if self.warmup_s < 0:
-            raise ReidExportError(f"--warmup must be >= 0 seconds, got {self.warmup_s}", exit_code=2)
+            raise ReidExportError(f"`warmup` must be >= 0 seconds, got {self.warmup_s}", exit_code=2)
         if self.iterations is None and (self.duration_s is None or self.duration_s <= 0):
-            raise ReidExportError(f"--duration must be > 0 seconds, got {self.duration_s}", exit_code=2)
+            raise ReidExportError(f"`duration` must be > 0 seconds, got {self.duration_s}", exit_code=2)
         if self.iterations is not None and self.iterations < 1:
-            raise ReidExportError(f"--iterations must be >= 1, got {self.iterations}", exit_code=2)
+            raise ReidExportError(f"`iterations` must be >= 1, got {self.iterations}", exit_code=2)
         if self.rounds < 1:
-            raise ReidExportError(f"--rounds must be >= 1, got {self.rounds}", exit_code=2)
+            raise ReidExportError(f"`rounds` must be >= 1, got {self.rounds}", exit_code=2)
 
     def slices(self) -> int:
         return min(self.rounds, self.iterations) if self.iterations is not None else self.rounds

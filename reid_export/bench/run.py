@@ -93,9 +93,9 @@ def run_bench(models: Sequence["str | Path | Encoder"], batch_sizes: Sequence[in
     import torch
 
     if duration is not None and iterations is not None:
-        raise UsageError("--duration and --iterations exclude each other; give one")
+        raise UsageError("`duration` and `iterations` exclude each other; give one")
     if images and not include_preprocess:
-        raise UsageError("--images is only used with --include-preprocess; add it or drop --images")
+        raise UsageError("`images` is only used with `include_preprocess`; add it or drop `images`")
     settings = BenchSettings(batch_sizes=list(batch_sizes), warmup_s=warmup,
                              duration_s=3.0 if duration is None and iterations is None else duration,
                              iterations=iterations, rounds=rounds)

@@ -73,5 +73,5 @@ def few_samples_note(results: Sequence[dict], minimum: int = MIN_TAIL_SAMPLES) -
     fewest = min(thin, key=lambda r: r["iterations"])
     return (f"note: {len(thin)} of {len(results)} results have fewer than {minimum} timed calls (fewest: "
             f"{fewest['iterations']}, {fewest.get('name', '?')} at batch {fewest.get('batch_size', '?')}); their "
-            f"p95/p99 are interpolated between the slowest few calls. For tail latency give a longer --duration "
-            f"or --iterations {minimum}")
+            f"p95/p99 are interpolated between the slowest few calls. For tail latency give a longer `duration` "
+            f"or `iterations` {minimum}")

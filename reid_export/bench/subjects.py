@@ -59,7 +59,7 @@ def open_subjects(specs: Sequence[str | Path], device: str = "cpu", threads: int
                   inputs: InputCache | None = None) -> tuple[list[Subject], list[Encoder]]:
     """Open every model first (so a bad one fails before any timing), one subject each."""
     if include_preprocess and not images:
-        raise ReidExportError("--include-preprocess times decoding real files: give them with --images", exit_code=2)
+        raise ReidExportError("`include_preprocess` times decoding real files: give them with `images`", exit_code=2)
     inputs = inputs or InputCache()
     parsed = [(s, False) if isinstance(s, Encoder) else parse_model_spec(s) for s in specs]  # an open encoder as it is
     labels = [_label(p, h) for p, h in parsed]

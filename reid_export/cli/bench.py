@@ -8,7 +8,7 @@ import click
 
 from ..errors import ReidExportError
 from ..fileio import atomic_write_json
-from .common import positive_int
+from .common import echo_library_line, flag_aliases, positive_int, to_flags
 from .main import cli
 from .verify import _check_outputs
 
@@ -31,6 +31,7 @@ def parse_batch_sizes(ctx, param, value) -> list[int]:
     return sizes
 
 
+@flag_aliases(images="image_inputs")
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=parse_batch_sizes,
@@ -83,10 +84,10 @@ def bench(models, batch_sizes, device, threads, warmup, duration, iterations, ro
     result = run_bench(models, batch_sizes, device=device, threads=threads, warmup=warmup, duration=duration,
                        iterations=iterations, rounds=rounds, include_preprocess=include_preprocess,
                        images=image_inputs, config=config, progress=progress,
-                       log=lambda line: click.echo(line, err=True))
-    click.echo(result.table())
+                       log=echo_library_line)
+    click.echo(to_flags(result.table()))
     for note in result.notes:
-        click.echo(note, err=True)
+        click.echo(to_flags(note), err=True)
     if report:
         atomic_write_json(report, result.to_dict())
     if csv_path:

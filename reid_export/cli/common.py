@@ -7,7 +7,7 @@ import functools
 
 import click
 
-from ..console import PROG, OptsCommand, get_opts, run_cli  # noqa: F401 - the commands import them from here
+from ..console import PROG, OptsCommand, echo_library_line, flag_aliases, get_opts, run_cli, to_flags  # noqa: F401 - the commands import them from here
 from ..preprocess import UnreadableImage
 
 
@@ -38,3 +38,7 @@ def skip_bad_images_option(func):
                                                         "unreadable images out") from None
 
     return wrapper
+
+
+__all__ = ["PROG", "OptsCommand", "echo_library_line", "flag_aliases", "get_opts", "positive_int", "run_cli",
+           "skip_bad_images_option", "to_flags"]

@@ -11,6 +11,7 @@ import click
 
 from .. import __version__
 from ..report import format_table
+from .common import to_flags
 from .main import cli
 
 TRT_INSTALL = "pip install 'reid-export[trt]' (TensorRT 10/11 wheels from NVIDIA's index)"
@@ -92,5 +93,5 @@ def doctor(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(format_table(["component", "status", "detail"],
-                                [[r["component"], r["status"], r["detail"]] for r in rows]))
+        click.echo(to_flags(format_table(["component", "status", "detail"],
+                                         [[r["component"], r["status"], r["detail"]] for r in rows])))

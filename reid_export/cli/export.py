@@ -10,12 +10,11 @@ import click
 from ..data_config import INTERPOLATIONS, DataConfig
 from ..errors import ReidExportError, UsageError
 from ..embeddings import REDUCED_PRECISION_TOLERANCES as _GATE  # the help texts show the gate's defaults
-from .common import OptsCommand, get_opts, positive_int
+from .common import OptsCommand, echo_library_line, flag_aliases, get_opts, positive_int, to_flags
 from .main import cli
 
 
-def _log(line: str) -> None:
-    click.echo(line, err=True)
+_log = echo_library_line  # the library's lines, its parameter names shown as flags
 
 
 def _parse_batch(ctx, param, value):
@@ -84,6 +83,7 @@ def onnx_command(model, output, config, opset, batch, simplify, exporter, parity
     _log(report.table().splitlines()[-1])
 
 
+@flag_aliases(images="detect_dir")
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -181,9 +181,9 @@ def _annotate_detected(model, output, input_size, images, max_queries, report_pa
         check_output_path(report_path)
     report = detect_and_annotate(model, output, images, input_size=tuple(input_size) if input_size else None,
                                  max_queries=max_queries, model_name=model_name, progress=progress, log=_log)
-    click.echo(report.table())
+    click.echo(to_flags(report.table()))
     for line in report.lines():
-        click.echo(line)
+        click.echo(to_flags(line))
     if report_path is not None:
         atomic_write_json(report_path, report.to_dict())
     if not report.passed:
@@ -194,6 +194,7 @@ def _annotate_detected(model, output, input_size, images, max_queries, report_pa
          f"{c.interpolation} resize, {c.feat_dim}-d features")
 
 
+@flag_aliases(calib_dirs="calib_dir", val_dirs="val_dir", batch_size="calib_batch")
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")

@@ -16,11 +16,12 @@ from ..runtime import expand_image_paths, open_encoder
 from ..embeddings import l2_normalize
 from ..report import REPORT_SCHEMA_VERSION
 from ..verify.collapse import collapse_of
-from .common import OptsCommand, get_opts, positive_int, skip_bad_images_option
+from .common import OptsCommand, flag_aliases, get_opts, positive_int, skip_bad_images_option, to_flags
 from .ray_options import ray_engine_options, ray_options
 from .main import cli
 
 
+@flag_aliases(num_workers="workers")  # library parameter names the command spells otherwise
 @cli.command(cls=OptsCommand)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -70,7 +71,7 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         feats, skipped = encoded.features, [{"file": str(e.path), "reason": e.reason} for e in encoded.skipped]
         paths = [paths[i] for i in encoded.kept]
         if skipped:
-            click.echo(encoded.summary(), err=True)
+            click.echo(to_flags(encoded.summary()), err=True)
     collapse = collapse_of(feats)
     if normalize:
         feats = l2_normalize(feats)
@@ -100,4 +101,4 @@ def extract(model, images, output, config, flip_test, normalize, batch_size, dev
         remove_shards(output)
     click.echo(f"wrote {output} [{feats.shape[0]} x {feats.shape[1]}] and {sidecar.name}", err=True)
     if collapse and collapse.collapsed:  # after the files: a failed write stays one line
-        click.echo(collapse.warning(str(model)), err=True)
+        click.echo(to_flags(collapse.warning(str(model))), err=True)

@@ -11,7 +11,7 @@ from ..errors import ReidExportError
 from ..fileio import atomic_write_json, check_output_path
 from ..report import format_table
 from ..runtime import expand_image_paths, open_encoder
-from .common import get_opts, positive_int, skip_bad_images_option
+from .common import flag_aliases, get_opts, positive_int, skip_bad_images_option, to_flags
 from .main import cli
 from .ray_options import ray_engine_options, ray_options
 
@@ -35,7 +35,7 @@ def _encode(model, images, *, config, device, batch_size, flip_test, progress, s
                                on_error="skip" if skip_bad_images else "raise")
         data_config = enc.data_config.to_dict()
     if res.skipped:
-        click.echo(res.summary(), err=True)
+        click.echo(to_flags(res.summary()), err=True)
     return res.features, [str(paths[i]) for i in res.kept], data_config
 
 
@@ -52,6 +52,7 @@ def _encoder_options(command):
     return command
 
 
+@flag_aliases(num_workers="workers")
 @cli.command(name="index")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))

@@ -7,13 +7,12 @@ from pathlib import Path
 import click
 
 from ..report import format_size
-from .common import positive_int
+from .common import echo_library_line, positive_int
 from .export import _parse_batch
 from .main import cli
 
 
-def _log(line: str) -> None:
-    click.echo(line, err=True)
+_log = echo_library_line
 
 
 @cli.command(name="openvino")

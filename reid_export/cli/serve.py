@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import ReidExportError
-from .common import OptsCommand, get_opts, positive_int
+from .common import OptsCommand, echo_library_line, flag_aliases, get_opts, positive_int, to_flags
 from .main import cli
 
 
@@ -36,6 +36,7 @@ def threshold_options(what: str):
     return wrap
 
 
+@flag_aliases(preferred_batch_sizes="preferred")
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "repo", required=True, type=click.Path(path_type=Path),
@@ -82,10 +83,11 @@ def triton(models, repo, names, max_batch_size, preferred, max_queue_delay_us, i
     options = RepoOptions(max_batch_size=max_batch_size, preferred_batch_sizes=preferred,
                           max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind, gpus=gpus,
                           tensorrt_accelerator=tensorrt_accelerator, force=force)
-    click.echo(build_repository(models, repo, options, names).table())
+    click.echo(to_flags(build_repository(models, repo, options, names).table()))
     return 0
 
 
+@flag_aliases(images="image_inputs", color_order="color_format")
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
@@ -136,12 +138,13 @@ def deepstream(model, out_dir, image_inputs, color_format, network_mode, reid_ty
                                 history_size=history_size, keep_aspect=keep_aspect, name=name, progress=progress,
                                 max_rel_l2=max_rel_l2, threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
     res = build(model, out_dir, options)
-    click.echo(res.table())
+    click.echo(to_flags(res.table()))
     if res.collapse is not None and res.collapse.collapsed:
-        click.echo(res.collapse.warning(str(model)), err=True)
+        click.echo(to_flags(res.collapse.warning(str(model))), err=True)
     return 0
 
 
+@flag_aliases(images="image_inputs")
 @cli.command(cls=OptsCommand)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
@@ -186,8 +189,8 @@ def boxmot(model, out_dir, config, image_inputs, name, architecture, openvino, e
     options = BoxmotOptions(config=config, opts=get_opts(), images=image_inputs, name=name, architecture=architecture,
                             openvino=openvino, max_rel_l2=max_rel_l2, progress=progress, exporter=exporter,
                             threshold_dataset=threshold_dataset, threshold_fmr=threshold_fmr)
-    res = build(model, out_dir, options, log=lambda line: click.echo(line, err=True))
-    click.echo(res.table())
+    res = build(model, out_dir, options, log=echo_library_line)
+    click.echo(to_flags(res.table()))
     if res.collapse is not None and res.collapse.collapsed:
-        click.echo(res.collapse.warning(str(model)), err=True)
+        click.echo(to_flags(res.collapse.warning(str(model))), err=True)
     return 0

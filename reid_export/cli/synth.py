@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
+from .common import flag_aliases
 from .main import cli
 
 
+@flag_aliases(images_per_id_per_camera="per_camera")
 @cli.command()
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--identities", default=100, show_default=True, type=int,

@@ -8,7 +8,7 @@ import click
 
 from ..errors import ReidExportError
 from ..fileio import check_input_file, check_output_path
-from .common import positive_int
+from .common import echo_library_line, positive_int
 from .main import cli
 
 
@@ -58,7 +58,7 @@ def trt(onnx_model, output, fp16, int8, calib_dirs, calib_size, min_batch, opt_b
                            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace=workspace,
                            timing_cache=str(timing_cache) if timing_cache else None,
                            builder_optimization_level=builder_optimization_level, device_id=device_id)
-    info = build_engine(onnx_model, output, options, log=lambda m: click.echo(m, err=True))
+    info = build_engine(onnx_model, output, options, log=echo_library_line)
     profile = info["profiles"][0]
     click.echo(f"wrote {output} ({info['precision']}, TensorRT {info['tensorrt_version']}, {info['gpu_name']}, "
                f"batch {profile['min'][0]}/{profile['opt'][0]}/{profile['max'][0]}) and {output.name}.json")

@@ -12,7 +12,7 @@ from ..errors import ReidExportError, UsageError
 from ..fileio import atomic_write_json, check_output_path
 from ..report import format_table, report_header
 from ..runtime import expand_image_paths, open_encoder, preprocess
-from .common import positive_int, skip_bad_images_option
+from .common import echo_library_line, flag_aliases, positive_int, skip_bad_images_option, to_flags
 from .main import cli
 
 
@@ -34,6 +34,7 @@ def _deployment_names():
 
 # --------------------------------------------------------------------------- parity
 
+@flag_aliases(images="image_inputs")
 @cli.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -86,17 +87,18 @@ def parity(reference, candidates, image_inputs, config, batch_size, min_cosine, 
                                    max_rel_l2=max_rel_l2, atol=atol, rtol=rtol, min_top1_agreement=min_top1_agreement)
     result = run_parity(reference, candidates, image_inputs, config=config, batch_size=batch_size, gate=gate,
                         locate=locate, deployment=deployment, device=device,
-                        progress=progress, skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))
-    click.echo(result.table())
+                        progress=progress, skip_bad_images=skip_bad_images, warn=echo_library_line)
+    click.echo(to_flags(result.table()))
     if report:
         atomic_write_json(report, result.to_dict())
     for line in result.collapse_warnings():
-        click.echo(line, err=True)
+        click.echo(to_flags(line), err=True)
     return result.exit_code
 
 
 # --------------------------------------------------------------------------- eval
 
+@flag_aliases(**{"gates=EvalGates.off()": "no_gate"})
 @cli.command(name="eval")
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--dataset-root", type=click.Path(path_type=Path),
@@ -198,19 +200,20 @@ def evaluate(models, dataset_root, distractors, query_features, gallery_features
         fidelity=Tolerances.reduced_precision(max_pair_error=max_pair_error))
     result = run_evaluation(models, dataset_root, options, gates, config=config, deployments=deployments,
                             distractors=distractors, chunk_elements=chunk_elements, device=device, progress=progress,
-                            skip_bad_images=skip_bad_images, warn=lambda line: click.echo(line, err=True))
-    click.echo(result.table())
+                            skip_bad_images=skip_bad_images, warn=echo_library_line)
+    click.echo(to_flags(result.table()))
     if plots is not None:
         result.write_plots(plots)
     if report:
         atomic_write_json(report, result.to_dict())
     for line in result.collapse_warnings():
-        click.echo(line, err=True)
+        click.echo(to_flags(line), err=True)
     return result.exit_code
 
 
 # --------------------------------------------------------------------------- fp16-check
 
+@flag_aliases(images="image_inputs")
 @cli.command(name="fp16-check")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--images", "image_inputs", multiple=True, required=True, type=click.Path(path_type=Path))

@@ -33,7 +33,7 @@ __all__ = [
 MARKET_DIR = "Market-1501-v15.09.15"
 SPLITS = {"query": "query", "gallery": "bounding_box_test", "train": "bounding_box_train"}
 _NAME_RE = re.compile(r"^(-?\d+)_c(\d+)")
-_FIX = "point --dataset-root at the folder that holds them"
+_FIX = "point `dataset_root` at the folder that holds them"
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def find_market_root(root) -> Path:
         if _holds_layout(candidate):
             return candidate
     if not root.is_dir():
-        raise ReidExportError(f"{root}: no such folder; point --dataset-root at a folder in "
+        raise ReidExportError(f"{root}: no such folder; point `dataset_root` at a folder in "
                               f"the Market-1501 layout (query/ and bounding_box_test/)")
     # Half a layout: name exactly what is missing.
     for candidate in (root, root / MARKET_DIR):

@@ -217,7 +217,7 @@ class Demo:
                 tree = {}
                 for name in ("bounding_box_train", "query", "bounding_box_test"):
                     if not (root / name).is_dir():
-                        raise ReidExportError(f"{root / name}: folder missing; --data needs a Market-1501 layout "
+                        raise ReidExportError(f"{root / name}: folder missing; `data` needs a Market-1501 layout "
                                               "with bounding_box_train/ (training), query/ and bounding_box_test/")
                     tree[name] = folder_fingerprint(root / name)
                 return {"source": "folder", "root": str(root), "tree": tree}
@@ -629,9 +629,9 @@ def train_summary(out: Path, resumed: bool = False) -> dict:
 def check_workdir(workdir: Path) -> None:
     """Refuse to write the demo into a folder that holds something else."""
     if workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir}: exists and is not a folder; choose another")
+        raise UsageError(f"`workdir` {workdir}: exists and is not a folder; choose another")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MANIFEST_DIR).is_dir():
-        raise UsageError(f"--workdir {workdir}: folder is not empty and holds no earlier demo run "
+        raise UsageError(f"`workdir` {workdir}: folder is not empty and holds no earlier demo run "
                          f"(no {MANIFEST_DIR}/); choose a new or empty folder")
 
 

@@ -54,7 +54,7 @@ def run_demo(workdir: str | Path = "reid-demo", *, data: str | Path | None = Non
     preset.config_path()  # a missing config fails before anything is written
     data_path = Path(data).expanduser() if data is not None else None
     if data_path is not None and not data_path.is_dir():
-        raise ReidExportError(f"--data {data_path}: no such folder; give a Market-1501-layout folder "
+        raise ReidExportError(f"`data` {data_path}: no such folder; give a Market-1501-layout folder "
                               "(bounding_box_train/, query/, bounding_box_test/)", exit_code=2)
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()

@@ -28,12 +28,14 @@ def check_units(config: DataConfig) -> None:
         return  # the model normalises itself: mean/std are recorded for reference only
     values = list(config.mean) + list(config.std)
     if config.pixel_scale == 1.0 and max(abs(v) for v in values) > 2.0:
-        raise UsageError(f"--mean {','.join(f'{v:g}' for v in config.mean)} / --std look like 0..255 values but "
-                         "--pixel-scale is 1 (input 0..1); divide them by 255 or use --pixel-scale 255")
+        raise UsageError(f"`data_config.mean` {','.join(f'{v:g}' for v in config.mean)} / `data_config.std` "
+                         "look like 0..255 values but `data_config.pixel_scale` is 1 (input 0..1); divide them by 255 or use "
+                         "`data_config.pixel_scale` 255")
     if (config.pixel_scale == 255.0 and max(abs(v) for v in config.mean) <= 1.0 and max(config.std) <= 1.0
             and any(config.mean)):
-        raise UsageError(f"--mean {','.join(f'{v:g}' for v in config.mean)} / --std look like 0..1 values but "
-                         "--pixel-scale is 255 (input 0..255); multiply them by 255 or use --pixel-scale 1")
+        raise UsageError(f"`data_config.mean` {','.join(f'{v:g}' for v in config.mean)} / `data_config.std` "
+                         "look like 0..1 values but `data_config.pixel_scale` is 255 (input 0..255); multiply them by 255 or use "
+                         "`data_config.pixel_scale` 1")
 
 
 @dataclass
@@ -58,8 +60,8 @@ def annotate_file(model_path: str | Path, output: str | Path, data_config: DataC
         raise ReidExportError(f"{model_path}: the model input has {shape[1]} channels; expected 3 (an image)")
     for axis, want in ((2, data_config.height), (3, data_config.width)):
         if isinstance(shape[axis], int) and shape[axis] > 0 and shape[axis] != want:
-            raise UsageError(f"--input-size {data_config.height} {data_config.width} does not match the model "
-                             f"input {shape}; use --input-size {shape[2]} {shape[3]}")
+            raise UsageError(f"`data_config.input_size` {data_config.height} {data_config.width} does not match "
+                             f"the model input {shape}; use `data_config.input_size` {shape[2]} {shape[3]}")
     previous = read_data_config(model, str(model_path))
     ensure_node_names(model)
 
@@ -74,7 +76,7 @@ def annotate_file(model_path: str | Path, output: str | Path, data_config: DataC
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ReidExportError(f"{model_path}: the model does not run on a [{batch}, 3, {data_config.height}, "
-                              f"{data_config.width}] input ({first[:200]}); check --input-size") from None
+                              f"{data_config.width}] input ({first[:200]}); check `data_config.input_size`") from None
     features = out.reshape(out.shape[0], -1)
     data_config.feat_dim = int(features.shape[1])
     if not data_config.model_name:

@@ -177,7 +177,7 @@ def resolve_excludes(model: onnx.ModelProto, items) -> tuple[list[str], list[str
             close = difflib.get_close_matches(item, list(name_set) + list(op_types), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UsageError(
-                f"--exclude {item}: no node or op type of that name in the model{hint}; "
+                f"`exclude` {item}: no node or op type of that name in the model{hint}; "
                 f"op types here: {', '.join(sorted(op_types))}"
             )
     return nodes, ops

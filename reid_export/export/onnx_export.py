@@ -105,9 +105,9 @@ def export_module(model: torch.nn.Module, input_size: tuple[int, int], batch: in
                   opset: int = DEFAULT_OPSET, exporter: str = "dynamo") -> onnx.ModelProto:
     """Export an eval-mode module taking [N, 3, H, W] to an ONNX ModelProto (``batch=None``: dynamic)."""
     if exporter not in EXPORTERS:
-        raise UsageError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+        raise UsageError(f"`exporter` must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if not MIN_OPSET <= opset <= max_opset():
-        raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
+        raise UsageError(f"`opset` must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
                          f"got {opset}")
     model = model.eval()
     height, width = input_size
@@ -118,7 +118,7 @@ def export_module(model: torch.nn.Module, input_size: tuple[int, int], batch: in
             if exporter == "dynamo":
                 if importlib.util.find_spec("onnxscript") is None:
                     raise ReidExportError("the dynamo exporter needs onnxscript: pip install onnxscript "
-                                          "(or use --exporter torchscript)")
+                                          "(or use `exporter` torchscript)")
                 dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch is None else None
                 program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
                                             output_names=[OUTPUT_NAME], opset_version=opset,
@@ -270,7 +270,7 @@ class PixelsCheck:
                 f"{[round(v, 3) for v in c.mean]}, std {[round(v, 3) for v in c.std]}, "
                 f"{'inside' if c.normalized_inside else 'outside'} the graph) does not reproduce the checkpoint as "
                 f"trained from image pixels (max relative L2 {self.max_rel_l2:.3g}, min cosine {self.min_cosine:.3f}); "
-                "drop the --opts that change MODEL.PIXEL_MEAN / MODEL.PIXEL_STD; not written")
+                "drop the `opts` that change MODEL.PIXEL_MEAN / MODEL.PIXEL_STD; not written")
 
     @property
     def passed(self) -> bool:
@@ -351,9 +351,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, config: str | 
     start = time.time()
     output = check_output_path(output)
     if batch is not None and batch < 1:
-        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got {batch}")
+        raise UsageError(f"`batch` must be 'dynamic' or a positive integer, got {batch}")
     if not MIN_OPSET <= opset <= max_opset():
-        raise UsageError(f"--opset must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
+        raise UsageError(f"`opset` must be between {MIN_OPSET} and {max_opset()} (onnx {onnx.__version__}), "
                          f"got {opset}")
     model, _, data_config = load_model_from_checkpoint(checkpoint, config, opts, allow_partial=allow_partial)
     if not data_config.model_name:

@@ -28,7 +28,7 @@ def providers_for(device: str, trt_cache_dir: str | Path | None = None) -> list:
     available = ort.get_available_providers()
     kind, _, index = device.partition(":")
     if index and not index.isdigit():
-        raise ReidExportError(f"--device {device}: the device index must be a number", exit_code=2)
+        raise ReidExportError(f"`device` {device}: the device index must be a number", exit_code=2)
     device_id = int(index or 0)
     if kind == "cpu" and not index:
         return ["CPUExecutionProvider"]
@@ -36,13 +36,13 @@ def providers_for(device: str, trt_cache_dir: str | Path | None = None) -> list:
               "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
               "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}.get(kind)
     if wanted is None:
-        raise ReidExportError(f"--device must be cpu, cuda[:N] or tensorrt[:N] for ONNX models, got {device!r}",
+        raise ReidExportError(f"`device` must be cpu, cuda[:N] or tensorrt[:N] for ONNX models, got {device!r}",
                               exit_code=2)
     if wanted[0] not in available:
         raise ReidExportError(
-            f"--device {device}: onnxruntime {ort.__version__} here has no {wanted[0]} "
+            f"`device` {device}: onnxruntime {ort.__version__} here has no {wanted[0]} "
             f"(available: {', '.join(available)}); install onnxruntime-gpu (pip install 'reid-export[gpu]') "
-            "or use --device cpu", exit_code=2)
+            "or use `device` cpu", exit_code=2)
     providers = []
     for name in wanted:
         if name not in available:

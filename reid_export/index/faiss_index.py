@@ -251,7 +251,7 @@ def _new_index(params: IndexParams, dim: int, train: np.ndarray | None):
         index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, ip)
     else:
         if dim % params.pq_m:
-            raise UsageError(f"--pq-m {params.pq_m} must divide the feature dimension {dim}")
+            raise UsageError(f"`params.pq_m` {params.pq_m} must divide the feature dimension {dim}")
         index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, 8, ip)
     index.train(train)
     index.nprobe = params.nprobe
@@ -279,7 +279,7 @@ def build_index(folder: str | Path, chunks, files: list[str], params: IndexParam
         params.check()
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / MANIFEST).exists():
-            raise ReidExportError(f"{folder}: already holds an index; pass --add to extend it or choose another folder")
+            raise ReidExportError(f"{folder}: already holds an index; pass `add` to extend it or choose another folder")
         manifest = {"format": FORMAT, "params": None, "dim": dim, "count": 0, "metric": "cosine (inner product "
                     "of L2-normalised features)", "shards": [], "data_config": data_config, "model": model}
     template = _trained_template(folder, params, arrays, dim, add, train_size)
@@ -338,7 +338,7 @@ def _trained_template(folder: Path, params: IndexParams, arrays, dim: int, add: 
     if params.nlist == 0:
         params.nlist = int(max(1, min(total // 39, 4 * np.sqrt(total))))
     if sample.shape[0] < params.nlist:
-        raise UsageError(f"--nlist {params.nlist} needs at least that many vectors to train; "
+        raise UsageError(f"`params.nlist` {params.nlist} needs at least that many vectors to train; "
                          f"have {sample.shape[0]}")
     template = _new_index(params, dim, sample)
     _write_index(trained_path, template)

@@ -336,7 +336,7 @@ def osnet_hint(state: dict) -> str:
     head = f"fc {info['fc_dim']}" if info["fc_dim"] else "no fc; fast-reid heads"
     text = f"the checkpoint looks like {info['arch']} ({head})"
     if info["config"]:
-        return f"{text}: try --config {info['config']}"
+        return f"{text}: try `config` {info['config']}"
     depth = ("ain_" if info["variant"] == "ain" else "") + info["width"]
     return (f"{text}: use MODEL.BACKBONE.NAME build_osnet_backbone, DEPTH {depth}, "
             f"WITH_IBN {info['ibn']}")

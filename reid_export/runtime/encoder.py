@@ -226,7 +226,7 @@ def backend_for(path: str | Path, device: str = "cpu") -> Callable[..., Encoder]
     suffix = Path(path).suffix.lower()
     if str(device).lower().partition(":")[0] in ("openvino", "ov"):
         if suffix not in OPENVINO_SUFFIXES:
-            raise ReidExportError(f"{path}: --device {device} runs OpenVINO IR (.xml) and ONNX (.onnx) models, "
+            raise ReidExportError(f"{path}: `device` {device} runs OpenVINO IR (.xml) and ONNX (.onnx) models, "
                                   f"not {suffix or 'files without a suffix'}", exit_code=2)
         spec = OPENVINO_FACTORY
     elif suffix not in _REGISTRY:

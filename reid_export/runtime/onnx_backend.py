@@ -71,10 +71,10 @@ def open_onnx(path: Path, config=None, opts=(), device: str = "cpu", threads: in
 
     path = Path(path)
     if config is not None or list(opts):
-        raise ReidExportError(f"{path}: --config/--opts apply to checkpoints; an ONNX model carries its data "
+        raise ReidExportError(f"{path}: `config`/`opts` apply to checkpoints; an ONNX model carries its data "
                               "config (change it with reid-export annotate)", exit_code=2)
     if half:
-        raise ReidExportError(f"{path}: --half applies to checkpoints; make an FP16 ONNX with "
+        raise ReidExportError(f"{path}: `half` (MODEL@fp16) applies to checkpoints; make an FP16 ONNX with "
                               "reid-export quantize --precision fp16", exit_code=2)
     check_input_file(path, "ONNX model")
     if threads is None and os.environ.get("REID_ORT_THREADS", "").isdigit():

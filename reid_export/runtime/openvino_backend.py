@@ -71,7 +71,7 @@ def inference_precision_for(device: str, path: str | Path = "model") -> str:
             return "f32"
         if option in ("bf16",):
             return "bf16"
-    raise ReidExportError(f"{path}: --device {device!r}: OpenVINO models run on cpu, openvino, openvino:f32 "
+    raise ReidExportError(f"{path}: `device` {device!r}: OpenVINO models run on cpu, openvino, openvino:f32 "
                           "or openvino:bf16", exit_code=2)
 
 
@@ -88,7 +88,7 @@ def check_bf16_supported(path: str | Path, core=None, flags: set[str] | None = N
         shown = " ".join(isa_flags(flags)) or "none of avx2/avx512f/avx512_bf16/amx_bf16"
         raise ReidExportError(
             f"{path}: bf16 inference needs a CPU with AVX512_BF16 or AMX-BF16 and this one has neither "
-            f"(flags: {shown}); OpenVINO would emulate it slower than f32: use --device openvino (f32)", exit_code=2)
+            f"(flags: {shown}); OpenVINO would emulate it slower than f32: use `device` openvino (f32)", exit_code=2)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -301,11 +301,11 @@ def open_openvino(path: Path, config=None, opts=(), device: str = "cpu", threads
     else OpenVINO's choice, all cores)."""
     path = Path(path)
     if config is not None or list(opts):
-        raise ReidExportError(f"{path}: --config/--opts apply to checkpoints; an OpenVINO model carries its data "
+        raise ReidExportError(f"{path}: `config`/`opts` apply to checkpoints; an OpenVINO model carries its data "
                               "config (change it with reid-export annotate)", exit_code=2)
     if half:
-        raise ReidExportError(f"{path}: --half / @fp16 apply to checkpoints; for OpenVINO use "
-                              "reid-export openvino --fp16 (FP16 weights) or --device openvino:bf16", exit_code=2)
+        raise ReidExportError(f"{path}: `half` (MODEL@fp16) applies to checkpoints; for OpenVINO use "
+                              "reid-export openvino --fp16 (FP16 weights) or `device` openvino:bf16", exit_code=2)
     inference_precision_for(device, path)  # a wrong --device fails before the model is read
     model = read_model(path)
     return open_model(model, path, device=device, threads=threads, data_config=data_config)

@@ -111,7 +111,7 @@ def convert_file(model_path: str | Path, output: str | Path, fp16: bool = False,
                          "OpenVINO IR (give it a data config with reid-export annotate)")
     output = _check_ir_output(output)
     if batch is not None and batch < 1:
-        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got {batch}")
+        raise UsageError(f"`batch` must be 'dynamic' or a positive integer, got {batch}")
     reference = open_onnx(model_path, threads=threads)  # refuses an ONNX without a data config, with the fix
     data_config: DataConfig = reference.data_config
     source_precision = reference.precision
@@ -171,7 +171,7 @@ def _convert(ov, model_path: Path, batch: int | None, data_config: DataConfig):
         model.reshape({name: ov.PartialShape(dims)})
     except Exception as exc:  # noqa: BLE001
         raise ReidExportError(f"{model_path}: OpenVINO cannot give the model input the shape {dims} "
-                              f"({_first_line(exc)}); use --batch N with the ONNX's own batch size") from None
+                              f"({_first_line(exc)}); use `batch` N with the ONNX's own batch size") from None
     return model
 
 
@@ -220,8 +220,8 @@ def annotate_ir(model_path: str | Path, output: str | Path, data_config: DataCon
         raise ReidExportError(f"{model_path}: the model input has {shape[1]} channels; expected 3 (an image)")
     for axis, want in ((2, data_config.height), (3, data_config.width)):
         if shape[axis] is not None and shape[axis] != want:
-            raise UsageError(f"--input-size {data_config.height} {data_config.width} does not match the model "
-                             f"input {shape}; use --input-size {shape[2]} {shape[3]}")
+            raise UsageError(f"`data_config.input_size` {data_config.height} {data_config.width} does not match "
+                             f"the model input {shape}; use `data_config.input_size` {shape[2]} {shape[3]}")
     previous = read_data_config(model, model_path)
     precision = graph_precision(model)
     # run it once (on a copy: compiling does not change the model that is saved)

@@ -68,10 +68,10 @@ class RayOptions:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UsageError(f"`batch_size` must be an integer >= 1, got {self.batch_size!r}")
         if self.shard_size < 1 or self.shard_size % self.batch_size:
-            raise UsageError(f"--shard-size {self.shard_size} must be a positive multiple of --batch-size "
+            raise UsageError(f"`shard_size` {self.shard_size} must be a positive multiple of `batch_size` "
                              f"{self.batch_size} (so the model sees the same batches as a single-process run)")
         if self.num_workers < 1:
-            raise UsageError(f"--workers must be >= 1, got {self.num_workers}")
+            raise UsageError(f"`num_workers` must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
             raise UsageError(f"`cpus_per_worker` must be > 0, got {self.cpus_per_worker!r}")
         if not self.gpus_per_worker >= 0:

@@ -16,12 +16,12 @@ def resolve_torch_device(device: str) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ReidExportError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu",
+                f"`device` {device}: CUDA is not available here (torch {torch.__version__}); use `device` cpu",
                 exit_code=2,
             )
         return torch.device(device)
     if device != "cpu":
-        raise ReidExportError(f"--device must be cpu or cuda[:N], got {device!r}", exit_code=2)
+        raise ReidExportError(f"`device` must be cpu or cuda[:N], got {device!r}", exit_code=2)
     return torch.device("cpu")
 
 
@@ -37,7 +37,8 @@ class TorchEncoder(Encoder):
         self.half = half
         if half:
             if self._device.type != "cuda":
-                raise ReidExportError("--half needs --device cuda (CPU half convolutions are slow and incomplete)",
+                raise ReidExportError("`half` (MODEL@fp16) needs `device` cuda "
+                                      "(CPU half convolutions are slow and incomplete)",
                                       exit_code=2)
             self.model = self.model.half()
         self.precision = "fp16" if half else "fp32"

@@ -29,7 +29,7 @@ class TensorRTEncoder(Encoder):
         info = read_sidecar(self.path)
         kind, _, index = device.partition(":")
         if kind not in ("cuda", "tensorrt", "trt"):
-            raise ReidExportError(f"{path}: TensorRT engines run on --device cuda[:N], not {device!r}", exit_code=2)
+            raise ReidExportError(f"{path}: TensorRT engines run on `device` cuda[:N], not {device!r}", exit_code=2)
         self.device_id = int(index or 0)
         self.device = f"cuda:{self.device_id}"
         trt = import_tensorrt()

@@ -229,17 +229,17 @@ class BoxmotOptions:
         from .deepstream import check_self_check_options
 
         if self.architecture is not None and self.architecture not in BOXMOT_BACKBONES:
-            raise UsageError(f"--boxmot-arch {self.architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it "
+            raise UsageError(f"`architecture` {self.architecture!r} is not a BoxMOT {BOXMOT_VERSION} backbone; leave it "
                              "out for a model BoxMOT does not know (its ONNX/OpenVINO backends do not need one)")
         if self.name is not None and (not self.name or "/" in self.name):
-            raise UsageError(f"--name {self.name!r}: give a plain file stem")
+            raise UsageError(f"`name` {self.name!r}: give a plain file stem")
         check_self_check_options(self.max_rel_l2, self.threshold_fmr)
         if self.openvino:
             try:
                 importlib.import_module("openvino")
             except ImportError:
                 raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
-                                      "(or write only the ONNX with --no-openvino)") from None
+                                      "(or write only the ONNX with `openvino=False`)") from None
         return self
 
 
@@ -274,7 +274,7 @@ def build(model_path: str | Path, out_dir: str | Path, options: BoxmotOptions | 
     options.check()
     stem = options.name or model_path.stem
     if not stem or "/" in stem:
-        raise UsageError(f"--name {stem!r}: give a plain file stem")
+        raise UsageError(f"`name` {stem!r}: give a plain file stem")
 
     inputs: list[ImageLike]
     if options.images:
@@ -428,7 +428,7 @@ def _architecture(model_path: Path, source_dc: DataConfig, stem: str, architectu
                      "sidecar (model_kwargs.img_size), its ONNX backend from the graph")
     if source_dc.interpolation != "linear":
         notes.append(f"BoxMOT resizes with cv2 INTER_LINEAR, the model's own resize is {source_dc.interpolation}: "
-                     "measure the cost with eval --deployment boxmot")
+                     "measure the cost with reid-export eval --deployment boxmot")
     return architecture, notes
 
 

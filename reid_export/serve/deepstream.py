@@ -231,9 +231,9 @@ class DeepStreamOptions:
         if self.color_order is not None and self.color_order not in COLOR_FORMAT:
             raise ReidExportError(f"colour order must be rgb or bgr, got {self.color_order!r}", exit_code=2)
         if self.network_mode is not None and self.network_mode not in NETWORK_MODE:
-            raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
+            raise ReidExportError(f"`network_mode` must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
         if self.reid_type not in REID_TYPE:
-            raise ReidExportError(f"--reid-type must be one of {', '.join(REID_TYPE)}", exit_code=2)
+            raise ReidExportError(f"`reid_type` must be one of {', '.join(REID_TYPE)}", exit_code=2)
         for key in ("batch_size", "workspace_mb", "history_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -284,7 +284,7 @@ def build(model_path: str | Path, out_dir: str | Path, options: DeepStreamOption
     precision = model_precision(model)
     network_mode = options.network_mode or ("fp32" if precision == "fp32" else precision)
     if network_mode not in NETWORK_MODE:
-        raise ReidExportError(f"--network-mode must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
+        raise ReidExportError(f"`network_mode` must be one of {', '.join(NETWORK_MODE)}", exit_code=2)
     color_order = options.color_order or data_config.channel_order
     stem = options.name or model_path.stem
     onnx_out = out_dir / f"{stem}.deepstream.onnx"

@@ -191,7 +191,7 @@ def collect(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[Mod
     entries += [_ir_entry(p, model_name(p)) for p in ir_paths]
     if names:
         if len(names) != len(entries):
-            raise ReidExportError(f"--name given {len(names)} times for {len(entries)} models (plans of one ONNX for "
+            raise ReidExportError(f"`names` given {len(names)} times for {len(entries)} models (plans of one ONNX for "
                                   "several GPUs are one model); give one per model or none", exit_code=2)
         for entry, name in zip(entries, names):
             entry.name = name
@@ -200,7 +200,7 @@ def collect(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[Mod
         if not _NAME_OK.match(entry.name):
             raise ReidExportError(f"model name {entry.name!r}: use letters, digits, '_', '-', '.'", exit_code=2)
         if entry.name in seen:
-            raise ReidExportError(f"two models would be named {entry.name!r}; name them with --name", exit_code=2)
+            raise ReidExportError(f"two models would be named {entry.name!r}; name them with `names`", exit_code=2)
         seen.add(entry.name)
     return entries
 
@@ -209,7 +209,7 @@ def resolve_batching(entry: ModelEntry, opts: RepoOptions) -> None:
     if entry.fixed_batch:
         if opts.max_batch_size not in (None, 0):
             raise ReidExportError(f"{entry.name}: the ONNX has a fixed batch of {entry.fixed_batch}; "
-                                  "--max-batch-size needs a dynamic batch (re-export it)", exit_code=2)
+                                  "`options.max_batch_size` needs a dynamic batch (re-export it)", exit_code=2)
         entry.max_batch_size = 0
         return
     if entry.platform == PLAN_PLATFORM:
@@ -218,16 +218,16 @@ def resolve_batching(entry: ModelEntry, opts: RepoOptions) -> None:
             entry.max_batch_size = 0
             return
         if opts.max_batch_size is not None and opts.max_batch_size > limit:
-            raise ReidExportError(f"{entry.name}: --max-batch-size {opts.max_batch_size} exceeds the engine's profile "
-                                  f"maximum {limit}; rebuild with reid-export trt --max-batch {opts.max_batch_size}",
+            raise ReidExportError(f"{entry.name}: `options.max_batch_size` {opts.max_batch_size} exceeds the engine's "
+                                  f"profile maximum {limit}; rebuild with reid-export trt --max-batch {opts.max_batch_size}",
                                   exit_code=2)
         entry.max_batch_size = opts.max_batch_size if opts.max_batch_size is not None else limit
     else:
         entry.max_batch_size = 32 if opts.max_batch_size is None else opts.max_batch_size
     for size in opts.preferred_batch_sizes:
         if entry.max_batch_size and size > entry.max_batch_size:
-            raise ReidExportError(f"{entry.name}: --preferred-batch-size {size} exceeds max_batch_size "
-                                  f"{entry.max_batch_size}", exit_code=2)
+            raise ReidExportError(f"{entry.name}: `options.preferred_batch_sizes` {size} exceeds "
+                                  f"`options.max_batch_size` {entry.max_batch_size}", exit_code=2)
 
 
 def _list(values) -> str:
@@ -238,17 +238,17 @@ def config_text(entry: ModelEntry, opts: RepoOptions) -> str:
     """``config.pbtxt`` in protobuf text format."""
     kind = "gpu" if entry.platform == PLAN_PLATFORM else "cpu" if entry.platform == OPENVINO_BACKEND else opts.kind
     if entry.platform == PLAN_PLATFORM and opts.kind == "cpu":
-        raise ReidExportError(f"{entry.name}: a TensorRT plan runs on a GPU; --kind cpu applies to ONNX models",
+        raise ReidExportError(f"{entry.name}: a TensorRT plan runs on a GPU; `options.kind` cpu applies to ONNX models",
                               exit_code=2)
     if entry.platform == OPENVINO_BACKEND and opts.tensorrt_accelerator is not None:
         raise ReidExportError(f"{entry.name}: an OpenVINO IR is served by Triton's openvino backend on the CPU; "
-                              "--tensorrt-accelerator applies to ONNX models", exit_code=2)
+                              "`options.tensorrt_accelerator` applies to ONNX models", exit_code=2)
     accel = opts.tensorrt_accelerator if entry.platform == ONNX_PLATFORM else None
     if accel is not None:
         if kind != "gpu":
-            raise ReidExportError("--tensorrt-accelerator runs on a GPU; drop --kind cpu", exit_code=2)
+            raise ReidExportError("`options.tensorrt_accelerator` runs on a GPU; drop `options.kind` cpu", exit_code=2)
         if accel == "int8" and entry.precision != "int8":
-            raise ReidExportError(f"{entry.name}: --tensorrt-accelerator int8 needs a Q/DQ (INT8) ONNX; this one is "
+            raise ReidExportError(f"{entry.name}: `options.tensorrt_accelerator` int8 needs a Q/DQ (INT8) ONNX; this one is "
                                   f"{entry.precision} (make one with reid-export quantize --precision int8)", exit_code=2)
     dims_in = [3, entry.data_config.height, entry.data_config.width]
     dims_out = [entry.feature_dim]
@@ -374,7 +374,7 @@ def write_repository(entries: list[ModelEntry], repo: str | Path, opts: RepoOpti
             parse_config(texts[entry.name], f"{entry.name}/config.pbtxt")
         target = repo / entry.name
         if target.exists() and not opts.force:
-            raise ReidExportError(f"{target}: already exists; pass --force to replace it", exit_code=2)
+            raise ReidExportError(f"{target}: already exists; pass `options.force` to replace it", exit_code=2)
     repo.mkdir(parents=True, exist_ok=True)
     if not os.access(repo, os.W_OK):
         raise ReidExportError(f"{repo}: not writable; choose another -o folder")

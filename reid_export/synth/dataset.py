@@ -49,20 +49,20 @@ class SynthConfig:
 
     def validate(self) -> "SynthConfig":
         if not 2 <= self.identities <= MAX_IDENTITIES:
-            raise UsageError(f"--identities must be 2..{MAX_IDENTITIES} (half train, half test); "
+            raise UsageError(f"`identities` must be 2..{MAX_IDENTITIES} (half train, half test); "
                              f"got {self.identities}")
         if not 2 <= self.cameras <= MAX_CAMERAS:
-            raise UsageError(f"--cameras must be 2..{MAX_CAMERAS} (every query needs a match from "
+            raise UsageError(f"`cameras` must be 2..{MAX_CAMERAS} (every query needs a match from "
                              f"another camera); got {self.cameras}")
         if self.seed < 0:
-            raise UsageError(f"--seed must be >= 0; got {self.seed}")
+            raise UsageError(f"`seed` must be >= 0; got {self.seed}")
         if self.images_per_id_per_camera < 1:
-            raise UsageError(f"--images-per-id-per-camera must be >= 1; got {self.images_per_id_per_camera}")
+            raise UsageError(f"`images_per_id_per_camera` must be >= 1; got {self.images_per_id_per_camera}")
         h, w = self.size
         if not (32 <= h <= 1024 and 16 <= w <= 512):
-            raise UsageError(f"--size H W must be within 32..1024 x 16..512; got {h} {w}")
+            raise UsageError(f"`size` H W must be within 32..1024 x 16..512; got {h} {w}")
         if self.distractors < 0 or self.junk < 0:
-            raise UsageError("--distractors and --junk must be >= 0")
+            raise UsageError("`distractors` and `junk` must be >= 0")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"JPEG quality must be 1..100; got {self.jpeg_quality}")
         return self
@@ -225,7 +225,7 @@ def check_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ReidExportError(f"{out}: exists and is not a folder; choose another DIR")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ReidExportError(f"{out}: folder is not empty; choose another DIR or pass --force to replace "
+        raise ReidExportError(f"{out}: folder is not empty; choose another DIR or pass `force` to replace "
                               f"{MARKET_DIR}/ and {META_FILE} in it")
 
 
@@ -273,7 +273,7 @@ def write_dataset(out_dir, config: SynthConfig, force: bool = False, progress: b
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if fresh and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise ReidExportError(f"{out}: appeared while generating; choose another DIR or pass --force") from None
+            raise ReidExportError(f"{out}: appeared while generating; choose another DIR or pass `force`") from None
         raise _fail_os(out, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

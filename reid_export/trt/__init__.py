@@ -47,10 +47,10 @@ def parse_size(text: str | int) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
         if not match or match.group(2).lower() not in _SIZE_UNITS:
-            raise UsageError(f"--workspace: cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 1073741824")
+            raise UsageError(f"`workspace`: cannot read {text!r} as a size; write e.g. 4GiB, 512MiB or 1073741824")
         value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     if value <= 0:
-        raise UsageError(f"--workspace must be positive, got {text!r}")
+        raise UsageError(f"`workspace` must be positive, got {text!r}")
     return value
 
 
@@ -76,8 +76,8 @@ def compute_profile(input_shape: list, min_batch: int, opt_batch: int, max_batch
         return {"static": True, "min": [batch, channels, height, width], "opt": [batch, channels, height, width],
                 "max": [batch, channels, height, width],
                 "ignored": [] if (min_batch, opt_batch, max_batch) == (batch,) * 3 else
-                ["--min-batch/--opt-batch/--max-batch (the ONNX has a static batch)"]}
-    for name, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+                ["`min_batch`/`opt_batch`/`max_batch` (the ONNX has a static batch)"]}
+    for name, value in (("`min_batch`", min_batch), ("`opt_batch`", opt_batch), ("`max_batch`", max_batch)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if not min_batch <= opt_batch <= max_batch:
@@ -93,8 +93,8 @@ def build_plan(trt_version: str, graph_precision: str, fp16: bool, int8: bool) -
     """
     major = trt_major(trt_version)
     if fp16 and int8 and major >= 11:
-        raise UsageError("--fp16 with --int8: on TensorRT 11 precision comes from the graph; quantize to a Q/DQ "
-                         "graph (which keeps unquantized layers as in the graph) and pass --int8 alone")
+        raise UsageError("`fp16` with `int8`: on TensorRT 11 precision comes from the graph; quantize to a Q/DQ "
+                         "graph (which keeps unquantized layers as in the graph) and pass `int8` alone")
     plan = {"convert": None, "strongly_typed": True, "flags": [], "precision": graph_precision}
     if int8:
         if graph_precision != "int8":
@@ -109,7 +109,7 @@ def build_plan(trt_version: str, graph_precision: str, fp16: bool, int8: bool) -
     if fp16:
         plan["precision"] = "fp16"
         if graph_precision == "int8":
-            raise UsageError("--fp16 on a Q/DQ (INT8) ONNX: pass --int8 for it")
+            raise UsageError("`fp16` on a Q/DQ (INT8) ONNX: pass `int8` for it")
         if graph_precision == "fp32":
             if major >= 11:
                 plan["convert"] = "fp16"  # no FP16 flag any more: the graph must say FP16

@@ -61,8 +61,8 @@ def prepare_graph(onnx_path: Path, plan: dict, options: BuildOptions, workdir: P
     if plan["convert"] == "int8":
         if not options.calib_dirs:
             raise ReidExportError(
-                f"{onnx_path}: --int8 needs a Q/DQ ONNX (reid-export quantize {onnx_path} -o model.int8.onnx "
-                "--precision int8 --target tensorrt --calib-dir DIR) or --calib-dir DIR to calibrate here",
+                f"{onnx_path}: `int8` needs a Q/DQ ONNX (reid-export quantize {onnx_path} -o model.int8.onnx "
+                "--precision int8 --target tensorrt --calib-dir DIR) or `calib_dirs` DIR to calibrate here",
                 exit_code=2)
         out = workdir / (onnx_path.stem + ".int8.onnx")
         _require_written(q.quantize_file(onnx_path, out, precision="int8", target="tensorrt",

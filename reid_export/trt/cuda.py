@@ -42,7 +42,7 @@ def device_info(device_id: int = 0) -> tuple[str, str]:
     torch = _torch_cuda()
     if torch is not None:
         if device_id >= torch.cuda.device_count():
-            raise ReidExportError(f"--device-id {device_id}: only {torch.cuda.device_count()} CUDA device(s) here",
+            raise ReidExportError(f"`device_id` {device_id}: only {torch.cuda.device_count()} CUDA device(s) here",
                                   exit_code=2)
         major, minor = torch.cuda.get_device_capability(device_id)
         return torch.cuda.get_device_name(device_id), f"{major}.{minor}"

@@ -279,7 +279,7 @@ def _load_crops(images: str | Path, max_queries: int, max_unlabelled: int, progr
 
     root = Path(images)
     if not root.exists():
-        raise ReidExportError(f"{root}: no such folder; point --detect at labelled crops (a Market-1501 layout or "
+        raise ReidExportError(f"{root}: no such folder; point `images` at labelled crops (a Market-1501 layout or "
                               "a folder of PPPP_cC... named images)")
     dataset = None
     if root.is_dir():
@@ -348,11 +348,11 @@ def _input_size(model: Path, input_size: tuple[int, int] | None) -> tuple[int, i
     fixed = len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:])
     if input_size is not None:
         if fixed and tuple(shape[2:]) != tuple(input_size):
-            raise UsageError(f"--input-size {input_size[0]} {input_size[1]} does not match the model input {shape}; "
-                             f"use --input-size {shape[2]} {shape[3]}")
+            raise UsageError(f"`input_size` {input_size[0]} {input_size[1]} does not match the model input {shape}; "
+                             f"use `input_size` {shape[2]} {shape[3]}")
         return tuple(input_size)
     if not fixed:
-        raise UsageError(f"{model}: the model input {shape} has no fixed height/width; pass --input-size H W")
+        raise UsageError(f"{model}: the model input {shape} has no fixed height/width; pass `input_size` H W")
     return int(shape[2]), int(shape[3])
 
 
@@ -394,7 +394,7 @@ def detect_convention(model: str | Path, images: str | Path, input_size: tuple[i
     start = time.time()
     model = Path(model)
     if max_queries < 1:
-        raise UsageError(f"--max-queries must be >= 1, got {max_queries}")
+        raise UsageError(f"`max_queries` must be >= 1, got {max_queries}")
     height, width = _input_size(model, input_size)
     current_config = _current_config(model)
     crops = _load_crops(images, max_queries, max_unlabelled, progress)

@@ -470,15 +470,16 @@ def _gate(rows: list[EvalRow], gates: EvalGates) -> list[str]:
             elif i > 0 and base.ok:
                 if _over(-row.delta_map, gates.max_map_drop):
                     mine.append(f"{row.model}: mAP {row.mAP:.2f} is {-row.delta_map:.2f} points below "
-                                f"{base.model} (gate {gates.max_map_drop:g}; --max-map-drop sets it)")
+                                f"{base.model} (gate {gates.max_map_drop:g}; `gates.max_map_drop` sets it)")
                 if _over(-row.delta_rank1, gates.max_r1_drop):
                     mine.append(f"{row.model}: Rank-1 {row.rank1:.2f} is {-row.delta_rank1:.2f} points "
-                                f"below {base.model} (gate {gates.max_r1_drop:g}; --max-r1-drop sets it)")
+                                f"below {base.model} (gate {gates.max_r1_drop:g}; `gates.max_r1_drop` sets it)")
             fidelity = row.fidelity
             if gates.fidelity is not None and not exempt and fidelity is not None and not fidelity.passed:
                 mine.append(f"{row.model}: its {row.precision} features moved from {base.model}'s on "
                             f"{fidelity.num_images} images of the dataset: {'; '.join(fidelity.failures)} (the "
-                            "reduced-precision gate of quantize and parity; --no-gate reports without failing)")
+                            "reduced-precision gate of quantize and parity; `gates=EvalGates.off()` reports without "
+                            "failing)")
             collapse = row.collapse
             if gates.fail_collapsed and not exempt and collapse is not None and collapse.collapsed:
                 mine.append(f"{row.model}: collapsed embeddings (every pair of {collapse.num_images} different "

@@ -71,7 +71,7 @@ def fp16_activation_check(model: torch.nn.Module, batches, device: str = "cpu") 
             s32, o32 = _record(fp32, x)
             s16, o16 = _record(fp16, x.half())
         except RuntimeError as exc:
-            raise ReidExportError(f"half-precision run failed on {device} ({exc}); try --device cuda") from None
+            raise ReidExportError(f"half-precision run failed on {device} ({exc}); try `device` cuda") from None
         for name, e32 in s32.items():
             e16 = s16.get(name, {})
             row = layers.setdefault(name, {"layer": name, "type": e32["type"], "fp32_max_abs": 0.0,

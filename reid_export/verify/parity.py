@@ -159,7 +159,7 @@ def _locate(ref_enc: Encoder, candidates: list[Encoder], arrays) -> dict:
         (e for e in candidates if e.path.suffix == ".onnx" and e.precision == "fp32"), None)
     targets = [e for e in candidates if e.path.suffix == ".onnx" and e.precision != "fp32"]
     if fp32 is None or not targets:
-        raise UsageError("--locate needs an FP32 ONNX (as reference or candidate) and FP16/INT8 ONNX "
+        raise UsageError("`locate` needs an FP32 ONNX (as reference or candidate) and FP16/INT8 ONNX "
                          "candidates made from it")
     batch = preprocess(arrays[: min(len(arrays), 8)], fp32.data_config)
     return {str(enc.path): locate_layers(fp32.path, enc.path, batch) for enc in targets}

@@ -82,8 +82,8 @@ def labels_from_names(files: Sequence[str], what: str, distractor: bool = False)
         if parsed is None:
             if not distractor:
                 raise ReidExportError(f"{what}: {f} is not named PPPP_cC... (Market-1501): its person and camera "
-                                      "are unknown; rename the files, or pass them as --distractors (images) or "
-                                      "--distractor-features (extract outputs)")
+                                      "are unknown; rename the files, or pass them as `distractors` (images) or "
+                                      "`distractor_features` (extract outputs)")
             pids[i], cams[i] = 0, -1
         else:
             pids[i], cams[i] = (0, parsed[1]) if distractor else parsed
@@ -148,7 +148,7 @@ def evaluate_encoder_streamed(encoder, dataset, distractors: Sequence[Path], opt
                               on_error: str = "raise", chunk_elements: int = 1 << 25) -> EvalResult:
     """``eval MODEL --dataset-root D --distractors DIR...``: query and gallery of D plus distractor images."""
     if options.rerank or options.aqe:
-        raise UsageError("--rerank/--aqe are not available with --distractors or feature files yet; "
+        raise UsageError("`options.rerank`/`options.aqe` are not available with `distractors` or feature files yet; "
                          "evaluate without them")
     query, gallery = SplitArrays.of(dataset.query), SplitArrays.of(dataset.gallery)
     d_paths = [str(p) for p in expand_image_paths(distractors)] if distractors else []

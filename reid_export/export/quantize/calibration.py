@@ -261,7 +261,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[tuple[
     from ..ort import make_session
 
     if num_bins < 128 or num_bins % 2:
-        raise ReidExportError(f"--num-bins must be an even number >= 128, got {num_bins}")
+        raise ReidExportError(f"`num_bins` must be an even number >= 128, got {num_bins}")
     session = make_session(augmented_model(model, tensors).SerializeToString(), threads=threads,
                            optimization="basic")
     input_name = session.get_inputs()[0].name

@@ -47,7 +47,7 @@ def fp16_weight_warnings(model: onnx.ModelProto, keep_nodes: set[str]) -> list[s
     lines = []
     if over:
         lines.append(f"warning: {over} weight values exceed the FP16 range (max |w| {worst:.3g} > 65504) in "
-                        f"{', '.join(tensors_over[:4])}; they are clamped to 65504 (exclude those nodes with --exclude)")
+                        f"{', '.join(tensors_over[:4])}; they are clamped to 65504 (exclude those nodes with `exclude`)")
     if tiny:
         lines.append(f"warning: {tiny} nonzero weight values are below FP16's smallest subnormal (5.96e-08); "
                         "they become +-5.96e-08")
@@ -115,7 +115,7 @@ def convert_fp16(model: onnx.ModelProto, exclude: Sequence[str] = (),
                 op_block_list=op_block, node_block_list=sorted(blocked - head))
         except Exception as exc:
             raise ReidExportError(f"FP16 conversion failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                  "try --exclude on the node it names") from None
+                                  "try `exclude` on the node it names") from None
 
     # Put the FP32 head back, on the FP32 boundary tensors the converter left as outputs.
     converted_inits = {init.name: init for init in converted.graph.initializer}
@@ -187,7 +187,7 @@ def fp16_variant(model: onnx.ModelProto, data_config, options, note: Callable[[s
     sample = (select_calibration_images(options.calib_dirs, FP16_CHECK_IMAGES, options.seed, lambda line: None)
               if options.calib_dirs else [])
     if sample:
-        inputs, what = preprocess(sample, data_config), "images from --calib-dir"
+        inputs, what = preprocess(sample, data_config), "images from `calib_dirs`"
     else:
         inputs, what = preprocess(generated_images(8, data_config.input_size), data_config), "generated images"
     threads = options.threads

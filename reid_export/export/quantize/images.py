@@ -61,11 +61,11 @@ def select_calibration_images(dirs: Sequence[str | Path], size: int, seed: int,
                               log: Callable[[str], None]) -> list[Path]:
     """``size`` images drawn (by ``seed``) from the folders/files given, or all there are, said so."""
     if size < 1:
-        raise UsageError(f"--calib-size must be >= 1, got {size}")
+        raise UsageError(f"`calib_size` must be >= 1, got {size}")
     paths = list(dict.fromkeys(expand_image_paths(dirs)))
     where = ", ".join(str(d) for d in dirs)
     if len(paths) < size:
-        log(f"calibration: {where} holds {len(paths)} images, fewer than --calib-size {size}; using all {len(paths)}")
+        log(f"calibration: {where} holds {len(paths)} images, fewer than `calib_size` {size}; using all {len(paths)}")
         return paths
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(paths), size=size, replace=False).tolist())
@@ -93,7 +93,7 @@ def select_split(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Se
     the calibration images are drawn from the rest.
     """
     if calib_size < 1 or val_size < 2:
-        raise UsageError(f"--calib-size must be >= 1 and --val-size >= 2, got {calib_size} and {val_size}")
+        raise UsageError(f"`calib_size` must be >= 1 and `val_size` >= 2, got {calib_size} and {val_size}")
     paths = list(dict.fromkeys(expand_image_paths(calib_dirs)))
     where = ", ".join(str(d) for d in calib_dirs)
     rng = np.random.default_rng(seed)
@@ -103,7 +103,7 @@ def select_split(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Se
         val_all = [p for p in dict.fromkeys(expand_image_paths(val_dirs)) if p not in set(paths)]
         vwhere = ", ".join(str(d) for d in val_dirs)
         if len(val_all) < 2:
-            raise UsageError(f"--val-dir {vwhere}: holds {len(val_all)} images that are not calibration images; "
+            raise UsageError(f"`val_dirs` {vwhere}: holds {len(val_all)} images that are not calibration images; "
                              "the accuracy gate needs at least 2")
         val = sorted(val_all[i] for i in np.random.default_rng(seed).permutation(len(val_all))[:val_size])
         calib = sorted(order[:calib_size])
@@ -120,13 +120,13 @@ def select_split(calib_dirs: Sequence[str | Path], calib_size: int, val_dirs: Se
         else:
             n_val = val_size if len(paths) >= calib_size + val_size else max(2, len(paths) // 4)
             if len(paths) - n_val < 1:
-                raise UsageError(f"--calib-dir {where}: holds {len(paths)} images; calibration and the held-out "
-                                 "accuracy check need at least 3 (or give --val-dir)")
+                raise UsageError(f"`calib_dirs` {where}: holds {len(paths)} images; calibration and the held-out "
+                                 "accuracy check need at least 3 (or give `val_dirs`)")
             val = sorted(order[:n_val])
             calib = sorted(order[n_val:n_val + calib_size])
             vnote = f"{len(val)} other images from the same folders"
     if len(calib) < calib_size:
-        log(f"calibration: {where} holds {len(paths)} images, fewer than --calib-size {calib_size} plus the held-out "
+        log(f"calibration: {where} holds {len(paths)} images, fewer than `calib_size` {calib_size} plus the held-out "
             f"ones; using {len(calib)}")
     else:
         log(f"calibration: {len(calib)} of the {len(paths)} images in {where} (seed {seed})")

@@ -58,7 +58,7 @@ def quantize_int8(model: onnx.ModelProto, data_config: DataConfig, options: Quan
                          note)
     if len(split.held_out) < PAIR_ERROR_MIN_IMAGES:
         note(f"accuracy gate: {len(split.held_out)} held-out images are too few to measure the pairwise-similarity "
-             f"error (needs {PAIR_ERROR_MIN_IMAGES}); only the cosines are gated (more crops, or --val-dir)")
+             f"error (needs {PAIR_ERROR_MIN_IMAGES}); only the cosines are gated (more crops, or `val_dirs`)")
     prepared = prepare(model, options.target, options.exclude)
     for line in prepared.notes:
         note(line)
@@ -118,7 +118,7 @@ def _weight_range(options: QuantizeOptions, note) -> bool:
         return False
     if options.reduce_range is None:
         reduce_range, why = weight_range_for_cpu()
-        note(f"int8 cpu: {why} (--reduce-range / --no-reduce-range to choose)")
+        note(f"int8 cpu: {why} (`reduce_range=True` / `reduce_range=False` to choose)")
         return reduce_range
     return bool(options.reduce_range)
 

@@ -118,7 +118,7 @@ def locate(fp32_path, candidate_path, batch: np.ndarray, top: int = 10,
     matches = _match_tensors(ref_model, cand_model, nodes)
     if not matches:
         raise ReidExportError(
-            f"{cand_name_}: shares no tensor names with {fp32_name}; --locate needs a variant made from that FP32 ONNX"
+            f"{cand_name_}: shares no tensor names with {fp32_name}; `locate` needs a variant made from that FP32 ONNX"
         )
     ref_vals = _run_all(ref_model, batch, list(matches))
     cand_vals = _run_all(cand_model, batch, list(dict.fromkeys(matches.values())))

@@ -57,22 +57,22 @@ class QuantizeOptions:
         """Raise :class:`UsageError` for options that cannot go together; returns ``self``."""
         int8 = self.precision == "int8"
         if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UsageError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.percentile is not None and self.method not in ("percentile", "auto"):
-            raise UsageError("--percentile applies to --method percentile (or auto, as one more candidate)")
+            raise UsageError("`percentile` applies to `method` percentile (or auto, as one more candidate)")
         if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
-            raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
+            raise UsageError(f"`percentile` must be in (50, 100], got {self.percentile}")
         if int8 and self.target not in TARGETS:
-            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+            raise UsageError(f"`target` must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if int8 and self.method not in METHODS + ("auto",):
-            raise UsageError(f"--method must be auto or one of {', '.join(METHODS)}, got {self.method!r}")
+            raise UsageError(f"`method` must be auto or one of {', '.join(METHODS)}, got {self.method!r}")
         if int8 and self.reduce_range and self.target != "cpu":
-            raise UsageError("--reduce-range applies to --target cpu (TensorRT takes full 8-bit weights)")
+            raise UsageError("`reduce_range` applies to `target` cpu (TensorRT takes full 8-bit weights)")
         if int8 and not self.calib_dirs:
-            raise UsageError("--precision int8 needs real calibration images: --calib-dir DIR (for example the "
+            raise UsageError("`precision` int8 needs real calibration images: `calib_dirs` DIR (for example the "
                              "training crops, bounding_box_train/)")
         if self.max_float is not None and self.max_float < 0:
-            raise UsageError(f"--max-float must be >= 0, got {self.max_float}")
+            raise UsageError(f"`max_float` must be >= 0, got {self.max_float}")
         return self
 
 

@@ -74,7 +74,7 @@ def full_range_warning(flags: set[str] | None = None) -> str | None:
         return None
     return ("this CPU has no VNNI/AMX int8 dot product, and the model has full 8-bit U8S8 weights (made for "
             f"{FULL_RANGE_CPUS}): ONNX Runtime's AVX2 kernels saturate there and the features lose accuracy; "
-            "re-quantize with --reduce-range for this CPU")
+            "re-quantize with `reduce_range=True` for this CPU")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def prepare(model: onnx.ModelProto, target: str, exclude: Sequence[str] = ()) ->
     from ..metadata import input_info
 
     if target not in TARGETS:
-        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+        raise UsageError(f"`target` must be one of {', '.join(TARGETS)}, got {target!r}")
     model, old_opset = upgrade_opset(model, MIN_QDQ_OPSET)
     notes = []
     if old_opset is not None:
@@ -119,7 +119,7 @@ def prepare(model: onnx.ModelProto, target: str, exclude: Sequence[str] = ()) ->
     excluded = list(dict.fromkeys(head + exclude_nodes + sums))
     tensors = tensors_to_calibrate(model, ops, excluded)
     if not tensors:
-        raise ReidExportError("nothing to quantize: no Conv/Gemm/MatMul/Add/pool node is left after --exclude")
+        raise ReidExportError("nothing to quantize: no Conv/Gemm/MatMul/Add/pool node is left after `exclude`")
     _, shape, _ = input_info(model)
     static = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     if sums:
@@ -165,7 +165,7 @@ def build_qdq(prepared: Prepared, ranges: dict[str, tuple[float, float]], reduce
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
     if reduce_range and prepared.target != "cpu":
-        raise UsageError("--reduce-range applies to --target cpu (TensorRT takes full 8-bit weights)")
+        raise UsageError("`reduce_range` applies to `target` cpu (TensorRT takes full 8-bit weights)")
     tensors_range = TensorsData(CalibrationMethod.MinMax,
                                 {name: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
                                  for name, (lo, hi) in ranges.items()})
@@ -272,7 +272,7 @@ def describe(prepared: Prepared, reduce_range: bool) -> dict:
     }
     if cpu:
         info["weights_for"] = ("any x86-64 CPU (AVX2 or newer) and Arm64" if reduce_range else FULL_RANGE_CPUS
-                               + "; on x86 without VNNI the U8S8 products saturate: re-quantize with --reduce-range")
+                               + "; on x86 without VNNI the U8S8 products saturate: re-quantize with `reduce_range=True`")
     if prepared.opset_upgraded_from is not None:
         info["opset_upgraded_from"] = prepared.opset_upgraded_from
     return info

@@ -31,7 +31,7 @@ from .options import QuantizeOptions
 from .qdq_check import check_ort_cpu_fusion, check_tensorrt_qdq
 from .report import QuantizeReport
 
-FP16_RECOVERY = ("--precision fp16 recovers (it keeps the gate on every model measured: pairwise error 0.003-0.011, "
+FP16_RECOVERY = ("`precision` fp16 recovers (it keeps the gate on every model measured: pairwise error 0.003-0.011, "
                  "benchmarks/RESULTS.md)")
 
 
@@ -113,8 +113,8 @@ def _fp16(model, data_config, options: QuantizeOptions, report: QuantizeReport, 
          f"min cosine {p['min_cosine']:.5f}, mean cosine {p['mean_cosine']:.5f}, max relative L2 {p['max_rel_l2']:.2e}")
     if result.gate_passed is False and not options.allow_below_gate:
         report.refusal = (f"{report.output}: not written: the FP16 model misses the accuracy gate "
-                          f"({'; '.join(result.failures)} on {result.count} images of --calib-dir); --exclude the "
-                          "layers `reid-export parity --locate` names, or --allow-below-gate to write it anyway")
+                          f"({'; '.join(result.failures)} on {result.count} images of `calib_dirs`); `exclude` the "
+                          "layers `reid-export parity --locate` names, or `allow_below_gate` to write it anyway")
     return result.model, {KEY_FP16: {"kept_fp32": result.kept_fp32, "converter": converter_version(),
                                      "io": "float32"}}
 
@@ -128,12 +128,12 @@ def _int8(model, data_config, options: QuantizeOptions, report: QuantizeReport, 
     if not record.passed:
         if not options.allow_below_gate:
             report.refusal = (f"{report.output}: not written: the INT8 model misses the accuracy gate "
-                              f"({result.refusal_detail}); {FP16_RECOVERY}, or a larger --max-float, --exclude the "
-                              "layers `reid-export parity --locate` names, other --calib-dir crops, or "
-                              "--allow-below-gate to write it anyway")
+                              f"({result.refusal_detail}); {FP16_RECOVERY}, or a larger `max_float`, `exclude` the "
+                              "layers `reid-export parity --locate` names, other `calib_dirs` crops, or "
+                              "`allow_below_gate` to write it anyway")
         else:
             note(f"warning: BELOW THE ACCURACY GATE ({result.refusal_detail}); written because of "
-                 "--allow-below-gate and marked so in its metadata")
+                 "`allow_below_gate` and marked so in its metadata")
     return result.model, {KEY_QUANTIZATION: {**result.form, "below_gate": not record.passed,
                                              "search": record.to_dict()}}
 
@@ -157,7 +157,7 @@ def _check(converted: onnx.ModelProto, options: QuantizeOptions, report: Quantiz
                               f"({str(exc).splitlines()[0][:200]}); not written") from None
     if not report.parity.get("finite", True):
         raise ReidExportError(f"{output}: the {precision} model gives non-finite features; not written "
-                              "(exclude the overflowing nodes with --exclude)")
+                              "(exclude the overflowing nodes with `exclude`)")
     return converted_bytes
 
 

@@ -105,7 +105,7 @@ class Objective:
     def __init__(self, fp32_model: onnx.ModelProto | bytes, inputs: np.ndarray, data_config: DataConfig,
                  threads: int | None = None, batch_size: int = 16):
         if len(inputs) < 2:
-            raise UsageError("the accuracy gate needs at least 2 held-out images (--val-size, --val-dir)")
+            raise UsageError("the accuracy gate needs at least 2 held-out images (`val_size`, `val_dirs`)")
         self.inputs = inputs
         self.data_config = data_config
         self.threads = threads
@@ -283,7 +283,7 @@ def parse_methods(method: str, percentile: float | None) -> list[tuple[str, floa
             return [c for c in AUTO_CANDIDATES if c[0] != "percentile"] + [("percentile", percentile)]
         return list(AUTO_CANDIDATES)
     if method not in METHODS:
-        raise UsageError(f"--method must be auto or one of {', '.join(METHODS)}, got {method!r}")
+        raise UsageError(f"`method` must be auto or one of {', '.join(METHODS)}, got {method!r}")
     return [(method, (percentile if percentile is not None else DEFAULT_PERCENTILE) if method == "percentile"
              else None)]
 
