@@ -274,7 +274,7 @@ def test_bad_options_are_one_line_before_the_model_is_read(tmp_path):
     """DeepStreamOptions.check() runs first: a bad value is one line (exit 2), the model is not even opened."""
     out = tmp_path / "out"
     assert_clean_error(run_cli("deepstream", tmp_path / "missing.onnx", "-o", out, "--threshold-fmr", "2"),
-                       "`threshold_fmr`", "between 0 and 1")
+                       "--threshold-fmr", "between 0 and 1")
     assert_clean_error(run_cli("deepstream", tmp_path / "missing.onnx", "-o", out, "--max-rel-l2", "0"),
-                       "`max_rel_l2`", "> 0")
+                       "--max-rel-l2", "> 0")
     assert not out.exists()

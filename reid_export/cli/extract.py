@@ -21,7 +21,7 @@ from .ray_options import ray_engine_options, ray_options
 from .main import cli
 
 
-@flag_aliases(num_workers="workers")  # library parameter names the command spells otherwise
+@flag_aliases(num_workers="workers", cpus_per_worker="threads_per_worker", on_error="skip_bad_images")  # library parameter names the command spells otherwise
 @cli.command(cls=OptsCommand)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))

@@ -52,7 +52,7 @@ def _encoder_options(command):
     return command
 
 
-@flag_aliases(num_workers="workers")
+@flag_aliases(num_workers="workers", cpus_per_worker="threads_per_worker", on_error="skip_bad_images")
 @cli.command(name="index")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
