@@ -274,7 +274,7 @@ def test_eval_takes_the_checkpoint_and_its_onnx_with_one_config(torchreid_onnx, 
     # an ONNX alone still refuses a config it would not use
     result = run_cli("eval", torchreid_onnx, "--config", TORCHREID / "osnet_x0_25.yml", "--dataset-root", root,
                      "--no-progress")
-    assert_clean_error(result, "--config/--opts apply to checkpoints")
+    assert_clean_error(result, "--config/opts apply to checkpoints")  # eval has no --opts: the bare name
 
 
 # --- training ----------------------------------------------------------------------------------
