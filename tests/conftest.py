@@ -192,10 +192,10 @@ class SmallReidNet(torch.nn.Module):
         return self.fc(f.flatten(1))
 
 
-def export_small_onnx(net: torch.nn.Module, path: Path, calibration: torch.Tensor) -> Path:
+def export_small_onnx(net: torch.nn.Module, path: Path, calibration: torch.Tensor, size=(64, 32)) -> Path:
     """Set ``net``'s BatchNorm statistics from ``calibration`` (a batch in the units its input takes),
-    then export it to ``path`` (opset 13, TorchScript exporter, input ``input`` [N, 3, 64, 32] with a
-    dynamic batch, output ``output``)."""
+    then export it to ``path`` (opset 13, TorchScript exporter, input ``input`` [N, 3, H, W] with a
+    dynamic batch and the fixed ``size`` (H, W), output ``output``)."""
     import warnings
 
     with torch.no_grad():
@@ -204,7 +204,7 @@ def export_small_onnx(net: torch.nn.Module, path: Path, calibration: torch.Tenso
     net.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 64, 32),), str(path), dynamo=False, opset_version=13,
+        torch.onnx.export(net, (torch.randn(1, 3, *size),), str(path), dynamo=False, opset_version=13,
                           input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
     return path
 
