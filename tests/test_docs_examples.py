@@ -441,6 +441,8 @@ class World:
         self.home.mkdir()
         self.runs.mkdir()
         self.done: dict[tuple, Run] = {}
+        self.checked: dict[tuple, list[str]] = {}  # (words, expected exit) -> what was wrong
+        self.failed = False
         self.examples = []  # every example's words as they run
         self.skipped: dict[tuple, str] = {}  # ... and why some cannot run here
         for _, line in EXAMPLES:
@@ -588,6 +590,18 @@ class World:
             run = self.run_example(producer, in_world=True)
             assert run.code == 0, f"`{shlex.join(producer)}`, which makes {name}: {run.problems(0)}"
 
+    def check(self, run: Run, expected: int) -> list[str]:
+        """``run.problems``, once: a folder of its own is removed when the run passed (its outputs are
+        model-sized and no other example reads them)."""
+        key = (tuple(run.words), expected)
+        if key not in self.checked:
+            self.checked[key] = run.problems(expected)
+            if self.checked[key]:
+                self.failed = True
+            elif run.folder != self.home:
+                shutil.rmtree(run.folder, ignore_errors=True)
+        return self.checked[key]
+
     def run_example(self, words: list[str], in_world: bool | None = None) -> Run:
         """Run an example (once: a repeat gets the first run), its inputs made first."""
         key = tuple(words)
@@ -623,6 +637,8 @@ def world(tmp_path_factory, monkeypatch_module, one_torch_thread):
     world.build()
     yield world
     _stop_ray()
+    if not world.failed:  # ~0.6 GB of models; a failure keeps them to look at
+        shutil.rmtree(world.home.parent, ignore_errors=True)
 
 
 def _stop_ray() -> None:
@@ -649,7 +665,7 @@ def test_example_runs(where, line, world):
     if reason:
         pytest.skip(reason)
     run = world.run_example(substituted(words))
-    problems = run.problems(expected_code(where, line))
+    problems = world.check(run, expected_code(where, line))
     assert not problems, f"{where}: `{line}`\n  ran as `{shlex.join(run.words)}` in {run.folder}:\n  " + \
         "\n  ".join(problems)
 
