@@ -548,7 +548,6 @@ class World:
 
         with _cwd(folder):
             result = run_main(train_main if words[0] == "reid-train" else main, words[1:])
-        _stop_ray()  # its workers keep the folder they started in: the next example's relative paths are elsewhere
         return Run(words, folder, result.code, result.out, result.err)
 
     def producers(self) -> set:

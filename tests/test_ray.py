@@ -113,3 +113,30 @@ def test_ray_options_errors(tiny, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     assert_clean_error(run_cli("extract", ckpt, root / "crops", "-o", tmp_path / "z.npy", "--engine", "ray",
                                "--batch-size", "4", "--shard-size", "8"), "pip install 'reid-export[ray]'")
+
+
+def test_relative_paths_from_two_folders_in_one_process(tiny, tmp_path, monkeypatch):
+    """Ray's workers keep the folder Ray started in: the files and the model reach them as absolute
+    paths, so a second call from another folder with relative paths encodes the same files; an
+    unreadable file is reported as it was given."""
+    from reid_export.runtime.ray_extract import RayOptions, extract_on_ray
+
+    ckpt, root = tiny
+    local = np.load(root / "local.npy")
+    crops = sorted((root / "crops").iterdir())
+    results = []
+    for name, files in (("first", crops[:8]), ("second", crops[8:16])):  # names the other folder does not hold
+        here = tmp_path / name
+        (here / "crops").mkdir(parents=True)
+        for f in files:
+            (here / "crops" / f.name).write_bytes(f.read_bytes())
+        (here / "crops" / "broken.jpg").write_bytes(b"not a jpeg")
+        os.symlink(ckpt, here / "model.pth")
+        monkeypatch.chdir(here)
+        given = [f"crops/{f.name}" for f in files] + ["crops/broken.jpg"]
+        results.append(extract_on_ray("model.pth", given, here / "out.npy",
+                                      RayOptions(batch_size=4, shard_size=4, cpus_per_worker=1, on_error="skip",
+                                                 progress=False)))
+    for res, rows in zip(results, (slice(0, 8), slice(8, 16))):
+        assert res["kept"] == list(range(8)) and [s["file"] for s in res["skipped"]] == ["crops/broken.jpg"]
+        np.testing.assert_array_equal(res["features"], local[rows])

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -181,7 +181,11 @@ def extract_on_ray(model, paths: Sequence[Path], output: Path, options: RayOptio
     result = {"shards": n_shards, "shards_reused": len(done), "missing": missing, "folder": folder}
     if missing:
         return result
-    return result | merge_shards(folder, n_shards)
+    merged = merge_shards(folder, n_shards)
+    given = {str(Path(p).absolute()): p for p in paths}  # the workers saw absolute paths: report them as given
+    for entry in merged["skipped"]:
+        entry["file"] = given.get(entry["file"], entry["file"])
+    return result | merged
 
 
 def _check_plan(folder: Path, plan: dict) -> None:
@@ -215,7 +219,10 @@ def _run_shards(ray, model, paths: list[str], folder: Path, todo: list[int], don
     ds = ds.map_batches(
         _ShardWorker, batch_size=1, concurrency=options.num_workers, num_cpus=options.cpus,
         num_gpus=options.gpus_per_worker or None,
-        fn_constructor_kwargs={"model": str(model), "options": options, "paths": paths, "folder": str(folder)})
+        # absolute: a Ray worker resolves a relative path from the folder Ray was started in, not the caller's
+        fn_constructor_kwargs={"model": str(Path(model).absolute()),
+                               "options": replace(options, config=options.config and str(Path(options.config).absolute())),
+                               "paths": [str(Path(p).absolute()) for p in paths], "folder": str(folder.absolute())})
     bar = tqdm(total=len(paths), initial=sum(min(shard_size, len(paths) - s * shard_size) for s in done),
                desc="extract (ray)", unit="img", disable=not options.progress, leave=False)
     try:
