@@ -1,7 +1,9 @@
-"""Every command line the docs show is one the CLI accepts, and runs.
+"""Every command line the docs show is one the CLI accepts, and runs; so does every Python example.
 
 The examples: each ``reid-export ...`` / ``reid-train ...`` line of a code block in README.md and
-docs/*.md, and each example in a command's ``--help``.
+docs/*.md, each example in a command's ``--help``, and each ```python block of those pages
+(``test_python_example_runs``: run in the same world, its own asserts included, with the rows of
+``PYTHON_SUBSTITUTIONS``; fast-reid's own code is tests/test_fastreid_client.py's).
 
 *Parsed* (``test_example_parses``, in the fast subset): by the command itself (click's own parser,
 with every option, choice and type check; ``--opts`` as the commands take it): a renamed flag, a
@@ -489,6 +491,7 @@ class World:
         for name in ("Market-1501-v15.09.15", "Market-1501", "cuhk03", "data/market1501"):
             (home / name).symlink_to(market)
         (home / "query").symlink_to(market / "query")
+        (home / "bounding_box_train").symlink_to(market / "bounding_box_train")  # the Python examples' calib_dirs
         gallery = sorted(p for p in (market / "bounding_box_test").iterdir() if not p.name.startswith(("0000", "-1")))
         for folder, files in (("crops", gallery[:24]), ("new_crops", gallery[24:28]), ("more_crops", gallery[28:32]),
                               ("distractors_500k", sorted((market / "bounding_box_test").glob("0000_*")))):
@@ -548,6 +551,7 @@ class World:
 
         with _cwd(folder):
             result = run_main(train_main if words[0] == "reid-train" else main, words[1:])
+        _stop_ray()  # its workers live in the folder Ray started in, and a run's own folder is removed once it passed
         return Run(words, folder, result.code, result.out, result.err)
 
     def producers(self) -> set:
@@ -685,3 +689,108 @@ def test_every_substitution_is_used_and_says_why():
     used = {sub for _, line in EXAMPLES for sub in SUBSTITUTIONS if sub.apply(shlex.split(line)) != shlex.split(line)}
     assert [s.old for s in SUBSTITUTIONS if s not in used] == []
     assert all(len(s.why) > 20 for s in SUBSTITUTIONS)
+
+
+# ---- the Python examples --------------------------------------------------------------------------
+
+def _python_blocks(path: Path) -> list[tuple[str, str]]:
+    """(where, code) for every ```python block of the page."""
+    out, block, start, in_code = [], [], 0, False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("```"):
+            if in_code and block is not None:
+                out.append((f"{path.relative_to(REPO)}:{start}", "\n".join(block) + "\n"))
+            in_code, start = not in_code, number
+            block = [] if in_code and line[3:].strip() == "python" else None
+            continue
+        if in_code and block is not None:
+            block.append(line)
+    return out
+
+
+PYTHON_EXAMPLES = [b for page in PAGES for b in _python_blocks(page)]
+FASTREID_REASON = ("fast-reid's own code, run by tests/test_fastreid_client.py (in .venv-fastreid, which has the "
+                   "fastreid package) on what reid-train writes")
+
+# What runs otherwise than written in the Python examples, and why (text of the code, replaced).
+PYTHON_SUBSTITUTIONS = [
+    ('"configs/Market1501/bagtricks_R50.yml"', f'"{SMALL}/bagtricks_R50.yml"', SUBSTITUTIONS[0].why),
+    ('calib_dirs=["bounding_box_train/"]',
+     'calib_dirs=["bounding_box_train/"], gate=api.Tolerances.reduced_precision(max_pair_error=0.0)',
+     "the world's random-weight INT8 lands on either side of the 0.03 gate by chance (measured 0.02-0.05): "
+     "the examples take their refusal branch, which the five real models of benchmarks/int8_must_show.py take"),
+    ("duration=1)", "duration=0.2, warmup=0.05)", "1 s warm-up + 1 s per model and batch size"),
+]
+PYTHON_OUTPUT_CALLS = ("export_onnx", "quantize", "deepstream", "boxmot", "triton")  # their 2nd argument is written
+
+
+def python_substituted(code: str) -> str:
+    for old, new, _ in PYTHON_SUBSTITUTIONS:
+        code = code.replace(old, new)
+    return code
+
+
+REFUSED = "max_pair_error=0.0"  # the substitution above: a call holding it is refused and writes nothing
+
+
+def python_names(code: str) -> tuple[list[str], list[str], list[str]]:
+    """(names the code writes: the output argument of the calls that write; names a refused call must not
+    write; names it may read: every other string constant)."""
+    import ast
+
+    tree = ast.parse(code)
+    written, refused = [], []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in PYTHON_OUTPUT_CALLS and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            (refused if REFUSED in ast.unparse(node) else written).append(_norm(node.args[1].value))
+    read = [_norm(n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and n.value and " " not in n.value and _norm(n.value) not in written + refused]
+    return written, refused, list(dict.fromkeys(read))
+
+
+def run_python(world: "World", where: str, code: str) -> tuple[Path, list[str]]:
+    """Run a Python example in a folder of its own that links the world's files (not the ones it writes);
+    returns the folder and the names it writes."""
+    written, refused, read = python_names(code)
+    for name in read:
+        if (REPO / name).exists() or not re.search(r"[./]", name):
+            continue  # the repository's configs, or a word that is no path ("int8")
+        world.ensure(name)
+    folder = world.runs / f"py-{len(list(world.runs.iterdir())):03d}"
+    folder.mkdir()
+    tops = {Path(w).parts[0] for w in written + refused}
+    for entry in world.home.iterdir():
+        if entry.name not in tops:
+            (folder / entry.name).symlink_to(entry)
+    with _cwd(folder):
+        exec(compile(code, where, "exec"), {"__name__": "__docs_example__"})  # noqa: S102 - our own docs
+    return folder, written, refused
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("where,code", PYTHON_EXAMPLES, ids=[w for w, _ in PYTHON_EXAMPLES])
+def test_python_example_runs(where, code, world):
+    """Every ```python block of README.md and docs/ runs as written (but for PYTHON_SUBSTITUTIONS), its own
+    asserts included, and writes what its calls name."""
+    if "import fastreid" in code or "from fastreid" in code:
+        pytest.skip(FASTREID_REASON)
+    folder, written, refused = run_python(world, where, python_substituted(code))
+    for name in written:
+        assert (folder / name).exists(), f"{where}: {name} not written"
+    for name in refused:
+        assert not (folder / name).exists(), f"{where}: {name} written by a refused call"
+
+
+def test_python_examples_are_found_and_every_substitution_is_used():
+    assert any(w.startswith("README.md") for w, _ in PYTHON_EXAMPLES)
+    assert any(w.startswith("docs/api.md") for w, _ in PYTHON_EXAMPLES)
+    for old, new, why in PYTHON_SUBSTITUTIONS:
+        assert any(old in code for _, code in PYTHON_EXAMPLES), old
+        assert len(why) > 20
+    written, refused, read = python_names('api.export_onnx("a.pth", "b.onnx", config="c.yml")\n'
+                                          'api.quantize("b.onnx", "c.onnx", "int8", gate=T(max_pair_error=0.0))\n'
+                                          'api.parity("a.pth", ["b.onnx"])')
+    assert written == ["b.onnx"] and refused == ["c.onnx"] and sorted(read) == ["a.pth", "c.yml", "int8"]
