@@ -224,3 +224,23 @@ def negative_pair_distances(encoder, root: Path, deployment: str) -> np.ndarray:
     dist = compute_distance(qf, gf)
     q_pid, g_pid = np.array([it.pid for it in ds.query]), np.array([it.pid for it in ds.gallery])
     return np.sort(dist[q_pid[:, None] != g_pid[None]])
+
+
+def inject_nan(src: Path, dst: Path, dim: int, positions=(1, 5)) -> Path:
+    """``src`` (an ONNX model with ``dim``-d features) with its features multiplied by a constant that holds
+    NaN at ``positions``: a model whose output is NaN there, for the checks that must catch it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from reid_export.export.metadata import save_onnx
+
+    proto = onnx.load(str(src))
+    out = proto.graph.output[0].name
+    scale = np.ones((1, dim), np.float32)
+    scale[0, list(positions)] = np.nan
+    proto.graph.initializer.append(numpy_helper.from_array(scale, "nan_scale"))
+    for node in proto.graph.node:
+        node.output[:] = [o if o != out else "pre_nan" for o in node.output]
+    proto.graph.node.append(helper.make_node("Mul", ["pre_nan", "nan_scale"], [out], name="inject_nan"))
+    save_onnx(proto, dst)
+    return Path(dst)

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from conftest import CONFIGS, REPO, CliResult, randomize_bn, run_cli, run_main, write_image
+from conftest import CONFIGS, REPO, CliResult, inject_nan, randomize_bn, run_cli, run_main, write_image
 from failure_table import CASES, ERRORS_DOC, Case, doc_section, render
 
 R18_CFG = CONFIGS / "Market1501" / "bagtricks_R18.yml"
@@ -50,21 +50,6 @@ def _market(root: Path, query, gallery) -> Path:
         for i, name in enumerate(names):
             write_image(root / sub / name, seed=hash(name) % 1000 + i, size=(64, 32))
     return root
-
-
-def _add_nan(src: Path, dst: Path) -> None:
-    """The model's features multiplied by a constant holding NaN in two places."""
-    from reid_export.export.metadata import save_onnx
-
-    proto = onnx.load(str(src))
-    out = proto.graph.output[0].name
-    scale = np.ones((1, 8), np.float32)
-    scale[0, [1, 5]] = np.nan
-    proto.graph.initializer.append(numpy_helper.from_array(scale, "nan_scale"))
-    for node in proto.graph.node:
-        node.output[:] = [o if o != out else "pre_nan" for o in node.output]
-    proto.graph.node.append(helper.make_node("Mul", ["pre_nan", "nan_scale"], [out], name="inject_nan"))
-    save_onnx(proto, dst)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +132,7 @@ def artifacts(tmp_path_factory) -> SimpleNamespace:
     a.tiny_onnx = root / "tiny.onnx"
     annotate_file(a.bare_onnx, a.tiny_onnx, dc, log=lambda m: None)
     a.nan_onnx = root / "nan.onnx"
-    _add_nan(a.tiny_onnx, a.nan_onnx)
+    inject_nan(a.tiny_onnx, a.nan_onnx, dim=8)
     wrong = onnx.load(str(a.tiny_onnx))
     set_metadata(wrong, {KEY_DATA_CONFIG: DataConfig(height=128, width=64, feat_dim=8).to_json()})
     a.wrong_dc_onnx = root / "wrong_dc.onnx"

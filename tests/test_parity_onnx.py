@@ -4,12 +4,10 @@ data config and NaN outputs each fail and say why; --locate names layers; the re
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
 
-from conftest import CONFIGS, randomize_bn, run_cli
+from conftest import CONFIGS, inject_nan, randomize_bn, run_cli
 from reid_export.checkpoint import save_checkpoint
 from reid_export.config import load_config
 from reid_export.data_config import DataConfig, data_config_from_cfg
@@ -60,15 +58,7 @@ def models(tmp_path_factory):
     annotate_file(bare, d / "external_wrong.onnx", DataConfig(mean=dc.mean[::-1], std=dc.std[::-1], **ext),
                   log=lambda m: None)
     # NaN output: the features multiplied by a constant holding NaN in two places
-    proto = onnx.load(str(d / "ref.onnx"))
-    out = proto.graph.output[0].name
-    scale = np.ones((1, 512), np.float32)
-    scale[0, [3, 100]] = np.nan
-    proto.graph.initializer.append(numpy_helper.from_array(scale, "nan_scale"))
-    for node in proto.graph.node:
-        node.output[:] = [o if o != out else "pre_nan" for o in node.output]
-    proto.graph.node.append(helper.make_node("Mul", ["pre_nan", "nan_scale"], [out], name="inject_nan"))
-    save_onnx(proto, d / "nan.onnx")
+    inject_nan(d / "ref.onnx", d / "nan.onnx", dim=512, positions=(3, 100))
     return d
 
 
