@@ -14,8 +14,6 @@ A script in benchmarks/ runs as ``python benchmarks/NAME.py`` (its folder is fir
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -33,7 +31,6 @@ MODELS = Path(os.environ.get("REID_MODELS", REPO.parent / "shared" / "models"))
 
 # the command a user types -> the module ``python -m`` runs
 TOOLS = {"reid-export": "reid_export", "reid-train": "reid_train.cli"}
-VERSIONS = ("numpy", "torch", "onnxruntime")
 
 
 # ----------------------------------------------------------------------------------------------- CLI steps
@@ -110,11 +107,10 @@ def command_line(script: str | Path, argv: list[str] | None = None) -> str:
 # ----------------------------------------------------------------------------------------------- the machine
 
 def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (None where the system has none)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    """The 1, 5 and 15 minute load averages (None where the system has none): ``reid_export.cpuinfo``'s."""
+    from reid_export.cpuinfo import load_average as package_load_average
+
+    return package_load_average()
 
 
 def format_load(values) -> str:
@@ -122,25 +118,13 @@ def format_load(values) -> str:
     return " / ".join(f"{v:.2f}" for v in values) if values else "?"
 
 
-def _version(name: str) -> str | None:
-    module = sys.modules.get(name)
-    if module is not None:
-        return str(getattr(module, "__version__", "installed"))
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def environment(threads: int | None = None, device: str = "cpu") -> dict:
+    """The machine a figure was measured on: the package's record of it (``reid_export.bench.report.environment``:
+    CPU model, the CPU flags that decide the precisions' speed, core and thread counts, versions), with the
+    host name and the load average now."""
+    from reid_export.bench.report import environment as package_environment
 
-
-def environment(versions: Iterable[str] = VERSIONS) -> dict:
-    """The machine a figure was measured on: host name, CPU model, core count, the CPU flags that decide the
-    precisions' speed (``reid_export.cpuinfo.isa_flags``), the load average now, Python and library versions."""
-    from reid_export.bench.report import cpu_model
-    from reid_export.cpuinfo import isa_flags
-
-    return {"machine": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": isa_flags(),
-            "load_average": load_average(), "python": platform.python_version(),
-            "versions": {name: _version(name) for name in versions}}
+    return {"machine": platform.node(), **package_environment(threads, device), "load_average": load_average()}
 
 
 # ----------------------------------------------------------------------------------------------- reports

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                key=lambda m: next(iter(m["results"].values()))["metric"])
     name = next(iter(final["results"]))
     pick = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
-    env = common.environment(versions=("torch",))
+    env = common.environment()
     summary = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M"),
         # kept as before: a dict, in place of the report header's host name

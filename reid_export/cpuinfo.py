@@ -114,3 +114,12 @@ def slower_route_note(name: str, precision: str, backend: str, target: str | Non
     shown = " ".join(isa_flags(flags)) or "no AVX2/AVX-512 flags"
     what = f"{precision}{' ' + target + ' flavour' if target else ''} on {backend}"
     return f"note: {name} ({what}) runs at {speeds} of the FP32 model's throughput on this CPU ({shown}): {route}"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded to 0.01 (None where the system has none): how busy the
+    machine was when a figure was measured."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

@@ -34,5 +34,15 @@ def require_module(name: str, what: str, install: str):
         raise ReidExportError(f"{what} is not installed; install it with: {install}") from None
 
 
+def options_or_fields(cls, options, fields: dict, call: str):
+    """The options object of a call that takes ``options=`` or the options' fields as keywords:
+    ``options``, else ``cls(**fields)``; both at once is a programming error (``TypeError``)."""
+    if options is None:
+        return cls(**fields)
+    if fields:
+        raise TypeError(f"{call}: give either options= or its fields as keywords, not both")
+    return options
+
+
 class ReidExportNote(UserWarning):
     """Something the user should know that is not an error (the CLI prints it as one ``note:`` line)."""

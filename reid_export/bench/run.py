@@ -9,12 +9,11 @@ fails the run). The CLI prints ``report.table()``; the demo and ``benchmarks/`` 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cpuinfo import routes_line
+from ..cpuinfo import load_average, routes_line
 from ..errors import UsageError
 from ..runtime import Encoder
 from ..preprocess import expand_image_paths
@@ -78,10 +77,6 @@ class BenchReport:
                                                     f"({self.device}, {self.threads} threads)")
 
 
-def _load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def run_bench(models: Sequence["str | Path | Encoder"], batch_sizes: Sequence[int] = (1, 8, 32), *, device: str = "cpu",
               threads: int | None = None, warmup: float = 1.0, duration: float | None = None,
               iterations: int | None = None, rounds: int = 5, include_preprocess: bool = False,
@@ -105,7 +100,7 @@ def run_bench(models: Sequence["str | Path | Encoder"], batch_sizes: Sequence[in
     previous_threads = torch.get_num_threads()
     threads = threads or previous_threads
     torch.set_num_threads(threads)
-    load_before = _load_average()
+    load_before = load_average()
     encoders, warnings = [], []
     try:
         subjects, encoders = open_subjects(models, device=device, threads=threads, config=config, images=paths,
@@ -126,7 +121,7 @@ def run_bench(models: Sequence["str | Path | Encoder"], batch_sizes: Sequence[in
         for encoder in encoders:
             encoder.close()
     env["load_average_before"] = load_before
-    env["load_average_after"] = _load_average()
+    env["load_average_after"] = load_average()
     add_speedups(results)
     thin = few_samples_note(results)
     routes = _slower_routes(subjects, results) if device == "cpu" else []

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
+from ..cpuinfo import load_average
 from .pipeline import DEMO_MAX_PAIR_ERROR, UNTRAINED_VARIANT, VARIANTS, Demo, command_line
 from .stages import StageRecord
 
@@ -109,7 +110,7 @@ def _header(ctx: ReportContext) -> list[str]:
         f"- machine: {s.get('cpu', 'unknown CPU')}, {os.cpu_count()} cores, torch threads {s.get('threads')}",
         f"- started {s.get('date')}, report written {finished}",
         f"- load average (1/5/15 min) at the start {_load_avg(s.get('load_average'))}, at the end "
-        f"{_load_avg(list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)} "
+        f"{_load_avg(load_average())} "
         "(other processes slow every stage down; the stage table below gives wall and CPU time)",
         "",
     ]

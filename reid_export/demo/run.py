@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from ..cpuinfo import load_average
 from ..errors import ReidExportError
 from ..fileio import atomic_write_json, atomic_write_text
 from .pipeline import PRESETS, Demo, Preset, check_workdir, shown
@@ -64,7 +65,7 @@ def run_demo(workdir: str | Path = "reid-demo", *, data: str | Path | None = Non
     demo = Demo(workdir, preset, data_path, progress)
     stages = demo.build_stages()
     order = [s.name for s in stages]
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load = load_average()
     started = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average": load,
                "cpu": _cpu_name(), "threads": torch.get_num_threads()}
     echo(f"reid-export demo ({preset.name}) in {workdir}: {os.cpu_count()} cores, load average "

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cpuinfo import load_average
 from ..errors import ReidExportError
 from ..fileio import atomic_write_json, sha256_file
 
@@ -153,10 +154,6 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _loadavg() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 class StageRunner:
     """Runs stages in order in ``workdir``, reusing finished ones; prints a line per stage."""
 
@@ -217,7 +214,7 @@ class StageRunner:
         except Exception:  # noqa: BLE001 - only a description; the stage itself reports real problems
             title = stage.name
         self.echo(f"{tag}: {title} ...")
-        start, cpu_start, load_start = time.perf_counter(), _cpu_seconds(), _loadavg()
+        start, cpu_start, load_start = time.perf_counter(), _cpu_seconds(), load_average()
         try:
             result = stage.run(StageRun(self.workdir, log_path, self.progress, self.force)) or {}
             missing = [rel for rel in stage.outputs if not (self.workdir / rel).exists()]
@@ -234,7 +231,7 @@ class StageRunner:
         manifest = {
             "stage": stage.name, "title": title, "inputs": inputs, "inputs_digest": inputs_digest,
             "outputs": outputs, "result": result, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
-            "load_average_start": load_start, "load_average_end": _loadavg(),
+            "load_average_start": load_start, "load_average_end": load_average(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         checked_ok = result.get("passed", True) is not False

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ReidExportError, UsageError, require_module
+from ..errors import ReidExportError, UsageError, options_or_fields, require_module
 from ..fileio import atomic_write_files, atomic_write_json
 from ..preprocess import ON_ERROR
 
@@ -159,10 +159,7 @@ def extract_on_ray(model, paths: Sequence[Path], output: Path, options: RayOptio
     ``precision``, ``data_config``, ``shards`` and ``shards_reused``.  Give ``options``
     (:class:`RayOptions`) or its fields as keywords. ``max_shards`` stops after that many new shards
     (for tests of the resume)."""
-    if options is None:
-        options = RayOptions(**fields)
-    elif fields:
-        raise TypeError("extract_on_ray: give either options= or its fields as keywords, not both")
+    options = options_or_fields(RayOptions, options, fields, "extract_on_ray")
     options.check()
     ray = require_ray()
     paths = [str(p) for p in paths]

@@ -27,7 +27,6 @@ against the folded ONNX by :func:`reid_export.runtime.openvino_convert.convert_f
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,7 @@ from typing import Callable, Sequence
 from .. import __version__
 from ..data_config import DataConfig
 from ..deploy_preprocess import BOXMOT_INPUT, Affine, input_affine
-from ..errors import ReidExportError, UsageError
+from ..errors import ReidExportError, UsageError, options_or_fields, require_module
 from ..fileio import atomic_write_files, check_output_path, sha256_file
 from ..preprocess import ImageLike, expand_image_paths, read_images
 
@@ -235,11 +234,8 @@ class BoxmotOptions:
             raise UsageError(f"`name` {self.name!r}: give a plain file stem")
         check_self_check_options(self.max_rel_l2, self.threshold_fmr)
         if self.openvino:
-            try:
-                importlib.import_module("openvino")
-            except ImportError:
-                raise ReidExportError("the OpenVINO IR needs the openvino package: pip install 'reid-export[openvino]' "
-                                      "(or write only the ONNX with `openvino=False`)") from None
+            require_module("openvino", "OpenVINO (for the IR)",
+                           "pip install 'reid-export[openvino]' (or write only the ONNX with `openvino=False`)")
         return self
 
 
@@ -257,10 +253,7 @@ def build(model_path: str | Path, out_dir: str | Path, options: BoxmotOptions | 
     from ..export.metadata import KEY_SOURCE, KEY_SOURCE_SHA256, base_metadata, input_info, set_metadata
     from .deepstream import sample_images
 
-    if options is None:
-        options = BoxmotOptions(**fields)
-    elif fields:
-        raise TypeError("boxmot: give either options= or its fields as keywords, not both")
+    options = options_or_fields(BoxmotOptions, options, fields, "boxmot")
     model_path = Path(model_path)
     suffix = model_path.suffix.lower()
     if suffix not in (".onnx", ".pt", ".pth", ".pkl"):

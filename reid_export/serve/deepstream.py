@@ -24,7 +24,7 @@ import onnx
 
 from .. import __version__
 from ..data_config import DataConfig
-from ..errors import ReidExportError
+from ..errors import ReidExportError, options_or_fields
 from ..fileio import atomic_write_files, check_output_path, sha256_file
 from ..preprocess import ImageLike, expand_image_paths, read_images
 from ..deploy_preprocess import Deployment, input_affine, net_scale_factor
@@ -266,10 +266,7 @@ def build(model_path: str | Path, out_dir: str | Path, options: DeepStreamOption
     """
     from ..export.metadata import load_onnx, model_precision, refuse_openvino_ir, require_data_config
 
-    if options is None:
-        options = DeepStreamOptions(**fields)
-    elif fields:
-        raise TypeError("deepstream: give either options= or its fields as keywords, not both")
+    options = options_or_fields(DeepStreamOptions, options, fields, "deepstream")
     options.check()
     model_path = Path(model_path)
     refuse_openvino_ir(model_path, "deepstream")

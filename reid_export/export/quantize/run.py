@@ -19,7 +19,7 @@ import onnx
 from ... import __version__
 from ...console import say
 from ...data_config import DataConfig
-from ...errors import ReidExportError
+from ...errors import ReidExportError, options_or_fields
 from ...fileio import check_output_path, sha256_file
 from ...preprocess import preprocess
 from ..graph import ensure_node_names, resolve_excludes
@@ -59,10 +59,9 @@ def quantize_file(model_path: str | Path, output: str | Path, precision: str | N
     is reported beside the fidelity."""
     from ..metadata import refuse_openvino_ir
 
-    if options is None:
-        options = QuantizeOptions(precision=precision, **fields)
-    elif precision is not None or fields:
-        raise TypeError("quantize_file: give either options= or its fields as keywords, not both")
+    if options is None or precision is not None:  # precision is QuantizeOptions' first field
+        fields["precision"] = precision
+    options = options_or_fields(QuantizeOptions, options, fields, "quantize_file")
     refuse_openvino_ir(model_path, "quantize")
     start = time.time()
     options.check()
